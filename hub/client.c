@@ -1,0 +1,578 @@
+/* Client connections: lifecycle, inbound frames, the write queue, and reaping. */
+#include <errno.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <arpa/inet.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "hub/alloc.h"
+#include "hub/hub_int.h"
+#include "hub/log.h"
+
+#define CLOG(l, c, fmt, ...)                                                                       \
+    hub_log(l, "client id=%llu addr=%s:%u%s%s: " fmt, (unsigned long long)(c)->id,               \
+            (c)->info.addr, (c)->info.port, (c)->tag ? " tag=" : "", (c)->tag ? (c)->tag->name : "",\
+            __VA_ARGS__)
+
+hub_frame *hub__frame_new(hub *h, const char *data, size_t len)
+{
+    size_t total = h->cfg.netstring_format ? hub_ns_encoded_len(len) : len;
+    hub_frame *f = hub_malloc(sizeof(*f) + total);
+    if (!f)
+        return NULL;
+    f->refcnt = 1;
+    f->len = total;
+    if (h->cfg.netstring_format) {
+        size_t hl = hub_ns_encode_header(f->data, len);
+        memcpy(f->data + hl, data, len);
+        f->data[hl + len] = ',';
+    } else {
+        memcpy(f->data, data, len);
+    }
+    return f;
+}
+
+void hub__frame_unref(hub_frame *f)
+{
+    if (f && --f->refcnt == 0)
+        hub_free(f);
+}
+
+size_t hub__json_escape(char *dst, size_t cap, const char *src, size_t len)
+{
+    size_t o = 0;
+    for (size_t i = 0; i < len && o + 7 < cap; i++) {
+        unsigned char ch = (unsigned char)src[i];
+        if (ch == '"' || ch == '\\') {
+            dst[o++] = '\\';
+            dst[o++] = (char)ch;
+        } else if (ch < 0x20) {
+            o += (size_t)snprintf(dst + o, cap - o, "\\u%04x", ch);
+        } else {
+            dst[o++] = (char)ch;
+        }
+    }
+    if (cap)
+        dst[o < cap ? o : cap - 1] = '\0';
+    return o;
+}
+
+void hub__write_error_frame(hub *h, int fd, const char *code, const char *reason)
+{
+    char esc[512], body[640], out[700];
+    if (!h->cfg.netstring_format)
+        return;
+    hub__json_escape(esc, sizeof(esc), reason, strlen(reason));
+    int n = snprintf(body, sizeof(body), "{\"error\":\"%s\",\"reason\":\"%s\"}", code, esc);
+    if (n < 0 || (size_t)n >= sizeof(body))
+        return;
+    size_t hl = hub_ns_encode_header(out, (size_t)n);
+    memcpy(out + hl, body, (size_t)n);
+    out[hl + (size_t)n] = ',';
+    /* Best effort: the socket is non-blocking and about to be closed. */
+    ssize_t w = send(fd, out, hl + (size_t)n + 1, MSG_NOSIGNAL | MSG_DONTWAIT);
+    (void)w;
+}
+
+/* ---- id map: open addressing with linear probing and backward-shift deletion ---- */
+
+static size_t id_hash(uint64_t id, size_t cap)
+{
+    id ^= id >> 33;
+    id *= 0xff51afd7ed558ccdULL;
+    id ^= id >> 33;
+    return (size_t)id & (cap - 1);
+}
+
+static int ids_grow(hub *h)
+{
+    size_t ncap = h->ids_cap ? h->ids_cap * 2 : 1024;
+    struct hub_idslot *n = hub_calloc(ncap, sizeof(*n));
+    if (!n)
+        return -ENOMEM;
+    for (size_t i = 0; i < h->ids_cap; i++) {
+        if (!h->ids[i].id)
+            continue;
+        size_t j = id_hash(h->ids[i].id, ncap);
+        while (n[j].id)
+            j = (j + 1) & (ncap - 1);
+        n[j] = h->ids[i];
+    }
+    hub_free(h->ids);
+    h->ids = n;
+    h->ids_cap = ncap;
+    return 0;
+}
+
+static int ids_put(hub *h, hub_client *c)
+{
+    if ((h->ids_len + 1) * 2 > h->ids_cap && ids_grow(h) < 0)
+        return -ENOMEM;
+    size_t j = id_hash(c->id, h->ids_cap);
+    while (h->ids[j].id)
+        j = (j + 1) & (h->ids_cap - 1);
+    h->ids[j].id = c->id;
+    h->ids[j].c = c;
+    h->ids_len++;
+    return 0;
+}
+
+hub_client *hub__client_by_id(hub *h, uint64_t id)
+{
+    if (!h->ids_cap || !id)
+        return NULL;
+    size_t j = id_hash(id, h->ids_cap);
+    while (h->ids[j].id) {
+        if (h->ids[j].id == id)
+            return h->ids[j].c;
+        j = (j + 1) & (h->ids_cap - 1);
+    }
+    return NULL;
+}
+
+static void ids_del(hub *h, uint64_t id)
+{
+    size_t mask = h->ids_cap - 1, i = id_hash(id, h->ids_cap);
+    while (h->ids[i].id && h->ids[i].id != id)
+        i = (i + 1) & mask;
+    if (!h->ids[i].id)
+        return;
+    /* Shift later members of the probe run back so lookups never stop early. */
+    size_t j = i;
+    for (;;) {
+        h->ids[i].id = 0;
+        for (;;) {
+            j = (j + 1) & mask;
+            if (!h->ids[j].id)
+                goto done;
+            size_t k = id_hash(h->ids[j].id, h->ids_cap);
+            /* move j into i unless its home k lies cyclically in (i, j] */
+            if (i <= j ? (i < k && k <= j) : (i < k || k <= j))
+                continue;
+            break;
+        }
+        h->ids[i] = h->ids[j];
+        i = j;
+    }
+done:
+    h->ids_len--;
+}
+
+/* ---- write queue ---- */
+
+static void pending_add(hub_client *c)
+{
+    hub *h = c->h;
+    if (c->flags & (HUB_CLIENT_PENDING | HUB_CLIENT_WRITE_WAIT | HUB_CLIENT_CLOSING))
+        return;
+    c->flags |= HUB_CLIENT_PENDING;
+    c->pend_next = h->pending;
+    h->pending = c;
+    if (!ev_is_active(&h->idle_w))
+        ev_idle_start(h->loop, &h->idle_w);
+}
+
+static int wq_reserve(hub_client *c)
+{
+    if (c->wq_count < c->wq_cap)
+        return 0;
+    uint32_t ncap = c->wq_cap ? c->wq_cap * 2 : 8;
+    hub_frame **n = hub_malloc(ncap * sizeof(*n));
+    if (!n)
+        return -ENOMEM;
+    for (uint32_t i = 0; i < c->wq_count; i++)
+        n[i] = c->wq[(c->wq_head + i) % c->wq_cap];
+    hub_free(c->wq);
+    c->wq = n;
+    c->wq_cap = ncap;
+    c->wq_head = 0;
+    return 0;
+}
+
+int hub__client_enqueue(hub_client *c, hub_frame *f)
+{
+    hub *h = c->h;
+    if (c->flags & HUB_CLIENT_CLOSING)
+        return -EPIPE;
+    if (c->wq_bytes + f->len > h->cfg.max_outbuf) {
+        if (h->cfg.outbuf_policy == HUB_OUTBUF_DROP) {
+            h->stats.dropped_frames++;
+            CLOG(HUB_LOG_DEBUG, c, "write queue full (%zu bytes queued), frame dropped",
+                 c->wq_bytes);
+            return -ENOBUFS;
+        }
+        h->stats.slow_closes++;
+        char why[128];
+        snprintf(why, sizeof(why), "slow consumer: write queue over max_outbuf (%zu bytes)",
+                 h->cfg.max_outbuf);
+        hub__client_abort(c, why);
+        return -ENOBUFS;
+    }
+    if (wq_reserve(c) < 0)
+        return -ENOMEM;
+    c->wq[(c->wq_head + c->wq_count) % c->wq_cap] = f;
+    c->wq_count++;
+    f->refcnt++;
+    c->wq_bytes += f->len;
+    pending_add(c);
+    return 0;
+}
+
+static void wq_clear(hub_client *c)
+{
+    for (uint32_t i = 0; i < c->wq_count; i++)
+        hub__frame_unref(c->wq[(c->wq_head + i) % c->wq_cap]);
+    hub_free(c->wq);
+    c->wq = NULL;
+    c->wq_cap = c->wq_count = c->wq_head = 0;
+    c->wq_bytes = c->wq_off = 0;
+}
+
+/* Write as much of the queue as the socket takes, up to budget bytes.
+ * Returns 1 when the queue is empty, 0 when more remains, -EAGAIN when the socket is full,
+ * or another negative errno on a write error. */
+static int client_write(hub_client *c, size_t budget)
+{
+    size_t done = 0;
+    while (c->wq_count && done < budget) {
+        struct iovec iov[HUB_IOV_MAX];
+        int n = 0;
+        size_t want = 0;
+        for (uint32_t i = 0; i < c->wq_count && n < HUB_IOV_MAX && want < budget; i++) {
+            hub_frame *f = c->wq[(c->wq_head + i) % c->wq_cap];
+            size_t off = i == 0 ? c->wq_off : 0;
+            iov[n].iov_base = f->data + off;
+            iov[n].iov_len = f->len - off;
+            want += iov[n].iov_len;
+            n++;
+        }
+        struct msghdr mh = {.msg_iov = iov, .msg_iovlen = (size_t)n};
+        ssize_t w = sendmsg(c->fd, &mh, MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (w < 0) {
+            if (errno == EINTR)
+                continue;
+            return (errno == EAGAIN || errno == EWOULDBLOCK) ? -EAGAIN : -errno;
+        }
+        done += (size_t)w;
+        c->bytes_out += (size_t)w;
+        c->h->stats.bytes_out += (size_t)w;
+        size_t left = (size_t)w;
+        while (left) {
+            hub_frame *f = c->wq[c->wq_head];
+            size_t rest = f->len - c->wq_off;
+            if (left < rest) {
+                c->wq_off += left;
+                break;
+            }
+            left -= rest;
+            c->wq_off = 0;
+            c->wq_bytes -= f->len;
+            c->wq_head = (c->wq_head + 1) % c->wq_cap;
+            c->wq_count--;
+            c->frames_out++;
+            c->h->stats.frames_out++;
+            hub__frame_unref(f);
+        }
+        if ((size_t)w < want)
+            return -EAGAIN;
+    }
+    return c->wq_count ? 0 : 1;
+}
+
+static void write_cb(struct ev_loop *loop, ev_io *w, int revents)
+{
+    hub_client *c = w->data;
+    (void)revents;
+    int r = client_write(c, HUB_WRITE_BUDGET);
+    if (r == -EAGAIN || r == 0) {
+        return; /* still writable-waiting; 0 means budget spent, the watcher fires again */
+    }
+    ev_io_stop(loop, w);
+    c->flags &= ~HUB_CLIENT_WRITE_WAIT;
+    if (r < 0)
+        hub__client_close(c, NULL, strerror(-r));
+}
+
+void hub__flush_pending(hub *h)
+{
+    hub_client *list = h->pending, *again = NULL;
+    h->pending = NULL;
+    for (int bound = 0; list && bound < 1 << 30; bound++) {
+        hub_client *c = list;
+        list = c->pend_next;
+        c->flags &= ~HUB_CLIENT_PENDING;
+        if (c->flags & HUB_CLIENT_CLOSING)
+            continue;
+        int r = client_write(c, HUB_WRITE_BUDGET);
+        if (r == 0) {
+            c->flags |= HUB_CLIENT_PENDING;
+            c->pend_next = again;
+            again = c;
+        } else if (r == -EAGAIN) {
+            c->flags |= HUB_CLIENT_WRITE_WAIT;
+            ev_io_start(h->loop, &c->wio);
+        } else if (r < 0) {
+            hub__client_close(c, NULL, strerror(-r));
+        }
+    }
+    h->pending = again;
+    if (!h->pending && ev_is_active(&h->idle_w))
+        ev_idle_stop(h->loop, &h->idle_w);
+}
+
+/* ---- inbound ---- */
+
+/* Hand frames to the script until the reader needs more bytes. Returns <0 when the client
+ * was closed, or -EAGAIN when its worker's queue is full (the frame stays buffered). */
+static int client_process(hub_client *c)
+{
+    hub *h = c->h;
+    hub_slice s;
+    int r;
+    while (!(c->flags & HUB_CLIENT_CLOSING)) {
+        if (h->nworkers && hub__worker_full(h, c->worker)) {
+            hub__worker_pause(h, c->worker, c);
+            return -EAGAIN;
+        }
+        r = hub_ns_reader_next(c->reader, &s);
+        if (r == 0)
+            return 0;
+        if (r < 0) {
+            h->stats.decode_errors++;
+            hub__client_close(c, "protocol", hub_ns_reader_errstr(c->reader));
+            return r;
+        }
+        c->frames_in++;
+        h->stats.frames_in++;
+        hub__event_message(h, c, s.data, s.len);
+    }
+    return -EPIPE;
+}
+
+static void read_cb(struct ev_loop *loop, ev_io *w, int revents)
+{
+    hub_client *c = w->data;
+    hub *h = c->h;
+    (void)loop;
+    (void)revents;
+    for (int i = 0; i < HUB_READS_PER_EVENT; i++) {
+        char *p;
+        size_t avail;
+        if (hub_ns_reader_space(c->reader, HUB_READ_CHUNK, &p, &avail) < 0) {
+            hub__client_close(c, "internal", "out of memory");
+            return;
+        }
+        ssize_t n = read(c->fd, p, avail);
+        if (n == 0) {
+            hub__client_close(c, NULL, "closed by peer");
+            return;
+        }
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno != EAGAIN && errno != EWOULDBLOCK)
+                hub__client_close(c, NULL, strerror(errno));
+            break;
+        }
+        c->bytes_in += (size_t)n;
+        h->stats.bytes_in += (size_t)n;
+        if (!h->cfg.netstring_format) {
+            /* Raw mode, as Kamailio: each read is one message. */
+            c->frames_in++;
+            h->stats.frames_in++;
+            hub__event_message(h, c, p, (size_t)n);
+            if (c->flags & HUB_CLIENT_CLOSING)
+                return;
+            if (h->nworkers && hub__worker_full(h, c->worker)) {
+                hub__worker_pause(h, c->worker, c);
+                return;
+            }
+            continue;
+        }
+        hub_ns_reader_commit(c->reader, (size_t)n);
+        if (client_process(c) < 0)
+            return;
+        if ((size_t)n < avail)
+            break;
+    }
+    if (!(c->flags & HUB_CLIENT_CLOSING))
+        hub_ns_reader_shrink(c->reader);
+}
+
+void hub__client_start_reading(hub_client *c)
+{
+    if ((c->flags & (HUB_CLIENT_CLOSING | HUB_CLIENT_READING)) || c->h->stopping)
+        return;
+    c->flags |= HUB_CLIENT_READING;
+    if (!(c->flags & HUB_CLIENT_PAUSED))
+        ev_io_start(c->h->loop, &c->rio);
+}
+
+void hub__client_resume(hub_client *c)
+{
+    if (!(c->flags & HUB_CLIENT_PAUSED) || (c->flags & HUB_CLIENT_CLOSING))
+        return;
+    c->flags &= ~HUB_CLIENT_PAUSED;
+    if (client_process(c) < 0)
+        return;
+    if ((c->flags & HUB_CLIENT_READING) && !c->h->stopping)
+        ev_io_start(c->h->loop, &c->rio);
+}
+
+/* ---- lifecycle ---- */
+
+void hub__client_accepted(hub *h, int fd, const struct sockaddr *sa)
+{
+    hub_client *c = hub_calloc(1, sizeof(*c));
+    int one = 1;
+    if (!c || !(c->reader = hub_ns_reader_new(h->cfg.max_frame_size)))
+        goto fail;
+    c->h = h;
+    c->fd = fd;
+    c->id = h->next_id++;
+    if (ids_put(h, c) < 0)
+        goto fail;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+    setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof(one));
+    c->info.id = c->id;
+    c->info.conidx = h->free_slots[--h->nfree];
+    h->slots[c->info.conidx] = c;
+    if (sa->sa_family == AF_INET6) {
+        const struct sockaddr_in6 *s6 = (const struct sockaddr_in6 *)sa;
+        inet_ntop(AF_INET6, &s6->sin6_addr, c->info.addr, sizeof(c->info.addr));
+        c->info.port = ntohs(s6->sin6_port);
+    } else {
+        const struct sockaddr_in *s4 = (const struct sockaddr_in *)sa;
+        inet_ntop(AF_INET, &s4->sin_addr, c->info.addr, sizeof(c->info.addr));
+        c->info.port = ntohs(s4->sin_port);
+    }
+    c->worker = h->nworkers ? (int)(c->id % (uint64_t)h->nworkers) : -1;
+    ev_io_init(&c->rio, read_cb, fd, EV_READ);
+    ev_io_init(&c->wio, write_cb, fd, EV_WRITE);
+    c->rio.data = c->wio.data = c;
+    c->next = h->clients;
+    if (h->clients)
+        h->clients->prev = c;
+    h->clients = c;
+    atomic_fetch_add(&h->nclients, 1);
+    h->stats.accepted++;
+    CLOG(HUB_LOG_INFO, c, "connected (conidx=%d)", c->info.conidx);
+    hub__event_connect(h, c);
+    return;
+fail:
+    hub_log(HUB_LOG_ERR, "out of memory accepting a client");
+    if (c) {
+        hub_ns_reader_free(c->reader);
+        hub_free(c);
+    }
+    close(fd);
+}
+
+static void client_unlink(hub_client *c);
+
+void hub__client_close(hub_client *c, const char *code, const char *reason)
+{
+    hub *h = c->h;
+    if (c->flags & HUB_CLIENT_CLOSING)
+        return;
+    c->flags |= HUB_CLIENT_CLOSING;
+    if (code) {
+        CLOG(HUB_LOG_WARN, c, "%s error: %s, closing", code, reason);
+        /* The error frame goes after what is queued, so no frame is cut. */
+        char esc[512], body[640];
+        hub__json_escape(esc, sizeof(esc), reason, strlen(reason));
+        int n = snprintf(body, sizeof(body), "{\"error\":\"%s\",\"reason\":\"%s\"}", code, esc);
+        hub_frame *f = h->cfg.netstring_format && n > 0 && (size_t)n < sizeof(body)
+                           ? hub__frame_new(h, body, (size_t)n)
+                           : NULL;
+        if (f && wq_reserve(c) == 0) {
+            c->wq[(c->wq_head + c->wq_count) % c->wq_cap] = f;
+            c->wq_count++;
+            c->wq_bytes += f->len;
+        } else {
+            hub__frame_unref(f);
+        }
+        c->flags |= HUB_CLIENT_FLUSH_CLOSE;
+    } else {
+        CLOG(HUB_LOG_INFO, c, "%s, closing", reason);
+        c->flags |= HUB_CLIENT_FLUSH_CLOSE;
+    }
+    client_unlink(c);
+}
+
+void hub__client_abort(hub_client *c, const char *reason)
+{
+    if (c->flags & HUB_CLIENT_CLOSING)
+        return;
+    c->flags |= HUB_CLIENT_CLOSING;
+    CLOG(HUB_LOG_WARN, c, "%s, closing", reason);
+    client_unlink(c);
+}
+
+static void client_unlink(hub_client *c)
+{
+    hub *h = c->h;
+    ev_io_stop(h->loop, &c->rio);
+    ev_io_stop(h->loop, &c->wio);
+    /* Unlink now so no relay reaches it; the struct is freed by the reaper. */
+    hub__tag_set(h, c, NULL, 0);
+    c->close_next = h->closing;
+    h->closing = c;
+}
+
+static void client_destroy(hub *h, hub_client *c)
+{
+    if (c->flags & HUB_CLIENT_PENDING) {
+        /* Rare: closed by a script after it was queued for writing this iteration. */
+        hub_client **pp = &h->pending;
+        while (*pp && *pp != c)
+            pp = &(*pp)->pend_next;
+        if (*pp)
+            *pp = c->pend_next;
+    }
+    if (c->prev)
+        c->prev->next = c->next;
+    else
+        h->clients = c->next;
+    if (c->next)
+        c->next->prev = c->prev;
+    ids_del(h, c->id);
+    h->slots[c->info.conidx] = NULL;
+    h->free_slots[h->nfree++] = c->info.conidx;
+    atomic_fetch_sub(&h->nclients, 1);
+    wq_clear(c);
+    hub_ns_reader_free(c->reader);
+    close(c->fd);
+    hub_free(c);
+}
+
+void hub__reap_closing(hub *h)
+{
+    /* Closing a client may run a script that closes others: take the list and loop. */
+    for (int round = 0; h->closing && round < 1 << 20; round++) {
+        hub_client *c = h->closing;
+        h->closing = c->close_next;
+        if (c->flags & HUB_CLIENT_FLUSH_CLOSE)
+            client_write(c, h->cfg.max_outbuf + 1024);
+        h->stats.closed++;
+        if (c->flags & HUB_CLIENT_CONNECTED)
+            hub__event_close(h, c);
+        client_destroy(h, c);
+    }
+}
+
+void hub__client_free_all(hub *h)
+{
+    for (int bound = 0; h->clients && bound < 1 << 30; bound++) {
+        hub_client *c = h->clients;
+        ev_io_stop(h->loop, &c->rio);
+        ev_io_stop(h->loop, &c->wio);
+        c->tag = NULL; /* tags are freed wholesale */
+        client_destroy(h, c);
+    }
+    h->closing = NULL;
+    h->pending = NULL;
+}

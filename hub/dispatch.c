@@ -1,0 +1,181 @@
+/* Dispatch: relay / multicast / unicast over the tag index, and script events from the loop. */
+#include <errno.h>
+#include <string.h>
+
+#include "hub/hub_int.h"
+#include "hub/log.h"
+
+/* Build the frame once; every recipient shares it. */
+static int frame_for(hub *h, const char *data, size_t len, hub_frame **out)
+{
+    if (len > h->cfg.max_outbuf)
+        return -EMSGSIZE;
+    *out = hub__frame_new(h, data, len);
+    return *out ? 0 : -ENOMEM;
+}
+
+int hub__relay(hub *h, const char *data, size_t len)
+{
+    hub_frame *f;
+    int n = 0, rc = frame_for(h, data, len, &f);
+    if (rc < 0)
+        return rc;
+    for (hub_client *c = h->clients; c; c = c->next) {
+        if (hub__client_enqueue(c, f) == 0)
+            n++;
+    }
+    hub__frame_unref(f);
+    return n;
+}
+
+int hub__multicast(hub *h, const char *tag, size_t taglen, const char *data, size_t len)
+{
+    hub_frame *f;
+    if (!hub__tag_valid(tag, taglen))
+        return -EINVAL;
+    hub_tag *t = hub__tag_find(h, tag, taglen);
+    if (!t)
+        return 0;
+    int n = 0, rc = frame_for(h, data, len, &f);
+    if (rc < 0)
+        return rc;
+    /* A slow consumer closed here leaves the list at once, so keep the next pointer. */
+    hub_client *next;
+    for (hub_client *c = t->head; c; c = next) {
+        next = c->tag_next;
+        if (hub__client_enqueue(c, f) == 0)
+            n++;
+    }
+    hub__frame_unref(f);
+    return n;
+}
+
+int hub__unicast(hub *h, const char *tag, size_t taglen, const char *data, size_t len)
+{
+    hub_frame *f;
+    if (!hub__tag_valid(tag, taglen))
+        return -EINVAL;
+    hub_tag *t = hub__tag_find(h, tag, taglen);
+    if (!t)
+        return 0;
+    hub_client *c = t->head;
+    if (h->cfg.unicast_policy == HUB_UNICAST_RROBIN) {
+        c = t->rr ? t->rr : t->head;
+        t->rr = c->tag_next;
+    }
+    int rc = frame_for(h, data, len, &f);
+    if (rc < 0)
+        return rc;
+    rc = hub__client_enqueue(c, f);
+    hub__frame_unref(f);
+    return rc == 0 ? 1 : 0;
+}
+
+int hub__send(hub *h, uint64_t id, const char *data, size_t len)
+{
+    hub_client *c = hub__client_by_id(h, id);
+    hub_frame *f;
+    if (!c || (c->flags & HUB_CLIENT_CLOSING))
+        return -ENOENT;
+    int rc = frame_for(h, data, len, &f);
+    if (rc < 0)
+        return rc;
+    rc = hub__client_enqueue(c, f);
+    hub__frame_unref(f);
+    return rc == 0 ? 1 : 0;
+}
+
+int hub__set_tag_id(hub *h, uint64_t id, const char *tag, size_t len)
+{
+    hub_client *c = hub__client_by_id(h, id);
+    if (!c || (c->flags & HUB_CLIENT_CLOSING))
+        return -ENOENT;
+    int rc = hub__tag_set(h, c, tag, len);
+    if (rc == 0)
+        hub_log(HUB_LOG_DEBUG, "client id=%llu: tag set to '%.*s'", (unsigned long long)id,
+                (int)len, tag);
+    return rc < 0 ? rc : 1;
+}
+
+int hub__close_id(hub *h, uint64_t id, const char *reason)
+{
+    hub_client *c = hub__client_by_id(h, id);
+    if (!c || (c->flags & HUB_CLIENT_CLOSING))
+        return -ENOENT;
+    if (reason && *reason)
+        hub__client_close(c, "closed", reason);
+    else
+        hub__client_close(c, NULL, "closed by script");
+    return 1;
+}
+
+/* The API a script in the loop thread uses: direct calls. */
+static int api_relay(void *ud, const char *data, size_t len)
+{
+    return hub__relay(ud, data, len);
+}
+
+static int api_multicast(void *ud, const char *tag, size_t taglen, const char *data, size_t len)
+{
+    return hub__multicast(ud, tag, taglen, data, len);
+}
+
+static int api_unicast(void *ud, const char *tag, size_t taglen, const char *data, size_t len)
+{
+    return hub__unicast(ud, tag, taglen, data, len);
+}
+
+static int api_send(void *ud, uint64_t id, const char *data, size_t len)
+{
+    return hub__send(ud, id, data, len);
+}
+
+static int api_set_tag(void *ud, uint64_t id, const char *tag, size_t len)
+{
+    return hub__set_tag_id(ud, id, tag, len);
+}
+
+static int api_close(void *ud, uint64_t id, const char *reason)
+{
+    return hub__close_id(ud, id, reason);
+}
+
+const hub_api hub__loop_api = {
+    .relay = api_relay,
+    .multicast = api_multicast,
+    .unicast = api_unicast,
+    .send = api_send,
+    .set_tag = api_set_tag,
+    .close = api_close,
+};
+
+void hub__event_connect(hub *h, hub_client *c)
+{
+    c->flags |= HUB_CLIENT_CONNECTED;
+    if (!h->nworkers) {
+        /* As Kamailio: connection-new runs before reading starts, so a script can refuse. */
+        h->ops->on_connect(h->script, &c->info);
+        hub__client_start_reading(c);
+        return;
+    }
+    /* The worker answers with a start-reading command once its script has seen it. */
+    hub__worker_queue_item(h, c->worker, HUB_EV_CONNECT, c, NULL, 0);
+}
+
+int hub__event_message(hub *h, hub_client *c, const char *data, size_t len)
+{
+    if (!h->nworkers) {
+        h->ops->on_message(h->script, c->id, data, len);
+        return 0;
+    }
+    return hub__worker_queue_item(h, c->worker, HUB_EV_MESSAGE, c, data, len);
+}
+
+void hub__event_close(hub *h, hub_client *c)
+{
+    if (!h->nworkers) {
+        h->ops->on_close(h->script, c->id);
+        return;
+    }
+    hub__worker_queue_item(h, c->worker, HUB_EV_CLOSE, c, NULL, 0);
+}

@@ -1,0 +1,193 @@
+/* Internal shapes shared by the hub's modules (loop, listener, client, tags, dispatch, workers).
+ * Everything here belongs to the loop thread unless a field says otherwise. */
+#ifndef HUB_HUB_INT_H
+#define HUB_HUB_INT_H
+
+#include <ev.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+
+#include "hub/config.h"
+#include "hub/hub.h"
+#include "hub/netstring.h"
+#include "hub/script.h"
+
+#define HUB_ACCEPT_PER_EVENT 64          /* accepts per readable event on the listener */
+#define HUB_READ_CHUNK       (64 * 1024) /* bytes asked of read(2) at a time */
+#define HUB_READS_PER_EVENT  4           /* reads per readable event on a client */
+#define HUB_WRITE_BUDGET     (256 * 1024) /* bytes written to one client per loop iteration */
+#define HUB_IOV_MAX          128         /* iovecs per writev */
+
+/* An encoded outbound frame shared by every recipient; loop thread only, so the count is
+ * plain. */
+typedef struct hub_frame {
+    uint32_t refcnt;
+    size_t len;
+    char data[];
+} hub_frame;
+
+typedef struct hub_tag hub_tag;
+typedef struct hub_client hub_client;
+typedef struct hub_worker hub_worker;
+
+enum {
+    HUB_CLIENT_CLOSING = 1u << 0,     /* flagged for the reaper; no more reads or writes */
+    HUB_CLIENT_FLUSH_CLOSE = 1u << 1, /* try to write what is queued before closing */
+    HUB_CLIENT_PENDING = 1u << 2,     /* on the pending-write list */
+    HUB_CLIENT_WRITE_WAIT = 1u << 3,  /* socket full: waiting on the write watcher */
+    HUB_CLIENT_READING = 1u << 4,     /* the script accepted it; reading is allowed */
+    HUB_CLIENT_PAUSED = 1u << 5,      /* its worker's queue is full: reading is paused */
+    HUB_CLIENT_CONNECTED = 1u << 6,   /* the connect event was delivered to the script */
+};
+
+struct hub_client {
+    ev_io rio;
+    ev_io wio;
+    hub *h;
+    uint64_t id;
+    unsigned flags;
+    int fd;
+    int worker; /* index of the worker that runs its events, -1 for the loop */
+    hub_ns_reader *reader;
+    /* write queue: a ring of frames; wq_off bytes of the head frame are already written */
+    hub_frame **wq;
+    uint32_t wq_cap, wq_head, wq_count;
+    size_t wq_off, wq_bytes;
+    hub_tag *tag;
+    hub_client *tag_prev, *tag_next; /* in tag's list, in the order tags were set */
+    hub_client *prev, *next;         /* in the hub's list of live clients */
+    hub_client *pend_next;           /* in the pending-write list */
+    hub_client *close_next;          /* in the reaper's list */
+    hub_conn_info info;
+    uint64_t frames_in, frames_out, bytes_in, bytes_out;
+};
+
+/* A tag and the clients carrying it. count is read by worker threads under tags_lock. */
+struct hub_tag {
+    hub_tag *hnext;
+    hub_client *head, *tail, *rr;
+    uint32_t count;
+    uint8_t len;
+    char name[HUB_TAG_MAX + 1];
+};
+
+typedef struct hub_stats {
+    uint64_t accepted, refused, closed;
+    uint64_t frames_in, bytes_in, frames_out, bytes_out;
+    uint64_t decode_errors, slow_closes, dropped_frames;
+} hub_stats;
+
+struct hub {
+    struct ev_loop *loop;
+    hub_config cfg;
+    const hub_script_ops *ops;
+    hub_script *script; /* the loop's own state when workers == 0 */
+
+    int lfd, spare_fd;
+    ev_io accept_w;
+    ev_prepare prepare_w;
+    ev_idle idle_w;
+    ev_signal sigterm_w, sigint_w, sighup_w;
+    ev_async cmd_w;
+    ev_timer shutdown_w;
+
+    uint64_t next_id;
+    atomic_int nclients; /* read by workers for "no client" answers */
+    hub_client *clients; /* list of live clients */
+    hub_client **slots;  /* conidx -> client */
+    int *free_slots;     /* stack of free conidx values */
+    int nfree;
+    /* id -> client, open addressing (key 0 = empty) */
+    struct hub_idslot {
+        uint64_t id;
+        hub_client *c;
+    } *ids;
+    size_t ids_cap, ids_len;
+
+    hub_tag **tagtab; /* hash of tags */
+    size_t tagtab_cap, ntags;
+    pthread_rwlock_t tags_lock; /* loop writes (rarely), workers read counts */
+
+    hub_client *pending; /* clients with queued output to flush this iteration */
+    hub_client *closing; /* clients to reap */
+
+    hub_worker *workers;
+    int nworkers;
+    int workers_done;
+
+    int stopping;
+    int exit_code;
+    hub_stats stats;
+};
+
+/* listener (listener.c): bind and log the address; 0 or <0 with err set */
+int hub__listen(hub *h, char *err, size_t errlen);
+void hub__accept_cb(struct ev_loop *loop, ev_io *w, int revents);
+
+/* frames and queues (client.c) */
+hub_frame *hub__frame_new(hub *h, const char *data, size_t len);
+void hub__frame_unref(hub_frame *f);
+/* Queue f (a reference is taken). 0, -EPIPE if closing, -ENOBUFS if over max_outbuf (the
+ * client is then closed or the frame dropped, per outbuf_policy). */
+int hub__client_enqueue(hub_client *c, hub_frame *f);
+/* Flag c for the reaper; reason is logged (and sent as an error frame when code is set). */
+void hub__client_close(hub_client *c, const char *code, const char *reason);
+/* Close at once, dropping what is queued (slow consumers). */
+void hub__client_abort(hub_client *c, const char *reason);
+void hub__client_accepted(hub *h, int fd, const struct sockaddr *sa);
+void hub__client_start_reading(hub_client *c);
+void hub__client_resume(hub_client *c);
+void hub__flush_pending(hub *h);
+void hub__reap_closing(hub *h);
+hub_client *hub__client_by_id(hub *h, uint64_t id);
+void hub__client_free_all(hub *h);
+/* Try to write a one-off error frame straight to fd (used before close and on refusal). */
+void hub__write_error_frame(hub *h, int fd, const char *code, const char *reason);
+
+/* tags (tags.c) */
+int hub__tag_valid(const char *tag, size_t len);
+/* Sets or, with len 0, clears c's tag. 0 or -EINVAL / -ENOMEM. */
+int hub__tag_set(hub *h, hub_client *c, const char *tag, size_t len);
+hub_tag *hub__tag_find(hub *h, const char *tag, size_t len);
+/* Clients carrying the tag, looked up under the lock from any thread. */
+uint32_t hub__tag_count(hub *h, const char *tag, size_t len);
+void hub__tags_free(hub *h);
+
+/* dispatch (dispatch.c), loop thread: the recipients count, or <0 */
+int hub__relay(hub *h, const char *data, size_t len);
+int hub__multicast(hub *h, const char *tag, size_t taglen, const char *data, size_t len);
+int hub__unicast(hub *h, const char *tag, size_t taglen, const char *data, size_t len);
+int hub__send(hub *h, uint64_t id, const char *data, size_t len);
+int hub__set_tag_id(hub *h, uint64_t id, const char *tag, size_t len);
+int hub__close_id(hub *h, uint64_t id, const char *reason);
+extern const hub_api hub__loop_api;
+
+/* kinds of events handed to a worker */
+enum { HUB_EV_CONNECT, HUB_EV_MESSAGE, HUB_EV_CLOSE, HUB_EV_RELOAD, HUB_EV_STOP };
+
+/* script events from the loop: inline when workers == 0, else queued to the worker */
+void hub__event_connect(hub *h, hub_client *c);
+/* Returns 0, or -EAGAIN when the worker's queue is full (the frame was not taken). */
+int hub__event_message(hub *h, hub_client *c, const char *data, size_t len);
+void hub__event_close(hub *h, hub_client *c);
+
+/* workers (workers.c) */
+int hub__workers_start(hub *h, char *err, size_t errlen);
+/* Hand queued events to the workers and wake them. */
+void hub__workers_flush(hub *h);
+void hub__workers_reload(hub *h);
+void hub__workers_stop(hub *h);
+void hub__workers_join(hub *h);
+int hub__worker_full(hub *h, int w);
+void hub__worker_pause(hub *h, int w, hub_client *c);
+void hub__commands_cb(struct ev_loop *loop, ev_async *w, int revents);
+int hub__worker_queue_item(hub *h, int w, int type, hub_client *c, const char *data,
+                           size_t len);
+
+/* small helpers */
+size_t hub__json_escape(char *dst, size_t cap, const char *src, size_t len);
+
+#endif

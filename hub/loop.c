@@ -1,0 +1,263 @@
+/* The hub's loop: set-up, signals, the before-sleep work (flush, reap, hand-off), reload and
+ * graceful shutdown. */
+#include <errno.h>
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "hub/alloc.h"
+#include "hub/hub_int.h"
+#include "hub/log.h"
+
+static hub_script_conf script_conf(const hub *h, int worker)
+{
+    return (hub_script_conf){h->cfg.script, h->cfg.event_callback, h->cfg.max_instructions,
+                             h->cfg.max_memory, worker};
+}
+
+/* A script being checked must not reach a hub: every call fails. */
+static int noapi_data(void *ud, const char *data, size_t len)
+{
+    (void)ud, (void)data, (void)len;
+    return -EAGAIN;
+}
+static int noapi_tagged(void *ud, const char *tag, size_t taglen, const char *data, size_t len)
+{
+    (void)ud, (void)tag, (void)taglen, (void)data, (void)len;
+    return -EAGAIN;
+}
+static int noapi_id_data(void *ud, uint64_t id, const char *data, size_t len)
+{
+    (void)ud, (void)id, (void)data, (void)len;
+    return -EAGAIN;
+}
+static int noapi_close(void *ud, uint64_t id, const char *reason)
+{
+    (void)ud, (void)id, (void)reason;
+    return -EAGAIN;
+}
+static const hub_api no_api = {noapi_data,    noapi_tagged,  noapi_tagged,
+                               noapi_id_data, noapi_id_data, noapi_close};
+
+int hub_check_script(const hub_config *cfg, const hub_script_ops *ops, char *err, size_t errlen)
+{
+    hub_script_conf sc = {cfg->script, cfg->event_callback, cfg->max_instructions,
+                          cfg->max_memory, -1};
+    if (!cfg->script[0]) {
+        snprintf(err, errlen, "no script configured ([lua] script)");
+        return -EINVAL;
+    }
+    hub_script *s = ops->load(&sc, &no_api, NULL, err, errlen);
+    if (!s)
+        return -EINVAL;
+    ops->free(s);
+    return 0;
+}
+
+static void finish_shutdown(hub *h);
+
+static void prepare_cb(struct ev_loop *loop, ev_prepare *w, int revents)
+{
+    hub *h = w->data;
+    (void)revents;
+    /* Reaping runs close handlers that may queue output, so flush after it. */
+    for (int round = 0; (h->closing || h->pending) && round < 8; round++) {
+        hub__reap_closing(h);
+        hub__flush_pending(h);
+    }
+    if (h->nworkers)
+        hub__workers_flush(h);
+    if (h->stopping && h->workers_done >= h->nworkers && !h->pending) {
+        int busy = 0;
+        for (hub_client *c = h->clients; c && !busy; c = c->next)
+            busy = c->wq_count != 0;
+        if (!busy)
+            ev_break(loop, EVBREAK_ALL);
+    }
+}
+
+static void idle_cb(struct ev_loop *loop, ev_idle *w, int revents)
+{
+    /* Only keeps the loop from blocking while output is pending; prepare_cb does the work. */
+    (void)loop, (void)w, (void)revents;
+}
+
+static void shutdown_timeout_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+    hub *h = w->data;
+    (void)revents;
+    hub_log(HUB_LOG_WARN, "shutdown: %d ms passed with output still queued; closing anyway",
+            h->cfg.shutdown_timeout);
+    ev_break(loop, EVBREAK_ALL);
+}
+
+static void start_shutdown(hub *h, const char *why)
+{
+    if (h->stopping)
+        return;
+    h->stopping = 1;
+    hub_log(HUB_LOG_NOTICE, "%s: stopping (flushing queued output, up to %d ms)", why,
+            h->cfg.shutdown_timeout);
+    ev_io_stop(h->loop, &h->accept_w);
+    close(h->lfd);
+    h->lfd = -1;
+    for (hub_client *c = h->clients; c; c = c->next) {
+        ev_io_stop(h->loop, &c->rio);
+        c->flags &= ~HUB_CLIENT_READING;
+    }
+    if (h->nworkers)
+        hub__workers_stop(h);
+    ev_timer_init(&h->shutdown_w, shutdown_timeout_cb, h->cfg.shutdown_timeout / 1000.0, 0);
+    h->shutdown_w.data = h;
+    ev_timer_start(h->loop, &h->shutdown_w);
+}
+
+static void reload(hub *h)
+{
+    char err[1024];
+    hub_log(HUB_LOG_NOTICE, "SIGHUP: reloading %s", h->cfg.script);
+    /* Check in a scratch state first, so a broken script never reaches the workers. */
+    if (hub_check_script(&h->cfg, h->ops, err, sizeof(err)) < 0) {
+        hub_log(HUB_LOG_ERR, "reload failed: %s; keeping the old script", err);
+        return;
+    }
+    if (h->nworkers) {
+        hub__workers_reload(h);
+        return;
+    }
+    hub_script_conf sc = script_conf(h, -1);
+    hub_script *n = h->ops->reload(h->script, &sc, err, sizeof(err));
+    if (!n) {
+        hub_log(HUB_LOG_ERR, "reload failed: %s; keeping the old script", err);
+        return;
+    }
+    h->ops->free(h->script);
+    h->script = n;
+    hub_log(HUB_LOG_NOTICE, "script reloaded");
+}
+
+static void signal_cb(struct ev_loop *loop, ev_signal *w, int revents)
+{
+    hub *h = w->data;
+    (void)loop;
+    (void)revents;
+    if (w->signum == SIGHUP)
+        reload(h);
+    else
+        start_shutdown(h, w->signum == SIGINT ? "SIGINT" : "SIGTERM");
+}
+
+static int setup_slots(hub *h)
+{
+    size_t n = (size_t)h->cfg.max_clients;
+    h->slots = hub_calloc(n, sizeof(*h->slots));
+    h->free_slots = hub_malloc(n * sizeof(*h->free_slots));
+    if (!h->slots || !h->free_slots)
+        return -ENOMEM;
+    /* A stack handing out the lowest free conidx first, as Kamailio's array scan does. */
+    for (size_t i = 0; i < n; i++)
+        h->free_slots[i] = (int)(n - 1 - i);
+    h->nfree = (int)n;
+    return 0;
+}
+
+hub *hub_new(const hub_config *cfg, const hub_script_ops *ops, char *err, size_t errlen)
+{
+    hub *h = hub_calloc(1, sizeof(*h));
+    if (!h) {
+        snprintf(err, errlen, "out of memory");
+        return NULL;
+    }
+    h->cfg = *cfg;
+    h->ops = ops;
+    h->lfd = h->spare_fd = -1;
+    h->next_id = 1;
+    pthread_rwlock_init(&h->tags_lock, NULL);
+    h->loop = ev_default_loop(EVFLAG_AUTO);
+    if (!h->loop) {
+        snprintf(err, errlen, "cannot create the event loop");
+        goto fail;
+    }
+    signal(SIGPIPE, SIG_IGN);
+    if (setup_slots(h) < 0) {
+        snprintf(err, errlen, "out of memory for %d client slots", cfg->max_clients);
+        goto fail;
+    }
+    if (!cfg->script[0]) {
+        snprintf(err, errlen, "no script configured ([lua] script)");
+        goto fail;
+    }
+    ev_async_init(&h->cmd_w, hub__commands_cb);
+    h->cmd_w.data = h;
+    ev_async_start(h->loop, &h->cmd_w);
+    if (cfg->workers > 0) {
+        if (hub__workers_start(h, err, errlen) < 0)
+            goto fail;
+    } else {
+        hub_script_conf sc = script_conf(h, -1);
+        h->script = ops->load(&sc, &hub__loop_api, h, err, errlen);
+        if (!h->script)
+            goto fail;
+    }
+    if (hub__listen(h, err, errlen) < 0)
+        goto fail;
+    ev_prepare_init(&h->prepare_w, prepare_cb);
+    ev_idle_init(&h->idle_w, idle_cb);
+    h->prepare_w.data = h->idle_w.data = h;
+    ev_prepare_start(h->loop, &h->prepare_w);
+    ev_signal_init(&h->sigterm_w, signal_cb, SIGTERM);
+    ev_signal_init(&h->sigint_w, signal_cb, SIGINT);
+    ev_signal_init(&h->sighup_w, signal_cb, SIGHUP);
+    h->sigterm_w.data = h->sigint_w.data = h->sighup_w.data = h;
+    ev_signal_start(h->loop, &h->sigterm_w);
+    ev_signal_start(h->loop, &h->sigint_w);
+    ev_signal_start(h->loop, &h->sighup_w);
+    return h;
+fail:
+    hub_destroy(h);
+    return NULL;
+}
+
+static void finish_shutdown(hub *h)
+{
+    size_t left = 0;
+    for (hub_client *c = h->clients; c; c = c->next)
+        left += c->wq_bytes;
+    hub_log(HUB_LOG_NOTICE, "stopped (%llu connections served, %zu bytes left unsent)",
+            (unsigned long long)h->stats.accepted, left);
+}
+
+int hub_run(hub *h)
+{
+    ev_io_start(h->loop, &h->accept_w);
+    ev_run(h->loop, 0);
+    finish_shutdown(h);
+    return h->exit_code;
+}
+
+void hub_destroy(hub *h)
+{
+    if (!h)
+        return;
+    if (h->workers) {
+        if (!h->stopping)
+            hub__workers_stop(h);
+        hub__workers_join(h);
+    }
+    hub__client_free_all(h);
+    hub__tags_free(h);
+    if (h->script)
+        h->ops->free(h->script);
+    if (h->lfd >= 0)
+        close(h->lfd);
+    if (h->spare_fd >= 0)
+        close(h->spare_fd);
+    hub_free(h->ids);
+    hub_free(h->slots);
+    hub_free(h->free_slots);
+    pthread_rwlock_destroy(&h->tags_lock);
+    if (h->loop)
+        ev_loop_destroy(h->loop);
+    hub_free(h);
+}

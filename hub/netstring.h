@@ -1,0 +1,47 @@
+/* Streaming netstring codec: bytes in, frames out. Never touches a socket. */
+#ifndef HUB_NETSTRING_H
+#define HUB_NETSTRING_H
+
+#include <stddef.h>
+
+/* Longest header "<digits>:" for a size_t length, plus the trailing ','. */
+#define HUB_NS_HDR_MAX 24
+
+typedef struct hub_slice {
+    const char *data;
+    size_t len;
+} hub_slice;
+
+typedef struct hub_ns_reader hub_ns_reader;
+
+/* A reader that rejects frames longer than max_frame bytes of payload (checked while the
+ * length digits are read, so a huge length never overflows). NULL on OOM. */
+hub_ns_reader *hub_ns_reader_new(size_t max_frame);
+/* NULL-safe. */
+void hub_ns_reader_free(hub_ns_reader *r);
+
+/* Append bytes (copied). Returns 0 or -ENOMEM. Pointers from _next() become invalid. */
+int hub_ns_reader_feed(hub_ns_reader *r, const char *buf, size_t len);
+/* Zero-copy feeding: *ptr gets room for at least want bytes (the buffer grows if needed),
+ * *avail how much there is. Write into it, then _commit(n). Returns 0 or -ENOMEM.
+ * Pointers from _next() become invalid. */
+int hub_ns_reader_space(hub_ns_reader *r, size_t want, char **ptr, size_t *avail);
+void hub_ns_reader_commit(hub_ns_reader *r, size_t n);
+
+/* 1 and *out set when a frame is complete, 0 if more bytes are needed, -EPROTO on a framing
+ * error or -EMSGSIZE when a length exceeds max_frame; an error is sticky (see _errstr).
+ * *out points into the reader's buffer: valid until the next _feed/_space/_compact. */
+int hub_ns_reader_next(hub_ns_reader *r, hub_slice *out);
+/* Human-readable reason of the sticky error, or NULL when not failed. */
+const char *hub_ns_reader_errstr(const hub_ns_reader *r);
+/* Bytes held that are not yet handed out as frames. */
+size_t hub_ns_reader_pending(const hub_ns_reader *r);
+/* Release the buffer when nothing is pending, so idle connections cost little memory. */
+void hub_ns_reader_shrink(hub_ns_reader *r);
+
+/* Writes "<len>:" into hdr (HUB_NS_HDR_MAX bytes) and returns its length. */
+size_t hub_ns_encode_header(char *hdr, size_t len);
+/* Encoded size of a payload of len bytes: header + payload + ','. */
+size_t hub_ns_encoded_len(size_t len);
+
+#endif

@@ -1,0 +1,63 @@
+/* The seam between the hub and a scripting engine: two tables of function pointers.
+ * hub/ never includes lua/; main.c hands hub_script_ops from lua/ to the hub. */
+#ifndef HUB_SCRIPT_H
+#define HUB_SCRIPT_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define HUB_TAG_MAX  64 /* bytes in a tag, without NUL */
+#define HUB_ADDR_MAX 46 /* INET6_ADDRSTRLEN */
+
+/* What a script learns about a connection when it connects. */
+typedef struct hub_conn_info {
+    uint64_t id;    /* never reused */
+    int conidx;     /* slot index, reused after close (Kamailio's $evapi(conidx)) */
+    uint16_t port;  /* peer port */
+    char addr[HUB_ADDR_MAX];
+} hub_conn_info;
+
+/* What a script may ask of the hub. Each call is made from the thread running the script,
+ * with the ud given at load. Results: n > 0 success (n recipients when known, else 1),
+ * 0 no eligible connection, < 0 a negative errno (-EINVAL bad tag, -ENOENT no such id,
+ * -EMSGSIZE frame too large, -ENOMEM). Data is copied before the call returns. */
+typedef struct hub_api {
+    int (*relay)(void *ud, const char *data, size_t len);
+    int (*multicast)(void *ud, const char *tag, size_t taglen, const char *data, size_t len);
+    int (*unicast)(void *ud, const char *tag, size_t taglen, const char *data, size_t len);
+    int (*send)(void *ud, uint64_t id, const char *data, size_t len);
+    int (*set_tag)(void *ud, uint64_t id, const char *tag, size_t taglen);
+    /* reason may be NULL; it is logged, and sent as an error frame in netstring mode */
+    int (*close)(void *ud, uint64_t id, const char *reason);
+} hub_api;
+
+typedef struct hub_script_conf {
+    const char *path;           /* script file */
+    const char *event_callback; /* KEMI global function name, or "" for native handlers */
+    long max_instructions;      /* per callback, 0 = unlimited */
+    size_t max_memory;          /* bytes per state, 0 = unlimited */
+    int worker;                 /* worker index, -1 for the loop thread / checks */
+} hub_script_conf;
+
+typedef struct hub_script hub_script;
+
+/* One hub_script per thread that runs callbacks; its functions are called only from there. */
+typedef struct hub_script_ops {
+    const char *name;
+    /* Load and check the script (syntax, required handlers). NULL with err set on failure. */
+    hub_script *(*load)(const hub_script_conf *conf, const hub_api *api, void *ud, char *err,
+                        size_t errlen);
+    /* Load the script afresh into a new state that inherits old's connections (and their
+     * tags), for a reload. NULL with err set on failure; old is untouched either way. */
+    hub_script *(*reload)(hub_script *old, const hub_script_conf *conf, char *err,
+                          size_t errlen);
+    void (*free)(hub_script *s); /* NULL-safe */
+    /* Callbacks never fail from the hub's point of view: script errors are logged inside. */
+    void (*on_connect)(hub_script *s, const hub_conn_info *ci);
+    void (*on_message)(hub_script *s, uint64_t id, const char *data, size_t len);
+    void (*on_close)(hub_script *s, uint64_t id);
+    /* Housekeeping while idle (an incremental GC step). */
+    void (*idle)(hub_script *s);
+} hub_script_ops;
+
+#endif

@@ -1,0 +1,571 @@
+/* Worker threads: each runs its own script state. The loop hands events over in a bounded
+ * queue (a mutex, a list and a condition variable); workers hand commands back through one
+ * list and an ev_async. A connection's events always go to the same worker, in order. */
+#include <errno.h>
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+#include <time.h>
+
+#include "hub/alloc.h"
+#include "hub/hub_int.h"
+#include "hub/log.h"
+
+enum { CMD_RELAY, CMD_MULTICAST, CMD_UNICAST, CMD_SEND, CMD_SET_TAG, CMD_CLOSE, CMD_START_READ,
+       CMD_RESUME, CMD_DONE };
+
+#define CMD_FLUSH_EVERY 64 /* events between command hand-offs while a batch runs */
+
+typedef struct hub_item {
+    struct hub_item *next;
+    int type;
+    uint64_t id;
+    size_t len;
+    char data[]; /* the message, or a hub_conn_info for HUB_EV_CONNECT */
+} hub_item;
+
+typedef struct hub_cmd {
+    struct hub_cmd *next;
+    int type;
+    int worker;
+    uint64_t id;
+    size_t taglen, len;
+    char tag[HUB_TAG_MAX + 1];
+    char data[];
+} hub_cmd;
+
+struct hub_worker {
+    hub *h;
+    int index;
+    pthread_t thread;
+    int started;
+    hub_script *script;
+
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    hub_item *head, *tail; /* under mu */
+    int sleeping;          /* under mu */
+    atomic_int queued;     /* events handed over and not yet run, outbox included */
+    atomic_int resume_wanted;
+
+    /* loop side */
+    hub_item *ob_head, *ob_tail;
+    uint64_t *paused;
+    size_t npaused, paused_cap;
+
+    /* worker side: commands not yet handed to the loop */
+    hub_cmd *cmd_head, *cmd_tail;
+};
+
+/* ---- worker -> loop commands ---- */
+
+static pthread_mutex_t cmd_mu = PTHREAD_MUTEX_INITIALIZER;
+static hub_cmd *cmd_head, *cmd_tail;
+
+static void cmd_push_list(hub *h, hub_cmd *head, hub_cmd *tail)
+{
+    pthread_mutex_lock(&cmd_mu);
+    if (cmd_tail)
+        cmd_tail->next = head;
+    else
+        cmd_head = head;
+    cmd_tail = tail;
+    pthread_mutex_unlock(&cmd_mu);
+    ev_async_send(h->loop, &h->cmd_w);
+}
+
+static hub_cmd *cmd_new(int type, int worker, uint64_t id, const char *tag, size_t taglen,
+                        const char *data, size_t len)
+{
+    hub_cmd *c = hub_malloc(sizeof(*c) + len);
+    if (!c)
+        return NULL;
+    c->next = NULL;
+    c->type = type;
+    c->worker = worker;
+    c->id = id;
+    c->taglen = taglen;
+    c->len = len;
+    if (taglen)
+        memcpy(c->tag, tag, taglen);
+    c->tag[taglen] = '\0';
+    if (len)
+        memcpy(c->data, data, len);
+    return c;
+}
+
+static void worker_flush_cmds(hub_worker *w)
+{
+    if (!w->cmd_head)
+        return;
+    cmd_push_list(w->h, w->cmd_head, w->cmd_tail);
+    w->cmd_head = w->cmd_tail = NULL;
+}
+
+static int worker_cmd(hub_worker *w, int type, uint64_t id, const char *tag, size_t taglen,
+                      const char *data, size_t len)
+{
+    hub_cmd *c = cmd_new(type, w->index, id, tag, taglen, data, len);
+    if (!c)
+        return -ENOMEM;
+    if (w->cmd_tail)
+        w->cmd_tail->next = c;
+    else
+        w->cmd_head = c;
+    w->cmd_tail = c;
+    return 0;
+}
+
+/* ---- the API a script in a worker uses: commands to the loop ---- */
+
+static int wapi_relay(void *ud, const char *data, size_t len)
+{
+    hub_worker *w = ud;
+    if (len > w->h->cfg.max_outbuf)
+        return -EMSGSIZE;
+    if (atomic_load(&w->h->nclients) == 0)
+        return 0;
+    int rc = worker_cmd(w, CMD_RELAY, 0, NULL, 0, data, len);
+    return rc < 0 ? rc : 1;
+}
+
+static int wapi_tagged(hub_worker *w, int type, const char *tag, size_t taglen,
+                       const char *data, size_t len)
+{
+    if (!hub__tag_valid(tag, taglen))
+        return -EINVAL;
+    if (len > w->h->cfg.max_outbuf)
+        return -EMSGSIZE;
+    /* The command goes even when the count is 0: a set_tag queued just before it by this
+     * same script is applied first. */
+    uint32_t n = hub__tag_count(w->h, tag, taglen);
+    int rc = worker_cmd(w, type, 0, tag, taglen, data, len);
+    if (rc < 0)
+        return rc;
+    return n ? 1 : 0;
+}
+
+static int wapi_multicast(void *ud, const char *tag, size_t taglen, const char *data,
+                          size_t len)
+{
+    return wapi_tagged(ud, CMD_MULTICAST, tag, taglen, data, len);
+}
+
+static int wapi_unicast(void *ud, const char *tag, size_t taglen, const char *data, size_t len)
+{
+    return wapi_tagged(ud, CMD_UNICAST, tag, taglen, data, len);
+}
+
+static int wapi_send(void *ud, uint64_t id, const char *data, size_t len)
+{
+    hub_worker *w = ud;
+    if (len > w->h->cfg.max_outbuf)
+        return -EMSGSIZE;
+    int rc = worker_cmd(w, CMD_SEND, id, NULL, 0, data, len);
+    return rc < 0 ? rc : 1;
+}
+
+static int wapi_set_tag(void *ud, uint64_t id, const char *tag, size_t taglen)
+{
+    if (taglen && !hub__tag_valid(tag, taglen))
+        return -EINVAL;
+    int rc = worker_cmd(ud, CMD_SET_TAG, id, tag, taglen, NULL, 0);
+    return rc < 0 ? rc : 1;
+}
+
+static int wapi_close(void *ud, uint64_t id, const char *reason)
+{
+    size_t rl = reason ? strlen(reason) : 0;
+    int rc = worker_cmd(ud, CMD_CLOSE, id, NULL, 0, reason, rl);
+    return rc < 0 ? rc : 1;
+}
+
+static const hub_api worker_api = {
+    .relay = wapi_relay,
+    .multicast = wapi_multicast,
+    .unicast = wapi_unicast,
+    .send = wapi_send,
+    .set_tag = wapi_set_tag,
+    .close = wapi_close,
+};
+
+/* ---- the worker thread ---- */
+
+static void worker_reload(hub_worker *w)
+{
+    hub *h = w->h;
+    char err[1024];
+    hub_script_conf sc = {h->cfg.script, h->cfg.event_callback, h->cfg.max_instructions,
+                          h->cfg.max_memory, w->index};
+    hub_script *n = h->ops->reload(w->script, &sc, err, sizeof(err));
+    if (!n) {
+        hub_log(HUB_LOG_ERR, "worker %d: reload failed: %s; keeping the old script", w->index,
+                err);
+        return;
+    }
+    h->ops->free(w->script);
+    w->script = n;
+    hub_log(HUB_LOG_NOTICE, "worker %d: script reloaded", w->index);
+}
+
+/* Runs one event; returns 1 for the stop event. */
+static int worker_run(hub_worker *w, hub_item *it)
+{
+    hub *h = w->h;
+    switch (it->type) {
+    case HUB_EV_CONNECT:
+        h->ops->on_connect(w->script, (const hub_conn_info *)(void *)it->data);
+        worker_cmd(w, CMD_START_READ, it->id, NULL, 0, NULL, 0);
+        break;
+    case HUB_EV_MESSAGE:
+        h->ops->on_message(w->script, it->id, it->data, it->len);
+        break;
+    case HUB_EV_CLOSE:
+        h->ops->on_close(w->script, it->id);
+        break;
+    case HUB_EV_RELOAD:
+        worker_reload(w);
+        return 0;
+    case HUB_EV_STOP:
+        return 1;
+    }
+    int left = atomic_fetch_sub(&w->queued, 1) - 1;
+    /* Paired with the loop's store-then-check in hub__worker_pause. */
+    if (left < h->cfg.worker_queue && atomic_load(&w->resume_wanted) &&
+        atomic_exchange(&w->resume_wanted, 0))
+        worker_cmd(w, CMD_RESUME, 0, NULL, 0, NULL, 0);
+    return 0;
+}
+
+static void deadline_after(struct timespec *ts, long usec)
+{
+    clock_gettime(CLOCK_MONOTONIC, ts);
+    ts->tv_sec += usec / 1000000;
+    ts->tv_nsec += (usec % 1000000) * 1000;
+    if (ts->tv_nsec >= 1000000000) {
+        ts->tv_sec++;
+        ts->tv_nsec -= 1000000000;
+    }
+}
+
+static void *worker_main(void *arg)
+{
+    hub_worker *w = arg;
+    hub *h = w->h;
+    int step = 1, stop = 0;
+
+    pthread_mutex_lock(&w->mu);
+    while (!stop) {
+        if (!w->head) {
+            /* Idle: wake for housekeeping after wait_idle, growing up to
+             * wait_idle * wait_increase; new work signals the condition at once. */
+            struct timespec ts;
+            deadline_after(&ts, h->cfg.wait_idle * step);
+            w->sleeping = 1;
+            int r = pthread_cond_timedwait(&w->cv, &w->mu, &ts);
+            w->sleeping = 0;
+            if (r == ETIMEDOUT && !w->head) {
+                pthread_mutex_unlock(&w->mu);
+                h->ops->idle(w->script);
+                pthread_mutex_lock(&w->mu);
+                if (step < h->cfg.wait_increase)
+                    step++;
+            }
+            continue;
+        }
+        step = 1;
+        hub_item *list = w->head;
+        w->head = w->tail = NULL;
+        pthread_mutex_unlock(&w->mu);
+        for (int n = 1; list; n++) {
+            hub_item *it = list;
+            list = it->next;
+            if (!stop)
+                stop = worker_run(w, it);
+            hub_free(it);
+            if (n % CMD_FLUSH_EVERY == 0)
+                worker_flush_cmds(w);
+        }
+        worker_flush_cmds(w);
+        pthread_mutex_lock(&w->mu);
+    }
+    pthread_mutex_unlock(&w->mu);
+    worker_cmd(w, CMD_DONE, 0, NULL, 0, NULL, 0);
+    worker_flush_cmds(w);
+    return NULL;
+}
+
+/* ---- loop side ---- */
+
+static hub_item *item_new(int type, uint64_t id, const void *data, size_t len)
+{
+    hub_item *it = hub_malloc(sizeof(*it) + len);
+    if (!it)
+        return NULL;
+    it->next = NULL;
+    it->type = type;
+    it->id = id;
+    it->len = len;
+    if (len)
+        memcpy(it->data, data, len);
+    return it;
+}
+
+static void outbox_add(hub_worker *w, hub_item *it)
+{
+    if (w->ob_tail)
+        w->ob_tail->next = it;
+    else
+        w->ob_head = it;
+    w->ob_tail = it;
+}
+
+int hub__worker_full(hub *h, int w)
+{
+    return atomic_load(&h->workers[w].queued) >= h->cfg.worker_queue;
+}
+
+int hub__worker_queue_item(hub *h, int wi, int type, hub_client *c, const char *data,
+                           size_t len)
+{
+    hub_worker *w = &h->workers[wi];
+    hub_item *it = type == HUB_EV_CONNECT ? item_new(type, c->id, &c->info, sizeof(c->info))
+                                      : item_new(type, c->id, data, len);
+    if (!it) {
+        hub_log(HUB_LOG_ERR, "worker %d: out of memory queueing an event for client id=%llu",
+                wi, (unsigned long long)c->id);
+        return -ENOMEM;
+    }
+    atomic_fetch_add(&w->queued, 1);
+    outbox_add(w, it);
+    return 0;
+}
+
+static void push_outbox(hub_worker *w)
+{
+    if (!w->ob_head)
+        return;
+    pthread_mutex_lock(&w->mu);
+    if (w->tail)
+        w->tail->next = w->ob_head;
+    else
+        w->head = w->ob_head;
+    w->tail = w->ob_tail;
+    if (w->sleeping)
+        pthread_cond_signal(&w->cv);
+    pthread_mutex_unlock(&w->mu);
+    w->ob_head = w->ob_tail = NULL;
+}
+
+void hub__workers_flush(hub *h)
+{
+    for (int i = 0; i < h->nworkers; i++)
+        push_outbox(&h->workers[i]);
+}
+
+void hub__worker_pause(hub *h, int wi, hub_client *c)
+{
+    hub_worker *w = &h->workers[wi];
+    if (w->npaused == w->paused_cap) {
+        size_t ncap = w->paused_cap ? w->paused_cap * 2 : 16;
+        uint64_t *n = hub_realloc(w->paused, ncap * sizeof(*n));
+        if (!n)
+            return; /* not paused: the queue grows past its bound instead of losing data */
+        w->paused = n;
+        w->paused_cap = ncap;
+    }
+    w->paused[w->npaused++] = c->id;
+    c->flags |= HUB_CLIENT_PAUSED;
+    ev_io_stop(h->loop, &c->rio);
+    atomic_store(&w->resume_wanted, 1);
+    /* The worker may have drained the queue before it could see resume_wanted. */
+    if (atomic_load(&w->queued) < h->cfg.worker_queue && atomic_exchange(&w->resume_wanted, 0)) {
+        hub_cmd *cmd = cmd_new(CMD_RESUME, wi, 0, NULL, 0, NULL, 0);
+        if (cmd)
+            cmd_push_list(h, cmd, cmd);
+    }
+}
+
+static void resume_worker_clients(hub *h, int wi)
+{
+    hub_worker *w = &h->workers[wi];
+    uint64_t *ids = w->paused;
+    size_t n = w->npaused;
+    w->paused = NULL;
+    w->npaused = w->paused_cap = 0;
+    for (size_t i = 0; i < n; i++) {
+        hub_client *c = hub__client_by_id(h, ids[i]);
+        if (c)
+            hub__client_resume(c);
+    }
+    hub_free(ids);
+}
+
+static void run_cmd(hub *h, hub_cmd *c)
+{
+    hub_client *cl;
+    switch (c->type) {
+    case CMD_RELAY:
+        hub__relay(h, c->data, c->len);
+        break;
+    case CMD_MULTICAST:
+        hub__multicast(h, c->tag, c->taglen, c->data, c->len);
+        break;
+    case CMD_UNICAST:
+        hub__unicast(h, c->tag, c->taglen, c->data, c->len);
+        break;
+    case CMD_SEND:
+        if (hub__send(h, c->id, c->data, c->len) == -ENOENT)
+            hub_log(HUB_LOG_DEBUG, "send to client id=%llu: no such connection",
+                    (unsigned long long)c->id);
+        break;
+    case CMD_SET_TAG:
+        hub__set_tag_id(h, c->id, c->tag, c->taglen);
+        break;
+    case CMD_CLOSE: {
+        char reason[256];
+        size_t n = c->len < sizeof(reason) - 1 ? c->len : sizeof(reason) - 1;
+        memcpy(reason, c->data, n);
+        reason[n] = '\0';
+        hub__close_id(h, c->id, reason);
+        break;
+    }
+    case CMD_START_READ:
+        if ((cl = hub__client_by_id(h, c->id)))
+            hub__client_start_reading(cl);
+        break;
+    case CMD_RESUME:
+        resume_worker_clients(h, c->worker);
+        break;
+    case CMD_DONE:
+        h->workers_done++;
+        break;
+    }
+}
+
+void hub__commands_cb(struct ev_loop *loop, ev_async *aw, int revents)
+{
+    hub *h = aw->data;
+    (void)loop;
+    (void)revents;
+    pthread_mutex_lock(&cmd_mu);
+    hub_cmd *list = cmd_head;
+    cmd_head = cmd_tail = NULL;
+    pthread_mutex_unlock(&cmd_mu);
+    for (size_t bound = 0; list && bound < SIZE_MAX; bound++) {
+        hub_cmd *c = list;
+        list = c->next;
+        run_cmd(h, c);
+        hub_free(c);
+    }
+}
+
+int hub__workers_start(hub *h, char *err, size_t errlen)
+{
+    pthread_condattr_t ca;
+    sigset_t all, old;
+
+    h->workers = hub_calloc((size_t)h->cfg.workers, sizeof(*h->workers));
+    if (!h->workers) {
+        snprintf(err, errlen, "out of memory");
+        return -ENOMEM;
+    }
+    h->nworkers = h->cfg.workers;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    for (int i = 0; i < h->nworkers; i++) {
+        hub_worker *w = &h->workers[i];
+        hub_script_conf sc = {h->cfg.script, h->cfg.event_callback, h->cfg.max_instructions,
+                              h->cfg.max_memory, i};
+        w->h = h;
+        w->index = i;
+        pthread_mutex_init(&w->mu, NULL);
+        pthread_cond_init(&w->cv, &ca);
+        w->script = h->ops->load(&sc, &worker_api, w, err, errlen);
+        if (!w->script) {
+            pthread_condattr_destroy(&ca);
+            return -EINVAL;
+        }
+    }
+    pthread_condattr_destroy(&ca);
+    /* Signals belong to the loop thread: workers start with all of them blocked. */
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, &old);
+    for (int i = 0; i < h->nworkers; i++) {
+        hub_worker *w = &h->workers[i];
+        if (pthread_create(&w->thread, NULL, worker_main, w) != 0) {
+            pthread_sigmask(SIG_SETMASK, &old, NULL);
+            snprintf(err, errlen, "cannot start worker thread %d", i);
+            return -EAGAIN;
+        }
+        w->started = 1;
+    }
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    return 0;
+}
+
+static void post_control(hub *h, int type)
+{
+    for (int i = 0; i < h->nworkers; i++) {
+        hub_item *it = item_new(type, 0, NULL, 0);
+        if (!it) {
+            hub_log(HUB_LOG_ERR, "worker %d: out of memory posting a control event", i);
+            continue;
+        }
+        outbox_add(&h->workers[i], it);
+        push_outbox(&h->workers[i]);
+    }
+}
+
+void hub__workers_reload(hub *h)
+{
+    post_control(h, HUB_EV_RELOAD);
+}
+
+void hub__workers_stop(hub *h)
+{
+    post_control(h, HUB_EV_STOP);
+}
+
+void hub__workers_join(hub *h)
+{
+    for (int i = 0; i < h->nworkers; i++) {
+        hub_worker *w = &h->workers[i];
+        if (w->started) {
+            pthread_mutex_lock(&w->mu);
+            pthread_mutex_unlock(&w->mu);
+            pthread_join(w->thread, NULL);
+        }
+    }
+    for (int i = 0; i < h->nworkers; i++) {
+        hub_worker *w = &h->workers[i];
+        for (hub_item *it = w->head; it;) {
+            hub_item *n = it->next;
+            hub_free(it);
+            it = n;
+        }
+        for (hub_item *it = w->ob_head; it;) {
+            hub_item *n = it->next;
+            hub_free(it);
+            it = n;
+        }
+        for (hub_cmd *c = w->cmd_head; c;) {
+            hub_cmd *n = c->next;
+            hub_free(c);
+            c = n;
+        }
+        h->ops->free(w->script);
+        hub_free(w->paused);
+        pthread_mutex_destroy(&w->mu);
+        pthread_cond_destroy(&w->cv);
+    }
+    for (hub_cmd *c = cmd_head; c;) {
+        hub_cmd *n = c->next;
+        hub_free(c);
+        c = n;
+    }
+    cmd_head = cmd_tail = NULL;
+    hub_free(h->workers);
+    h->workers = NULL;
+    h->nworkers = 0;
+}

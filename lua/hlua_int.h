@@ -1,0 +1,73 @@
+/* Internals shared by the lua/ files: the hub_script struct, the client userdata, helpers. */
+#ifndef HLUA_INT_H
+#define HLUA_INT_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include <lua.h>
+
+#include "hub/script.h"
+
+#define HLUA_CLIENT_MT "evhub.client"
+
+/* Events, also the codes passed to the KEMI dispatcher in ksr.lua. */
+enum { HLUA_EV_CONNECT = 1, HLUA_EV_MESSAGE = 2, HLUA_EV_CLOSE = 3, HLUA_EV_COUNT = 3 };
+
+/* The full userdata behind a conn object. It is a copy of what the hub told us; the hub
+ * stays the owner of the connection, Lua only holds its id. */
+typedef struct hlua_conn {
+    uint64_t id;
+    int conidx;
+    uint16_t port;
+    unsigned char closed; /* closed by the script, or the hub reported the close */
+    unsigned char taglen; /* 0: no tag */
+    char addr[HUB_ADDR_MAX];
+    char tag[HUB_TAG_MAX + 1];
+} hlua_conn;
+
+struct hub_script {
+    lua_State *L;
+    const hub_api *api;
+    void *ud;
+    int worker;
+    long max_instructions; /* 0: unlimited */
+    size_t max_memory;     /* 0: unlimited */
+    size_t mem_used;       /* bytes currently allocated by L */
+    long budget_left;      /* instructions left in the current callback */
+    int kemi;              /* event_callback is set: events go to the ksr.lua dispatcher */
+    int handler[HLUA_EV_COUNT + 1]; /* evapi.on() registry refs, LUA_NOREF when unset */
+    int conns_ref;                  /* registry ref: id -> conn userdata */
+    int dispatch_ref;               /* KEMI dispatcher from ksr.lua, or LUA_NOREF */
+    int reset_ref;                  /* KEMI context reset from ksr.lua, or LUA_NOREF */
+    /* Arguments handed to the protected trampolines (no allocation on the hot path). */
+    uint64_t arg_id;
+    const char *arg_data;
+    size_t arg_len;
+    const hub_conn_info *arg_ci;
+    hlua_conn *arg_conn;
+    char warn[256]; /* pieces of a lua_warning() being assembled */
+    size_t warnlen;
+};
+
+/* The hub_script that owns L (kept in lua_getextraspace, inherited by coroutines). */
+static inline hub_script *hlua__script(lua_State *L)
+{
+    return *(hub_script **)lua_getextraspace(L);
+}
+
+/* Unique value raised by KSR.x.exit(); the protected call ends the callback silently. */
+extern const char hlua__exit_sentinel;
+
+/* Define the evapi and log globals and the "evhub.client" metatable. */
+void hlua__open_evapi(lua_State *L);
+/* Define the json global. */
+void hlua__open_json(lua_State *L);
+/* Push the helpers table that ksr.lua receives as its first argument. */
+void hlua__push_ksr_helpers(lua_State *L);
+/* Push a new conn userdata for ci (metatable set). */
+hlua_conn *hlua__push_conn(lua_State *L, const hub_conn_info *ci);
+/* Push the usual result of a hub_api call: true, or nil + message (+ code). */
+int hlua__push_result(lua_State *L, int n);
+
+#endif

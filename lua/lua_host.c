@@ -1,0 +1,451 @@
+/* The Lua host: one lua_State per hub_script, a counting allocator with a memory limit, an
+ * instruction budget per callback, and one protected call with a traceback for every entry
+ * into Lua. Connections live in a registry table (id -> conn userdata) that a reload copies. */
+#include "lua/hlua.h"
+#include "lua/hlua_int.h"
+
+#include <errno.h>
+#include <limits.h>
+#include <stdio.h>
+#include <string.h>
+
+#include <lauxlib.h>
+#include <lualib.h>
+
+#include "hub/alloc.h"
+#include "hub/log.h"
+
+/* The address is the value: KSR.x.exit() raises it as a light userdata. */
+const char hlua__exit_sentinel = 0;
+
+/* The count hook fires at most every HLUA_HOOK_CHUNK instructions, so budgets above INT_MAX
+ * still work; the remainder is tracked in budget_left. */
+#define HLUA_HOOK_CHUNK (1 << 30)
+
+static void *counting_alloc(void *ud, void *ptr, size_t osize, size_t nsize)
+{
+    hub_script *s = ud;
+    size_t old = ptr ? osize : 0; /* with ptr NULL, osize is a type tag */
+
+    if (nsize == 0) {
+        hub_free(ptr);
+        s->mem_used -= old;
+        return NULL;
+    }
+    /* Shrinking never fails, growing fails past max_memory (Lua then collects and retries). */
+    if (s->max_memory && nsize > old && s->mem_used - old + nsize > s->max_memory)
+        return NULL;
+    void *p = hub_realloc(ptr, nsize);
+    if (p == NULL)
+        return NULL;
+    s->mem_used = s->mem_used - old + nsize;
+    return p;
+}
+
+static int panic_cb(lua_State *L)
+{
+    const char *msg = lua_tostring(L, -1);
+    hub_log(HUB_LOG_CRIT, "lua: unprotected error: %s", msg ? msg : "?");
+    return 0; /* Lua aborts */
+}
+
+/* Warnings (errors in __gc, warn()) are assembled from pieces and logged whole. */
+static void warn_cb(void *ud, const char *msg, int tocont)
+{
+    hub_script *s = ud;
+    size_t n = strlen(msg);
+
+    if (s->warnlen == 0 && !tocont && msg[0] == '@')
+        return; /* control message ("@on", "@off"): warnings are always on */
+    if (n > sizeof(s->warn) - 1 - s->warnlen)
+        n = sizeof(s->warn) - 1 - s->warnlen;
+    memcpy(s->warn + s->warnlen, msg, n);
+    s->warnlen += n;
+    if (!tocont) {
+        hub_log(HUB_LOG_WARN, "lua: warning: %.*s", (int)s->warnlen, s->warn);
+        s->warnlen = 0;
+    }
+}
+
+static void budget_hook(lua_State *L, lua_Debug *ar);
+
+static void set_budget_hook(lua_State *L, long count)
+{
+    lua_sethook(L, budget_hook, LUA_MASKCOUNT, count > HLUA_HOOK_CHUNK ? HLUA_HOOK_CHUNK : (int)count);
+}
+
+static void budget_hook(lua_State *L, lua_Debug *ar)
+{
+    hub_script *s = hlua__script(L);
+    (void)ar;
+
+    if (s->budget_left > HLUA_HOOK_CHUNK) {
+        s->budget_left -= HLUA_HOOK_CHUNK;
+        set_budget_hook(L, s->budget_left);
+        return;
+    }
+    /* Fire on every instruction from now on, in this thread and the main one, so a script
+     * that catches the error with pcall() cannot keep running. */
+    lua_sethook(L, budget_hook, LUA_MASKCOUNT, 1);
+    if (L != s->L)
+        lua_sethook(s->L, budget_hook, LUA_MASKCOUNT, 1);
+    luaL_error(L, "instruction budget exceeded (%ld instructions)", s->max_instructions);
+}
+
+/* Reset the instruction budget before each entry into Lua. */
+static void arm_budget(hub_script *s)
+{
+    if (s->max_instructions <= 0)
+        return;
+    s->budget_left = s->max_instructions;
+    set_budget_hook(s->L, s->budget_left);
+}
+
+static int is_exit(lua_State *L, int idx)
+{
+    return lua_islightuserdata(L, idx) && lua_touserdata(L, idx) == &hlua__exit_sentinel;
+}
+
+/* Message handler: the error text with a traceback; KSR.x.exit()'s sentinel passes through. */
+static int traceback_cb(lua_State *L)
+{
+    if (is_exit(L, 1))
+        return 1;
+    const char *msg = lua_tostring(L, 1);
+    if (msg == NULL) {
+        if (luaL_callmeta(L, 1, "__tostring") && lua_type(L, -1) == LUA_TSTRING)
+            msg = lua_tostring(L, -1);
+        else
+            msg = lua_pushfstring(L, "(error object is a %s value)", luaL_typename(L, 1));
+    }
+    luaL_traceback(L, L, msg, 1);
+    return 1;
+}
+
+static void kemi_reset(hub_script *s)
+{
+    lua_State *L = s->L;
+    if (s->reset_ref == LUA_NOREF)
+        return;
+    lua_rawgeti(L, LUA_REGISTRYINDEX, s->reset_ref); /* [reset] */
+    if (lua_pcall(L, 0, 0, 0) != LUA_OK)
+        lua_pop(L, 1);
+}
+
+/* The one way into Lua. Stack: [traceback_cb, fn, args...]; all of it is popped. The budget
+ * is armed, a failure is logged with its traceback and the hub keeps going. */
+static int hlua_pcall(hub_script *s, int nargs, const char *what)
+{
+    lua_State *L = s->L;
+    int base = lua_gettop(L) - nargs - 1;
+
+    arm_budget(s);
+    int rc = lua_pcall(L, nargs, 0, base);
+    if (rc != LUA_OK) {
+        if (!is_exit(L, -1)) {
+            const char *msg = lua_tostring(L, -1);
+            hub_log(HUB_LOG_ERR, "lua: %s: %s", what, msg ? msg : "(error object is not a string)");
+        }
+        lua_pop(L, 1); /* [traceback_cb] */
+        if (s->kemi)
+            kemi_reset(s);
+    }
+    lua_pop(L, 1); /* [] */
+    return rc == LUA_OK ? 0 : -1;
+}
+
+/* Push the handler for ev and the leading arguments; returns the count pushed (0: none).
+ * Stack on entry: [conn] at index 1. */
+static int push_handler(lua_State *L, hub_script *s, int ev)
+{
+    if (s->kemi) {
+        lua_rawgeti(L, LUA_REGISTRYINDEX, s->dispatch_ref); /* [conn, dispatch] */
+        lua_pushinteger(L, ev);                             /* [conn, dispatch, ev] */
+        lua_pushvalue(L, 1);                                /* [conn, dispatch, ev, conn] */
+        return 3;
+    }
+    if (s->handler[ev] == LUA_NOREF)
+        return 0;
+    lua_rawgeti(L, LUA_REGISTRYINDEX, s->handler[ev]); /* [conn, fn] */
+    lua_pushvalue(L, 1);                               /* [conn, fn, conn] */
+    return 2;
+}
+
+/* Trampolines run inside the protected call, so allocations may raise safely. */
+static int connect_tramp(lua_State *L)
+{
+    hub_script *s = hlua__script(L);
+    const hub_conn_info *ci = s->arg_ci;
+
+    lua_rawgeti(L, LUA_REGISTRYINDEX, s->conns_ref); /* [conns] */
+    hlua__push_conn(L, ci);                          /* [conns, conn] */
+    lua_pushvalue(L, -1);                            /* [conns, conn, conn] */
+    lua_rawseti(L, -3, (lua_Integer)ci->id);         /* [conns, conn] */
+    lua_remove(L, 1);                                /* [conn] */
+    int n = push_handler(L, s, HLUA_EV_CONNECT);
+    if (n > 0)
+        lua_call(L, n - 1, 0);
+    return 0;
+}
+
+static int message_tramp(lua_State *L)
+{
+    hub_script *s = hlua__script(L);
+    int n = push_handler(L, s, HLUA_EV_MESSAGE); /* [conn, fn, args...] */
+    if (n == 0)
+        return 0;
+    lua_pushlstring(L, s->arg_data, s->arg_len); /* [conn, fn, args..., msg] */
+    lua_call(L, n, 0);
+    return 0;
+}
+
+static int close_tramp(lua_State *L)
+{
+    hub_script *s = hlua__script(L);
+    int n = push_handler(L, s, HLUA_EV_CLOSE);
+    if (n > 0)
+        lua_call(L, n - 1, 0);
+    return 0;
+}
+
+/* Push the conn for id (no allocation). Returns it, or NULL with nothing pushed. */
+static hlua_conn *find_conn(hub_script *s, uint64_t id)
+{
+    lua_State *L = s->L;
+    lua_rawgeti(L, LUA_REGISTRYINDEX, s->conns_ref); /* [conns] */
+    if (lua_rawgeti(L, -1, (lua_Integer)id) != LUA_TUSERDATA) {
+        lua_pop(L, 2); /* [] */
+        return NULL;
+    }
+    lua_remove(L, -2); /* [conn] */
+    return lua_touserdata(L, -1);
+}
+
+static void hlua_on_connect(hub_script *s, const hub_conn_info *ci)
+{
+    lua_State *L = s->L;
+    s->arg_ci = ci;
+    lua_pushcfunction(L, traceback_cb);  /* [tb] */
+    lua_pushcfunction(L, connect_tramp); /* [tb, tramp] */
+    hlua_pcall(s, 0, "connect");
+    s->arg_ci = NULL;
+}
+
+static void hlua_on_message(hub_script *s, uint64_t id, const char *data, size_t len)
+{
+    lua_State *L = s->L;
+
+    if (!s->kemi && s->handler[HLUA_EV_MESSAGE] == LUA_NOREF)
+        return;
+    lua_pushcfunction(L, traceback_cb);  /* [tb] */
+    lua_pushcfunction(L, message_tramp); /* [tb, tramp] */
+    if (find_conn(s, id) == NULL) {      /* [tb, tramp, conn] */
+        lua_pop(L, 2);
+        hub_log(HUB_LOG_DEBUG, "lua: message for unknown connection id=%llu ignored",
+                (unsigned long long)id);
+        return;
+    }
+    s->arg_data = data;
+    s->arg_len = len;
+    hlua_pcall(s, 1, "message");
+    s->arg_data = NULL;
+}
+
+static void hlua_on_close(hub_script *s, uint64_t id)
+{
+    lua_State *L = s->L;
+
+    lua_pushcfunction(L, traceback_cb); /* [tb] */
+    lua_pushcfunction(L, close_tramp);  /* [tb, tramp] */
+    hlua_conn *c = find_conn(s, id);    /* [tb, tramp, conn] */
+    if (c == NULL) {
+        lua_pop(L, 2);
+        hub_log(HUB_LOG_DEBUG, "lua: close of unknown connection id=%llu ignored",
+                (unsigned long long)id);
+        return;
+    }
+    hlua_pcall(s, 1, "close"); /* c stays alive: the conns table still holds it */
+    /* Forget it whatever the handler did; setting an existing key to nil does not allocate. */
+    c->closed = 1;
+    lua_rawgeti(L, LUA_REGISTRYINDEX, s->conns_ref); /* [conns] */
+    lua_pushnil(L);                                  /* [conns, nil] */
+    lua_rawseti(L, -2, (lua_Integer)id);             /* [conns] */
+    lua_pop(L, 1);                                   /* [] */
+}
+
+static void hlua_idle(hub_script *s)
+{
+    arm_budget(s); /* finalizers run Lua code; their errors become warnings */
+    lua_gc(s->L, LUA_GCSTEP, 0);
+}
+
+static void hlua_free(hub_script *s)
+{
+    if (s == NULL)
+        return;
+    if (s->L) {
+        arm_budget(s);
+        lua_close(s->L);
+    }
+    hub_free(s);
+}
+
+/* Runs protected: libraries, native API, ksr.lua, the script, the handler check.
+ * Arguments: [conf as light userdata]. Raises a one-line message on failure. */
+static int init_state(lua_State *L)
+{
+    hub_script *s = hlua__script(L);
+    const hub_script_conf *conf = lua_touserdata(L, 1);
+    const char *cb = s->kemi ? conf->event_callback : NULL;
+
+    luaL_openlibs(L);
+    lua_newtable(L); /* [conf, conns] */
+    s->conns_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    hlua__open_evapi(L);
+    hlua__open_json(L);
+
+    if (luaL_loadbufferx(L, hlua_ksr_source, hlua_ksr_source_len, "=ksr.lua", "t") != LUA_OK)
+        return lua_error(L);
+    hlua__push_ksr_helpers(L); /* [conf, ksr, helpers] */
+    if (cb)
+        lua_pushstring(L, cb);
+    else
+        lua_pushnil(L);     /* [conf, ksr, helpers, cb] */
+    lua_call(L, 2, 2);      /* [conf, dispatch, reset] */
+    if (cb) {
+        s->reset_ref = luaL_ref(L, LUA_REGISTRYINDEX);    /* [conf, dispatch] */
+        s->dispatch_ref = luaL_ref(L, LUA_REGISTRYINDEX); /* [conf] */
+    }
+    lua_settop(L, 1); /* [conf] */
+
+    if (luaL_loadfilex(L, conf->path, "t") != LUA_OK) /* [conf, chunk] */
+        return lua_error(L);
+    arm_budget(s);
+    if (lua_pcall(L, 0, 0, 0) != LUA_OK && !is_exit(L, -1))
+        return lua_error(L);
+    lua_settop(L, 1);
+
+    if (cb) {
+        if (lua_getglobal(L, cb) != LUA_TFUNCTION)
+            return luaL_error(L, "event_callback '%s' is not a function defined by %s", cb,
+                              conf->path);
+        for (int ev = 1; ev <= HLUA_EV_COUNT; ev++) {
+            if (s->handler[ev] != LUA_NOREF) {
+                hub_log(HUB_LOG_WARN, "lua: %s: event_callback '%s' is set, so evapi.on() "
+                        "handlers are not called", conf->path, cb);
+                break;
+            }
+        }
+        return 0;
+    }
+    for (int ev = 1; ev <= HLUA_EV_COUNT; ev++) {
+        if (s->handler[ev] != LUA_NOREF)
+            return 0;
+    }
+    return luaL_error(L, "%s: script registers no evapi.on() handler and no event_callback is "
+                      "configured", conf->path);
+}
+
+static hub_script *hlua_load(const hub_script_conf *conf, const hub_api *api, void *ud,
+                             char *err, size_t errlen)
+{
+    hub_script *s = hub_calloc(1, sizeof(*s));
+    if (s == NULL) {
+        snprintf(err, errlen, "out of memory");
+        return NULL;
+    }
+    s->api = api;
+    s->ud = ud;
+    s->worker = conf->worker;
+    s->max_instructions = conf->max_instructions > 0 ? conf->max_instructions : 0;
+    s->max_memory = conf->max_memory;
+    s->kemi = conf->event_callback && conf->event_callback[0];
+    for (int ev = 0; ev <= HLUA_EV_COUNT; ev++)
+        s->handler[ev] = LUA_NOREF;
+    s->conns_ref = s->dispatch_ref = s->reset_ref = LUA_NOREF;
+
+    s->L = lua_newstate(counting_alloc, s);
+    if (s->L == NULL) {
+        snprintf(err, errlen, "%s: cannot create a Lua state: out of memory", conf->path);
+        goto fail;
+    }
+    *(hub_script **)lua_getextraspace(s->L) = s;
+    lua_atpanic(s->L, panic_cb);
+    lua_setwarnf(s->L, warn_cb, s);
+
+    lua_pushcfunction(s->L, init_state);           /* [init] */
+    lua_pushlightuserdata(s->L, (void *)conf);     /* [init, conf] */
+    int rc = lua_pcall(s->L, 1, 0, 0);
+    if (rc != LUA_OK) {
+        const char *msg = lua_tostring(s->L, -1);
+        if (rc == LUA_ERRMEM)
+            snprintf(err, errlen, "%s: not enough memory (max_memory %zu bytes)", conf->path,
+                     s->max_memory);
+        else
+            snprintf(err, errlen, "%s", msg ? msg : "(error object is not a string)");
+        goto fail;
+    }
+    return s;
+
+fail:
+    hlua_free(s);
+    return NULL;
+}
+
+/* Runs protected in the new state: copy old's connections. Arguments: [old]. */
+static int copy_conns(lua_State *L)
+{
+    hub_script *s = hlua__script(L);
+    hub_script *old = lua_touserdata(L, 1);
+    lua_State *OL = old->L;
+
+    lua_rawgeti(L, LUA_REGISTRYINDEX, s->conns_ref);   /* L: [old, conns] */
+    lua_rawgeti(OL, LUA_REGISTRYINDEX, old->conns_ref); /* OL: [oconns] */
+    lua_pushnil(OL);                                    /* OL: [oconns, nil] */
+    while (lua_next(OL, -2)) {                          /* OL: [oconns, id, oconn] */
+        const hlua_conn *oc = lua_touserdata(OL, -1);
+        if (oc != NULL) {
+            hub_conn_info ci = {.id = oc->id, .conidx = oc->conidx, .port = oc->port};
+            memcpy(ci.addr, oc->addr, sizeof(ci.addr));
+            hlua_conn *c = hlua__push_conn(L, &ci); /* L: [old, conns, conn] */
+            c->closed = oc->closed;
+            c->taglen = oc->taglen;
+            memcpy(c->tag, oc->tag, sizeof(c->tag));
+            lua_rawseti(L, -2, (lua_Integer)oc->id); /* L: [old, conns] */
+        }
+        lua_pop(OL, 1); /* OL: [oconns, id] */
+    }
+    lua_pop(OL, 1); /* OL: [] */
+    return 0;
+}
+
+static hub_script *hlua_reload(hub_script *old, const hub_script_conf *conf, char *err,
+                               size_t errlen)
+{
+    hub_script *s = hlua_load(conf, old->api, old->ud, err, errlen);
+    if (s == NULL)
+        return NULL;
+    int otop = lua_gettop(old->L);
+    lua_pushcfunction(s->L, copy_conns); /* [copy] */
+    lua_pushlightuserdata(s->L, old);    /* [copy, old] */
+    int rc = lua_pcall(s->L, 1, 0, 0);
+    lua_settop(old->L, otop); /* an error may have left old's stack mid-iteration */
+    if (rc != LUA_OK) {
+        snprintf(err, errlen, "%s: reload: cannot copy connections: %s", conf->path,
+                 rc == LUA_ERRMEM ? "not enough memory" : lua_tostring(s->L, -1));
+        hlua_free(s);
+        return NULL;
+    }
+    return s;
+}
+
+const hub_script_ops hlua_script_ops = {
+    .name = "lua",
+    .load = hlua_load,
+    .reload = hlua_reload,
+    .free = hlua_free,
+    .on_connect = hlua_on_connect,
+    .on_message = hlua_on_message,
+    .on_close = hlua_on_close,
+    .idle = hlua_idle,
+};
