@@ -26,6 +26,7 @@ int hub_ns_reader_feed(hub_ns_reader *r, const char *buf, size_t len);
  * *avail how much there is. Write into it, then _commit(n). Returns 0 or -ENOMEM.
  * Pointers from _next() become invalid. */
 int hub_ns_reader_space(hub_ns_reader *r, size_t want, char **ptr, size_t *avail);
+/* Mark n bytes written at _space()'s pointer as fed. After a sticky error they are dropped. */
 void hub_ns_reader_commit(hub_ns_reader *r, size_t n);
 
 /* 1 and *out set when a frame is complete, 0 if more bytes are needed, -EPROTO on a framing
@@ -36,7 +37,8 @@ int hub_ns_reader_next(hub_ns_reader *r, hub_slice *out);
 const char *hub_ns_reader_errstr(const hub_ns_reader *r);
 /* Bytes held that are not yet handed out as frames. */
 size_t hub_ns_reader_pending(const hub_ns_reader *r);
-/* Release the buffer when nothing is pending, so idle connections cost little memory. */
+/* Release the buffer when nothing is pending, so idle connections cost little memory.
+ * Pointers from _next() become invalid. */
 void hub_ns_reader_shrink(hub_ns_reader *r);
 
 /* Writes "<len>:" into hdr (HUB_NS_HDR_MAX bytes) and returns its length. */

@@ -31,11 +31,11 @@ struct hub_script {
     const hub_api *api;
     void *ud;
     int worker;
-    long max_instructions; /* 0: unlimited */
-    size_t max_memory;     /* 0: unlimited */
-    size_t mem_used;       /* bytes currently allocated by L */
-    long budget_left;      /* instructions left in the current callback */
-    int kemi;              /* event_callback is set: events go to the ksr.lua dispatcher */
+    long max_instructions;          /* 0: unlimited */
+    size_t max_memory;              /* 0: unlimited */
+    size_t mem_used;                /* bytes currently allocated by L */
+    long budget_left;               /* instructions left in the current callback */
+    int kemi;                       /* event_callback is set: events go to the ksr.lua dispatcher */
     int handler[HLUA_EV_COUNT + 1]; /* evapi.on() registry refs, LUA_NOREF when unset */
     int conns_ref;                  /* registry ref: id -> conn userdata */
     int dispatch_ref;               /* KEMI dispatcher from ksr.lua, or LUA_NOREF */

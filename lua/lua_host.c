@@ -71,7 +71,8 @@ static void budget_hook(lua_State *L, lua_Debug *ar);
 
 static void set_budget_hook(lua_State *L, long count)
 {
-    lua_sethook(L, budget_hook, LUA_MASKCOUNT, count > HLUA_HOOK_CHUNK ? HLUA_HOOK_CHUNK : (int)count);
+    lua_sethook(L, budget_hook, LUA_MASKCOUNT,
+                count > HLUA_HOOK_CHUNK ? HLUA_HOOK_CHUNK : (int)count);
 }
 
 static void budget_hook(lua_State *L, lua_Debug *ar)
@@ -89,7 +90,8 @@ static void budget_hook(lua_State *L, lua_Debug *ar)
     lua_sethook(L, budget_hook, LUA_MASKCOUNT, 1);
     if (L != s->L)
         lua_sethook(s->L, budget_hook, LUA_MASKCOUNT, 1);
-    luaL_error(L, "instruction budget exceeded (%ld instructions)", s->max_instructions);
+    luaL_error(L, "instruction budget exceeded (%I instructions)",
+               (lua_Integer)s->max_instructions);
 }
 
 /* Reset the instruction budget before each entry into Lua. */
@@ -310,8 +312,8 @@ static int init_state(lua_State *L)
     if (cb)
         lua_pushstring(L, cb);
     else
-        lua_pushnil(L);     /* [conf, ksr, helpers, cb] */
-    lua_call(L, 2, 2);      /* [conf, dispatch, reset] */
+        lua_pushnil(L); /* [conf, ksr, helpers, cb] */
+    lua_call(L, 2, 2);  /* [conf, dispatch, reset] */
     if (cb) {
         s->reset_ref = luaL_ref(L, LUA_REGISTRYINDEX);    /* [conf, dispatch] */
         s->dispatch_ref = luaL_ref(L, LUA_REGISTRYINDEX); /* [conf] */
@@ -331,8 +333,10 @@ static int init_state(lua_State *L)
                               conf->path);
         for (int ev = 1; ev <= HLUA_EV_COUNT; ev++) {
             if (s->handler[ev] != LUA_NOREF) {
-                hub_log(HUB_LOG_WARN, "lua: %s: event_callback '%s' is set, so evapi.on() "
-                        "handlers are not called", conf->path, cb);
+                hub_log(HUB_LOG_WARN,
+                        "lua: %s: event_callback '%s' is set, so evapi.on() "
+                        "handlers are not called",
+                        conf->path, cb);
                 break;
             }
         }
@@ -342,12 +346,14 @@ static int init_state(lua_State *L)
         if (s->handler[ev] != LUA_NOREF)
             return 0;
     }
-    return luaL_error(L, "%s: script registers no evapi.on() handler and no event_callback is "
-                      "configured", conf->path);
+    return luaL_error(L,
+                      "%s: script registers no evapi.on() handler and no event_callback is "
+                      "configured",
+                      conf->path);
 }
 
-static hub_script *hlua_load(const hub_script_conf *conf, const hub_api *api, void *ud,
-                             char *err, size_t errlen)
+static hub_script *hlua_load(const hub_script_conf *conf, const hub_api *api, void *ud, char *err,
+                             size_t errlen)
 {
     hub_script *s = hub_calloc(1, sizeof(*s));
     if (s == NULL) {
@@ -373,8 +379,8 @@ static hub_script *hlua_load(const hub_script_conf *conf, const hub_api *api, vo
     lua_atpanic(s->L, panic_cb);
     lua_setwarnf(s->L, warn_cb, s);
 
-    lua_pushcfunction(s->L, init_state);           /* [init] */
-    lua_pushlightuserdata(s->L, (void *)conf);     /* [init, conf] */
+    lua_pushcfunction(s->L, init_state);       /* [init] */
+    lua_pushlightuserdata(s->L, (void *)conf); /* [init, conf] */
     int rc = lua_pcall(s->L, 1, 0, 0);
     if (rc != LUA_OK) {
         const char *msg = lua_tostring(s->L, -1);
@@ -399,7 +405,7 @@ static int copy_conns(lua_State *L)
     hub_script *old = lua_touserdata(L, 1);
     lua_State *OL = old->L;
 
-    lua_rawgeti(L, LUA_REGISTRYINDEX, s->conns_ref);   /* L: [old, conns] */
+    lua_rawgeti(L, LUA_REGISTRYINDEX, s->conns_ref);    /* L: [old, conns] */
     lua_rawgeti(OL, LUA_REGISTRYINDEX, old->conns_ref); /* OL: [oconns] */
     lua_pushnil(OL);                                    /* OL: [oconns, nil] */
     while (lua_next(OL, -2)) {                          /* OL: [oconns, id, oconn] */

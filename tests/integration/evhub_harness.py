@@ -10,6 +10,7 @@ Environment:
   EVHUB_WRAPPER     a command prefixed to evhub, e.g. "valgrind --error-exitcode=99 --leak-check=full"
 """
 
+import collections
 import json
 import os
 import re
@@ -152,7 +153,9 @@ class Client:
         self.parser = NsParser()
         self.frames = []
         self.data = bytearray()
-        self.out = bytearray()
+        self.outq = collections.deque()  # bytes objects; the first is partly sent from outpos
+        self.outpos = 0
+        self.out = 0  # bytes queued, not yet written
         self.eof = False
         self.err = None
         self.paused = False
@@ -165,10 +168,13 @@ class Client:
 
     def send(self, payload):
         """Queue one netstring; pump() writes it."""
-        self.out += ns(payload)
+        self.send_raw(ns(payload))
 
     def send_raw(self, data):
-        self.out += data if isinstance(data, (bytes, bytearray)) else data.encode()
+        data = bytes(data) if isinstance(data, (bytes, bytearray)) else data.encode()
+        if data:
+            self.outq.append(data)
+            self.out += len(data)
 
     def send_now(self, data):
         """Write bytes immediately (blocking up to TIMEOUT); for split-point tests."""
@@ -214,15 +220,23 @@ class Client:
                     self.name, self.parser.error))
 
     def _on_write(self):
+        bufs = [memoryview(self.outq[0])[self.outpos:]]
+        for i in range(1, min(len(self.outq), 64)):
+            bufs.append(self.outq[i])
         try:
-            n = self.sock.send(self.out)
+            n = self.sock.sendmsg(bufs)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as e:
             self.err = e.__class__.__name__
-            self.out.clear()
+            self.outq.clear()
+            self.outpos = self.out = 0
             return
-        del self.out[:n]
+        self.out -= n
+        n += self.outpos
+        while self.outq and n >= len(self.outq[0]):
+            n -= len(self.outq.popleft())
+        self.outpos = n
 
 
 _registry_clients = []

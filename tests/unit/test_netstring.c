@@ -530,6 +530,36 @@ static void test_ns_reader_big_frame_byte_by_byte_grows_geometrically(void **sta
     hub_ns_reader_free(r);
 }
 
+static void test_ns_reader_consumed_bytes_are_compacted_not_grown(void **state)
+{
+    (void)state;
+    hub_ns_reader *r = hub_ns_reader_new(MAX_FRAME);
+    const char *frame = "5:hello,";
+    hub_slice s;
+    size_t got = 0;
+    assert_non_null(r);
+    /* After a 3-byte first read, 8-byte reads of 8-byte frames always end 3 bytes into the
+     * next frame: something is always pending, so only compaction can reuse the consumed
+     * space. 80 KB go through a buffer that never grows past its first allocation. */
+    for (size_t off = 0; off < 10000 * 8;) {
+        char *p;
+        size_t avail, n = off == 0 ? 3 : 8;
+        assert_int_equal(hub_ns_reader_space(r, n, &p, &avail), 0);
+        for (size_t k = 0; k < n; k++)
+            p[k] = frame[(off + k) % 8];
+        hub_ns_reader_commit(r, n);
+        off += n;
+        while (hub_ns_reader_next(r, &s) == 1) {
+            assert_memory_equal(s.data, "hello", 5);
+            got++;
+        }
+        assert_int_equal(hub_ns_reader_pending(r), 3);
+    }
+    assert_int_equal(got, 10000);
+    assert_true(am.largest <= 4096);
+    hub_ns_reader_free(r);
+}
+
 static void test_ns_reader_space_gives_at_least_want(void **state)
 {
     (void)state;
@@ -643,6 +673,7 @@ int main(void)
         T(test_ns_reader_error_is_sticky),
         T(test_ns_reader_idle_reader_holds_no_buffer),
         T(test_ns_reader_big_frame_byte_by_byte_grows_geometrically),
+        T(test_ns_reader_consumed_bytes_are_compacted_not_grown),
         T(test_ns_reader_space_gives_at_least_want),
         T(test_ns_reader_out_of_memory_is_reported_not_fatal),
         T(test_ns_reader_oom_at_every_allocation_does_not_leak),

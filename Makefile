@@ -1,0 +1,62 @@
+# The two commands of the README, on a fresh Debian 12 machine (as root, or with sudo):
+#   make run    install what is missing, build, run evhub on examples/evhub.conf
+#   make test   install what is missing, build, run every test (plain, ASan/UBSan, valgrind)
+
+BUILD      ?= build
+BUILD_SAN  ?= build-asan
+CONFIG     ?= examples/evhub.conf
+JOBS       ?= 2
+APT_PKGS    = build-essential cmake pkg-config libev-dev liblua5.4-dev libjson-c-dev \
+              libinih-dev libcmocka-dev python3 valgrind clang-format
+SUDO       := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: all deps build run test test-plain test-asan test-valgrind format format-check bench clean
+
+all: build
+
+deps:
+	@missing=""; for p in $(APT_PKGS); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -q && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+
+build: deps
+	cmake -S . -B $(BUILD) -DCMAKE_BUILD_TYPE=RelWithDebInfo
+	cmake --build $(BUILD) -j $(JOBS)
+
+run: build
+	./$(BUILD)/evhub -f -c $(CONFIG)
+
+test: deps format-check test-plain test-asan test-valgrind
+
+test-plain: build
+	cd $(BUILD) && ctest --output-on-failure -j $(JOBS)
+
+test-asan: deps
+	cmake -S . -B $(BUILD_SAN) -DCMAKE_BUILD_TYPE=Debug -DEVHUB_SANITIZE=ON
+	cmake --build $(BUILD_SAN) -j $(JOBS)
+	cd $(BUILD_SAN) && ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 \
+	  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 ctest --output-on-failure -j $(JOBS)
+
+# Unit tests under memcheck, then the integration tests with evhub itself under valgrind.
+test-valgrind: build
+	cd $(BUILD) && ctest -T memcheck -L unit --output-on-failure \
+	  --overwrite MemoryCheckCommandOptions="--leak-check=full --error-exitcode=1 --errors-for-leak-kinds=definite,indirect"
+	cd $(BUILD) && EVHUB_WRAPPER="valgrind -q --error-exitcode=99 --leak-check=full --errors-for-leak-kinds=definite,indirect" \
+	  EVHUB_SLOW=1 ctest -L integration --output-on-failure -j $(JOBS)
+
+format:
+	clang-format -i hub/*.[ch] lua/*.[ch] tests/unit/*.c tests/bench/*.c tests/fuzz/*.c
+
+format-check:
+	clang-format --dry-run -Werror hub/*.[ch] lua/*.[ch] tests/unit/*.c tests/bench/*.c tests/fuzz/*.c
+
+bench: build
+	./$(BUILD)/tests/bench/evbench --evhub ./$(BUILD)/evhub
+
+clean:
+	rm -rf $(BUILD) $(BUILD_SAN)

@@ -1,0 +1,214 @@
+-- The KEMI layer: Kamailio's KSR table on top of evhub's native evapi API, so an existing
+-- Kamailio Lua evapi script runs unchanged. Called by the host with (helpers, event_callback)
+-- and returns the dispatcher and the context reset the host uses when event_callback is set.
+local H, cbname = ...
+
+local evapi, log = evapi, log
+local type, tostring, error, setmetatable = type, tostring, error, setmetatable
+local G = _G
+local relay, multicast, unicast = evapi.relay, evapi.multicast, evapi.unicast
+
+-- The current event context: the connection the event is about, and the message (only for
+-- evapi:message-received). Set by dispatch(), cleared when it returns (or by reset()).
+local cur_conn, cur_msg = nil, nil
+
+-- A table whose missing entries raise a clear error instead of "attempt to index a nil value".
+local function module(prefix)
+    return setmetatable({}, {
+        __index = function(_, k)
+            error(prefix .. tostring(k) .. " is not available in evhub", 2)
+        end,
+    })
+end
+
+local KSR = module("KSR.")
+local E = module("KSR.evapi.")
+local P = module("KSR.pv.")
+local X = module("KSR.x.")
+local TMX = module("KSR.tmx.")
+local KAFKA = module("KSR.kafka.")
+local RABBITMQ = module("KSR.rabbitmq.")
+rawset(KSR, "evapi", E)
+rawset(KSR, "pv", P)
+rawset(KSR, "x", X)
+rawset(KSR, "tmx", TMX)
+rawset(KSR, "kafka", KAFKA)
+rawset(KSR, "rabbitmq", RABBITMQ)
+
+-- KSR.evapi: Kamailio's return codes (1 success, -1 failure; close() returns 0 on success).
+
+function E.relay(data)
+    if relay(data) then
+        return 1
+    end
+    return -1
+end
+
+function E.relay_multicast(data, tag)
+    if multicast(data, tag) then
+        return 1
+    end
+    return -1
+end
+
+function E.relay_unicast(data, tag)
+    if unicast(data, tag) then
+        return 1
+    end
+    return -1
+end
+
+function E.close()
+    local c = cur_conn
+    if c == nil then
+        return -1
+    end
+    if c:is_closed() then
+        return -2
+    end
+    if c:close() then
+        return 0
+    end
+    return -1
+end
+
+function E.set_tag(tag)
+    local c = cur_conn
+    if type(tag) == "number" then
+        tag = tostring(tag)
+    end
+    if c == nil or type(tag) ~= "string" then
+        return -1
+    end
+    if c:set_tag(tag) then
+        return 1
+    end
+    return -1
+end
+
+local function no_sip(name)
+    return function()
+        log.err("KSR.evapi." .. name .. ": no SIP transaction to suspend (SIP not enabled)")
+        return -1
+    end
+end
+E.async_relay = no_sip("async_relay")
+E.async_multicast = no_sip("async_multicast")
+E.async_unicast = no_sip("async_unicast")
+
+local function not_built(name)
+    return function()
+        log.err(name .. ": not available in this build")
+        return -1
+    end
+end
+TMX.t_continue = not_built("KSR.tmx.t_continue")
+KAFKA.send = not_built("KSR.kafka.send")
+KAFKA.send_key = not_built("KSR.kafka.send_key")
+RABBITMQ.publish = not_built("KSR.rabbitmq.publish")
+RABBITMQ.publish_consume = not_built("KSR.rabbitmq.publish_consume")
+
+-- KSR.pv: the read-only $evapi(...) variables; any other variable is $null (nil).
+
+local pv_getters = {
+    ["$evapi(msg)"] = function()
+        return cur_msg
+    end,
+    ["$evapi(srcaddr)"] = function()
+        local c = cur_conn
+        if c then
+            return c.addr
+        end
+    end,
+    ["$evapi(srcport)"] = function()
+        local c = cur_conn
+        if c then
+            return c.port
+        end
+    end,
+    ["$evapi(conidx)"] = function()
+        local c = cur_conn
+        if c then
+            return c.conidx
+        end
+    end,
+}
+
+local function pv_get(name)
+    local f = pv_getters[name]
+    if f then
+        return f()
+    end
+    return nil
+end
+P.get = pv_get
+
+function P.gete(name)
+    local v = pv_get(name)
+    if v == nil then
+        return ""
+    end
+    return v
+end
+
+function P.getw(name)
+    local v = pv_get(name)
+    if v == nil then
+        return "<<null>>"
+    end
+    return v
+end
+
+function P.is_null(name)
+    return pv_get(name) == nil
+end
+
+-- Logging: one trailing "\n" is dropped by the log functions.
+
+KSR.dbg = log.debug
+KSR.info = log.info
+KSR.notice = log.notice
+KSR.warn = log.warn
+KSR.err = log.err
+KSR.crit = log.crit
+
+local log_levels = {
+    dbg = log.debug, debug = log.debug, info = log.info, notice = log.notice,
+    warn = log.warn, warning = log.warn, err = log.err, error = log.err,
+    crit = log.crit, alert = log.crit, bug = log.crit,
+}
+
+function KSR.log(level, msg)
+    local f = log_levels[level] or log.info
+    f(msg)
+end
+
+-- KSR.x.exit() ends the current callback quietly (the host recognises H.exit's error value).
+X.exit = H.exit
+X.drop = H.exit
+
+G.KSR = KSR
+
+if cbname == nil then
+    return nil, nil
+end
+
+local evnames = { "evapi:connection-new", "evapi:message-received", "evapi:connection-closed" }
+
+-- Called by the host for every event: (code, conn[, msg]). The callback is looked up by
+-- name each time, as Kamailio does, so a script may redefine it.
+local function dispatch(ev, conn, msg)
+    cur_conn, cur_msg = conn, msg
+    local f = G[cbname]
+    if type(f) ~= "function" then
+        error("event_callback '" .. cbname .. "' is not a function", 0)
+    end
+    f(evnames[ev])
+    cur_conn, cur_msg = nil, nil
+end
+
+local function reset()
+    cur_conn, cur_msg = nil, nil
+end
+
+return dispatch, reset

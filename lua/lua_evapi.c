@@ -1,0 +1,402 @@
+/* The native Lua API: the evapi module, the "evhub.client" conn objects, the log module,
+ * and the few C helpers that ksr.lua builds the KEMI layer on. */
+#include "lua/hlua.h"
+#include "lua/hlua_int.h"
+
+#include <errno.h>
+#include <string.h>
+
+#include <lauxlib.h>
+
+#include "hub/log.h"
+
+/* ---- results ---- */
+
+static const struct {
+    int code;
+    const char *name;
+    const char *msg;
+} errors[] = {
+    {EINVAL, "EINVAL", "invalid tag"},           {ENOENT, "ENOENT", "no such connection"},
+    {EMSGSIZE, "EMSGSIZE", "message too large"}, {ENOMEM, "ENOMEM", "out of memory"},
+    {EPIPE, "EPIPE", "connection closing"},
+};
+
+static int push_error(lua_State *L, const char *msg, const char *code)
+{
+    lua_pushnil(L);
+    lua_pushstring(L, msg);
+    lua_pushstring(L, code);
+    return 3;
+}
+
+int hlua__push_result(lua_State *L, int n)
+{
+    if (n > 0) {
+        lua_pushboolean(L, 1);
+        return 1;
+    }
+    if (n == 0) {
+        lua_pushnil(L);
+        lua_pushliteral(L, "no client");
+        return 2;
+    }
+    for (size_t i = 0; i < sizeof(errors) / sizeof(errors[0]); i++) {
+        if (errors[i].code == -n)
+            return push_error(L, errors[i].msg, errors[i].name);
+    }
+    lua_pushnil(L);
+    lua_pushstring(L, strerror(-n));
+    lua_pushfstring(L, "E%d", -n);
+    return 3;
+}
+
+static int push_closed(lua_State *L)
+{
+    lua_pushnil(L);
+    lua_pushliteral(L, "closed");
+    return 2;
+}
+
+/* A tag is 1..HUB_TAG_MAX bytes of printable ASCII without spaces. */
+static int tag_valid(const char *t, size_t len)
+{
+    if (len == 0 || len > HUB_TAG_MAX)
+        return 0;
+    for (size_t i = 0; i < len; i++) {
+        if ((unsigned char)t[i] < 0x21 || (unsigned char)t[i] > 0x7e)
+            return 0;
+    }
+    return 1;
+}
+
+/* ---- conn objects ---- */
+
+hlua_conn *hlua__push_conn(lua_State *L, const hub_conn_info *ci)
+{
+    hlua_conn *c = lua_newuserdatauv(L, sizeof(*c), 0); /* [conn] */
+    memset(c, 0, sizeof(*c));
+    c->id = ci->id;
+    c->conidx = ci->conidx;
+    c->port = ci->port;
+    memcpy(c->addr, ci->addr, sizeof(c->addr));
+    c->addr[sizeof(c->addr) - 1] = '\0';
+    luaL_setmetatable(L, HLUA_CLIENT_MT);
+    return c;
+}
+
+static hlua_conn *check_client(lua_State *L, int i)
+{
+    return luaL_checkudata(L, i, HLUA_CLIENT_MT);
+}
+
+/* The conn registered for id, or NULL. Leaves the stack as it was. */
+static hlua_conn *lookup_conn(lua_State *L, uint64_t id)
+{
+    hub_script *s = hlua__script(L);
+    hlua_conn *c = NULL;
+    lua_rawgeti(L, LUA_REGISTRYINDEX, s->conns_ref); /* [.., conns] */
+    if (lua_rawgeti(L, -1, (lua_Integer)id) == LUA_TUSERDATA)
+        c = lua_touserdata(L, -1); /* kept alive by conns */
+    lua_pop(L, 2);
+    return c;
+}
+
+/* Argument i is a conn or an integer id. Sets *id and returns the conn (NULL if unknown). */
+static hlua_conn *check_target(lua_State *L, int i, uint64_t *id)
+{
+    if (lua_type(L, i) == LUA_TUSERDATA) {
+        hlua_conn *c = check_client(L, i);
+        *id = c->id;
+        return c;
+    }
+    lua_Integer n = luaL_checkinteger(L, i);
+    luaL_argcheck(L, n >= 0, i, "connection id must not be negative");
+    *id = (uint64_t)n;
+    return lookup_conn(L, *id);
+}
+
+static int do_send(lua_State *L, hlua_conn *c, uint64_t id, int di)
+{
+    hub_script *s = hlua__script(L);
+    size_t len;
+    const char *data = luaL_checklstring(L, di, &len);
+    if (c && c->closed)
+        return push_closed(L);
+    return hlua__push_result(L, s->api->send(s->ud, id, data, len));
+}
+
+static int do_set_tag(lua_State *L, hlua_conn *c, uint64_t id, int ti)
+{
+    hub_script *s = hlua__script(L);
+    size_t len;
+    if (lua_type(L, ti) != LUA_TSTRING)
+        return luaL_typeerror(L, ti, "string");
+    const char *tag = lua_tolstring(L, ti, &len);
+    if (c && c->closed)
+        return push_closed(L);
+    if (!tag_valid(tag, len))
+        return push_error(L, "invalid tag", "EINVAL");
+    int n = s->api->set_tag(s->ud, id, tag, len);
+    if (n > 0 && c) {
+        memcpy(c->tag, tag, len);
+        c->tag[len] = '\0';
+        c->taglen = (unsigned char)len;
+    }
+    return hlua__push_result(L, n);
+}
+
+static int do_close(lua_State *L, hlua_conn *c, uint64_t id, int ri)
+{
+    hub_script *s = hlua__script(L);
+    const char *reason = luaL_optstring(L, ri, NULL);
+    if (c && c->closed)
+        return push_closed(L);
+    int n = s->api->close(s->ud, id, reason);
+    if (n > 0 && c)
+        c->closed = 1;
+    return hlua__push_result(L, n);
+}
+
+static int client_send(lua_State *L)
+{
+    hlua_conn *c = check_client(L, 1);
+    return do_send(L, c, c->id, 2);
+}
+
+static int client_set_tag(lua_State *L)
+{
+    hlua_conn *c = check_client(L, 1);
+    return do_set_tag(L, c, c->id, 2);
+}
+
+static int client_close(lua_State *L)
+{
+    hlua_conn *c = check_client(L, 1);
+    return do_close(L, c, c->id, 2);
+}
+
+static int client_is_closed(lua_State *L)
+{
+    hlua_conn *c = check_client(L, 1);
+    lua_pushboolean(L, c->closed);
+    return 1;
+}
+
+static int client_tostring(lua_State *L)
+{
+    hlua_conn *c = check_client(L, 1);
+    lua_pushfstring(L, "evhub.client id=%I addr=%s:%d tag=%s%s", (lua_Integer)c->id, c->addr,
+                    (int)c->port, c->taglen ? c->tag : "-", c->closed ? " (closed)" : "");
+    return 1;
+}
+
+/* __index: the fields, then the methods table (upvalue 1). */
+static int client_index(lua_State *L)
+{
+    hlua_conn *c = check_client(L, 1);
+    size_t len;
+    const char *k = lua_type(L, 2) == LUA_TSTRING ? lua_tolstring(L, 2, &len) : NULL;
+
+    if (k != NULL) {
+        switch (len) {
+        case 2:
+            if (memcmp(k, "id", 2) == 0) {
+                lua_pushinteger(L, (lua_Integer)c->id);
+                return 1;
+            }
+            break;
+        case 3:
+            if (memcmp(k, "tag", 3) == 0) {
+                if (c->taglen)
+                    lua_pushlstring(L, c->tag, c->taglen);
+                else
+                    lua_pushnil(L);
+                return 1;
+            }
+            break;
+        case 4:
+            if (memcmp(k, "addr", 4) == 0) {
+                lua_pushstring(L, c->addr);
+                return 1;
+            }
+            if (memcmp(k, "port", 4) == 0) {
+                lua_pushinteger(L, c->port);
+                return 1;
+            }
+            break;
+        case 6:
+            if (memcmp(k, "conidx", 6) == 0) {
+                lua_pushinteger(L, c->conidx);
+                return 1;
+            }
+            break;
+        default:
+            break;
+        }
+    }
+    lua_pushvalue(L, 2);                /* [conn, k, k] */
+    lua_rawget(L, lua_upvalueindex(1)); /* [conn, k, method] */
+    return 1;
+}
+
+static int client_newindex(lua_State *L)
+{
+    check_client(L, 1);
+    return luaL_error(L, "evhub.client fields are read-only");
+}
+
+static const luaL_Reg client_methods[] = {
+    {"send", client_send},
+    {"set_tag", client_set_tag},
+    {"close", client_close},
+    {"is_closed", client_is_closed},
+    {NULL, NULL},
+};
+
+static void open_client(lua_State *L)
+{
+    luaL_newmetatable(L, HLUA_CLIENT_MT);  /* [mt] */
+    luaL_newlib(L, client_methods);        /* [mt, methods] */
+    lua_pushcclosure(L, client_index, 1);  /* [mt, index] */
+    lua_setfield(L, -2, "__index");        /* [mt] */
+    lua_pushcfunction(L, client_newindex); /* [mt, newindex] */
+    lua_setfield(L, -2, "__newindex");     /* [mt] */
+    lua_pushcfunction(L, client_tostring); /* [mt, tostring] */
+    lua_setfield(L, -2, "__tostring");     /* [mt] */
+    lua_pushliteral(L, HLUA_CLIENT_MT);    /* [mt, name] */
+    lua_setfield(L, -2, "__metatable");    /* [mt]: getmetatable() sees the name only */
+    lua_pop(L, 1);                         /* [] */
+}
+
+/* ---- evapi module ---- */
+
+static int evapi_relay(lua_State *L)
+{
+    hub_script *s = hlua__script(L);
+    size_t len;
+    const char *data = luaL_checklstring(L, 1, &len);
+    return hlua__push_result(L, s->api->relay(s->ud, data, len));
+}
+
+static int evapi_multicast(lua_State *L)
+{
+    hub_script *s = hlua__script(L);
+    size_t len, taglen;
+    const char *data = luaL_checklstring(L, 1, &len);
+    const char *tag = luaL_checklstring(L, 2, &taglen);
+    return hlua__push_result(L, s->api->multicast(s->ud, tag, taglen, data, len));
+}
+
+static int evapi_unicast(lua_State *L)
+{
+    hub_script *s = hlua__script(L);
+    size_t len, taglen;
+    const char *data = luaL_checklstring(L, 1, &len);
+    const char *tag = luaL_checklstring(L, 2, &taglen);
+    return hlua__push_result(L, s->api->unicast(s->ud, tag, taglen, data, len));
+}
+
+static int evapi_send(lua_State *L)
+{
+    uint64_t id;
+    hlua_conn *c = check_target(L, 1, &id);
+    return do_send(L, c, id, 2);
+}
+
+static int evapi_set_tag(lua_State *L)
+{
+    uint64_t id;
+    hlua_conn *c = check_target(L, 1, &id);
+    return do_set_tag(L, c, id, 2);
+}
+
+static int evapi_close(lua_State *L)
+{
+    uint64_t id;
+    hlua_conn *c = check_target(L, 1, &id);
+    return do_close(L, c, id, 2);
+}
+
+/* evapi.on(event, fn|nil): keep fn in the registry; the old handler is released first. */
+static int evapi_on(lua_State *L)
+{
+    static const char *const names[] = {"connect", "message", "close", NULL};
+    hub_script *s = hlua__script(L);
+    int ev = luaL_checkoption(L, 1, NULL, names) + 1;
+    if (!lua_isnoneornil(L, 2))
+        luaL_checktype(L, 2, LUA_TFUNCTION);
+    luaL_unref(L, LUA_REGISTRYINDEX, s->handler[ev]);
+    s->handler[ev] = LUA_NOREF;
+    if (!lua_isnoneornil(L, 2)) {
+        lua_pushvalue(L, 2); /* [ev, fn, fn] */
+        s->handler[ev] = luaL_ref(L, LUA_REGISTRYINDEX);
+    }
+    return 0;
+}
+
+static const luaL_Reg evapi_funcs[] = {
+    {"relay", evapi_relay},     {"multicast", evapi_multicast},
+    {"unicast", evapi_unicast}, {"send", evapi_send},
+    {"set_tag", evapi_set_tag}, {"close", evapi_close},
+    {"on", evapi_on},           {NULL, NULL},
+};
+
+/* ---- log module ---- */
+
+/* One trailing newline is dropped: Kamailio scripts end their messages with "\n". */
+static int log_write(lua_State *L)
+{
+    int level = (int)lua_tointeger(L, lua_upvalueindex(1));
+    size_t len;
+    const char *msg = luaL_checklstring(L, 1, &len);
+    if (len > 0 && msg[len - 1] == '\n')
+        len--;
+    hub_log(level, "lua: %.*s", (int)len, msg);
+    return 0;
+}
+
+static void open_log(lua_State *L)
+{
+    static const struct {
+        const char *name;
+        int level;
+    } levels[] = {
+        {"debug", HUB_LOG_DEBUG}, {"info", HUB_LOG_INFO},    {"notice", HUB_LOG_NOTICE},
+        {"warn", HUB_LOG_WARN},   {"warning", HUB_LOG_WARN}, {"err", HUB_LOG_ERR},
+        {"error", HUB_LOG_ERR},   {"crit", HUB_LOG_CRIT},
+    };
+    lua_createtable(L, 0, sizeof(levels) / sizeof(levels[0])); /* [log] */
+    for (size_t i = 0; i < sizeof(levels) / sizeof(levels[0]); i++) {
+        lua_pushinteger(L, levels[i].level); /* [log, level] */
+        lua_pushcclosure(L, log_write, 1);   /* [log, fn] */
+        lua_setfield(L, -2, levels[i].name); /* [log] */
+    }
+    lua_setglobal(L, "log"); /* [] */
+}
+
+void hlua__open_evapi(lua_State *L)
+{
+    hub_script *s = hlua__script(L);
+    open_client(L);
+    luaL_newlib(L, evapi_funcs);   /* [evapi] */
+    lua_pushinteger(L, s->worker); /* [evapi, worker] */
+    lua_setfield(L, -2, "worker"); /* [evapi] */
+    lua_setglobal(L, "evapi");     /* [] */
+    open_log(L);
+}
+
+/* ---- helpers for ksr.lua ---- */
+
+static int helper_exit(lua_State *L)
+{
+    lua_pushlightuserdata(L, (void *)&hlua__exit_sentinel);
+    return lua_error(L);
+}
+
+void hlua__push_ksr_helpers(lua_State *L)
+{
+    lua_createtable(L, 0, 1);          /* [h] */
+    lua_pushcfunction(L, helper_exit); /* [h, exit] */
+    lua_setfield(L, -2, "exit");       /* [h] */
+}

@@ -1,0 +1,588 @@
+/* Unit tests for the INI configuration: defaults, each key, strict values, error messages with
+ * file:line, relative script paths, and host:port splitting. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <errno.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "hub/config.h"
+#include "hub/log.h"
+
+#define GiB (1024UL * 1024 * 1024)
+
+/* A config file under /tmp, removed by the test that made it. */
+static void write_conf(char *path, size_t pathlen, const char *text)
+{
+    snprintf(path, pathlen, "/tmp/evhub_test_XXXXXX");
+    int fd = mkstemp(path);
+    assert_true(fd >= 0);
+    size_t n = strlen(text);
+    assert_int_equal(write(fd, text, n), (ssize_t)n);
+    close(fd);
+}
+
+/* Load text as a file; returns the result, err gets the message. */
+static int load_text(hub_config *c, const char *text, char *path, size_t pathlen, char *err,
+                     size_t errlen)
+{
+    write_conf(path, pathlen, text);
+    int rc = hub_config_load(c, path, err, errlen);
+    unlink(path);
+    return rc;
+}
+
+/* Load text and expect failure with "<path>:<line>: <reason>". */
+static void expect_error(const char *text, int line, const char *reason)
+{
+    hub_config c;
+    char path[64], err[512], want[512];
+    hub_config_defaults(&c);
+    int rc = load_text(&c, text, path, sizeof(path), err, sizeof(err));
+    snprintf(want, sizeof(want), "%s:%d: %s", path, line, reason);
+    assert_int_equal(rc, -EINVAL);
+    assert_string_equal(err, want);
+}
+
+static void test_config_defaults_match_header(void **state)
+{
+    (void)state;
+    hub_config c;
+    hub_config_defaults(&c);
+    assert_string_equal(c.bind_addr, "127.0.0.1:8448");
+    assert_int_equal(c.backlog, 128);
+    assert_int_equal(c.workers, 1);
+    assert_int_equal(c.netstring_format, 1);
+    assert_int_equal(c.max_clients, 1024);
+    assert_int_equal(c.max_frame_size, 1024 * 1024);
+    assert_int_equal(c.max_outbuf, 8 * 1024 * 1024);
+    assert_int_equal(c.outbuf_policy, HUB_OUTBUF_CLOSE);
+    assert_int_equal(c.unicast_policy, HUB_UNICAST_FIRST);
+    assert_string_equal(c.event_callback, "");
+    assert_int_equal(c.wait_idle, 500000);
+    assert_int_equal(c.wait_increase, 3);
+    assert_int_equal(c.worker_queue, 4096);
+    assert_int_equal(c.shutdown_timeout, 5000);
+    assert_string_equal(c.script, "");
+    assert_int_equal(c.max_instructions, 100000000);
+    assert_int_equal(c.max_memory, 0);
+    assert_int_equal(c.log_level, HUB_LOG_INFO);
+    assert_int_equal(c.log_syslog, 0);
+}
+
+static void test_config_every_key_is_parsed(void **state)
+{
+    (void)state;
+    hub_config c;
+    char path[64], err[512];
+    hub_config_defaults(&c);
+    const char *text = "; evhub test config\n"
+                       "# hash comment\n"
+                       "[evapi]\n"
+                       "bind_addr = [::1]:9000\n"
+                       "backlog = 511\n"
+                       "workers = 0\n"
+                       "netstring_format = 0\n"
+                       "max_clients = 1000000\n"
+                       "max_frame_size = 64k\n"
+                       "max_outbuf = 2M\n"
+                       "outbuf_policy = drop\n"
+                       "unicast = round_robin\n"
+                       "event_callback = ksr_evapi_event\n"
+                       "wait_idle = 1000\n"
+                       "wait_increase = 100\n"
+                       "worker_queue = 10000000\n"
+                       "shutdown_timeout = 0\n"
+                       "[lua]\n"
+                       "script = /etc/evhub/handler.lua\n"
+                       "max_instructions = 0\n"
+                       "max_memory = 1g\n"
+                       "[log]\n"
+                       "level = debug\n"
+                       "syslog = yes\n";
+    assert_int_equal(load_text(&c, text, path, sizeof(path), err, sizeof(err)), 0);
+    assert_string_equal(c.bind_addr, "[::1]:9000");
+    assert_int_equal(c.backlog, 511);
+    assert_int_equal(c.workers, 0);
+    assert_int_equal(c.netstring_format, 0);
+    assert_int_equal(c.max_clients, 1000000);
+    assert_int_equal(c.max_frame_size, 64 * 1024);
+    assert_int_equal(c.max_outbuf, 2 * 1024 * 1024);
+    assert_int_equal(c.outbuf_policy, HUB_OUTBUF_DROP);
+    assert_int_equal(c.unicast_policy, HUB_UNICAST_RROBIN);
+    assert_string_equal(c.event_callback, "ksr_evapi_event");
+    assert_int_equal(c.wait_idle, 1000);
+    assert_int_equal(c.wait_increase, 100);
+    assert_int_equal(c.worker_queue, 10000000);
+    assert_int_equal(c.shutdown_timeout, 0);
+    assert_string_equal(c.script, "/etc/evhub/handler.lua");
+    assert_int_equal(c.max_instructions, 0);
+    assert_int_equal(c.max_memory, GiB);
+    assert_int_equal(c.log_level, HUB_LOG_DEBUG);
+    assert_int_equal(c.log_syslog, 1);
+}
+
+static void test_config_empty_file_keeps_defaults(void **state)
+{
+    (void)state;
+    hub_config c, d;
+    char path[64], err[512];
+    hub_config_defaults(&c);
+    hub_config_defaults(&d);
+    assert_int_equal(load_text(&c, "", path, sizeof(path), err, sizeof(err)), 0);
+    assert_memory_equal(&c, &d, sizeof(c));
+}
+
+/* ---- values through hub_config_set ------------------------------------------------------ */
+
+typedef struct set_case {
+    const char *section, *key, *value;
+    const char *err; /* NULL: accepted */
+} set_case;
+
+static const set_case set_cases[] = {
+    {"evapi", "max_frame_size", "1", NULL},
+    {"evapi", "max_frame_size", "1k", NULL},
+    {"evapi", "max_frame_size", "1K", NULL},
+    {"evapi", "max_frame_size", "3m", NULL},
+    {"evapi", "max_frame_size", "1G", NULL},
+    {"evapi", "max_frame_size", "0", "max_frame_size: '0' is out of range 1..1073741824"},
+    {"evapi", "max_frame_size", "2g", "max_frame_size: '2g' is out of range 1..1073741824"},
+    {"evapi", "max_frame_size", "1073741825",
+     "max_frame_size: '1073741825' is out of range 1..1073741824"},
+    {"evapi", "max_frame_size", "99999999999999999999g",
+     "max_frame_size: '99999999999999999999g' is out of range 1..1073741824"},
+    {"evapi", "max_frame_size", "1kb",
+     "max_frame_size: '1kb' is not a size (bytes, or a number with k, m or g)"},
+    {"evapi", "max_frame_size", "1.5m",
+     "max_frame_size: '1.5m' is not a size (bytes, or a number with k, m or g)"},
+    {"evapi", "max_frame_size", "k",
+     "max_frame_size: 'k' is not a size (bytes, or a number with k, m or g)"},
+    {"evapi", "max_frame_size", "-1",
+     "max_frame_size: '-1' is not a size (bytes, or a number with k, m or g)"},
+    {"evapi", "max_frame_size", "1t",
+     "max_frame_size: '1t' is not a size (bytes, or a number with k, m or g)"},
+    {"evapi", "max_outbuf", "1023", "max_outbuf: '1023' is out of range 1024..1073741824"},
+    {"evapi", "max_outbuf", "1k", NULL},
+    {"evapi", "max_clients", "0", "max_clients: '0' is out of range 1..1000000"},
+    {"evapi", "max_clients", "12abc", "max_clients: '12abc' is not an integer"},
+    {"evapi", "max_clients", "", "max_clients: '' is not an integer"},
+    {"evapi", "max_clients", "0x10", "max_clients: '0x10' is not an integer"},
+    {"evapi", "max_clients", "+5", "max_clients: '+5' is not an integer"},
+    {"evapi", "max_clients", "1k", "max_clients: '1k' is not an integer"},
+    {"evapi", "max_clients", "99999999999999999999999",
+     "max_clients: '99999999999999999999999' is out of range 1..1000000"},
+    {"evapi", "max_clients", "-9223372036854775808",
+     "max_clients: '-9223372036854775808' is out of range 1..1000000"},
+    {"evapi", "backlog", "65535", NULL},
+    {"evapi", "backlog", "65536", "backlog: '65536' is out of range 1..65535"},
+    {"evapi", "workers", "64", NULL},
+    {"evapi", "workers", "-1", "workers: '-1' is out of range 0..64"},
+    {"evapi", "netstring_format", "2", "netstring_format: '2' is out of range 0..1"},
+    {"evapi", "wait_idle", "0", "wait_idle: '0' is out of range 1..60000000"},
+    {"evapi", "wait_increase", "101", "wait_increase: '101' is out of range 1..100"},
+    {"evapi", "worker_queue", "0", "worker_queue: '0' is out of range 1..10000000"},
+    {"evapi", "shutdown_timeout", "600001", "shutdown_timeout: '600001' is out of range 0..600000"},
+    {"evapi", "outbuf_policy", "close", NULL},
+    {"evapi", "outbuf_policy", "Drop", "outbuf_policy: 'Drop' must be close or drop"},
+    {"evapi", "unicast", "first", NULL},
+    {"evapi", "unicast", "random", "unicast: 'random' must be first or round_robin"},
+    {"evapi", "unicast_policy", "first", "unknown key 'unicast_policy' in section [evapi]"},
+    {"evapi", "event_callback", "", NULL},
+    {"evapi", "event_callback", "_on_event2", NULL},
+    {"evapi", "event_callback", "2fast", "event_callback: '2fast' is not a Lua identifier"},
+    {"evapi", "event_callback", "a.b", "event_callback: 'a.b' is not a Lua identifier"},
+    {"evapi", "event_callback", "end", "event_callback: 'end' is not a Lua identifier"},
+    {"evapi", "bind_addr", "0.0.0.0:1", NULL},
+    {"evapi", "bind_addr", "::1:8448",
+     "bind_addr: '::1:8448' is not host:port or [v6]:port with a port in 0..65535"},
+    {"evapi", "bind_addr", "127.0.0.1:0", NULL},
+    {"evapi", "bind_addr", "127.0.0.1:65536",
+     "bind_addr: '127.0.0.1:65536' is not host:port or [v6]:port with a port in 0..65535"},
+    {"lua", "max_instructions", "9223372036854775807", NULL},
+    {"lua", "max_instructions", "-1",
+     "max_instructions: '-1' is out of range 0..9223372036854775807"},
+    {"lua", "max_memory", "0", NULL},
+    {"lua", "max_memory", "512M", NULL},
+    {"log", "level", "warning", NULL},
+    {"log", "level", "3", NULL},
+    {"log", "level", "loud", "level: 'loud' must be crit, err, warn, notice, info or debug"},
+    {"log", "syslog", "2", "syslog: '2' is not a boolean (yes/no, true/false, on/off, 1/0)"},
+    {"log", "syslog", "", "syslog: '' is not a boolean (yes/no, true/false, on/off, 1/0)"},
+    {"log", "colour", "yes", "unknown key 'colour' in section [log]"},
+    {"kafka", "brokers", "x", "unknown section [kafka] (not supported by this build)"},
+    {"", "backlog", "1", "key 'backlog' is outside any section"},
+};
+
+static void test_config_set_validates_each_value(void **state)
+{
+    (void)state;
+    for (size_t i = 0; i < sizeof(set_cases) / sizeof(set_cases[0]); i++) {
+        const set_case *t = &set_cases[i];
+        hub_config c, before;
+        char err[256] = "";
+        hub_config_defaults(&c);
+        before = c;
+        int rc = hub_config_set(&c, t->section, t->key, t->value, err, sizeof(err));
+        if (!t->err && rc != 0)
+            fail_msg("[%s] %s = '%s': rejected: %s", t->section, t->key, t->value, err);
+        if (t->err) {
+            if (rc != -EINVAL || strcmp(err, t->err) != 0)
+                fail_msg("[%s] %s = '%s': rc %d err '%s', want '%s'", t->section, t->key, t->value,
+                         rc, err, t->err);
+            /* A rejected value leaves the config as it was. */
+            assert_memory_equal(&c, &before, sizeof(c));
+        }
+    }
+}
+
+static void test_config_set_stores_parsed_values(void **state)
+{
+    (void)state;
+    hub_config c;
+    char err[256];
+    hub_config_defaults(&c);
+    assert_int_equal(hub_config_set(&c, "evapi", "max_frame_size", "3m", err, sizeof(err)), 0);
+    assert_int_equal(c.max_frame_size, 3 * 1024 * 1024);
+    assert_int_equal(hub_config_set(&c, "evapi", "max_frame_size", "7K", err, sizeof(err)), 0);
+    assert_int_equal(c.max_frame_size, 7 * 1024);
+    assert_int_equal(hub_config_set(&c, "lua", "max_memory", "512M", err, sizeof(err)), 0);
+    assert_int_equal(c.max_memory, 512UL * 1024 * 1024);
+    assert_int_equal(hub_config_set(&c, "log", "level", "warning", err, sizeof(err)), 0);
+    assert_int_equal(c.log_level, HUB_LOG_WARN);
+    assert_int_equal(hub_config_set(&c, "evapi", "bind_addr", "0.0.0.0:1", err, sizeof(err)), 0);
+    assert_string_equal(c.bind_addr, "0.0.0.0:1");
+    /* From the command line a relative script path stays relative to the cwd. */
+    assert_int_equal(hub_config_set(&c, "lua", "script", "handler.lua", err, sizeof(err)), 0);
+    assert_string_equal(c.script, "handler.lua");
+    /* A NULL err buffer is allowed. */
+    assert_int_equal(hub_config_set(&c, "evapi", "backlog", "x", NULL, 0), -EINVAL);
+}
+
+static void test_config_booleans_accept_all_spellings(void **state)
+{
+    (void)state;
+    static const char *const yes[] = {"yes", "true", "on", "1", "YES", "True"};
+    static const char *const no[] = {"no", "false", "off", "0", "No", "OFF"};
+    hub_config c;
+    char err[256];
+    hub_config_defaults(&c);
+    for (size_t i = 0; i < sizeof(yes) / sizeof(yes[0]); i++) {
+        c.log_syslog = 0;
+        assert_int_equal(hub_config_set(&c, "log", "syslog", yes[i], err, sizeof(err)), 0);
+        assert_int_equal(c.log_syslog, 1);
+        assert_int_equal(hub_config_set(&c, "log", "syslog", no[i], err, sizeof(err)), 0);
+        assert_int_equal(c.log_syslog, 0);
+    }
+}
+
+static void test_config_value_too_long_is_rejected(void **state)
+{
+    (void)state;
+    hub_config c;
+    char err[256], v[300];
+    hub_config_defaults(&c);
+    memset(v, 'a', sizeof(v) - 1);
+    v[sizeof(v) - 1] = '\0';
+    assert_int_equal(hub_config_set(&c, "evapi", "event_callback", v, err, sizeof(err)), -EINVAL);
+    assert_string_equal(err, "event_callback: value is too long (max 127 bytes)");
+}
+
+/* ---- file errors carry file:line ------------------------------------------------------- */
+
+static void test_config_bad_value_reports_file_and_line(void **state)
+{
+    (void)state;
+    expect_error("[evapi]\n"
+                 "bind_addr = 127.0.0.1:8448\n"
+                 "\n"
+                 "; the next one is wrong\n"
+                 "backlog = 16\n"
+                 "workers = 2\n"
+                 "max_clients = 0\n",
+                 7, "max_clients: '0' is out of range 1..1000000");
+}
+
+static void test_config_unknown_key_is_an_error(void **state)
+{
+    (void)state;
+    expect_error("[evapi]\nbacklog = 1\nfoo = bar\n", 3, "unknown key 'foo' in section [evapi]");
+}
+
+static void test_config_unknown_section_is_an_error(void **state)
+{
+    (void)state;
+    expect_error("[evapi]\nbacklog = 1\n\n\n\n\n\n[kafka]\nbrokers = localhost:9092\n", 9,
+                 "unknown section [kafka] (not supported by this build)");
+}
+
+static void test_config_key_before_any_section_is_an_error(void **state)
+{
+    (void)state;
+    expect_error("backlog = 1\n[evapi]\n", 1, "key 'backlog' is outside any section");
+}
+
+static void test_config_syntax_error_reports_its_line(void **state)
+{
+    (void)state;
+    expect_error("[evapi]\nbacklog = 1\n\njust some words\n", 4,
+                 "syntax error (expected [section] or key = value)");
+    expect_error("[evapi\nbacklog = 1\n", 1, "syntax error (expected [section] or key = value)");
+}
+
+static void test_config_first_error_wins(void **state)
+{
+    (void)state;
+    expect_error("[evapi]\nnonsense\nbacklog = 0\n", 2,
+                 "syntax error (expected [section] or key = value)");
+    expect_error("[evapi]\nbacklog = 0\nnonsense\n", 2, "backlog: '0' is out of range 1..65535");
+}
+
+static void test_config_bad_bind_addr_reports_line(void **state)
+{
+    (void)state;
+    expect_error("[evapi]\nbind_addr = 8448\n", 2,
+                 "bind_addr: '8448' is not host:port or [v6]:port with a port in 0..65535");
+}
+
+static void test_config_indented_continuation_is_an_error(void **state)
+{
+    (void)state;
+    /* inih would read the second line as more of bind_addr's value. */
+    expect_error("[evapi]\n  bind_addr = 127.0.0.1:1\n  backlog = 5\n", 3,
+                 "indented line continues the value of 'bind_addr'; remove the indentation");
+}
+
+static void test_config_long_line_reports_its_own_line(void **state)
+{
+    (void)state;
+    char text[1024];
+    int n = snprintf(text, sizeof(text), "[lua]\n; ok\nscript = /");
+    memset(text + n, 'x', 400);
+    snprintf(text + n + 400, sizeof(text) - (size_t)n - 400, ".lua\n[evapi]\nbacklog = 0\n");
+    expect_error(text, 3, "line is too long (max 198 characters)");
+}
+
+static void test_config_error_leaves_config_untouched(void **state)
+{
+    (void)state;
+    hub_config c, before;
+    char path[64], err[512];
+    hub_config_defaults(&c);
+    before = c;
+    assert_int_equal(
+        load_text(&c, "[evapi]\nbacklog = 7\nworkers = 99\n", path, sizeof(path), err, sizeof(err)),
+        -EINVAL);
+    assert_memory_equal(&c, &before, sizeof(c));
+}
+
+static void test_config_missing_file_is_enoent(void **state)
+{
+    (void)state;
+    hub_config c;
+    char err[512];
+    hub_config_defaults(&c);
+    assert_int_equal(hub_config_load(&c, "/tmp/evhub-no-such-dir/x.conf", err, sizeof(err)),
+                     -ENOENT);
+    assert_string_equal(err, "/tmp/evhub-no-such-dir/x.conf:0: cannot open: No such file or "
+                             "directory");
+}
+
+/* ---- INI dialect ------------------------------------------------------------------------ */
+
+static void test_config_duplicate_key_last_wins(void **state)
+{
+    (void)state;
+    hub_config c;
+    char path[64], err[512];
+    hub_config_defaults(&c);
+    assert_int_equal(load_text(&c,
+                               "[evapi]\nbacklog = 1\n[log]\nlevel = err\n[evapi]\nbacklog = 2\n",
+                               path, sizeof(path), err, sizeof(err)),
+                     0);
+    assert_int_equal(c.backlog, 2);
+}
+
+static void test_config_inline_semicolon_comment_is_stripped(void **state)
+{
+    (void)state;
+    hub_config c;
+    char path[64], err[512];
+    hub_config_defaults(&c);
+    assert_int_equal(load_text(&c, "[evapi] ; the listener\nbacklog = 5 ; five\nworkers=2\t;two\n",
+                               path, sizeof(path), err, sizeof(err)),
+                     0);
+    assert_int_equal(c.backlog, 5);
+    assert_int_equal(c.workers, 2);
+    /* inih only strips ';' after whitespace, so "2;two" is a bad value, not 2. */
+    expect_error("[evapi]\nworkers=2;two\n", 2, "workers: '2;two' is not an integer");
+}
+
+static void test_config_inline_hash_is_not_a_comment(void **state)
+{
+    (void)state;
+    expect_error("[evapi]\nbacklog = 5 # five\n", 2, "backlog: '5 # five' is not an integer");
+}
+
+static void test_config_crlf_line_endings_are_accepted(void **state)
+{
+    (void)state;
+    hub_config c;
+    char path[64], err[512];
+    hub_config_defaults(&c);
+    assert_int_equal(load_text(&c, "[evapi]\r\nbacklog = 9\r\n[log]\r\nsyslog = on\r\n", path,
+                               sizeof(path), err, sizeof(err)),
+                     0);
+    assert_int_equal(c.backlog, 9);
+    assert_int_equal(c.log_syslog, 1);
+}
+
+/* ---- script path resolution -------------------------------------------------------------- */
+
+static void test_config_relative_script_resolves_against_config_dir(void **state)
+{
+    (void)state;
+    char dir[] = "/tmp/evhub_dir_XXXXXX", path[128], err[512];
+    hub_config c;
+    assert_non_null(mkdtemp(dir));
+    snprintf(path, sizeof(path), "%s/evhub.conf", dir);
+    FILE *f = fopen(path, "w");
+    assert_non_null(f);
+    fputs("[lua]\nscript = lua/handler.lua\n", f);
+    fclose(f);
+    hub_config_defaults(&c);
+    assert_int_equal(hub_config_load(&c, path, err, sizeof(err)), 0);
+    char want[256];
+    snprintf(want, sizeof(want), "%s/lua/handler.lua", dir);
+    assert_string_equal(c.script, want);
+
+    /* An absolute path is kept, and an empty one stays empty. */
+    f = fopen(path, "w");
+    assert_non_null(f);
+    fputs("[lua]\nscript = /opt/x.lua\n", f);
+    fclose(f);
+    assert_int_equal(hub_config_load(&c, path, err, sizeof(err)), 0);
+    assert_string_equal(c.script, "/opt/x.lua");
+    f = fopen(path, "w");
+    assert_non_null(f);
+    fputs("[lua]\nscript =\n", f);
+    fclose(f);
+    assert_int_equal(hub_config_load(&c, path, err, sizeof(err)), 0);
+    assert_string_equal(c.script, "");
+
+    /* A config named without a directory resolves against the cwd, i.e. stays as written. */
+    char cwd[PATH_MAX];
+    assert_non_null(getcwd(cwd, sizeof(cwd)));
+    assert_int_equal(chdir(dir), 0);
+    f = fopen("evhub.conf", "w");
+    assert_non_null(f);
+    fputs("[lua]\nscript = handler.lua\n", f);
+    fclose(f);
+    int rc = hub_config_load(&c, "evhub.conf", err, sizeof(err));
+    assert_int_equal(chdir(cwd), 0);
+    assert_int_equal(rc, 0);
+    assert_string_equal(c.script, "handler.lua");
+    unlink(path);
+    rmdir(dir);
+}
+
+/* ---- host:port ------------------------------------------------------------------------- */
+
+static void test_config_split_addr_accepts_v4_v6_and_names(void **state)
+{
+    (void)state;
+    char host[64], port[8];
+    assert_int_equal(
+        hub_config_split_addr("127.0.0.1:8448", host, sizeof(host), port, sizeof(port)), 0);
+    assert_string_equal(host, "127.0.0.1");
+    assert_string_equal(port, "8448");
+    assert_int_equal(hub_config_split_addr("[::1]:80", host, sizeof(host), port, sizeof(port)), 0);
+    assert_string_equal(host, "::1");
+    assert_string_equal(port, "80");
+    assert_int_equal(
+        hub_config_split_addr("[fe80::1%eth0]:65535", host, sizeof(host), port, sizeof(port)), 0);
+    assert_string_equal(host, "fe80::1%eth0");
+    assert_string_equal(port, "65535");
+    assert_int_equal(hub_config_split_addr("localhost:1", host, sizeof(host), port, sizeof(port)),
+                     0);
+    assert_string_equal(host, "localhost");
+    assert_string_equal(port, "1");
+    /* Port 0: the kernel picks one (what the tests use). */
+    assert_int_equal(hub_config_split_addr("127.0.0.1:0", host, sizeof(host), port, sizeof(port)),
+                     0);
+    assert_string_equal(port, "0");
+}
+
+static void test_config_split_addr_rejects_malformed(void **state)
+{
+    (void)state;
+    static const char *const bad[] = {
+        "",
+        "127.0.0.1",
+        "127.0.0.1:",
+        ":8448",
+        "::1:8448",
+        "[::1]8448",
+        "[::1]",
+        "[::1:80",
+        "[]:80",
+        "host:-0",
+        "host:65536",
+        "host:abc",
+        "host:-1",
+        "host:+1",
+        "host:80x",
+        "host: 80",
+        "a]b:80",
+        "[a[b]:80",
+        "host:99999999999999999999",
+    };
+    char host[64], port[8];
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        if (hub_config_split_addr(bad[i], host, sizeof(host), port, sizeof(port)) != -EINVAL)
+            fail_msg("'%s' was accepted", bad[i]);
+    }
+    /* Buffers too small for the parts. */
+    assert_int_equal(hub_config_split_addr("abcdef:80", host, 6, port, sizeof(port)), -EINVAL);
+    assert_int_equal(hub_config_split_addr("abcde:8080", host, 6, port, 4), -EINVAL);
+    assert_int_equal(hub_config_split_addr("abcde:808", host, 6, port, 4), 0);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_config_defaults_match_header),
+        cmocka_unit_test(test_config_every_key_is_parsed),
+        cmocka_unit_test(test_config_empty_file_keeps_defaults),
+        cmocka_unit_test(test_config_set_validates_each_value),
+        cmocka_unit_test(test_config_set_stores_parsed_values),
+        cmocka_unit_test(test_config_booleans_accept_all_spellings),
+        cmocka_unit_test(test_config_value_too_long_is_rejected),
+        cmocka_unit_test(test_config_bad_value_reports_file_and_line),
+        cmocka_unit_test(test_config_unknown_key_is_an_error),
+        cmocka_unit_test(test_config_unknown_section_is_an_error),
+        cmocka_unit_test(test_config_key_before_any_section_is_an_error),
+        cmocka_unit_test(test_config_syntax_error_reports_its_line),
+        cmocka_unit_test(test_config_first_error_wins),
+        cmocka_unit_test(test_config_bad_bind_addr_reports_line),
+        cmocka_unit_test(test_config_indented_continuation_is_an_error),
+        cmocka_unit_test(test_config_long_line_reports_its_own_line),
+        cmocka_unit_test(test_config_error_leaves_config_untouched),
+        cmocka_unit_test(test_config_missing_file_is_enoent),
+        cmocka_unit_test(test_config_duplicate_key_last_wins),
+        cmocka_unit_test(test_config_inline_semicolon_comment_is_stripped),
+        cmocka_unit_test(test_config_inline_hash_is_not_a_comment),
+        cmocka_unit_test(test_config_crlf_line_endings_are_accepted),
+        cmocka_unit_test(test_config_relative_script_resolves_against_config_dir),
+        cmocka_unit_test(test_config_split_addr_accepts_v4_v6_and_names),
+        cmocka_unit_test(test_config_split_addr_rejects_malformed),
+    };
+    return cmocka_run_group_tests_name("config", tests, NULL, NULL);
+}

@@ -1,0 +1,1061 @@
+/* Unit tests for the Lua engine: hub_scripts from hlua_script_ops on a fake hub_api that
+ * records every call, with scripts written to temporary files. */
+#include <errno.h>
+#include <fcntl.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <cmocka.h>
+#include <lauxlib.h>
+#include <lua.h>
+
+#include "hub/log.h"
+#include "lua/hlua.h"
+#include "lua/hlua_int.h"
+
+/* ---- the fake hub ---- */
+
+typedef struct fake_call {
+    char op[16];
+    uint64_t id;
+    char tag[128];
+    size_t taglen;
+    char data[256 + 1]; /* room for a NUL */
+    size_t len;
+    char reason[64];
+    int has_reason;
+} fake_call;
+
+#define FAKE_MAX_CALLS 64
+
+typedef struct fake_hub {
+    int ret; /* what every call returns */
+    int ncalls;
+    fake_call calls[FAKE_MAX_CALLS];
+} fake_hub;
+
+static fake_call *record(void *ud, const char *op)
+{
+    fake_hub *h = ud;
+    assert_true(h->ncalls < FAKE_MAX_CALLS);
+    fake_call *c = &h->calls[h->ncalls++];
+    memset(c, 0, sizeof(*c));
+    snprintf(c->op, sizeof(c->op), "%s", op);
+    return c;
+}
+
+static void copy_data(fake_call *c, const char *data, size_t len)
+{
+    assert_true(len < sizeof(c->data));
+    memcpy(c->data, data, len);
+    c->len = len;
+}
+
+static void copy_tag(fake_call *c, const char *tag, size_t taglen)
+{
+    assert_true(taglen < sizeof(c->tag));
+    memcpy(c->tag, tag, taglen);
+    c->taglen = taglen;
+}
+
+static int fake_relay(void *ud, const char *data, size_t len)
+{
+    copy_data(record(ud, "relay"), data, len);
+    return ((fake_hub *)ud)->ret;
+}
+
+static int fake_multicast(void *ud, const char *tag, size_t taglen, const char *data, size_t len)
+{
+    fake_call *c = record(ud, "multicast");
+    copy_tag(c, tag, taglen);
+    copy_data(c, data, len);
+    return ((fake_hub *)ud)->ret;
+}
+
+static int fake_unicast(void *ud, const char *tag, size_t taglen, const char *data, size_t len)
+{
+    fake_call *c = record(ud, "unicast");
+    copy_tag(c, tag, taglen);
+    copy_data(c, data, len);
+    return ((fake_hub *)ud)->ret;
+}
+
+static int fake_send(void *ud, uint64_t id, const char *data, size_t len)
+{
+    fake_call *c = record(ud, "send");
+    c->id = id;
+    copy_data(c, data, len);
+    return ((fake_hub *)ud)->ret;
+}
+
+static int fake_set_tag(void *ud, uint64_t id, const char *tag, size_t taglen)
+{
+    fake_call *c = record(ud, "set_tag");
+    c->id = id;
+    copy_tag(c, tag, taglen);
+    return ((fake_hub *)ud)->ret;
+}
+
+static int fake_close(void *ud, uint64_t id, const char *reason)
+{
+    fake_call *c = record(ud, "close");
+    c->id = id;
+    if (reason) {
+        c->has_reason = 1;
+        snprintf(c->reason, sizeof(c->reason), "%s", reason);
+    }
+    return ((fake_hub *)ud)->ret;
+}
+
+static const hub_api fake_api = {
+    .relay = fake_relay,
+    .multicast = fake_multicast,
+    .unicast = fake_unicast,
+    .send = fake_send,
+    .set_tag = fake_set_tag,
+    .close = fake_close,
+};
+
+/* ---- fixture: a fake hub, a script file, captured logs ---- */
+
+typedef struct fixture {
+    fake_hub hub;
+    char path[64];
+    char err[512];
+    hub_script *s;
+    int saved_stderr;
+    int log_fd;
+    char log[16384];
+} fixture;
+
+static int setup(void **state)
+{
+    fixture *f = calloc(1, sizeof(*f));
+    assert_non_null(f);
+    f->hub.ret = 1;
+    f->saved_stderr = -1;
+    snprintf(f->path, sizeof(f->path), "/tmp/evhub_test_lua_XXXXXX.lua");
+    int fd = mkstemps(f->path, 4);
+    assert_true(fd >= 0);
+    close(fd);
+    *state = f;
+    return 0;
+}
+
+static int teardown(void **state)
+{
+    fixture *f = *state;
+    hlua_script_ops.free(f->s);
+    unlink(f->path);
+    free(f);
+    return 0;
+}
+
+static void write_script(fixture *f, const char *src)
+{
+    FILE *fp = fopen(f->path, "w");
+    assert_non_null(fp);
+    fputs(src, fp);
+    fclose(fp);
+}
+
+static hub_script *load_full(fixture *f, const char *src, const char *cb, long max_instr,
+                             size_t max_mem)
+{
+    hub_script_conf conf = {
+        .path = f->path,
+        .event_callback = cb,
+        .max_instructions = max_instr,
+        .max_memory = max_mem,
+        .worker = 2,
+    };
+    write_script(f, src);
+    f->err[0] = '\0';
+    return hlua_script_ops.load(&conf, &fake_api, &f->hub, f->err, sizeof(f->err));
+}
+
+/* Load and expect success; the fixture owns the script. */
+static hub_script *load_ok(fixture *f, const char *src, const char *cb)
+{
+    f->s = load_full(f, src, cb, 1000000, 0);
+    if (f->s == NULL)
+        fail_msg("load failed: %s", f->err);
+    return f->s;
+}
+
+static void capture_begin(fixture *f)
+{
+    char tmpl[] = "/tmp/evhub_test_log_XXXXXX";
+    f->log_fd = mkstemp(tmpl);
+    assert_true(f->log_fd >= 0);
+    unlink(tmpl);
+    f->saved_stderr = dup(STDERR_FILENO);
+    dup2(f->log_fd, STDERR_FILENO);
+}
+
+/* Stop capturing; the log text is in f->log. */
+static const char *capture_end(fixture *f)
+{
+    dup2(f->saved_stderr, STDERR_FILENO);
+    close(f->saved_stderr);
+    f->saved_stderr = -1;
+    ssize_t n = pread(f->log_fd, f->log, sizeof(f->log) - 1, 0);
+    f->log[n > 0 ? n : 0] = '\0';
+    close(f->log_fd);
+    return f->log;
+}
+
+/* Run a chunk in the script's state; it must succeed. */
+static void lua_ok(hub_script *s, const char *code)
+{
+    if (luaL_dostring(s->L, code) != LUA_OK) {
+        fail_msg("lua error: %s\nin: %s", lua_tostring(s->L, -1), code);
+    }
+    lua_settop(s->L, 0);
+}
+
+/* Run a chunk returning one integer. */
+static lua_Integer lua_int(hub_script *s, const char *code)
+{
+    if (luaL_dostring(s->L, code) != LUA_OK)
+        fail_msg("lua error: %s\nin: %s", lua_tostring(s->L, -1), code);
+    int isnum = 0;
+    lua_Integer v = lua_tointegerx(s->L, -1, &isnum);
+    if (!isnum)
+        fail_msg("not an integer: %s", luaL_typename(s->L, -1));
+    lua_settop(s->L, 0);
+    return v;
+}
+
+static void connect(hub_script *s, uint64_t id, int conidx, const char *addr, uint16_t port)
+{
+    hub_conn_info ci = {.id = id, .conidx = conidx, .port = port};
+    snprintf(ci.addr, sizeof(ci.addr), "%s", addr);
+    hlua_script_ops.on_connect(s, &ci);
+}
+
+static void message(hub_script *s, uint64_t id, const char *msg)
+{
+    hlua_script_ops.on_message(s, id, msg, strlen(msg));
+}
+
+/* The conn userdata the state holds for id, or NULL. */
+static const hlua_conn *registered_conn(hub_script *s, uint64_t id)
+{
+    const hlua_conn *c = NULL;
+    lua_rawgeti(s->L, LUA_REGISTRYINDEX, s->conns_ref);
+    if (lua_rawgeti(s->L, -1, (lua_Integer)id) == LUA_TUSERDATA)
+        c = lua_touserdata(s->L, -1);
+    lua_pop(s->L, 2);
+    return c;
+}
+
+static fake_call *last_call(fixture *f)
+{
+    assert_true(f->hub.ncalls > 0);
+    return &f->hub.calls[f->hub.ncalls - 1];
+}
+
+/* ---- KEMI dialect ---- */
+
+static const char kemi_script[] =
+    "R = {}\n"
+    "function ksr_evapi_event(evname)\n"
+    "  local ev = {name = evname, msg = KSR.pv.get('$evapi(msg)'),\n"
+    "    addr = KSR.pv.get('$evapi(srcaddr)'), port = KSR.pv.get('$evapi(srcport)'),\n"
+    "    conidx = KSR.pv.get('$evapi(conidx)'), other = KSR.pv.get('$var(x)'),\n"
+    "    msg_e = KSR.pv.gete('$evapi(msg)'), msg_null = KSR.pv.is_null('$evapi(msg)')}\n"
+    "  R[#R + 1] = ev\n"
+    "  local msg = ev.msg\n"
+    "  if evname ~= 'evapi:message-received' then return end\n"
+    "  if msg == 'close' then ev.rc = KSR.evapi.close()\n"
+    "  elseif msg:sub(1, 4) == 'tag:' then ev.rc = KSR.evapi.set_tag(msg:sub(5))\n"
+    "  elseif msg:sub(1, 10) == 'multicast:' then\n"
+    "    local tag, payload = msg:match('^multicast:([^:]+):(.*)$')\n"
+    "    ev.rc = KSR.evapi.relay_multicast(payload, tag)\n"
+    "  elseif msg:sub(1, 8) == 'unicast:' then\n"
+    "    local tag, payload = msg:match('^unicast:([^:]+):(.*)$')\n"
+    "    ev.rc = KSR.evapi.relay_unicast(payload, tag)\n"
+    "  elseif msg == 'exit' then KSR.x.exit(); error('not reached')\n"
+    "  elseif msg == 'boom' then error('boom!')\n"
+    "  else ev.rc = KSR.evapi.relay(msg) end\n"
+    "end\n"
+    "function ksr_request_route() KSR.sl.sl_send_reply(200, 'OK') end\n";
+
+#define CB "ksr_evapi_event"
+
+static void test_kemi_relay_returns_1_or_minus_1(void **state)
+{
+    fixture *f = *state;
+    hub_script *s = load_ok(f, kemi_script, CB);
+    connect(s, 7, 3, "127.0.0.1", 5000);
+    message(s, 7, "hello");
+    assert_string_equal(last_call(f)->op, "relay");
+    assert_memory_equal(last_call(f)->data, "hello", 5);
+    assert_int_equal(lua_int(s, "return R[#R].rc"), 1);
+    f->hub.ret = 0;
+    message(s, 7, "nobody");
+    assert_int_equal(lua_int(s, "return R[#R].rc"), -1);
+    f->hub.ret = -EMSGSIZE;
+    message(s, 7, "big");
+    assert_int_equal(lua_int(s, "return R[#R].rc"), -1);
+}
+
+static void test_kemi_multicast_and_unicast(void **state)
+{
+    fixture *f = *state;
+    hub_script *s = load_ok(f, kemi_script, CB);
+    connect(s, 1, 0, "127.0.0.1", 5000);
+    message(s, 1, "multicast:pbx:{\"a\":1}");
+    assert_string_equal(last_call(f)->op, "multicast");
+    assert_int_equal(last_call(f)->taglen, 3);
+    assert_memory_equal(last_call(f)->tag, "pbx", 3);
+    assert_int_equal(last_call(f)->len, 7);
+    assert_memory_equal(last_call(f)->data, "{\"a\":1}", 7);
+    assert_int_equal(lua_int(s, "return R[#R].rc"), 1);
+    f->hub.ret = 0;
+    message(s, 1, "unicast:app1:x");
+    assert_string_equal(last_call(f)->op, "unicast");
+    assert_memory_equal(last_call(f)->tag, "app1", 4);
+    assert_int_equal(lua_int(s, "return R[#R].rc"), -1);
+    f->hub.ret = -EINVAL;
+    message(s, 1, "unicast:app1:x");
+    assert_int_equal(lua_int(s, "return R[#R].rc"), -1);
+}
+
+static void test_kemi_close_returns_0_and_minus_1(void **state)
+{
+    fixture *f = *state;
+    hub_script *s = load_ok(f, kemi_script, CB);
+    connect(s, 9, 1, "10.0.0.1", 4000);
+    message(s, 9, "close");
+    assert_string_equal(last_call(f)->op, "close");
+    assert_int_equal(last_call(f)->id, 9);
+    assert_int_equal(lua_int(s, "return R[#R].rc"), 0); /* Kamailio's quirk */
+    /* outside an evapi event there is no context */
+    assert_int_equal(lua_int(s, "return KSR.evapi.close()"), -1);
+    /* the hub failing to close */
+    connect(s, 10, 2, "10.0.0.1", 4001);
+    f->hub.ret = -ENOENT;
+    message(s, 10, "close");
+    assert_int_equal(lua_int(s, "return R[#R].rc"), -1);
+}
+
+static void test_kemi_set_tag(void **state)
+{
+    fixture *f = *state;
+    hub_script *s = load_ok(f, kemi_script, CB);
+    connect(s, 4, 0, "127.0.0.1", 6000);
+    message(s, 4, "tag:pbx-1");
+    assert_string_equal(last_call(f)->op, "set_tag");
+    assert_int_equal(last_call(f)->id, 4);
+    assert_int_equal(last_call(f)->taglen, 5);
+    assert_memory_equal(last_call(f)->tag, "pbx-1", 5);
+    assert_int_equal(lua_int(s, "return R[#R].rc"), 1);
+    int n = f->hub.ncalls;
+    message(s, 4, "tag:has space");
+    assert_int_equal(lua_int(s, "return R[#R].rc"), -1);
+    message(s, 4, "tag:");
+    assert_int_equal(lua_int(s, "return R[#R].rc"), -1);
+    message(s, 4, "tag:xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx");
+    assert_int_equal(lua_int(s, "return R[#R].rc"), -1);
+    assert_int_equal(f->hub.ncalls, n); /* refused before reaching the hub */
+    f->hub.ret = -EINVAL;
+    message(s, 4, "tag:ok");
+    assert_int_equal(lua_int(s, "return R[#R].rc"), -1);
+    assert_int_equal(lua_int(s, "return KSR.evapi.set_tag('x')"), -1); /* no event */
+}
+
+static void test_kemi_pv_in_each_event(void **state)
+{
+    fixture *f = *state;
+    hub_script *s = load_ok(f, kemi_script, CB);
+    connect(s, 5, 12, "192.0.2.1", 40000);
+    message(s, 5, "payload");
+    hlua_script_ops.on_close(s, 5);
+    lua_ok(s, "local new, msg, closed = R[1], R[2], R[3]\n"
+              "assert(new.name == 'evapi:connection-new')\n"
+              "assert(new.msg == nil and new.msg_e == '' and new.msg_null == true)\n"
+              "assert(new.addr == '192.0.2.1' and new.port == 40000 and new.conidx == 12)\n"
+              "assert(math.type(new.port) == 'integer' and math.type(new.conidx) == 'integer')\n"
+              "assert(new.other == nil)\n"
+              "assert(msg.name == 'evapi:message-received' and msg.msg == 'payload')\n"
+              "assert(msg.msg_null == false and msg.addr == '192.0.2.1')\n"
+              "assert(closed.name == 'evapi:connection-closed' and closed.msg == nil)\n"
+              "assert(closed.addr == '192.0.2.1' and closed.port == 40000)\n"
+              "assert(KSR.pv.get('$evapi(msg)') == nil and KSR.pv.get('$evapi(srcaddr)') == nil)\n"
+              "assert(KSR.pv.gete('$evapi(srcaddr)') == '')\n"
+              "assert(KSR.pv.getw('$evapi(srcaddr)') == '<<null>>')\n"
+              "assert(KSR.pv.is_null('$evapi(conidx)'))\n");
+}
+
+static void test_kemi_binary_payload_round_trip(void **state)
+{
+    fixture *f = *state;
+    hub_script *s = load_ok(f, kemi_script, CB);
+    static const char bin[] = {'a', '\0', 'b', '\xff', '\0', '\n'};
+    connect(s, 1, 0, "127.0.0.1", 1);
+    hlua_script_ops.on_message(s, 1, bin, sizeof(bin));
+    assert_string_equal(last_call(f)->op, "relay");
+    assert_int_equal(last_call(f)->len, sizeof(bin));
+    assert_memory_equal(last_call(f)->data, bin, sizeof(bin));
+    assert_int_equal(lua_int(s, "return #R[#R].msg"), sizeof(bin));
+}
+
+static void test_kemi_exit_is_silent_and_resets_context(void **state)
+{
+    fixture *f = *state;
+    hub_script *s = load_ok(f, kemi_script, CB);
+    connect(s, 1, 0, "127.0.0.1", 1);
+    capture_begin(f);
+    message(s, 1, "exit");
+    const char *log = capture_end(f);
+    assert_string_equal(log, "");
+    assert_int_equal(lua_int(s, "return KSR.pv.is_null('$evapi(msg)') and 1 or 0"), 1);
+    message(s, 1, "after");
+    assert_string_equal(last_call(f)->op, "relay");
+    assert_int_equal(lua_int(s, "return R[#R].rc"), 1);
+}
+
+static void test_kemi_runtime_error_logged_and_next_works(void **state)
+{
+    fixture *f = *state;
+    hub_script *s = load_ok(f, kemi_script, CB);
+    connect(s, 1, 0, "127.0.0.1", 1);
+    capture_begin(f);
+    message(s, 1, "boom");
+    const char *log = capture_end(f);
+    assert_non_null(strstr(log, "lua: message: "));
+    assert_non_null(strstr(log, "boom!"));
+    assert_non_null(strstr(log, "stack traceback:"));
+    assert_non_null(strstr(log, "ksr_evapi_event"));
+    /* the context was reset even though the callback failed */
+    assert_int_equal(lua_int(s, "return KSR.pv.is_null('$evapi(srcaddr)') and 1 or 0"), 1);
+    message(s, 1, "next");
+    assert_string_equal(last_call(f)->op, "relay");
+    assert_memory_equal(last_call(f)->data, "next", 4);
+}
+
+static void test_kemi_log_functions_strip_one_newline(void **state)
+{
+    fixture *f = *state;
+    hub_script *s = load_ok(f, kemi_script, CB);
+    hub_log_set_level(HUB_LOG_DEBUG);
+    capture_begin(f);
+    lua_ok(s, "KSR.info('hello info\\n') KSR.err('an error') KSR.dbg('dbg\\n\\n')\n"
+              "KSR.log('warn', 'via log\\n') KSR.notice('n') KSR.warn('w') KSR.crit('c')");
+    const char *log = capture_end(f);
+    hub_log_set_level(HUB_LOG_INFO);
+    assert_non_null(strstr(log, "info: lua: hello info\n"));
+    assert_null(strstr(log, "hello info\n\n"));
+    assert_non_null(strstr(log, "err: lua: an error\n"));
+    assert_non_null(strstr(log, "debug: lua: dbg\n\n")); /* only one newline is stripped */
+    assert_non_null(strstr(log, "warn: lua: via log\n"));
+    assert_non_null(strstr(log, "notice: lua: n\n"));
+    assert_non_null(strstr(log, "crit: lua: c\n"));
+}
+
+static void test_kemi_unavailable_functions(void **state)
+{
+    fixture *f = *state;
+    hub_script *s = load_ok(f, kemi_script, CB);
+    capture_begin(f);
+    lua_ok(s, "assert(KSR.evapi.async_relay('x') == -1)\n"
+              "assert(KSR.evapi.async_multicast('x', 't') == -1)\n"
+              "assert(KSR.evapi.async_unicast('x', 't') == -1)\n"
+              "assert(KSR.tmx.t_continue(1, 2, 'r') == -1)\n"
+              "assert(KSR.kafka.send('t', 'm') == -1 and KSR.kafka.send_key('t', 'm', 'k') == -1)\n"
+              "assert(KSR.rabbitmq.publish('e', 'r', 'c', 'b') == -1)\n"
+              "local ok, err = pcall(function() return KSR.hdr.get('X') end)\n"
+              "assert(not ok and err:find('KSR.hdr is not available in evhub', 1, true), err)\n"
+              "ok, err = pcall(function() return KSR.evapi.bogus() end)\n"
+              "assert(not ok and err:find('KSR.evapi.bogus is not available', 1, true), err)\n");
+    const char *log = capture_end(f);
+    assert_non_null(strstr(log, "KSR.evapi.async_relay: no SIP transaction to suspend (SIP not "
+                                "enabled)"));
+    assert_non_null(strstr(log, "KSR.tmx.t_continue: not available in this build"));
+    assert_non_null(strstr(log, "KSR.kafka.send_key: not available in this build"));
+    assert_non_null(strstr(log, "KSR.rabbitmq.publish: not available in this build"));
+    assert_int_equal(f->hub.ncalls, 0);
+}
+
+static void test_kemi_callback_redefined_at_runtime(void **state)
+{
+    fixture *f = *state;
+    hub_script *s = load_ok(f, kemi_script, CB);
+    connect(s, 1, 0, "127.0.0.1", 1);
+    lua_ok(s, "function ksr_evapi_event(ev) KSR.evapi.relay('v2:' .. ev) end");
+    message(s, 1, "m");
+    assert_memory_equal(last_call(f)->data, "v2:evapi:message-received", 25);
+}
+
+/* ---- native dialect ---- */
+
+static const char native_script[] =
+    "CONNS = {}\n"
+    "evapi.on('connect', function(conn) CONNS[conn.id] = conn end)\n"
+    "evapi.on('message', function(conn, msg)\n"
+    "  LAST = {conn = conn, msg = msg}\n"
+    "  if msg == 'ping' then RES = {conn:send('pong')}\n"
+    "  elseif msg == 'loop' then while true do end\n"
+    "  elseif msg == 'sneaky' then while true do pcall(function() while true do end end) end\n"
+    "  elseif msg == 'alloc' then local t = {} for i = 1, 1e8 do t[i] = ('x'):rep(64) .. i end\n"
+    "  elseif msg == 'co' then\n"
+    "    local co = coroutine.wrap(function() while true do end end) co()\n"
+    "  else RES = {evapi.relay(msg)} end\n"
+    "end)\n"
+    "evapi.on('close', function(conn) CLOSED = conn; CLOSED_WAS = conn:is_closed() end)\n";
+
+static void test_native_conn_fields_and_methods(void **state)
+{
+    fixture *f = *state;
+    hub_script *s = load_ok(f, native_script, "");
+    connect(s, 7, 3, "127.0.0.1", 5000);
+    lua_ok(s, "local c = CONNS[7]\n"
+              "assert(c.id == 7 and c.conidx == 3 and c.addr == '127.0.0.1' and c.port == 5000)\n"
+              "assert(c.tag == nil and c.nosuch == nil and not c:is_closed())\n"
+              "assert(tostring(c) == 'evhub.client id=7 addr=127.0.0.1:5000 tag=-', tostring(c))\n"
+              "assert(c:set_tag('pbx1') == true and c.tag == 'pbx1')\n"
+              "assert(tostring(c) == 'evhub.client id=7 addr=127.0.0.1:5000 tag=pbx1')\n"
+              "assert(getmetatable(c) == 'evhub.client')\n"
+              "assert(evapi.worker == 2)\n");
+    assert_string_equal(last_call(f)->op, "set_tag");
+    message(s, 7, "ping");
+    assert_string_equal(last_call(f)->op, "send");
+    assert_int_equal(last_call(f)->id, 7);
+    assert_memory_equal(last_call(f)->data, "pong", 4);
+    lua_ok(s, "assert(RES[1] == true and LAST.conn == CONNS[7] and LAST.msg == 'ping')");
+    lua_ok(s, "assert(CONNS[7]:close('bye') == true)\n"
+              "assert(CONNS[7]:is_closed())\n");
+    assert_string_equal(last_call(f)->op, "close");
+    assert_int_equal(last_call(f)->has_reason, 1);
+    assert_string_equal(last_call(f)->reason, "bye");
+    lua_ok(s, "local ok, msg = CONNS[7]:send('x') assert(ok == nil and msg == 'closed')\n"
+              "ok, msg = CONNS[7]:set_tag('x') assert(ok == nil and msg == 'closed')\n"
+              "ok, msg = CONNS[7]:close() assert(ok == nil and msg == 'closed')\n");
+}
+
+static void test_native_results_are_nil_msg_code(void **state)
+{
+    fixture *f = *state;
+    hub_script *s = load_ok(f, native_script, "");
+    f->hub.ret = 0;
+    lua_ok(s, "local ok, msg = evapi.relay('x') assert(ok == nil and msg == 'no client')");
+    f->hub.ret = -EINVAL;
+    lua_ok(s, "local ok, msg, code = evapi.multicast('x', 'bad tag')\n"
+              "assert(ok == nil and msg == 'invalid tag' and code == 'EINVAL')");
+    f->hub.ret = -ENOENT;
+    lua_ok(s, "local ok, msg, code = evapi.send(99, 'x')\n"
+              "assert(ok == nil and msg == 'no such connection' and code == 'ENOENT')");
+    assert_int_equal(last_call(f)->id, 99);
+    f->hub.ret = -EMSGSIZE;
+    lua_ok(s, "local ok, msg, code = evapi.unicast('x', 't')\n"
+              "assert(ok == nil and code == 'EMSGSIZE', msg)");
+    f->hub.ret = 3;
+    lua_ok(s, "assert(evapi.multicast('x', 't') == true)");
+}
+
+static void test_native_evapi_by_id(void **state)
+{
+    fixture *f = *state;
+    hub_script *s = load_ok(f, native_script, "");
+    connect(s, 11, 0, "::1", 7000);
+    lua_ok(s, "assert(evapi.send(11, 'a\\0b') == true)\n"
+              "assert(evapi.set_tag(11, 'app') == true and CONNS[11].tag == 'app')\n"
+              "assert(evapi.send(CONNS[11], 'c') == true)\n"
+              "assert(evapi.close(11) == true and CONNS[11]:is_closed())\n");
+    assert_string_equal(f->hub.calls[0].op, "send");
+    assert_int_equal(f->hub.calls[0].len, 3);
+    assert_memory_equal(f->hub.calls[0].data, "a\0b", 3);
+    assert_string_equal(f->hub.calls[1].op, "set_tag");
+    assert_string_equal(f->hub.calls[3].op, "close");
+    assert_int_equal(f->hub.calls[3].has_reason, 0);
+}
+
+static void test_native_misuse_raises(void **state)
+{
+    fixture *f = *state;
+    hub_script *s = load_ok(f, native_script, "");
+    connect(s, 1, 0, "127.0.0.1", 1);
+    lua_ok(s, "local function raises(fn, pat)\n"
+              "  local ok, err = pcall(fn)\n"
+              "  assert(not ok, 'did not raise: ' .. pat)\n"
+              "  assert(tostring(err):find(pat, 1, true), err)\n"
+              "end\n"
+              "local c = CONNS[1]\n"
+              "raises(function() c:set_tag(5) end, 'string expected')\n"
+              "raises(function() c:set_tag() end, 'string expected')\n"
+              "raises(function() c:send() end, 'bad argument')\n"
+              "raises(function() c:send({}) end, 'bad argument')\n"
+              "raises(function() c.send(nil, 'x') end, 'evhub.client expected')\n"
+              "raises(function() c.id = 3 end, 'read-only')\n"
+              "raises(function() evapi.relay() end, 'bad argument #1')\n"
+              "raises(function() evapi.multicast('x') end, 'bad argument #2')\n"
+              "raises(function() evapi.send(-1, 'x') end, 'must not be negative')\n"
+              "raises(function() evapi.on('bogus', print) end, \"invalid option 'bogus'\")\n"
+              "raises(function() evapi.on('message', 42) end, 'function expected')\n"
+              "raises(function() log.info() end, 'bad argument')\n"
+              "local ok, msg = c:set_tag('bad tag') assert(ok == nil and msg == 'invalid tag')\n");
+    assert_int_equal(f->hub.ncalls, 0);
+}
+
+static void test_native_close_event_marks_closed(void **state)
+{
+    fixture *f = *state;
+    hub_script *s = load_ok(f, native_script, "");
+    connect(s, 3, 0, "127.0.0.1", 1);
+    hlua_script_ops.on_close(s, 3);
+    lua_ok(s, "assert(CLOSED.id == 3 and CLOSED_WAS == false and CLOSED:is_closed())\n"
+              "local ok, msg = CLOSED:send('x') assert(ok == nil and msg == 'closed')\n");
+    assert_int_equal(f->hub.ncalls, 0);
+    /* the connection is forgotten: a late message is ignored */
+    lua_ok(s, "LAST = nil");
+    message(s, 3, "late");
+    lua_ok(s, "assert(LAST == nil)");
+    hlua_script_ops.on_close(s, 3); /* a second close is ignored too */
+    hlua_script_ops.on_message(s, 12345, "x", 1);
+}
+
+static void test_native_on_replaces_and_unsets(void **state)
+{
+    fixture *f = *state;
+    hub_script *s = load_ok(f, native_script, "");
+    connect(s, 1, 0, "127.0.0.1", 1);
+    lua_ok(s, "evapi.on('message', function(c, m) evapi.relay('second:' .. m) end)");
+    message(s, 1, "x");
+    assert_memory_equal(last_call(f)->data, "second:x", 8);
+    lua_ok(s, "evapi.on('message', nil)");
+    int n = f->hub.ncalls;
+    message(s, 1, "y");
+    assert_int_equal(f->hub.ncalls, n);
+}
+
+static void test_native_binary_message(void **state)
+{
+    fixture *f = *state;
+    hub_script *s = load_ok(f, native_script, "");
+    static const char bin[] = {'\0', '\0', 'z', '\x80'};
+    connect(s, 1, 0, "127.0.0.1", 1);
+    hlua_script_ops.on_message(s, 1, bin, sizeof(bin));
+    assert_int_equal(last_call(f)->len, sizeof(bin));
+    assert_memory_equal(last_call(f)->data, bin, sizeof(bin));
+    hlua_script_ops.on_message(s, 1, "", 0);
+    assert_int_equal(last_call(f)->len, 0);
+}
+
+/* ---- load checks ---- */
+
+static void test_load_syntax_error_gives_file_line(void **state)
+{
+    fixture *f = *state;
+    hub_script *s = load_full(f, "local a = 1\nlocal b = = 2\n", "", 0, 0);
+    assert_null(s);
+    char want[128];
+    snprintf(want, sizeof(want), "%s:2: unexpected symbol near '='", f->path);
+    assert_string_equal(f->err, want);
+}
+
+static void test_load_runtime_error_gives_file_line(void **state)
+{
+    fixture *f = *state;
+    hub_script *s = load_full(f, "\n\nnosuch()\n", "", 0, 0);
+    assert_null(s);
+    char want[128];
+    snprintf(want, sizeof(want), "%s:3: attempt to call a nil value (global 'nosuch')", f->path);
+    assert_string_equal(f->err, want);
+}
+
+static void test_load_missing_file(void **state)
+{
+    fixture *f = *state;
+    hub_script_conf conf = {.path = "/nonexistent/x.lua", .event_callback = "", .worker = -1};
+    hub_script *s = hlua_script_ops.load(&conf, &fake_api, &f->hub, f->err, sizeof(f->err));
+    assert_null(s);
+    assert_non_null(strstr(f->err, "cannot open /nonexistent/x.lua"));
+}
+
+static void test_load_refuses_missing_callback(void **state)
+{
+    fixture *f = *state;
+    hub_script *s = load_full(f, "function other() end\n", CB, 0, 0);
+    assert_null(s);
+    char want[256];
+    snprintf(want, sizeof(want), "event_callback 'ksr_evapi_event' is not a function defined by %s",
+             f->path);
+    assert_string_equal(f->err, want);
+}
+
+static void test_load_refuses_no_handler(void **state)
+{
+    fixture *f = *state;
+    hub_script *s = load_full(f, "function ksr_evapi_event() end\n", "", 0, 0);
+    assert_null(s);
+    assert_non_null(strstr(f->err,
+                           "script registers no evapi.on() handler and no event_callback is "
+                           "configured"));
+    /* NULL event_callback means native too */
+    hub_script_conf conf = {.path = f->path, .event_callback = NULL, .worker = -1};
+    assert_null(hlua_script_ops.load(&conf, &fake_api, &f->hub, f->err, sizeof(f->err)));
+}
+
+static void test_load_budget_stops_top_level_loop(void **state)
+{
+    fixture *f = *state;
+    hub_script *s = load_full(f, "evapi.on('message', print)\nwhile true do end\n", "", 50000, 0);
+    assert_null(s);
+    assert_non_null(strstr(f->err, "instruction budget exceeded (50000 instructions)"));
+}
+
+static void test_load_exit_at_top_level_is_fine(void **state)
+{
+    fixture *f = *state;
+    f->s =
+        load_full(f, "evapi.on('message', print)\nKSR.x.exit()\nerror('not reached')\n", "", 0, 0);
+    assert_non_null(f->s);
+}
+
+static void test_load_warns_when_both_dialects(void **state)
+{
+    fixture *f = *state;
+    capture_begin(f);
+    load_ok(f, "function ksr_evapi_event() end\nevapi.on('message', print)\n", CB);
+    const char *log = capture_end(f);
+    assert_non_null(strstr(log, "evapi.on() handlers are not called"));
+}
+
+/* ---- budget and memory ---- */
+
+static void test_budget_stops_runaway_and_next_call_works(void **state)
+{
+    fixture *f = *state;
+    f->s = load_full(f, native_script, "", 100000, 0);
+    assert_non_null(f->s);
+    connect(f->s, 1, 0, "127.0.0.1", 1);
+    const char *cases[] = {"loop", "sneaky", "co"};
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        capture_begin(f);
+        message(f->s, 1, cases[i]);
+        const char *log = capture_end(f);
+        assert_non_null(strstr(log, "lua: message: "));
+        assert_non_null(strstr(log, "instruction budget exceeded (100000 instructions)"));
+        int n = f->hub.ncalls;
+        message(f->s, 1, "after");
+        assert_int_equal(f->hub.ncalls, n + 1);
+        assert_memory_equal(last_call(f)->data, "after", 5);
+    }
+    /* a modest loop within the budget runs to the end */
+    lua_ok(f->s, "evapi.on('message', function() local n = 0 for i = 1, 10000 do n = n + i end "
+                 "evapi.relay(tostring(n)) end)");
+    message(f->s, 1, "x");
+    assert_memory_equal(last_call(f)->data, "50005000", 8);
+}
+
+static void test_memory_limit_fails_callback_not_hub(void **state)
+{
+    fixture *f = *state;
+    f->s = load_full(f, native_script, "", 0, 2 * 1024 * 1024);
+    assert_non_null(f->s);
+    connect(f->s, 1, 0, "127.0.0.1", 1);
+    capture_begin(f);
+    message(f->s, 1, "alloc");
+    const char *log = capture_end(f);
+    assert_non_null(strstr(log, "lua: message: not enough memory"));
+    assert_true(f->s->mem_used <= 2 * 1024 * 1024);
+    hlua_script_ops.idle(f->s);
+    message(f->s, 1, "after");
+    assert_memory_equal(last_call(f)->data, "after", 5);
+}
+
+static void test_memory_limit_at_load(void **state)
+{
+    fixture *f = *state;
+    hub_script *s = load_full(f, native_script, "", 0, 16 * 1024);
+    assert_null(s);
+    assert_non_null(strstr(f->err, "not enough memory (max_memory 16384 bytes)"));
+}
+
+/* ---- reload ---- */
+
+static void test_reload_carries_connections_and_tags(void **state)
+{
+    fixture *f = *state;
+    hub_script *old = load_ok(f, native_script, "");
+    connect(old, 1, 0, "127.0.0.1", 1001);
+    connect(old, 2, 1, "127.0.0.2", 1002);
+    connect(old, 3, 2, "127.0.0.3", 1003);
+    lua_ok(old, "assert(CONNS[2]:set_tag('pbx'))");
+    hlua_script_ops.on_close(old, 3);
+
+    /* a failed reload leaves old as it was */
+    write_script(f, "syntax error here\n");
+    hub_script_conf conf = {
+        .path = f->path, .event_callback = CB, .max_instructions = 100000, .worker = 2};
+    assert_null(hlua_script_ops.reload(old, &conf, f->err, sizeof(f->err)));
+    assert_non_null(strstr(f->err, ":1:"));
+
+    write_script(f, kemi_script);
+    hub_script *s = hlua_script_ops.reload(old, &conf, f->err, sizeof(f->err));
+    if (s == NULL)
+        fail_msg("reload failed: %s", f->err);
+    message(old, 1, "old still works");
+    assert_memory_equal(last_call(f)->data, "old still works", 15);
+    hlua_script_ops.free(old);
+    f->s = s;
+
+    message(s, 2, "unicast:pbx:hi");
+    assert_string_equal(last_call(f)->op, "unicast");
+    lua_ok(s, "local e = R[#R]\n"
+              "assert(e.addr == '127.0.0.2' and e.port == 1002 and e.conidx == 1, e.addr)\n");
+    message(s, 3, "closed before reload");
+    lua_ok(s, "assert(#R == 1)");
+    /* the tag travelled with the connection, and the closed one did not */
+    const hlua_conn *c = registered_conn(s, 2);
+    assert_non_null(c);
+    assert_int_equal(c->taglen, 3);
+    assert_string_equal(c->tag, "pbx");
+    assert_int_equal(c->closed, 0);
+    c = registered_conn(s, 1);
+    assert_non_null(c);
+    assert_int_equal(c->taglen, 0);
+    assert_null(registered_conn(s, 3));
+    hlua_script_ops.on_close(s, 2);
+    assert_null(registered_conn(s, 2));
+}
+
+static void test_reload_native_sees_tag(void **state)
+{
+    fixture *f = *state;
+    hub_script *old = load_ok(f, native_script, "");
+    connect(old, 5, 4, "10.1.1.1", 999);
+    lua_ok(old, "assert(CONNS[5]:set_tag('t-5'))");
+    hub_script_conf conf = {.path = f->path, .event_callback = "", .worker = 0};
+    write_script(f, "evapi.on('message', function(c, m) evapi.relay(tostring(c)) end)\n");
+    hub_script *s = hlua_script_ops.reload(old, &conf, f->err, sizeof(f->err));
+    assert_non_null(s);
+    hlua_script_ops.free(old);
+    f->s = s;
+    message(s, 5, "x");
+    const char *want = "evhub.client id=5 addr=10.1.1.1:999 tag=t-5";
+    assert_int_equal(last_call(f)->len, strlen(want));
+    assert_memory_equal(last_call(f)->data, want, strlen(want));
+}
+
+/* ---- json ---- */
+
+static void test_json_round_trip(void **state)
+{
+    fixture *f = *state;
+    hub_script *s = load_ok(f, native_script, "");
+    lua_ok(s, "local v = {a = {1, 2, {b = 'c'}}, n = json.null, f = 1.5, i = -7, t = true,\n"
+              "  e = {}, s = 'x\\0y\\255', big = 9007199254740993, list = {json.null, 2}}\n"
+              "local text = json.encode(v)\n"
+              "local d = assert(json.decode(text))\n"
+              "assert(d.a[1] == 1 and d.a[2] == 2 and d.a[3].b == 'c' and #d.a == 3)\n"
+              "assert(d.n == json.null and d.f == 1.5 and d.i == -7 and d.t == true)\n"
+              "assert(math.type(d.i) == 'integer' and math.type(d.f) == 'float')\n"
+              "assert(next(d.e) == nil and d.s == 'x\\0y\\255' and #d.s == 4)\n"
+              "assert(d.big == 9007199254740993 and math.type(d.big) == 'integer')\n"
+              "assert(d.list[1] == json.null and d.list[2] == 2 and #d.list == 2)\n"
+              "assert(json.encode({}) == '{}')\n"
+              "assert(json.encode({1, 2, 3}) == '[1,2,3]')\n"
+              "assert(json.encode({[1] = 'a', [3] = 'c'}):find('\"3\":\"c\"', 1, true))\n"
+              "assert(json.encode('a/b\"\\n') == '\"a/b\\\\\"\\\\n\"')\n"
+              "assert(json.encode(0.1) == '0.1' and json.encode(2.0) == '2.0')\n"
+              "assert(json.encode(nil) == 'null' and json.encode(json.null) == 'null')\n"
+              "assert(json.encode({x = {}}) == '{\"x\":{}}')\n"
+              "assert(json.decode('  [1, 2.5, \"\\\\u0000\"] \\n')[3] == '\\0')\n"
+              "assert(json.decode('1') == 1 and json.decode('\"s\"') == 's')\n"
+              "assert(json.decode('null') == json.null and json.decode('false') == false)\n"
+              "assert(json.decode('18446744073709551615') > 1.8e19)\n");
+}
+
+static void test_json_errors(void **state)
+{
+    fixture *f = *state;
+    hub_script *s = load_ok(f, native_script, "");
+    lua_ok(s, "local function nilmsg(text)\n"
+              "  local v, msg = json.decode(text)\n"
+              "  assert(v == nil and type(msg) == 'string' and msg:find('^json.decode: '), text)\n"
+              "end\n"
+              "nilmsg('') nilmsg('{') nilmsg('[1,') nilmsg('{\"a\" 1}') nilmsg('nul')\n"
+              "nilmsg('[1] x') nilmsg('1 2') nilmsg('[1]\\0') nilmsg('\"abc')\n"
+              "nilmsg(string.rep('[', 200) .. string.rep(']', 200))\n"
+              "local function raises(v, pat)\n"
+              "  local ok, err = pcall(json.encode, v)\n"
+              "  assert(not ok and err:find(pat, 1, true), tostring(err))\n"
+              "end\n"
+              "raises(0/0, 'NaN or infinity') raises(math.huge, 'NaN or infinity')\n"
+              "raises({a = -math.huge}, 'NaN or infinity')\n"
+              "raises(print, 'cannot encode a function')\n"
+              "raises({[true] = 1}, 'key must be a string or a number')\n"
+              "local t = {} t.self = t raises(t, 'nesting deeper than')\n"
+              "local deep = {} local cur = deep for i = 1, 100 do cur[1] = {} cur = cur[1] end\n"
+              "raises(deep, 'nesting deeper than')\n"
+              "assert(not pcall(json.decode, {}))\n"
+              "assert(not pcall(json.encode))\n");
+}
+
+/* ---- the examples ---- */
+
+static hub_script *load_example(fixture *f, const char *name, const char *cb)
+{
+    const char *dir = getenv("EVHUB_SOURCE_DIR");
+    char path[1024];
+    snprintf(path, sizeof(path), "%s/examples/%s", dir ? dir : ".", name);
+    hub_script_conf conf = {
+        .path = path, .event_callback = cb, .max_instructions = 1000000, .worker = 0};
+    f->s = hlua_script_ops.load(&conf, &fake_api, &f->hub, f->err, sizeof(f->err));
+    if (f->s == NULL)
+        fail_msg("%s", f->err);
+    return f->s;
+}
+
+static void expect_call(fixture *f, int i, const char *op, const char *tag, const char *data)
+{
+    assert_true(i < f->hub.ncalls);
+    fake_call *c = &f->hub.calls[i];
+    assert_string_equal(c->op, op);
+    if (tag) {
+        assert_int_equal(c->taglen, strlen(tag));
+        assert_memory_equal(c->tag, tag, c->taglen);
+    }
+    if (data) {
+        assert_int_equal(c->len, strlen(data));
+        assert_memory_equal(c->data, data, c->len);
+    }
+}
+
+static void test_example_kemi_protocol(void **state)
+{
+    fixture *f = *state;
+    hub_script *s = load_example(f, "kemi.lua", CB);
+    capture_begin(f);
+    connect(s, 1, 0, "127.0.0.1", 5000);
+    message(s, 1, "tag:pbx1");
+    message(s, 1, "multicast:pbx1:hello all");
+    message(s, 1, "unicast:pbx1:hello one");
+    message(s, 1, "just relay");
+    hlua_script_ops.on_close(s, 1);
+    const char *log = capture_end(f);
+    assert_int_equal(f->hub.ncalls, 5);
+    expect_call(f, 0, "set_tag", "127.0.0.1", NULL);
+    expect_call(f, 1, "set_tag", "pbx1", NULL);
+    expect_call(f, 2, "multicast", "pbx1", "hello all");
+    expect_call(f, 3, "unicast", "pbx1", "hello one");
+    expect_call(f, 4, "relay", NULL, "just relay");
+    assert_non_null(strstr(log, "new connection from 127.0.0.1:5000\n"));
+    assert_non_null(strstr(log, "connection closed: 127.0.0.1:5000\n"));
+    assert_null(strstr(log, "err:"));
+}
+
+static void test_example_native_protocol(void **state)
+{
+    fixture *f = *state;
+    hub_script *s = load_example(f, "native.lua", "");
+    capture_begin(f);
+    connect(s, 1, 0, "127.0.0.1", 5000);
+    message(s, 1, "ping");
+    message(s, 1, "tag:app");
+    message(s, 1, "tag:bad tag");
+    message(s, 1, "multicast:pbx1:m");
+    message(s, 1, "unicast:pbx1:u");
+    message(s, 1, "{\"to\":\"pbx1\",\"data\":[1,null]}");
+    message(s, 1, "{oops");
+    message(s, 1, "other");
+    hlua_script_ops.on_close(s, 1);
+    const char *log = capture_end(f);
+    expect_call(f, 0, "set_tag", "127.0.0.1", NULL);
+    expect_call(f, 1, "send", NULL, "pong");
+    expect_call(f, 2, "set_tag", "app", NULL);
+    expect_call(f, 3, "send", NULL, "ok");
+    expect_call(f, 4, "send", NULL, "error: invalid tag");
+    expect_call(f, 5, "multicast", "pbx1", "m");
+    expect_call(f, 6, "unicast", "pbx1", "u");
+    expect_call(f, 7, "multicast", "pbx1", NULL);
+    f->hub.calls[7].data[f->hub.calls[7].len] = '\0';
+    assert_non_null(strstr(f->hub.calls[7].data, "\"from\":\"app\""));
+    assert_non_null(strstr(f->hub.calls[7].data, "\"data\":[1,null]"));
+    assert_int_equal(f->hub.ncalls, 11);
+    expect_call(f, 8, "send", NULL, "{\"ok\":true}");
+    expect_call(f, 9, "send", NULL, NULL);
+    assert_non_null(strstr(f->hub.calls[9].data, "\"ok\":false"));
+    expect_call(f, 10, "relay", NULL, "other");
+    assert_non_null(strstr(log, "new connection evhub.client id=1 addr=127.0.0.1:5000"));
+    assert_null(strstr(log, "err:"));
+}
+
+/* ---- housekeeping ---- */
+
+static void test_idle_and_free_are_safe(void **state)
+{
+    fixture *f = *state;
+    hub_script *s = load_ok(f, native_script, "");
+    connect(s, 1, 0, "127.0.0.1", 1);
+    for (int i = 0; i < 100; i++)
+        hlua_script_ops.idle(s);
+    hlua_script_ops.free(NULL);
+    assert_string_equal(hlua_script_ops.name, "lua");
+}
+
+static void test_gc_error_becomes_warning(void **state)
+{
+    fixture *f = *state;
+    hub_script *s = load_ok(f, native_script, "");
+    capture_begin(f);
+    lua_ok(s, "setmetatable({}, {__gc = function() error('in gc') end}) collectgarbage()");
+    const char *log = capture_end(f);
+    assert_non_null(strstr(log, "lua: warning: "));
+    assert_non_null(strstr(log, "in gc"));
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+#define T(name) cmocka_unit_test_setup_teardown(name, setup, teardown)
+        T(test_kemi_relay_returns_1_or_minus_1),
+        T(test_kemi_multicast_and_unicast),
+        T(test_kemi_close_returns_0_and_minus_1),
+        T(test_kemi_set_tag),
+        T(test_kemi_pv_in_each_event),
+        T(test_kemi_binary_payload_round_trip),
+        T(test_kemi_exit_is_silent_and_resets_context),
+        T(test_kemi_runtime_error_logged_and_next_works),
+        T(test_kemi_log_functions_strip_one_newline),
+        T(test_kemi_unavailable_functions),
+        T(test_kemi_callback_redefined_at_runtime),
+        T(test_native_conn_fields_and_methods),
+        T(test_native_results_are_nil_msg_code),
+        T(test_native_evapi_by_id),
+        T(test_native_misuse_raises),
+        T(test_native_close_event_marks_closed),
+        T(test_native_on_replaces_and_unsets),
+        T(test_native_binary_message),
+        T(test_load_syntax_error_gives_file_line),
+        T(test_load_runtime_error_gives_file_line),
+        T(test_load_missing_file),
+        T(test_load_refuses_missing_callback),
+        T(test_load_refuses_no_handler),
+        T(test_load_budget_stops_top_level_loop),
+        T(test_load_exit_at_top_level_is_fine),
+        T(test_load_warns_when_both_dialects),
+        T(test_budget_stops_runaway_and_next_call_works),
+        T(test_memory_limit_fails_callback_not_hub),
+        T(test_memory_limit_at_load),
+        T(test_reload_carries_connections_and_tags),
+        T(test_reload_native_sees_tag),
+        T(test_json_round_trip),
+        T(test_json_errors),
+        T(test_example_kemi_protocol),
+        T(test_example_native_protocol),
+        T(test_idle_and_free_are_safe),
+        T(test_gc_error_becomes_warning),
+#undef T
+    };
+    return cmocka_run_group_tests_name("lua", tests, NULL, NULL);
+}
