@@ -15,20 +15,11 @@ void hub_set_allocator(const hub_allocator *a)
     }
 }
 
-void *hub_malloc(size_t n)
-{
-    return current.malloc_fn(n);
-}
+void *hub_malloc(size_t n) { return current.malloc_fn(n); }
 
-void *hub_calloc(size_t n, size_t size)
-{
-    return current.calloc_fn(n, size);
-}
+void *hub_calloc(size_t n, size_t size) { return current.calloc_fn(n, size); }
 
-void *hub_realloc(void *p, size_t n)
-{
-    return current.realloc_fn(p, n);
-}
+void *hub_realloc(void *p, size_t n) { return current.realloc_fn(p, n); }
 
 void hub_free(void *p)
 {

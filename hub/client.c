@@ -13,9 +13,8 @@
 #include "hub/log.h"
 
 #define CLOG(l, c, fmt, ...)                                                                       \
-    hub_log(l, "client id=%llu addr=%s:%u%s%s: " fmt, (unsigned long long)(c)->id,               \
-            (c)->info.addr, (c)->info.port, (c)->tag ? " tag=" : "", (c)->tag ? (c)->tag->name : "",\
-            __VA_ARGS__)
+    hub_log(l, "client id=%llu addr=%s:%u%s%s: " fmt, (unsigned long long)(c)->id, (c)->info.addr, \
+            (c)->info.port, (c)->tag ? " tag=" : "", (c)->tag ? (c)->tag->name : "", __VA_ARGS__)
 
 hub_frame *hub__frame_new(hub *h, const char *data, size_t len)
 {

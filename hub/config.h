@@ -45,7 +45,6 @@ int hub_config_load(hub_config *c, const char *path, char *err, size_t errlen);
 int hub_config_set(hub_config *c, const char *section, const char *key, const char *value,
                    char *err, size_t errlen);
 /* Split "host:port" / "[v6]:port" into host and port. Returns 0 or -EINVAL. */
-int hub_config_split_addr(const char *addr, char *host, size_t hostlen, char *port,
-                          size_t portlen);
+int hub_config_split_addr(const char *addr, char *host, size_t hostlen, char *port, size_t portlen);
 
 #endif

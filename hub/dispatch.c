@@ -110,10 +110,7 @@ int hub__close_id(hub *h, uint64_t id, const char *reason)
 }
 
 /* The API a script in the loop thread uses: direct calls. */
-static int api_relay(void *ud, const char *data, size_t len)
-{
-    return hub__relay(ud, data, len);
-}
+static int api_relay(void *ud, const char *data, size_t len) { return hub__relay(ud, data, len); }
 
 static int api_multicast(void *ud, const char *tag, size_t taglen, const char *data, size_t len)
 {

@@ -15,7 +15,6 @@ int hub_run(hub *h);
 /* NULL-safe; closes every connection without flushing. */
 void hub_destroy(hub *h);
 /* Load and check the script of cfg once, as -t does. 0, or -EINVAL with err set. */
-int hub_check_script(const hub_config *cfg, const hub_script_ops *ops, char *err,
-                     size_t errlen);
+int hub_check_script(const hub_config *cfg, const hub_script_ops *ops, char *err, size_t errlen);
 
 #endif

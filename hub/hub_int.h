@@ -15,11 +15,11 @@
 #include "hub/netstring.h"
 #include "hub/script.h"
 
-#define HUB_ACCEPT_PER_EVENT 64          /* accepts per readable event on the listener */
-#define HUB_READ_CHUNK       (64 * 1024) /* bytes asked of read(2) at a time */
-#define HUB_READS_PER_EVENT  4           /* reads per readable event on a client */
+#define HUB_ACCEPT_PER_EVENT 64           /* accepts per readable event on the listener */
+#define HUB_READ_CHUNK       (64 * 1024)  /* bytes asked of read(2) at a time */
+#define HUB_READS_PER_EVENT  4            /* reads per readable event on a client */
 #define HUB_WRITE_BUDGET     (256 * 1024) /* bytes written to one client per loop iteration */
-#define HUB_IOV_MAX          128         /* iovecs per writev */
+#define HUB_IOV_MAX          128          /* iovecs per writev */
 
 /* An encoded outbound frame shared by every recipient; loop thread only, so the count is
  * plain. */
@@ -104,7 +104,7 @@ struct hub {
     struct hub_idslot {
         uint64_t id;
         hub_client *c;
-    } *ids;
+    } * ids;
     size_t ids_cap, ids_len;
 
     hub_tag **tagtab; /* hash of tags */
@@ -184,8 +184,7 @@ void hub__workers_join(hub *h);
 int hub__worker_full(hub *h, int w);
 void hub__worker_pause(hub *h, int w, hub_client *c);
 void hub__commands_cb(struct ev_loop *loop, ev_async *w, int revents);
-int hub__worker_queue_item(hub *h, int w, int type, hub_client *c, const char *data,
-                           size_t len);
+int hub__worker_queue_item(hub *h, int w, int type, hub_client *c, const char *data, size_t len);
 
 /* small helpers */
 size_t hub__json_escape(char *dst, size_t cap, const char *src, size_t len);

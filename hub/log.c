@@ -16,8 +16,7 @@ int hub_log_level = HUB_LOG_INFO;
 static int use_syslog;
 
 static const char *const names[] = {"crit", "err", "warn", "notice", "info", "debug"};
-static const int syslog_prio[] = {LOG_CRIT, LOG_ERR, LOG_WARNING, LOG_NOTICE, LOG_INFO,
-                                  LOG_DEBUG};
+static const int syslog_prio[] = {LOG_CRIT, LOG_ERR, LOG_WARNING, LOG_NOTICE, LOG_INFO, LOG_DEBUG};
 
 void hub_log_set_level(int level)
 {
@@ -72,10 +71,10 @@ void hub_log_write(int level, const char *fmt, ...)
 
     gettimeofday(&tv, NULL);
     localtime_r(&tv.tv_sec, &tm);
-    int n = snprintf(line, sizeof(line), "%04d-%02d-%02d %02d:%02d:%02d.%03d [%d] %s: ",
-                     tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min,
-                     tm.tm_sec, (int)(tv.tv_usec / 1000), (int)getpid(),
-                     hub_log_level_name(level));
+    int n = snprintf(line, sizeof(line),
+                     "%04d-%02d-%02d %02d:%02d:%02d.%03d [%d] %s: ", tm.tm_year + 1900,
+                     tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec,
+                     (int)(tv.tv_usec / 1000), (int)getpid(), hub_log_level_name(level));
     size_t hdr = (size_t)n;
     va_start(ap, fmt);
     n = vsnprintf(line + hdr, sizeof(line) - hdr - 1, fmt, ap);

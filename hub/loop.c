@@ -42,8 +42,8 @@ static const hub_api no_api = {noapi_data,    noapi_tagged,  noapi_tagged,
 
 int hub_check_script(const hub_config *cfg, const hub_script_ops *ops, char *err, size_t errlen)
 {
-    hub_script_conf sc = {cfg->script, cfg->event_callback, cfg->max_instructions,
-                          cfg->max_memory, -1};
+    hub_script_conf sc = {cfg->script, cfg->event_callback, cfg->max_instructions, cfg->max_memory,
+                          -1};
     if (!cfg->script[0]) {
         snprintf(err, errlen, "no script configured ([lua] script)");
         return -EINVAL;

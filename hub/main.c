@@ -15,22 +15,20 @@
 
 static void usage(FILE *f)
 {
-    fprintf(f,
-            "usage: evhub [-c FILE] [-f] [-l LEVEL] [-b ADDR] [-t] [-h] [--version]\n"
-            "  -c FILE     configuration file (default " DEFAULT_CONFIG ")\n"
-            "  -f          stay in the foreground\n"
-            "  -l LEVEL    log level: crit, err, warn, notice, info, debug\n"
-            "  -b ADDR     listen on ADDR (host:port or [v6]:port), overriding bind_addr\n"
-            "  -t          check the configuration and the script, then exit\n"
-            "  -h          this help\n"
-            "  --version   print the version\n");
+    fprintf(f, "usage: evhub [-c FILE] [-f] [-l LEVEL] [-b ADDR] [-t] [-h] [--version]\n"
+               "  -c FILE     configuration file (default " DEFAULT_CONFIG ")\n"
+               "  -f          stay in the foreground\n"
+               "  -l LEVEL    log level: crit, err, warn, notice, info, debug\n"
+               "  -b ADDR     listen on ADDR (host:port or [v6]:port), overriding bind_addr\n"
+               "  -t          check the configuration and the script, then exit\n"
+               "  -h          this help\n"
+               "  --version   print the version\n");
 }
 
 int main(int argc, char **argv)
 {
-    static const struct option longopts[] = {{"version", no_argument, NULL, 'V'},
-                                             {"help", no_argument, NULL, 'h'},
-                                             {NULL, 0, NULL, 0}};
+    static const struct option longopts[] = {
+        {"version", no_argument, NULL, 'V'}, {"help", no_argument, NULL, 'h'}, {NULL, 0, NULL, 0}};
     const char *path = DEFAULT_CONFIG, *level = NULL, *bind = NULL;
     int foreground = 0, check = 0, opt;
     char err[1024];

@@ -11,9 +11,9 @@
 
 /* What a script learns about a connection when it connects. */
 typedef struct hub_conn_info {
-    uint64_t id;    /* never reused */
-    int conidx;     /* slot index, reused after close (Kamailio's $evapi(conidx)) */
-    uint16_t port;  /* peer port */
+    uint64_t id;   /* never reused */
+    int conidx;    /* slot index, reused after close (Kamailio's $evapi(conidx)) */
+    uint16_t port; /* peer port */
     char addr[HUB_ADDR_MAX];
 } hub_conn_info;
 
@@ -49,8 +49,7 @@ typedef struct hub_script_ops {
                         size_t errlen);
     /* Load the script afresh into a new state that inherits old's connections (and their
      * tags), for a reload. NULL with err set on failure; old is untouched either way. */
-    hub_script *(*reload)(hub_script *old, const hub_script_conf *conf, char *err,
-                          size_t errlen);
+    hub_script *(*reload)(hub_script *old, const hub_script_conf *conf, char *err, size_t errlen);
     void (*free)(hub_script *s); /* NULL-safe */
     /* Callbacks never fail from the hub's point of view: script errors are logged inside. */
     void (*on_connect)(hub_script *s, const hub_conn_info *ci);

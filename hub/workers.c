@@ -11,8 +11,17 @@
 #include "hub/hub_int.h"
 #include "hub/log.h"
 
-enum { CMD_RELAY, CMD_MULTICAST, CMD_UNICAST, CMD_SEND, CMD_SET_TAG, CMD_CLOSE, CMD_START_READ,
-       CMD_RESUME, CMD_DONE };
+enum {
+    CMD_RELAY,
+    CMD_MULTICAST,
+    CMD_UNICAST,
+    CMD_SEND,
+    CMD_SET_TAG,
+    CMD_CLOSE,
+    CMD_START_READ,
+    CMD_RESUME,
+    CMD_DONE
+};
 
 #define CMD_FLUSH_EVERY 64 /* events between command hand-offs while a batch runs */
 
@@ -129,8 +138,8 @@ static int wapi_relay(void *ud, const char *data, size_t len)
     return rc < 0 ? rc : 1;
 }
 
-static int wapi_tagged(hub_worker *w, int type, const char *tag, size_t taglen,
-                       const char *data, size_t len)
+static int wapi_tagged(hub_worker *w, int type, const char *tag, size_t taglen, const char *data,
+                       size_t len)
 {
     if (!hub__tag_valid(tag, taglen))
         return -EINVAL;
@@ -145,8 +154,7 @@ static int wapi_tagged(hub_worker *w, int type, const char *tag, size_t taglen,
     return n ? 1 : 0;
 }
 
-static int wapi_multicast(void *ud, const char *tag, size_t taglen, const char *data,
-                          size_t len)
+static int wapi_multicast(void *ud, const char *tag, size_t taglen, const char *data, size_t len)
 {
     return wapi_tagged(ud, CMD_MULTICAST, tag, taglen, data, len);
 }
@@ -199,8 +207,7 @@ static void worker_reload(hub_worker *w)
                           h->cfg.max_memory, w->index};
     hub_script *n = h->ops->reload(w->script, &sc, err, sizeof(err));
     if (!n) {
-        hub_log(HUB_LOG_ERR, "worker %d: reload failed: %s; keeping the old script", w->index,
-                err);
+        hub_log(HUB_LOG_ERR, "worker %d: reload failed: %s; keeping the old script", w->index, err);
         return;
     }
     h->ops->free(w->script);
@@ -325,15 +332,14 @@ int hub__worker_full(hub *h, int w)
     return atomic_load(&h->workers[w].queued) >= h->cfg.worker_queue;
 }
 
-int hub__worker_queue_item(hub *h, int wi, int type, hub_client *c, const char *data,
-                           size_t len)
+int hub__worker_queue_item(hub *h, int wi, int type, hub_client *c, const char *data, size_t len)
 {
     hub_worker *w = &h->workers[wi];
     hub_item *it = type == HUB_EV_CONNECT ? item_new(type, c->id, &c->info, sizeof(c->info))
-                                      : item_new(type, c->id, data, len);
+                                          : item_new(type, c->id, data, len);
     if (!it) {
-        hub_log(HUB_LOG_ERR, "worker %d: out of memory queueing an event for client id=%llu",
-                wi, (unsigned long long)c->id);
+        hub_log(HUB_LOG_ERR, "worker %d: out of memory queueing an event for client id=%llu", wi,
+                (unsigned long long)c->id);
         return -ENOMEM;
     }
     atomic_fetch_add(&w->queued, 1);
@@ -517,15 +523,9 @@ static void post_control(hub *h, int type)
     }
 }
 
-void hub__workers_reload(hub *h)
-{
-    post_control(h, HUB_EV_RELOAD);
-}
+void hub__workers_reload(hub *h) { post_control(h, HUB_EV_RELOAD); }
 
-void hub__workers_stop(hub *h)
-{
-    post_control(h, HUB_EV_STOP);
-}
+void hub__workers_stop(hub *h) { post_control(h, HUB_EV_STOP); }
 
 void hub__workers_join(hub *h)
 {

@@ -163,23 +163,24 @@ function P.is_null(name)
     return pv_get(name) == nil
 end
 
--- Logging: one trailing "\n" is dropped by the log functions.
+-- Logging as Kamailio's: the script's text as is (no "lua: " prefix), one trailing "\n" dropped.
 
-KSR.dbg = log.debug
-KSR.info = log.info
-KSR.notice = log.notice
-KSR.warn = log.warn
-KSR.err = log.err
-KSR.crit = log.crit
+local klog = H.log
+KSR.dbg = klog.debug
+KSR.info = klog.info
+KSR.notice = klog.notice
+KSR.warn = klog.warn
+KSR.err = klog.err
+KSR.crit = klog.crit
 
 local log_levels = {
-    dbg = log.debug, debug = log.debug, info = log.info, notice = log.notice,
-    warn = log.warn, warning = log.warn, err = log.err, error = log.err,
-    crit = log.crit, alert = log.crit, bug = log.crit,
+    dbg = klog.debug, debug = klog.debug, info = klog.info, notice = klog.notice,
+    warn = klog.warn, warning = klog.warn, err = klog.err, error = klog.err,
+    crit = klog.crit, alert = klog.crit, bug = klog.crit,
 }
 
 function KSR.log(level, msg)
-    local f = log_levels[level] or log.info
+    local f = log_levels[level] or klog.info
     f(msg)
 end
 

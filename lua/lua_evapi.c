@@ -344,19 +344,22 @@ static const luaL_Reg evapi_funcs[] = {
 
 /* ---- log module ---- */
 
-/* One trailing newline is dropped: Kamailio scripts end their messages with "\n". */
+/* One trailing newline is dropped: Kamailio scripts end their messages with "\n".
+ * Upvalues: the level, and whether to prefix "lua: " (log.*) or not (KSR.*, as Kamailio). */
 static int log_write(lua_State *L)
 {
     int level = (int)lua_tointeger(L, lua_upvalueindex(1));
+    int prefix = lua_toboolean(L, lua_upvalueindex(2));
     size_t len;
     const char *msg = luaL_checklstring(L, 1, &len);
     if (len > 0 && msg[len - 1] == '\n')
         len--;
-    hub_log(level, "lua: %.*s", (int)len, msg);
+    hub_log(level, "%s%.*s", prefix ? "lua: " : "", (int)len, msg);
     return 0;
 }
 
-static void open_log(lua_State *L)
+/* Push a table of log functions: debug, info, notice, warn, err, crit and aliases. */
+static void push_log_table(lua_State *L, int prefix)
 {
     static const struct {
         const char *name;
@@ -369,10 +372,10 @@ static void open_log(lua_State *L)
     lua_createtable(L, 0, sizeof(levels) / sizeof(levels[0])); /* [log] */
     for (size_t i = 0; i < sizeof(levels) / sizeof(levels[0]); i++) {
         lua_pushinteger(L, levels[i].level); /* [log, level] */
-        lua_pushcclosure(L, log_write, 1);   /* [log, fn] */
+        lua_pushboolean(L, prefix);          /* [log, level, prefix] */
+        lua_pushcclosure(L, log_write, 2);   /* [log, fn] */
         lua_setfield(L, -2, levels[i].name); /* [log] */
     }
-    lua_setglobal(L, "log"); /* [] */
 }
 
 void hlua__open_evapi(lua_State *L)
@@ -383,7 +386,8 @@ void hlua__open_evapi(lua_State *L)
     lua_pushinteger(L, s->worker); /* [evapi, worker] */
     lua_setfield(L, -2, "worker"); /* [evapi] */
     lua_setglobal(L, "evapi");     /* [] */
-    open_log(L);
+    push_log_table(L, 1);          /* [log] */
+    lua_setglobal(L, "log");       /* [] */
 }
 
 /* ---- helpers for ksr.lua ---- */
@@ -396,7 +400,9 @@ static int helper_exit(lua_State *L)
 
 void hlua__push_ksr_helpers(lua_State *L)
 {
-    lua_createtable(L, 0, 1);          /* [h] */
+    lua_createtable(L, 0, 2);          /* [h] */
     lua_pushcfunction(L, helper_exit); /* [h, exit] */
     lua_setfield(L, -2, "exit");       /* [h] */
+    push_log_table(L, 0);              /* [h, log] */
+    lua_setfield(L, -2, "log");        /* [h] */
 }

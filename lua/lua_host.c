@@ -129,6 +129,7 @@ static void kemi_reset(hub_script *s)
     lua_State *L = s->L;
     if (s->reset_ref == LUA_NOREF)
         return;
+    arm_budget(s); /* after a budget error the hook fires on every instruction */
     lua_rawgeti(L, LUA_REGISTRYINDEX, s->reset_ref); /* [reset] */
     if (lua_pcall(L, 0, 0, 0) != LUA_OK)
         lua_pop(L, 1);
@@ -342,14 +343,13 @@ static int init_state(lua_State *L)
         }
         return 0;
     }
-    for (int ev = 1; ev <= HLUA_EV_COUNT; ev++) {
-        if (s->handler[ev] != LUA_NOREF)
-            return 0;
-    }
-    return luaL_error(L,
-                      "%s: script registers no evapi.on() handler and no event_callback is "
-                      "configured",
-                      conf->path);
+    /* Without a message handler every frame would be dropped: surely a mistake. */
+    if (s->handler[HLUA_EV_MESSAGE] == LUA_NOREF)
+        return luaL_error(L,
+                          "%s: script registers no evapi.on(\"message\") handler and no "
+                          "event_callback is configured",
+                          conf->path);
+    return 0;
 }
 
 static hub_script *hlua_load(const hub_script_conf *conf, const hub_api *api, void *ud, char *err,

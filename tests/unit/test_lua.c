@@ -284,6 +284,7 @@ static const char kemi_script[] =
     "    ev.rc = KSR.evapi.relay_unicast(payload, tag)\n"
     "  elseif msg == 'exit' then KSR.x.exit(); error('not reached')\n"
     "  elseif msg == 'boom' then error('boom!')\n"
+    "  elseif msg == 'spin' then while true do end\n"
     "  else ev.rc = KSR.evapi.relay(msg) end\n"
     "end\n"
     "function ksr_request_route() KSR.sl.sl_send_reply(200, 'OK') end\n";
@@ -442,23 +443,41 @@ static void test_kemi_runtime_error_logged_and_next_works(void **state)
     assert_memory_equal(last_call(f)->data, "next", 4);
 }
 
+static void test_kemi_budget_resets_context(void **state)
+{
+    fixture *f = *state;
+    f->s = load_full(f, kemi_script, CB, 20000, 0);
+    assert_non_null(f->s);
+    connect(f->s, 1, 0, "127.0.0.1", 1);
+    capture_begin(f);
+    message(f->s, 1, "spin");
+    const char *log = capture_end(f);
+    assert_non_null(strstr(log, "instruction budget exceeded (20000 instructions)"));
+    assert_int_equal(lua_int(f->s, "return KSR.pv.is_null('$evapi(msg)') and 1 or 0"), 1);
+    message(f->s, 1, "fine");
+    assert_memory_equal(last_call(f)->data, "fine", 4);
+}
+
 static void test_kemi_log_functions_strip_one_newline(void **state)
 {
     fixture *f = *state;
     hub_script *s = load_ok(f, kemi_script, CB);
     hub_log_set_level(HUB_LOG_DEBUG);
     capture_begin(f);
-    lua_ok(s, "KSR.info('hello info\\n') KSR.err('an error') KSR.dbg('dbg\\n\\n')\n"
-              "KSR.log('warn', 'via log\\n') KSR.notice('n') KSR.warn('w') KSR.crit('c')");
+    lua_ok(
+        s,
+        "log.info('native\\n') KSR.info('hello info\\n') KSR.err('an error') KSR.dbg('dbg\\n\\n')\n"
+        "KSR.log('warn', 'via log\\n') KSR.notice('n') KSR.warn('w') KSR.crit('c')");
     const char *log = capture_end(f);
     hub_log_set_level(HUB_LOG_INFO);
-    assert_non_null(strstr(log, "info: lua: hello info\n"));
+    assert_non_null(strstr(log, "info: hello info\n"));
     assert_null(strstr(log, "hello info\n\n"));
-    assert_non_null(strstr(log, "err: lua: an error\n"));
-    assert_non_null(strstr(log, "debug: lua: dbg\n\n")); /* only one newline is stripped */
-    assert_non_null(strstr(log, "warn: lua: via log\n"));
-    assert_non_null(strstr(log, "notice: lua: n\n"));
-    assert_non_null(strstr(log, "crit: lua: c\n"));
+    assert_non_null(strstr(log, "info: lua: native\n")); /* log.* says where it comes from */
+    assert_non_null(strstr(log, "err: an error\n"));
+    assert_non_null(strstr(log, "debug: dbg\n\n")); /* only one newline is stripped */
+    assert_non_null(strstr(log, "warn: via log\n"));
+    assert_non_null(strstr(log, "notice: n\n"));
+    assert_non_null(strstr(log, "crit: c\n"));
 }
 
 static void test_kemi_unavailable_functions(void **state)
@@ -696,9 +715,11 @@ static void test_load_refuses_no_handler(void **state)
     fixture *f = *state;
     hub_script *s = load_full(f, "function ksr_evapi_event() end\n", "", 0, 0);
     assert_null(s);
-    assert_non_null(strstr(f->err,
-                           "script registers no evapi.on() handler and no event_callback is "
-                           "configured"));
+    assert_non_null(strstr(f->err, "script registers no evapi.on(\"message\") handler and no "
+                                   "event_callback is configured"));
+    /* a connect handler alone does not do: messages would be dropped */
+    assert_null(load_full(f, "evapi.on('connect', print)\n", "", 0, 0));
+    assert_non_null(strstr(f->err, "evapi.on(\"message\")"));
     /* NULL event_callback means native too */
     hub_script_conf conf = {.path = f->path, .event_callback = NULL, .worker = -1};
     assert_null(hlua_script_ops.load(&conf, &fake_api, &f->hub, f->err, sizeof(f->err)));
@@ -1026,6 +1047,7 @@ int main(void)
         T(test_kemi_binary_payload_round_trip),
         T(test_kemi_exit_is_silent_and_resets_context),
         T(test_kemi_runtime_error_logged_and_next_works),
+        T(test_kemi_budget_resets_context),
         T(test_kemi_log_functions_strip_one_newline),
         T(test_kemi_unavailable_functions),
         T(test_kemi_callback_redefined_at_runtime),
