@@ -76,89 +76,7 @@ void hub__write_error_frame(hub *h, int fd, const char *code, const char *reason
     (void)w;
 }
 
-/* ---- id map: open addressing with linear probing and backward-shift deletion ---- */
-
-static size_t id_hash(uint64_t id, size_t cap)
-{
-    id ^= id >> 33;
-    id *= 0xff51afd7ed558ccdULL;
-    id ^= id >> 33;
-    return (size_t)id & (cap - 1);
-}
-
-static int ids_grow(hub *h)
-{
-    size_t ncap = h->ids_cap ? h->ids_cap * 2 : 1024;
-    struct hub_idslot *n = hub_calloc(ncap, sizeof(*n));
-    if (!n)
-        return -ENOMEM;
-    for (size_t i = 0; i < h->ids_cap; i++) {
-        if (!h->ids[i].id)
-            continue;
-        size_t j = id_hash(h->ids[i].id, ncap);
-        while (n[j].id)
-            j = (j + 1) & (ncap - 1);
-        n[j] = h->ids[i];
-    }
-    hub_free(h->ids);
-    h->ids = n;
-    h->ids_cap = ncap;
-    return 0;
-}
-
-static int ids_put(hub *h, hub_client *c)
-{
-    if ((h->ids_len + 1) * 2 > h->ids_cap && ids_grow(h) < 0)
-        return -ENOMEM;
-    size_t j = id_hash(c->id, h->ids_cap);
-    while (h->ids[j].id)
-        j = (j + 1) & (h->ids_cap - 1);
-    h->ids[j].id = c->id;
-    h->ids[j].c = c;
-    h->ids_len++;
-    return 0;
-}
-
-hub_client *hub__client_by_id(hub *h, uint64_t id)
-{
-    if (!h->ids_cap || !id)
-        return NULL;
-    size_t j = id_hash(id, h->ids_cap);
-    while (h->ids[j].id) {
-        if (h->ids[j].id == id)
-            return h->ids[j].c;
-        j = (j + 1) & (h->ids_cap - 1);
-    }
-    return NULL;
-}
-
-static void ids_del(hub *h, uint64_t id)
-{
-    size_t mask = h->ids_cap - 1, i = id_hash(id, h->ids_cap);
-    while (h->ids[i].id && h->ids[i].id != id)
-        i = (i + 1) & mask;
-    if (!h->ids[i].id)
-        return;
-    /* Shift later members of the probe run back so lookups never stop early. */
-    size_t j = i;
-    for (;;) {
-        h->ids[i].id = 0;
-        for (;;) {
-            j = (j + 1) & mask;
-            if (!h->ids[j].id)
-                goto done;
-            size_t k = id_hash(h->ids[j].id, h->ids_cap);
-            /* move j into i unless its home k lies cyclically in (i, j] */
-            if (i <= j ? (i < k && k <= j) : (i < k || k <= j))
-                continue;
-            break;
-        }
-        h->ids[i] = h->ids[j];
-        i = j;
-    }
-done:
-    h->ids_len--;
-}
+hub_client *hub__client_by_id(hub *h, uint64_t id) { return hub_idmap_get(&h->ids, id); }
 
 /* ---- write queue ---- */
 
@@ -432,7 +350,7 @@ void hub__client_accepted(hub *h, int fd, const struct sockaddr *sa)
     c->h = h;
     c->fd = fd;
     c->id = h->next_id++;
-    if (ids_put(h, c) < 0)
+    if (hub_idmap_put(&h->ids, c->id, c) < 0)
         goto fail;
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
     setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof(one));
@@ -518,6 +436,7 @@ static void client_unlink(hub_client *c)
     ev_io_stop(h->loop, &c->wio);
     /* Unlink now so no relay reaches it; the struct is freed by the reaper. */
     hub__tag_set(h, c, NULL, 0);
+    hub__tag_intent(h, c->id, NULL, 0, 1);
     c->close_next = h->closing;
     h->closing = c;
 }
@@ -538,7 +457,7 @@ static void client_destroy(hub *h, hub_client *c)
         h->clients = c->next;
     if (c->next)
         c->next->prev = c->prev;
-    ids_del(h, c->id);
+    hub_idmap_del(&h->ids, c->id);
     h->slots[c->info.conidx] = NULL;
     h->free_slots[h->nfree++] = c->info.conidx;
     atomic_fetch_sub(&h->nclients, 1);

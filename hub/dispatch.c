@@ -85,12 +85,18 @@ int hub__send(hub *h, uint64_t id, const char *data, size_t len)
     return rc == 0 ? 1 : 0;
 }
 
-int hub__set_tag_id(hub *h, uint64_t id, const char *tag, size_t len)
+int hub__set_tag_id(hub *h, uint64_t id, const char *tag, size_t len, int from_worker)
 {
     hub_client *c = hub__client_by_id(h, id);
-    if (!c || (c->flags & HUB_CLIENT_CLOSING))
+    int rc;
+    if (!c || (c->flags & HUB_CLIENT_CLOSING)) {
+        if (from_worker)
+            hub__tag_intent(h, id, NULL, 0, 1);
         return -ENOENT;
-    int rc = hub__tag_set(h, c, tag, len);
+    }
+    if (!from_worker && (rc = hub__tag_intent(h, id, tag, len, 1)) < 0)
+        return rc;
+    rc = hub__tag_set(h, c, tag, len);
     if (rc == 0)
         hub_log(HUB_LOG_DEBUG, "client id=%llu: tag set to '%.*s'", (unsigned long long)id,
                 (int)len, tag);
@@ -129,7 +135,7 @@ static int api_send(void *ud, uint64_t id, const char *data, size_t len)
 
 static int api_set_tag(void *ud, uint64_t id, const char *tag, size_t len)
 {
-    return hub__set_tag_id(ud, id, tag, len);
+    return hub__set_tag_id(ud, id, tag, len, 0);
 }
 
 static int api_close(void *ud, uint64_t id, const char *reason)

@@ -12,6 +12,7 @@
 
 #include "hub/config.h"
 #include "hub/hub.h"
+#include "hub/idmap.h"
 #include "hub/netstring.h"
 #include "hub/script.h"
 
@@ -65,11 +66,12 @@ struct hub_client {
     uint64_t frames_in, frames_out, bytes_in, bytes_out;
 };
 
-/* A tag and the clients carrying it. count is read by worker threads under tags_lock. */
+/* A tag and the clients carrying it (see tags.c for the two counts). */
 struct hub_tag {
     hub_tag *hnext;
-    hub_client *head, *tail, *rr;
-    uint32_t count;
+    hub_client *head, *tail, *rr; /* members, loop thread only */
+    uint32_t nmembers;            /* loop thread, changed under tags_lock */
+    uint32_t intended;            /* ids meant to carry it, any thread, under tags_lock */
     uint8_t len;
     char name[HUB_TAG_MAX + 1];
 };
@@ -100,16 +102,12 @@ struct hub {
     hub_client **slots;  /* conidx -> client */
     int *free_slots;     /* stack of free conidx values */
     int nfree;
-    /* id -> client, open addressing (key 0 = empty) */
-    struct hub_idslot {
-        uint64_t id;
-        hub_client *c;
-    } * ids;
-    size_t ids_cap, ids_len;
+    hub_idmap ids; /* id -> client */
 
     hub_tag **tagtab; /* hash of tags */
     size_t tagtab_cap, ntags;
-    pthread_rwlock_t tags_lock; /* loop writes (rarely), workers read counts */
+    hub_idmap intents;          /* id -> hub_tag it should carry, under tags_lock */
+    pthread_rwlock_t tags_lock; /* guards tagtab, intents and the tags' counts */
 
     hub_client *pending; /* clients with queued output to flush this iteration */
     hub_client *closing; /* clients to reap */
@@ -149,10 +147,14 @@ void hub__write_error_frame(hub *h, int fd, const char *code, const char *reason
 
 /* tags (tags.c) */
 int hub__tag_valid(const char *tag, size_t len);
-/* Sets or, with len 0, clears c's tag. 0 or -EINVAL / -ENOMEM. */
+/* Loop thread: makes c a member of tag or, with len 0, of none. 0 or -EINVAL / -ENOMEM. */
 int hub__tag_set(hub *h, hub_client *c, const char *tag, size_t len);
+/* Any thread: records that id should carry tag (len 0: none), before the loop applies it.
+ * loop_thread says whether tags left unused may be freed now. 0 or -EINVAL / -ENOMEM. */
+int hub__tag_intent(hub *h, uint64_t id, const char *tag, size_t len, int loop_thread);
+/* Loop thread. The pointer stays valid until the loop itself changes tags. */
 hub_tag *hub__tag_find(hub *h, const char *tag, size_t len);
-/* Clients carrying the tag, looked up under the lock from any thread. */
+/* Any thread: how many connections carry (or are about to carry) the tag. */
 uint32_t hub__tag_count(hub *h, const char *tag, size_t len);
 void hub__tags_free(hub *h);
 
@@ -161,7 +163,8 @@ int hub__relay(hub *h, const char *data, size_t len);
 int hub__multicast(hub *h, const char *tag, size_t taglen, const char *data, size_t len);
 int hub__unicast(hub *h, const char *tag, size_t taglen, const char *data, size_t len);
 int hub__send(hub *h, uint64_t id, const char *data, size_t len);
-int hub__set_tag_id(hub *h, uint64_t id, const char *tag, size_t len);
+/* from_worker: the worker already recorded the intent; an unknown id clears it. */
+int hub__set_tag_id(hub *h, uint64_t id, const char *tag, size_t len, int from_worker);
 int hub__close_id(hub *h, uint64_t id, const char *reason);
 extern const hub_api hub__loop_api;
 

@@ -253,7 +253,7 @@ void hub_destroy(hub *h)
         close(h->lfd);
     if (h->spare_fd >= 0)
         close(h->spare_fd);
-    hub_free(h->ids);
+    hub_idmap_free(&h->ids);
     hub_free(h->slots);
     hub_free(h->free_slots);
     pthread_rwlock_destroy(&h->tags_lock);

@@ -1,4 +1,10 @@
-/* Tag index: tag -> the clients carrying it, so a multicast touches only those clients. */
+/* Tag index: tag -> the clients carrying it, so a multicast touches only those clients.
+ *
+ * Two views of a tag are kept. Membership (the client list) belongs to the loop thread, which
+ * delivers through it. Intent (which tag each connection id should carry) is updated at once
+ * by whoever sets a tag, from any thread, under tags_lock; it answers "does anyone carry this
+ * tag?" for a worker whose own set_tag is still on its way to the loop. Only the loop thread
+ * frees a tag, when it has neither members nor intents. */
 #include <errno.h>
 #include <string.h>
 
@@ -27,6 +33,7 @@ static size_t tag_hash(const char *s, size_t len)
     return (size_t)x;
 }
 
+/* Callers hold tags_lock. */
 static hub_tag **tag_slot(hub *h, const char *tag, size_t len)
 {
     hub_tag **pp = &h->tagtab[tag_hash(tag, len) & (h->tagtab_cap - 1)];
@@ -35,48 +42,7 @@ static hub_tag **tag_slot(hub *h, const char *tag, size_t len)
     return pp;
 }
 
-hub_tag *hub__tag_find(hub *h, const char *tag, size_t len)
-{
-    if (!h->tagtab || len > HUB_TAG_MAX)
-        return NULL;
-    return *tag_slot(h, tag, len);
-}
-
-uint32_t hub__tag_count(hub *h, const char *tag, size_t len)
-{
-    uint32_t n = 0;
-    pthread_rwlock_rdlock(&h->tags_lock);
-    hub_tag *t = hub__tag_find(h, tag, len);
-    if (t)
-        n = t->count;
-    pthread_rwlock_unlock(&h->tags_lock);
-    return n;
-}
-
-static void tag_remove_client(hub *h, hub_client *c)
-{
-    hub_tag *t = c->tag;
-    if (t->rr == c)
-        t->rr = c->tag_next;
-    if (c->tag_prev)
-        c->tag_prev->tag_next = c->tag_next;
-    else
-        t->head = c->tag_next;
-    if (c->tag_next)
-        c->tag_next->tag_prev = c->tag_prev;
-    else
-        t->tail = c->tag_prev;
-    c->tag = NULL;
-    c->tag_prev = c->tag_next = NULL;
-    if (--t->count == 0) {
-        hub_tag **pp = tag_slot(h, t->name, t->len);
-        *pp = t->hnext;
-        hub_free(t);
-        h->ntags--;
-    }
-}
-
-/* Double the bucket array when chains get long (called with the write lock held). */
+/* Double the bucket array when chains get long (write lock held). */
 static void tags_grow(hub *h)
 {
     size_t ncap = h->tagtab_cap * 2;
@@ -98,34 +64,134 @@ static void tags_grow(hub *h)
     h->tagtab_cap = ncap;
 }
 
+/* Find or create (write lock held). NULL on OOM. */
+static hub_tag *tag_get(hub *h, const char *tag, size_t len)
+{
+    if (!h->tagtab) {
+        h->tagtab = hub_calloc(256, sizeof(*h->tagtab));
+        if (!h->tagtab)
+            return NULL;
+        h->tagtab_cap = 256;
+    }
+    hub_tag **pp = tag_slot(h, tag, len);
+    if (*pp)
+        return *pp;
+    hub_tag *t = hub_calloc(1, sizeof(*t));
+    if (!t)
+        return NULL;
+    memcpy(t->name, tag, len);
+    t->len = (uint8_t)len;
+    *pp = t;
+    if (++h->ntags > h->tagtab_cap * 2)
+        tags_grow(h);
+    return t;
+}
+
+/* Loop thread, write lock held. */
+static void tag_maybe_free(hub *h, hub_tag *t)
+{
+    if (t->nmembers || t->intended)
+        return;
+    hub_tag **pp = tag_slot(h, t->name, t->len);
+    *pp = t->hnext;
+    hub_free(t);
+    h->ntags--;
+}
+
+hub_tag *hub__tag_find(hub *h, const char *tag, size_t len)
+{
+    hub_tag *t = NULL;
+    if (len > HUB_TAG_MAX)
+        return NULL;
+    /* Workers may insert (and grow the table) concurrently; they never free. */
+    pthread_rwlock_rdlock(&h->tags_lock);
+    if (h->tagtab)
+        t = *tag_slot(h, tag, len);
+    pthread_rwlock_unlock(&h->tags_lock);
+    return t;
+}
+
+uint32_t hub__tag_count(hub *h, const char *tag, size_t len)
+{
+    uint32_t n = 0;
+    if (len > HUB_TAG_MAX)
+        return 0;
+    pthread_rwlock_rdlock(&h->tags_lock);
+    hub_tag *t = h->tagtab ? *tag_slot(h, tag, len) : NULL;
+    if (t)
+        n = t->intended;
+    pthread_rwlock_unlock(&h->tags_lock);
+    return n;
+}
+
+int hub__tag_intent(hub *h, uint64_t id, const char *tag, size_t len, int loop_thread)
+{
+    int rc = 0;
+    if (len && !hub__tag_valid(tag, len))
+        return -EINVAL;
+    pthread_rwlock_wrlock(&h->tags_lock);
+    hub_tag *old = hub_idmap_get(&h->intents, id);
+    hub_tag *t = len ? tag_get(h, tag, len) : NULL;
+    if (len && !t) {
+        rc = -ENOMEM;
+    } else if (t != old) {
+        if (t && hub_idmap_put(&h->intents, id, t) < 0) {
+            rc = -ENOMEM;
+        } else {
+            if (!t)
+                hub_idmap_del(&h->intents, id);
+            if (t)
+                t->intended++;
+            if (old) {
+                old->intended--;
+                if (loop_thread)
+                    tag_maybe_free(h, old);
+            }
+        }
+    }
+    if (t && loop_thread)
+        tag_maybe_free(h, t); /* only when the put above failed */
+    pthread_rwlock_unlock(&h->tags_lock);
+    return rc;
+}
+
+static void tag_remove_member(hub *h, hub_client *c)
+{
+    hub_tag *t = c->tag;
+    if (t->rr == c)
+        t->rr = c->tag_next;
+    if (c->tag_prev)
+        c->tag_prev->tag_next = c->tag_next;
+    else
+        t->head = c->tag_next;
+    if (c->tag_next)
+        c->tag_next->tag_prev = c->tag_prev;
+    else
+        t->tail = c->tag_prev;
+    c->tag = NULL;
+    c->tag_prev = c->tag_next = NULL;
+    t->nmembers--;
+    tag_maybe_free(h, t);
+}
+
 int hub__tag_set(hub *h, hub_client *c, const char *tag, size_t len)
 {
+    int rc = 0;
     if (len && !hub__tag_valid(tag, len))
         return -EINVAL;
     if (c->tag && len && c->tag->len == len && memcmp(c->tag->name, tag, len) == 0)
         return 0;
-    if (!h->tagtab) {
-        if (!len)
-            return 0;
-        h->tagtab_cap = 256;
-        h->tagtab = hub_calloc(h->tagtab_cap, sizeof(*h->tagtab));
-        if (!h->tagtab)
-            return -ENOMEM;
-    }
-    int rc = 0;
+    if (!c->tag && !len)
+        return 0;
     pthread_rwlock_wrlock(&h->tags_lock);
-    if (c->tag)
-        tag_remove_client(h, c);
-    if (len) {
-        hub_tag **pp = tag_slot(h, tag, len);
-        hub_tag *t = *pp;
-        if (!t && (t = hub_calloc(1, sizeof(*t)))) {
-            memcpy(t->name, tag, len);
-            t->len = (uint8_t)len;
-            *pp = t;
-            if (++h->ntags > h->tagtab_cap * 2)
-                tags_grow(h);
-        }
+    hub_tag *t = len ? tag_get(h, tag, len) : NULL;
+    if (len && !t) {
+        rc = -ENOMEM;
+    } else {
+        if (t)
+            t->nmembers++; /* before the old tag goes, so t cannot be freed with it */
+        if (c->tag)
+            tag_remove_member(h, c);
         if (t) {
             c->tag = t;
             c->tag_prev = t->tail;
@@ -134,9 +200,6 @@ int hub__tag_set(hub *h, hub_client *c, const char *tag, size_t len)
             else
                 t->head = c;
             t->tail = c;
-            t->count++;
-        } else {
-            rc = -ENOMEM;
         }
     }
     pthread_rwlock_unlock(&h->tags_lock);
@@ -155,4 +218,6 @@ void hub__tags_free(hub *h)
     }
     hub_free(h->tagtab);
     h->tagtab = NULL;
+    h->tagtab_cap = h->ntags = 0;
+    hub_idmap_free(&h->intents);
 }

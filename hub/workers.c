@@ -175,9 +175,12 @@ static int wapi_send(void *ud, uint64_t id, const char *data, size_t len)
 
 static int wapi_set_tag(void *ud, uint64_t id, const char *tag, size_t taglen)
 {
-    if (taglen && !hub__tag_valid(tag, taglen))
-        return -EINVAL;
-    int rc = worker_cmd(ud, CMD_SET_TAG, id, tag, taglen, NULL, 0);
+    hub_worker *w = ud;
+    /* Recorded now, so a multicast right behind it in this script sees the tag. */
+    int rc = hub__tag_intent(w->h, id, tag, taglen, 0);
+    if (rc < 0)
+        return rc;
+    rc = worker_cmd(w, CMD_SET_TAG, id, tag, taglen, NULL, 0);
     return rc < 0 ? rc : 1;
 }
 
@@ -426,7 +429,7 @@ static void run_cmd(hub *h, hub_cmd *c)
                     (unsigned long long)c->id);
         break;
     case CMD_SET_TAG:
-        hub__set_tag_id(h, c->id, c->tag, c->taglen);
+        hub__set_tag_id(h, c->id, c->tag, c->taglen, 1);
         break;
     case CMD_CLOSE: {
         char reason[256];

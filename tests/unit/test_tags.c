@@ -40,9 +40,16 @@ static int teardown(void **state)
     return 0;
 }
 
+/* As the loop's own set_tag does: intent and membership together. */
+static int set_tag(hub *h, hub_client *c, const char *tag, size_t len)
+{
+    int rc = hub__tag_intent(h, c->id, tag, len, 1);
+    return rc < 0 ? rc : hub__tag_set(h, c, tag, len);
+}
+
 static int set(fixture *f, int i, const char *tag)
 {
-    return hub__tag_set(&f->h, &f->c[i], tag, strlen(tag));
+    return set_tag(&f->h, &f->c[i], tag, strlen(tag));
 }
 
 static void test_tag_valid_accepts_printable_up_to_64_bytes(void **state)
@@ -78,7 +85,7 @@ static void test_tag_members_kept_in_tagging_order(void **state)
     assert_int_equal(set(f, 0, "subs"), 0);
     hub_tag *t = hub__tag_find(&f->h, "subs", 4);
     assert_non_null(t);
-    assert_int_equal(t->count, 3);
+    assert_int_equal(t->nmembers, 3);
     assert_ptr_equal(t->head, &f->c[3]);
     assert_ptr_equal(t->head->tag_next, &f->c[1]);
     assert_ptr_equal(t->tail, &f->c[0]);
@@ -95,7 +102,7 @@ static void test_tag_retag_moves_client_and_frees_empty_tag(void **state)
     assert_null(hub__tag_find(&f->h, "a", 1));
     assert_int_equal(hub__tag_count(&f->h, "b", 1), 1);
     assert_int_equal(f->h.ntags, 1);
-    assert_int_equal(hub__tag_set(&f->h, &f->c[0], NULL, 0), 0);
+    assert_int_equal(set_tag(&f->h, &f->c[0], NULL, 0), 0);
     assert_null(f->c[0].tag);
     assert_null(hub__tag_find(&f->h, "b", 1));
     assert_int_equal(f->h.ntags, 0);
@@ -108,7 +115,7 @@ static void test_tag_same_tag_twice_keeps_position(void **state)
     set(f, 1, "x");
     set(f, 0, "x");
     hub_tag *t = hub__tag_find(&f->h, "x", 1);
-    assert_int_equal(t->count, 2);
+    assert_int_equal(t->nmembers, 2);
     assert_ptr_equal(t->head, &f->c[0]);
 }
 
@@ -120,7 +127,7 @@ static void test_tag_removing_rr_cursor_advances_it(void **state)
     set(f, 2, "rr");
     hub_tag *t = hub__tag_find(&f->h, "rr", 2);
     t->rr = &f->c[1];
-    hub__tag_set(&f->h, &f->c[1], NULL, 0);
+    set_tag(&f->h, &f->c[1], NULL, 0);
     assert_ptr_equal(t->rr, &f->c[2]);
     assert_ptr_equal(t->head->tag_next, &f->c[2]);
     assert_ptr_equal(f->c[2].tag_prev, &f->c[0]);
@@ -135,8 +142,9 @@ static void test_tag_index_grows_with_many_tags(void **state)
     memset(many, 0, sizeof(many));
     for (int i = 0; i < N; i++) {
         many[i].h = &f->h;
+        many[i].id = 1000 + (uint64_t)i;
         snprintf(name, sizeof(name), "t%d", i);
-        assert_int_equal(hub__tag_set(&f->h, &many[i], name, strlen(name)), 0);
+        assert_int_equal(set_tag(&f->h, &many[i], name, strlen(name)), 0);
     }
     assert_true(f->h.tagtab_cap >= N / 2);
     for (int i = 0; i < N; i++) {
@@ -144,8 +152,41 @@ static void test_tag_index_grows_with_many_tags(void **state)
         assert_int_equal(hub__tag_count(&f->h, name, strlen(name)), 1);
     }
     for (int i = 0; i < N; i++)
-        hub__tag_set(&f->h, &many[i], NULL, 0);
+        set_tag(&f->h, &many[i], NULL, 0);
     assert_int_equal(f->h.ntags, 0);
+}
+
+static void test_tag_worker_intent_counts_before_the_loop_applies_it(void **state)
+{
+    fixture *f = *state;
+    set(f, 1, "old");
+    /* A worker moves client 1 from "old" to "new": counts change at once. */
+    assert_int_equal(hub__tag_intent(&f->h, f->c[1].id, "new", 3, 0), 0);
+    assert_int_equal(hub__tag_count(&f->h, "new", 3), 1);
+    assert_int_equal(hub__tag_count(&f->h, "old", 3), 0);
+    /* Membership still says "old" until the loop runs the command. */
+    assert_ptr_equal(hub__tag_find(&f->h, "old", 3)->head, &f->c[1]);
+    assert_null(hub__tag_find(&f->h, "new", 3)->head);
+    assert_int_equal(hub__tag_set(&f->h, &f->c[1], "new", 3), 0);
+    assert_null(hub__tag_find(&f->h, "old", 3));
+    assert_ptr_equal(hub__tag_find(&f->h, "new", 3)->head, &f->c[1]);
+    /* The connection goes: intent and membership are both cleared, the tag freed. */
+    hub__tag_set(&f->h, &f->c[1], NULL, 0);
+    hub__tag_intent(&f->h, f->c[1].id, NULL, 0, 1);
+    assert_null(hub__tag_find(&f->h, "new", 3));
+    assert_int_equal(f->h.ntags, 0);
+}
+
+static void test_tag_intent_for_a_closed_id_is_cleared(void **state)
+{
+    fixture *f = *state;
+    /* The worker tags an id the loop has already closed; the loop clears it. */
+    assert_int_equal(hub__tag_intent(&f->h, 99, "ghost", 5, 0), 0);
+    assert_int_equal(hub__tag_count(&f->h, "ghost", 5), 1);
+    assert_int_equal(hub__tag_intent(&f->h, 99, NULL, 0, 1), 0);
+    assert_int_equal(hub__tag_count(&f->h, "ghost", 5), 0);
+    assert_int_equal(f->h.ntags, 0);
+    assert_int_equal(hub__tag_intent(&f->h, 99, "bad tag", 7, 0), -EINVAL);
 }
 
 int main(void)
@@ -159,6 +200,10 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_tag_same_tag_twice_keeps_position, setup, teardown),
         cmocka_unit_test_setup_teardown(test_tag_removing_rr_cursor_advances_it, setup, teardown),
         cmocka_unit_test_setup_teardown(test_tag_index_grows_with_many_tags, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_tag_worker_intent_counts_before_the_loop_applies_it,
+                                        setup, teardown),
+        cmocka_unit_test_setup_teardown(test_tag_intent_for_a_closed_id_is_cleared, setup,
+                                        teardown),
     };
     return cmocka_run_group_tests_name("tags", tests, NULL, NULL);
 }
