@@ -83,7 +83,7 @@ hub_client *hub__client_by_id(hub *h, uint64_t id) { return hub_idmap_get(&h->id
 static void pending_add(hub_client *c)
 {
     hub *h = c->h;
-    if (c->flags & (HUB_CLIENT_PENDING | HUB_CLIENT_WRITE_WAIT | HUB_CLIENT_CLOSING))
+    if (c->flags & (HUB_CLIENT_PENDING | HUB_CLIENT_WRITE_WAIT | HUB_CLIENT_REAP))
         return;
     c->flags |= HUB_CLIENT_PENDING;
     c->pend_next = h->pending;
@@ -199,18 +199,32 @@ static int client_write(hub_client *c, size_t budget)
     return c->wq_count ? 0 : 1;
 }
 
+static void to_reaper(hub_client *c);
+
+/* After a write attempt: a write error ends the connection, and a closing connection whose
+ * queue has drained is handed to the reaper. */
+static void after_write(hub_client *c, int r)
+{
+    if (r < 0 && r != -EAGAIN) {
+        if (c->flags & HUB_CLIENT_CLOSING)
+            to_reaper(c);
+        else
+            hub__client_close(c, NULL, strerror(-r));
+    } else if (r == 1 && (c->flags & HUB_CLIENT_DRAINING)) {
+        to_reaper(c);
+    }
+}
+
 static void write_cb(struct ev_loop *loop, ev_io *w, int revents)
 {
     hub_client *c = w->data;
     (void)revents;
     int r = client_write(c, HUB_WRITE_BUDGET);
-    if (r == -EAGAIN || r == 0) {
-        return; /* still writable-waiting; 0 means budget spent, the watcher fires again */
-    }
+    if (r == -EAGAIN || r == 0)
+        return; /* 0: budget spent, the watcher fires again */
     ev_io_stop(loop, w);
     c->flags &= ~HUB_CLIENT_WRITE_WAIT;
-    if (r < 0)
-        hub__client_close(c, NULL, strerror(-r));
+    after_write(c, r);
 }
 
 void hub__flush_pending(hub *h)
@@ -221,7 +235,7 @@ void hub__flush_pending(hub *h)
         hub_client *c = list;
         list = c->pend_next;
         c->flags &= ~HUB_CLIENT_PENDING;
-        if (c->flags & HUB_CLIENT_CLOSING)
+        if (c->flags & HUB_CLIENT_REAP)
             continue;
         int r = client_write(c, HUB_WRITE_BUDGET);
         if (r == 0) {
@@ -231,8 +245,8 @@ void hub__flush_pending(hub *h)
         } else if (r == -EAGAIN) {
             c->flags |= HUB_CLIENT_WRITE_WAIT;
             ev_io_start(h->loop, &c->wio);
-        } else if (r < 0) {
-            hub__client_close(c, NULL, strerror(-r));
+        } else {
+            after_write(c, r);
         }
     }
     h->pending = again;
@@ -388,57 +402,115 @@ fail:
     close(fd);
 }
 
-static void client_unlink(hub_client *c);
+/* Append an error frame after what is queued, so no frame is cut. */
+static void queue_error_frame(hub_client *c, const char *code, const char *reason)
+{
+    hub *h = c->h;
+    char esc[512], body[640];
+    if (!h->cfg.netstring_format)
+        return;
+    hub__json_escape(esc, sizeof(esc), reason, strlen(reason));
+    int n = snprintf(body, sizeof(body), "{\"error\":\"%s\",\"reason\":\"%s\"}", code, esc);
+    hub_frame *f = n > 0 && (size_t)n < sizeof(body) ? hub__frame_new(h, body, (size_t)n) : NULL;
+    if (f && wq_reserve(c) == 0) {
+        c->wq[(c->wq_head + c->wq_count) % c->wq_cap] = f;
+        c->wq_count++;
+        c->wq_bytes += f->len;
+    } else {
+        hub__frame_unref(f);
+    }
+}
+
+static void reaper_add(hub_client *c)
+{
+    if (c->flags & HUB_CLIENT_ON_LIST)
+        return;
+    c->flags |= HUB_CLIENT_ON_LIST;
+    c->close_next = c->h->closing;
+    c->h->closing = c;
+}
+
+static void to_reaper(hub_client *c)
+{
+    hub *h = c->h;
+    if (c->flags & HUB_CLIENT_DRAINING) {
+        c->flags &= ~HUB_CLIENT_DRAINING;
+        h->ndraining--;
+    }
+    if (c->flags & HUB_CLIENT_REAP)
+        return;
+    c->flags |= HUB_CLIENT_REAP;
+    ev_io_stop(h->loop, &c->wio);
+    reaper_add(c);
+}
+
+/* Stop reading and routing to c at once; what is queued still goes out (up to
+ * shutdown_timeout), then the reaper closes it. */
+static void begin_close(hub_client *c)
+{
+    hub *h = c->h;
+    c->flags |= HUB_CLIENT_CLOSING;
+    ev_io_stop(h->loop, &c->rio);
+    hub__tag_set(h, c, NULL, 0);
+    hub__tag_intent(h, c->id, NULL, 0, 1);
+    if (!c->wq_count) {
+        to_reaper(c);
+        return;
+    }
+    c->flags |= HUB_CLIENT_DRAINING;
+    c->drain_deadline = ev_now(h->loop) + h->cfg.shutdown_timeout / 1000.0;
+    h->ndraining++;
+    if (!ev_is_active(&h->drain_w))
+        ev_timer_again(h->loop, &h->drain_w);
+    pending_add(c);
+    /* The reaper runs the close event now; it frees the client once drained. */
+    reaper_add(c);
+}
 
 void hub__client_close(hub_client *c, const char *code, const char *reason)
 {
-    hub *h = c->h;
     if (c->flags & HUB_CLIENT_CLOSING)
         return;
-    c->flags |= HUB_CLIENT_CLOSING;
     if (code) {
         CLOG(HUB_LOG_WARN, c, "%s error: %s, closing", code, reason);
-        /* The error frame goes after what is queued, so no frame is cut. */
-        char esc[512], body[640];
-        hub__json_escape(esc, sizeof(esc), reason, strlen(reason));
-        int n = snprintf(body, sizeof(body), "{\"error\":\"%s\",\"reason\":\"%s\"}", code, esc);
-        hub_frame *f = h->cfg.netstring_format && n > 0 && (size_t)n < sizeof(body)
-                           ? hub__frame_new(h, body, (size_t)n)
-                           : NULL;
-        if (f && wq_reserve(c) == 0) {
-            c->wq[(c->wq_head + c->wq_count) % c->wq_cap] = f;
-            c->wq_count++;
-            c->wq_bytes += f->len;
-        } else {
-            hub__frame_unref(f);
-        }
-        c->flags |= HUB_CLIENT_FLUSH_CLOSE;
+        queue_error_frame(c, code, reason);
     } else {
         CLOG(HUB_LOG_INFO, c, "%s, closing", reason);
-        c->flags |= HUB_CLIENT_FLUSH_CLOSE;
     }
-    client_unlink(c);
+    begin_close(c);
 }
 
 void hub__client_abort(hub_client *c, const char *reason)
 {
     if (c->flags & HUB_CLIENT_CLOSING)
         return;
-    c->flags |= HUB_CLIENT_CLOSING;
     CLOG(HUB_LOG_WARN, c, "%s, closing", reason);
-    client_unlink(c);
+    /* Drop the queue but finish a frame already begun: the peer never sees half a frame. */
+    uint32_t keep = c->wq_off ? 1 : 0;
+    for (uint32_t i = keep; i < c->wq_count; i++) {
+        hub_frame *f = c->wq[(c->wq_head + i) % c->wq_cap];
+        c->wq_bytes -= f->len;
+        hub__frame_unref(f);
+    }
+    c->wq_count = keep;
+    queue_error_frame(c, "slow_consumer", reason);
+    begin_close(c);
 }
 
-static void client_unlink(hub_client *c)
+void hub__drain_timeout_cb(struct ev_loop *loop, ev_timer *w, int revents)
 {
-    hub *h = c->h;
-    ev_io_stop(h->loop, &c->rio);
-    ev_io_stop(h->loop, &c->wio);
-    /* Unlink now so no relay reaches it; the struct is freed by the reaper. */
-    hub__tag_set(h, c, NULL, 0);
-    hub__tag_intent(h, c->id, NULL, 0, 1);
-    c->close_next = h->closing;
-    h->closing = c;
+    hub *h = w->data;
+    ev_tstamp now = ev_now(loop);
+    (void)revents;
+    for (hub_client *c = h->clients; c && h->ndraining; c = c->next) {
+        if ((c->flags & HUB_CLIENT_DRAINING) && c->drain_deadline <= now) {
+            CLOG(HUB_LOG_WARN, c, "closing with %zu bytes unsent: the peer stopped reading",
+                 c->wq_bytes);
+            to_reaper(c);
+        }
+    }
+    if (!h->ndraining)
+        ev_timer_stop(loop, w);
 }
 
 static void client_destroy(hub *h, hub_client *c)
@@ -473,12 +545,14 @@ void hub__reap_closing(hub *h)
     for (int round = 0; h->closing && round < 1 << 20; round++) {
         hub_client *c = h->closing;
         h->closing = c->close_next;
-        if (c->flags & HUB_CLIENT_FLUSH_CLOSE)
-            client_write(c, h->cfg.max_outbuf + 1024);
-        h->stats.closed++;
-        if (c->flags & HUB_CLIENT_CONNECTED)
+        c->flags &= ~HUB_CLIENT_ON_LIST;
+        if ((c->flags & HUB_CLIENT_CONNECTED) && !(c->flags & HUB_CLIENT_CLOSE_EVENT)) {
+            c->flags |= HUB_CLIENT_CLOSE_EVENT;
+            h->stats.closed++;
             hub__event_close(h, c);
-        client_destroy(h, c);
+        }
+        if (c->flags & HUB_CLIENT_REAP)
+            client_destroy(h, c);
     }
 }
 
@@ -489,6 +563,8 @@ void hub__client_free_all(hub *h)
         ev_io_stop(h->loop, &c->rio);
         ev_io_stop(h->loop, &c->wio);
         c->tag = NULL; /* tags are freed wholesale */
+        if (c->flags & HUB_CLIENT_DRAINING)
+            h->ndraining--;
         client_destroy(h, c);
     }
     h->closing = NULL;

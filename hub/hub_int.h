@@ -35,8 +35,11 @@ typedef struct hub_client hub_client;
 typedef struct hub_worker hub_worker;
 
 enum {
-    HUB_CLIENT_CLOSING = 1u << 0,     /* flagged for the reaper; no more reads or writes */
-    HUB_CLIENT_FLUSH_CLOSE = 1u << 1, /* try to write what is queued before closing */
+    HUB_CLIENT_CLOSING = 1u << 0,     /* no more reads, routing or new frames */
+    HUB_CLIENT_DRAINING = 1u << 1,    /* closing, still writing what was queued */
+    HUB_CLIENT_REAP = 1u << 7,        /* on the reaper's list to be freed */
+    HUB_CLIENT_CLOSE_EVENT = 1u << 8, /* the script was told it closed */
+    HUB_CLIENT_ON_LIST = 1u << 9,     /* on the reaper's list */
     HUB_CLIENT_PENDING = 1u << 2,     /* on the pending-write list */
     HUB_CLIENT_WRITE_WAIT = 1u << 3,  /* socket full: waiting on the write watcher */
     HUB_CLIENT_READING = 1u << 4,     /* the script accepted it; reading is allowed */
@@ -62,6 +65,7 @@ struct hub_client {
     hub_client *prev, *next;         /* in the hub's list of live clients */
     hub_client *pend_next;           /* in the pending-write list */
     hub_client *close_next;          /* in the reaper's list */
+    ev_tstamp drain_deadline;        /* when DRAINING gives up */
     hub_conn_info info;
     uint64_t frames_in, frames_out, bytes_in, bytes_out;
 };
@@ -95,6 +99,8 @@ struct hub {
     ev_signal sigterm_w, sigint_w, sighup_w;
     ev_async cmd_w;
     ev_timer shutdown_w;
+    ev_timer drain_w; /* checks DRAINING clients' deadlines, once a second */
+    int ndraining;
 
     uint64_t next_id;
     atomic_int nclients; /* read by workers for "no client" answers */
@@ -131,10 +137,12 @@ void hub__frame_unref(hub_frame *f);
 /* Queue f (a reference is taken). 0, -EPIPE if closing, -ENOBUFS if over max_outbuf (the
  * client is then closed or the frame dropped, per outbuf_policy). */
 int hub__client_enqueue(hub_client *c, hub_frame *f);
-/* Flag c for the reaper; reason is logged (and sent as an error frame when code is set). */
+/* Stop reading and routing to c; it is freed once its queue is written (or after
+ * shutdown_timeout). reason is logged, and sent as an error frame when code is set. */
 void hub__client_close(hub_client *c, const char *code, const char *reason);
-/* Close at once, dropping what is queued (slow consumers). */
+/* As _close, but drops what is queued except a frame already begun (slow consumers). */
 void hub__client_abort(hub_client *c, const char *reason);
+void hub__drain_timeout_cb(struct ev_loop *loop, ev_timer *w, int revents);
 void hub__client_accepted(hub *h, int fd, const struct sockaddr *sa);
 void hub__client_start_reading(hub_client *c);
 void hub__client_resume(hub_client *c);

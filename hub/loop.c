@@ -202,6 +202,9 @@ hub *hub_new(const hub_config *cfg, const hub_script_ops *ops, char *err, size_t
     }
     if (hub__listen(h, err, errlen) < 0)
         goto fail;
+    ev_init(&h->drain_w, hub__drain_timeout_cb);
+    h->drain_w.repeat = 1.0;
+    h->drain_w.data = h;
     ev_prepare_init(&h->prepare_w, prepare_cb);
     ev_idle_init(&h->idle_w, idle_cb);
     h->prepare_w.data = h->idle_w.data = h;
