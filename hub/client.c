@@ -76,6 +76,32 @@ void hub__write_error_frame(hub *h, int fd, const char *code, const char *reason
     (void)w;
 }
 
+/* Free conidx values are a binary min-heap, so the lowest free slot is reused first, as
+ * Kamailio's scan of its client array does. */
+static int slot_take(hub *h)
+{
+    int *a = h->free_slots, n = --h->nfree, top = a[0], x = a[n], i = 0;
+    for (int child = 1; child < n; child = 2 * i + 1) {
+        if (child + 1 < n && a[child + 1] < a[child])
+            child++;
+        if (x <= a[child])
+            break;
+        a[i] = a[child];
+        i = child;
+    }
+    if (n > 0)
+        a[i] = x;
+    return top;
+}
+
+static void slot_release(hub *h, int slot)
+{
+    int *a = h->free_slots, i = h->nfree++;
+    for (; i > 0 && a[(i - 1) / 2] > slot; i = (i - 1) / 2)
+        a[i] = a[(i - 1) / 2];
+    a[i] = slot;
+}
+
 hub_client *hub__client_by_id(hub *h, uint64_t id) { return hub_idmap_get(&h->ids, id); }
 
 /* ---- write queue ---- */
@@ -369,7 +395,7 @@ void hub__client_accepted(hub *h, int fd, const struct sockaddr *sa)
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
     setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof(one));
     c->info.id = c->id;
-    c->info.conidx = h->free_slots[--h->nfree];
+    c->info.conidx = slot_take(h);
     h->slots[c->info.conidx] = c;
     if (sa->sa_family == AF_INET6) {
         const struct sockaddr_in6 *s6 = (const struct sockaddr_in6 *)sa;
@@ -531,7 +557,7 @@ static void client_destroy(hub *h, hub_client *c)
         c->next->prev = c->prev;
     hub_idmap_del(&h->ids, c->id);
     h->slots[c->info.conidx] = NULL;
-    h->free_slots[h->nfree++] = c->info.conidx;
+    slot_release(h, c->info.conidx);
     atomic_fetch_sub(&h->nclients, 1);
     wq_clear(c);
     hub_ns_reader_free(c->reader);

@@ -155,9 +155,9 @@ static int setup_slots(hub *h)
     h->free_slots = hub_malloc(n * sizeof(*h->free_slots));
     if (!h->slots || !h->free_slots)
         return -ENOMEM;
-    /* A stack handing out the lowest free conidx first, as Kamailio's array scan does. */
+    /* A min-heap of free conidx values (see client.c); ascending order is one. */
     for (size_t i = 0; i < n; i++)
-        h->free_slots[i] = (int)(n - 1 - i);
+        h->free_slots[i] = (int)i;
     h->nfree = (int)n;
     return 0;
 }

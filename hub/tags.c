@@ -174,6 +174,26 @@ static void tag_remove_member(hub *h, hub_client *c)
     tag_maybe_free(h, t);
 }
 
+/* Members are kept in conidx order: Kamailio's unicast picks the lowest slot with the tag,
+ * and multicast walks its array in slot order. */
+static void tag_insert_member(hub_tag *t, hub_client *c)
+{
+    hub_client *after = t->tail;
+    while (after && after->info.conidx > c->info.conidx)
+        after = after->tag_prev;
+    c->tag = t;
+    c->tag_prev = after;
+    c->tag_next = after ? after->tag_next : t->head;
+    if (c->tag_next)
+        c->tag_next->tag_prev = c;
+    else
+        t->tail = c;
+    if (after)
+        after->tag_next = c;
+    else
+        t->head = c;
+}
+
 int hub__tag_set(hub *h, hub_client *c, const char *tag, size_t len)
 {
     int rc = 0;
@@ -192,15 +212,8 @@ int hub__tag_set(hub *h, hub_client *c, const char *tag, size_t len)
             t->nmembers++; /* before the old tag goes, so t cannot be freed with it */
         if (c->tag)
             tag_remove_member(h, c);
-        if (t) {
-            c->tag = t;
-            c->tag_prev = t->tail;
-            if (t->tail)
-                t->tail->tag_next = c;
-            else
-                t->head = c;
-            t->tail = c;
-        }
+        if (t)
+            tag_insert_member(t, c);
     }
     pthread_rwlock_unlock(&h->tags_lock);
     return rc;

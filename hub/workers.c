@@ -186,8 +186,11 @@ static int wapi_set_tag(void *ud, uint64_t id, const char *tag, size_t taglen)
 
 static int wapi_close(void *ud, uint64_t id, const char *reason)
 {
+    hub_worker *w = ud;
     size_t rl = reason ? strlen(reason) : 0;
-    int rc = worker_cmd(ud, CMD_CLOSE, id, NULL, 0, reason, rl);
+    /* Untagged at once, so a unicast right behind it in this script finds no one. */
+    hub__tag_intent(w->h, id, NULL, 0, 0);
+    int rc = worker_cmd(w, CMD_CLOSE, id, NULL, 0, reason, rl);
     return rc < 0 ? rc : 1;
 }
 

@@ -45,6 +45,10 @@ function E.relay(data)
 end
 
 function E.relay_multicast(data, tag)
+    -- Kamailio treats an empty tag as no tag at all: the data goes to everyone.
+    if tag == "" then
+        return E.relay(data)
+    end
     if multicast(data, tag) then
         return 1
     end
@@ -199,6 +203,10 @@ local evnames = { "evapi:connection-new", "evapi:message-received", "evapi:conne
 -- Called by the host for every event: (code, conn[, msg]). The callback is looked up by
 -- name each time, as Kamailio does, so a script may redefine it.
 local function dispatch(ev, conn, msg)
+    -- Kamailio runs no connection-closed for a connection its script closed itself.
+    if ev == 3 and conn:is_closed() then
+        return
+    end
     cur_conn, cur_msg = conn, msg
     local f = G[cbname]
     if type(f) ~= "function" then

@@ -146,8 +146,11 @@ def kemi_script_runs_unchanged(workers):
              "connection-closed sees $evapi(srcport)")
     a.send("quit")
     wait_eof([a], others=[w1, w2])
-    wait_frames([w1, w2], 1)
-    check_eq([w1.take(), w2.take()], [[b"closed %d" % a.port]] * 2, "close after KSR.evapi.close")
+    # As Kamailio: no connection-closed for a connection the script closed itself. The next
+    # close event seen by w1 must be w2's, with nothing about a before it.
+    w2.close()
+    wait_frames([w1], 1)
+    check_eq(w1.take(), [b"closed %d" % w2.port], "no connection-closed after KSR.evapi.close")
     h.wait_log("close rc=0")
     log = h.log()
     for ev in ("connection-new", "message-received", "connection-closed"):

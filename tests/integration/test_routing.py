@@ -8,7 +8,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from evhub_harness import (CMD_SCRIPT, Hub, Suite, check, check_eq, ns, pump, request,  # noqa: E402
+from evhub_harness import (CMD_SCRIPT, TIMEOUT, Hub, Suite, check, check_eq, ns, pump, request,  # noqa: E402
                            scaled, wait_eof, wait_frames)
 
 suite = Suite("routing")
@@ -99,28 +99,63 @@ def tags_are_exact_and_bounded():
     check_eq(got, [[], [], []], "old tags no longer match")
 
 
+def tag_then_route_pipelined(workers):
+    # set_tag and a multicast/unicast right behind it, in one write: the result the script
+    # sees must agree with what was delivered.
+    h = hub_with(workers=workers)
+    a, b = h.client(name="a"), h.client(name="b")
+    a.send_raw(ns("tag:t1") + ns("rmc:t1:m1") + ns("ruc:t1:u1"))
+    wait_frames([a], 5)
+    check_eq(a.take(), [b"tag true t1", b"m1", b"rmc true nil", b"u1", b"ruc true nil"],
+             "workers=%d: set_tag, then multicast and unicast to that tag" % workers)
+    a.send_raw(ns("tag:t2") + ns("rmc:t1:m2"))
+    wait_frames([a], 2)
+    check_eq(a.take(), [b"tag true t2", b"rmc nil no client"],
+             "workers=%d: the old tag no longer matches" % workers)
+    b.send_raw(ns("tag:t2") + ns("rmc:t2:m3"))
+    wait_frames([a, b], [1, 3])
+    check_eq(a.take(), [b"m3"], "workers=%d: multicast to a" % workers)
+    check_eq(b.take(), [b"tag true t2", b"m3", b"rmc true nil"], "workers=%d: b" % workers)
+
+
 @suite.case
-def unicast_first_follows_tag_order():
+def tag_then_route_pipelined_workers0():
+    tag_then_route_pipelined(0)
+
+
+@suite.case
+def tag_then_route_pipelined_workers1():
+    tag_then_route_pipelined(1)
+
+
+@suite.case
+def tag_then_route_pipelined_workers4():
+    tag_then_route_pipelined(4)
+
+
+@suite.case
+def unicast_first_is_the_lowest_conidx():
     h = hub_with(unicast="first")
     cs = [h.client(name="c%d" % i) for i in range(3)]
     d = h.client(name="d")
-    # Tag in the order c1, c2, c0: "first" means the first connection that got the tag.
+    # Tag in the order c1, c2, c0: as Kamailio, "first" is the lowest slot (conidx) carrying
+    # the tag, whatever the tagging order; c0..c2 took conidx 0..2.
     tag_all([cs[1], cs[2], cs[0]], "grp")
     for i in range(4):
         check_eq(request(d, "ruc:grp:u%d" % i), b"ruc true nil", "unicast result")
     got = fence(d, cs + [d], "f")
-    check_eq(got, [[], [b"u0", b"u1", b"u2", b"u3"], [], []], "unicast first")
-    cs[1].close()
-    # The next unicast goes to c2 once the hub has seen c1 go.
-    deadline = time.monotonic() + 20
+    check_eq(got, [[b"u0", b"u1", b"u2", b"u3"], [], [], []], "unicast first")
+    cs[0].close()
+    # The next unicast goes to c1 once the hub has seen c0 go.
+    deadline = time.monotonic() + TIMEOUT
     while True:
         d.send("uc:grp:after")
-        got = fence(d, [cs[0], cs[2], d], "g")
-        if got[1] == [b"after"] or time.monotonic() > deadline:
+        got = fence(d, [cs[1], cs[2], d], "g")
+        if got[0] == [b"after"] or time.monotonic() > deadline:
             break
         check_eq(got, [[], [], []], "unicast to a closed connection is lost, not misrouted")
         time.sleep(0.05)
-    check_eq(got, [[], [b"after"], []], "unicast after the first closed")
+    check_eq(got, [[b"after"], [], []], "unicast after the first closed")
 
 
 @suite.case
