@@ -8,7 +8,7 @@ CONFIG     ?= examples/evhub.conf
 JOBS       ?= 2
 APT_PKGS    = build-essential cmake pkg-config libev-dev liblua5.4-dev libjson-c-dev \
               libinih-dev libcmocka-dev python3 valgrind clang-format \
-              nodejs npm
+              nodejs npm kamailio kamailio-extra-modules kamailio-lua-modules
 SUDO       := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: all deps build run test test-plain test-asan test-valgrind format format-check bench clean
