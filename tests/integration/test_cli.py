@@ -11,7 +11,8 @@ from evhub_harness import (Hub, Suite, check, check_eq, request, run_once)  # no
 
 suite = Suite("cli")
 
-ECHO = "evapi.on('message', function(conn, msg) log.info('got ' .. msg) conn:send(msg) end)\n"
+ECHO = ("evapi.on('message', function(conn, msg)\n"
+        "  log.info('got ' .. msg)\n  log.debug('dbg ' .. msg)\n  conn:send(msg)\nend)\n")
 LINE_RE = re.compile(
     r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} \[(\d+)\] (crit|err|warn|notice|info|debug): \S")
 
@@ -59,7 +60,7 @@ def level_override():
     check_eq(request(h.client(), "z"), b"z", "echo")
     h.wait_log("got z")
     h.stop()
-    check(re.search(r"\] debug: ", h.log()), "-l debug shows debug lines:\n%s" % h.log())
+    check(re.search(r"\] debug: .*dbg z", h.log()), "-l debug shows debug lines:\n%s" % h.log())
     h2 = Hub(ECHO, log={"level": "debug"}, args=["-l", "notice"])
     h2.start(wait=False)
     h2.wait_log(re.compile(r"\] notice: "), what="a notice line")  # start-up is notable

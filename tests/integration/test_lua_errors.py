@@ -56,7 +56,7 @@ def runtime_error(workers):
     b.send("sendnum")  # misuse of a binding raises: a script error, not a crash
     served(b, [a])
     h.wait_log("stack traceback", count=3)
-    check_eq(a.frames + b.frames, [b"ok:ping"] * 3, "no reply from the failed callbacks")
+    check_eq(a.frames + b.frames, [], "no reply from the failed callbacks")
 
 
 @suite.case
@@ -80,7 +80,7 @@ def runaway(workers, budget):
     a.send("spinfn")
     served(a, [b])
     h.wait_log("instruction budget exceeded", count=2)
-    check_eq(a.frames + b.frames, [b"ok:ping"] * 3, "no reply from the runaway callbacks")
+    check_eq(a.frames + b.frames, [], "no reply from the runaway callbacks")
 
 
 @suite.case

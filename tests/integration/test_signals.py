@@ -37,26 +37,31 @@ def v(name):
     return VERSIONED % name
 
 
+def reload(h, workers, script):
+    """Write the script, SIGHUP, and wait for every worker's "reloaded" line (the loop's
+    own when workers=0)."""
+    n = h.count_log("reloaded")
+    h.write_script(script)
+    h.signal(signal.SIGHUP)
+    h.wait_log("reloaded", count=n + max(1, workers))
+
+
 def reload_keeps_connections(workers):
     h = Hub(v("v1"), evapi={"workers": workers}).start()
     a, b, c = h.client(name="a"), h.client(name="b"), h.client(name="c")
     check_eq(request(a, "tag:grp"), b"tagged", "tag a")
     check_eq(request(c, "tag:grp"), b"tagged", "tag c")
     check_eq(request(b, "ver"), b"v1 nil", "version before reload")
-    h.write_script(v("v2"))
-    h.signal(signal.SIGHUP)
-    h.wait_log("reloaded")
+    reload(h, workers, v("v2"))
     check_eq(request(a, "ver", others=[b, c]), b"v2 grp", "a after reload: new script, tag kept")
     check_eq(request(b, "ver", others=[a, c]), b"v2 nil", "b after reload")
     b.send("mc:grp:hello")
-    wait_frames([a, c], 2, others=[b])
-    check_eq([a.frames[-1], c.frames[-1]], [b"v2:hello", b"v2:hello"],
+    wait_frames([a, c], 1, others=[b])
+    check_eq([a.take(), c.take()], [[b"v2:hello"], [b"v2:hello"]],
              "a multicast to a tag set before the reload")
     check(not (a.eof or b.eof or c.eof), "a reload dropped a connection")
     # A second reload works as well.
-    h.write_script(v("v3"))
-    h.signal(signal.SIGHUP)
-    h.wait_log("reloaded", count=2)
+    reload(h, workers, v("v3"))
     check_eq(request(c, "ver", others=[a, b]), b"v3 grp", "c after the second reload")
     d = h.client(name="d")
     check_eq(request(d, "ver"), b"v3 nil", "a new connection after reloads")
@@ -82,10 +87,7 @@ def failed_reload(workers, bad_script):
     check_eq(request(a, "ver"), b"v1 grp", "the old script still runs")
     b = h.client(name="b")
     check_eq(request(b, "ver", others=[a]), b"v1 nil", "a new connection gets the old script")
-    n = h.count_log("reloaded")
-    h.write_script(v("v2"))
-    h.signal(signal.SIGHUP)
-    h.wait_log("reloaded", count=n + 1)
+    reload(h, workers, v("v2"))
     check_eq(request(a, "ver", others=[b]), b"v2 grp", "a good reload after a failed one")
 
 
@@ -148,7 +150,7 @@ def connect_refused(addr, timeout):
             s.settimeout(2)
             s.connect(addr)
         except OSError as e:
-            if e.errno == errno.ECONNREFUSED:
+            if e.errno in (errno.ECONNREFUSED, errno.ECONNRESET):
                 return
             raise
         finally:
@@ -173,7 +175,7 @@ def slow_read_all(r, count, others):
 
 @suite.case
 def sigterm_flushes_then_exits_0():
-    count = 512 if VALGRIND else 1024  # 8 / 16 MiB: far more than the socket buffers
+    count = 512  # 8 MiB: far more than the socket buffers
     h = Hub(FLUSH_SCRIPT, evapi={"max_outbuf": "64m", "shutdown_timeout": 60000}).start()
     r, p = queue_for_reader(h, count)
     p.close()

@@ -114,7 +114,7 @@ def close_policy_closes_the_slow_consumer():
     check(len(others) <= 1, "unexpected frames on the slow consumer: %r" % others[:3])
     for f in others:
         parse_error_frame(f)
-    check_eq(slow.parser.pending(), 0, "bytes of a partial frame left on the slow consumer")
+    check_eq(slow.parser.pending(), 0, "bytes of a partial frame left on the slow consumer (%s, %d bytes in all)" % (slow.err or "EOF", slow.bytes_in))
     # The hub still serves everyone else.
     pub.send(b"after")
     pump(fast + [pub], lambda: all(c.frames == [b"after"] for c in fast), what="after")
@@ -131,7 +131,7 @@ def close_policy_with_a_worker():
     wait_eof([slow], others=fast + [pub])
     seqs, _ = data_frames(slow)
     check_eq(seqs, list(range(len(seqs))), "the slow consumer's frames are an in-order prefix")
-    check_eq(slow.parser.pending(), 0, "bytes of a partial frame left on the slow consumer")
+    check_eq(slow.parser.pending(), 0, "bytes of a partial frame left on the slow consumer (%s, %d bytes in all)" % (slow.err or "EOF", slow.bytes_in))
 
 
 def drop_case(workers):
