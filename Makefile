@@ -8,7 +8,10 @@ CONFIG     ?= examples/evhub.conf
 JOBS       ?= 2
 APT_PKGS    = build-essential cmake pkg-config libev-dev liblua5.4-dev libjson-c-dev \
               libinih-dev libcmocka-dev python3 valgrind clang-format \
-              nodejs npm kamailio kamailio-extra-modules kamailio-lua-modules
+              kamailio kamailio-extra-modules kamailio-lua-modules
+# Node.js and npm (for the third-party netstring client test) come from Debian only when the
+# machine has no node/npm of its own: a NodeSource nodejs bundles npm and conflicts with it.
+NODE_PKGS   = nodejs npm
 SUDO       := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: all deps build run test test-plain test-asan test-valgrind format format-check bench clean
@@ -19,6 +22,7 @@ deps:
 	@missing=""; for p in $(APT_PKGS); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
 	done; \
+	if ! command -v node >/dev/null || ! command -v npm >/dev/null; then missing="$$missing $(NODE_PKGS)"; fi; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -q && \

@@ -93,6 +93,8 @@ struct hub {
     hub_script *script; /* the loop's own state when workers == 0 */
 
     int lfd, spare_fd;
+    ev_tstamp emfile_logged; /* last "out of descriptors" report */
+    uint64_t emfile_refused; /* connections refused since then */
     ev_io accept_w;
     ev_prepare prepare_w;
     ev_idle idle_w;

@@ -99,6 +99,28 @@ static void refuse(hub *h, int fd, const struct sockaddr_storage *ss)
     h->stats.refused++;
 }
 
+/* Out of descriptors: give up the spare one to accept the connection and close it with a
+ * reason, so the listener does not stay readable and spin. Logged at most once a second. */
+static void refuse_emfile(hub *h, int err)
+{
+    close(h->spare_fd);
+    int fd = accept(h->lfd, NULL, NULL);
+    if (fd >= 0) {
+        hub__write_error_frame(h, fd, "unavailable", "the server is out of file descriptors");
+        close(fd);
+        h->stats.refused++;
+        h->emfile_refused++;
+    }
+    h->spare_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
+    ev_tstamp now = ev_now(h->loop);
+    if (now - h->emfile_logged >= 1.0) {
+        hub_log(HUB_LOG_ERR, "accept: %s; refused %llu connection(s) since the last report",
+                strerror(err), (unsigned long long)h->emfile_refused);
+        h->emfile_logged = now;
+        h->emfile_refused = 0;
+    }
+}
+
 void hub__accept_cb(struct ev_loop *loop, ev_io *w, int revents)
 {
     hub *h = w->data;
@@ -112,13 +134,7 @@ void hub__accept_cb(struct ev_loop *loop, ev_io *w, int revents)
             if (errno == EINTR || errno == ECONNABORTED)
                 continue;
             if ((errno == EMFILE || errno == ENFILE) && h->spare_fd >= 0) {
-                hub_log(HUB_LOG_ERR, "accept: %s; refusing a connection", strerror(errno));
-                close(h->spare_fd);
-                fd = accept(h->lfd, NULL, NULL);
-                if (fd >= 0)
-                    close(fd);
-                h->spare_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
-                h->stats.refused++;
+                refuse_emfile(h, errno);
                 continue;
             }
             if (errno != EAGAIN && errno != EWOULDBLOCK)

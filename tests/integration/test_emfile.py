@@ -1,0 +1,88 @@
+#!/usr/bin/python3
+"""Running out of file descriptors: evhub started with a small RLIMIT_NOFILE must refuse the
+connections it cannot hold without spinning on a listener that stays readable (the EMFILE
+trap), keep serving the clients it has, and accept again once descriptors are free."""
+
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from evhub_harness import (CMD_SCRIPT, SLOW, VALGRIND, Hub, Suite, check, check_eq,  # noqa: E402
+                           parse_error_frame, pump, request)
+
+suite = Suite("emfile")
+
+NOFILE = 64
+
+
+class LimitedHub(Hub):
+    """A hub whose descriptor table holds NOFILE entries (prlimit from util-linux)."""
+
+    def command(self, *extra):
+        return ["prlimit", "--nofile=%d:%d" % (NOFILE, NOFILE), "--"] + super().command(*extra)
+
+
+def cpu_seconds(pid):
+    """User + system CPU time of a process (and its threads), from /proc."""
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def hub_pid(h):
+    """The evhub process itself (prlimit execs it, a valgrind wrapper too)."""
+    return h.pid
+
+
+@suite.case
+def emfile_refuses_without_spinning():
+    h = LimitedHub(CMD_SCRIPT, evapi={"max_clients": 1000}).start()
+    held = []
+    # Connect until the hub starts refusing: refused sockets see EOF without any frame.
+    for i in range(NOFILE + 20):
+        c = h.client(name="c%d" % i)
+        held.append(c)
+    h.wait_log("Too many open files")
+    pump(held, until=lambda: any(c.eof for c in held), what="a refused client's EOF")
+    # Let every connect reach the hub, then measure its CPU while nothing else happens.
+    time.sleep(0.5)
+    pump(held, until=lambda: all(not c.out for c in held), what="settle")
+    pid = hub_pid(h)
+    t0, c0 = time.monotonic(), cpu_seconds(pid)
+    time.sleep(2.0)
+    used = (cpu_seconds(pid) - c0) / (time.monotonic() - t0)
+    check(used < 0.3, "evhub used %.0f%% of a core while idle at its descriptor limit" %
+          (used * 100))
+    alive = [c for c in held if not c.eof]
+    refused = [c for c in held if c.eof]
+    check(len(refused) > 0, "no connection was refused at a %d-descriptor limit" % NOFILE)
+    check(len(alive) > NOFILE // 2, "only %d connections were kept" % len(alive))
+    # The error frame is best effort (the descriptor freed for it can be taken by someone
+    # else, valgrind for one), but nothing else may reach a refused client.
+    errors = [[parse_error_frame(f).get("error") for f in c.frames] for c in refused]
+    check(all(e in ([], ["unavailable"]) for e in errors), "refused clients got %r" % errors)
+    if not VALGRIND:  # under valgrind its own descriptors take the freed slot first
+        check(["unavailable"] in errors, "no refused client was told why: %r" % errors)
+    # The connections it holds are served as before.
+    for c in alive[:5]:
+        check_eq(request(c, "echo:still", others=[x for x in alive if x is not c]), b"still",
+                 "a held client is served")
+    # Free descriptors and connect again: accepted and served.
+    for c in alive[: NOFILE // 4]:
+        c.close()
+    deadline = time.monotonic() + (20 if not SLOW else 60)
+    while True:
+        n = h.client(name="late")
+        try:
+            check_eq(request(n, "echo:late", others=alive[NOFILE // 4:]), b"late",
+                     "a new client after descriptors were freed")
+            break
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+            n.close()
+            time.sleep(0.1)
+
+
+suite.run()
