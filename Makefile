@@ -6,28 +6,38 @@ BUILD      ?= build
 BUILD_SAN  ?= build-asan
 CONFIG     ?= examples/evhub.conf
 JOBS       ?= 2
-APT_PKGS    = build-essential cmake pkg-config libev-dev liblua5.4-dev libjson-c-dev \
-              libinih-dev libcmocka-dev python3 valgrind clang-format \
+BUILD_PKGS  = build-essential cmake pkg-config libev-dev liblua5.4-dev libjson-c-dev \
+              libinih-dev libcmocka-dev
+TEST_PKGS   = python3 valgrind clang-format util-linux \
               kamailio kamailio-extra-modules kamailio-lua-modules
 # Node.js and npm (for the third-party netstring client test) come from Debian only when the
 # machine has no node/npm of its own: a NodeSource nodejs bundles npm and conflicts with it.
 NODE_PKGS   = nodejs npm
 SUDO       := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all deps build run test test-plain test-asan test-valgrind format format-check bench clean
+.PHONY: all deps test-deps build run test test-plain test-asan test-valgrind format format-check bench clean
 
 all: build
 
-deps:
-	@missing=""; for p in $(APT_PKGS); do \
+# apt-get only what is missing; $(1): packages, $(2): also Node.js unless node and npm exist.
+define install_missing
+	@missing=""; for p in $(1); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
 	done; \
-	if ! command -v node >/dev/null || ! command -v npm >/dev/null; then missing="$$missing $(NODE_PKGS)"; fi; \
+	if [ -n "$(2)" ] && { ! command -v node >/dev/null || ! command -v npm >/dev/null; }; then \
+	  missing="$$missing $(NODE_PKGS)"; fi; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -q && \
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
 	fi
+endef
+
+deps:
+	$(call install_missing,$(BUILD_PKGS),)
+
+test-deps: deps
+	$(call install_missing,$(TEST_PKGS),node)
 
 build: deps
 	cmake -S . -B $(BUILD) -DCMAKE_BUILD_TYPE=RelWithDebInfo
@@ -36,19 +46,19 @@ build: deps
 run: build
 	./$(BUILD)/evhub -f -c $(CONFIG)
 
-test: deps format-check test-plain test-asan test-valgrind
+test: test-deps format-check test-plain test-asan test-valgrind
 
-test-plain: build
+test-plain: test-deps build
 	cd $(BUILD) && ctest --output-on-failure -j $(JOBS)
 
-test-asan: deps
+test-asan: test-deps
 	cmake -S . -B $(BUILD_SAN) -DCMAKE_BUILD_TYPE=Debug -DEVHUB_SANITIZE=ON
 	cmake --build $(BUILD_SAN) -j $(JOBS)
 	cd $(BUILD_SAN) && ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 \
 	  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 ctest --output-on-failure -j $(JOBS)
 
 # Unit tests under memcheck, then the integration tests with evhub itself under valgrind.
-test-valgrind: build
+test-valgrind: test-deps build
 	cd $(BUILD) && ctest -T memcheck -L unit --output-on-failure \
 	  --overwrite MemoryCheckCommandOptions="--leak-check=full --error-exitcode=1 --errors-for-leak-kinds=definite,indirect"
 	cd $(BUILD) && EVHUB_WRAPPER="valgrind -q --error-exitcode=99 --leak-check=full --errors-for-leak-kinds=definite,indirect" \
@@ -57,7 +67,7 @@ test-valgrind: build
 format:
 	clang-format -i hub/*.[ch] lua/*.[ch] tests/unit/*.c tests/bench/*.c tests/fuzz/*.c
 
-format-check:
+format-check: test-deps
 	clang-format --dry-run -Werror hub/*.[ch] lua/*.[ch] tests/unit/*.c tests/bench/*.c tests/fuzz/*.c
 
 bench: build
