@@ -34,7 +34,7 @@ int hub__multicast(hub *h, const char *tag, size_t taglen, const char *data, siz
     if (!hub__tag_valid(tag, taglen))
         return -EINVAL;
     hub_tag *t = hub__tag_find(h, tag, taglen);
-    if (!t)
+    if (!t || !t->head)
         return 0;
     int n = 0, rc = frame_for(h, data, len, &f);
     if (rc < 0)
@@ -50,19 +50,10 @@ int hub__multicast(hub *h, const char *tag, size_t taglen, const char *data, siz
     return n;
 }
 
-int hub__unicast(hub *h, const char *tag, size_t taglen, const char *data, size_t len)
+/* One recipient: 1 when queued, 0 when its queue refused the frame, or <0. */
+static int deliver_one(hub *h, hub_client *c, const char *data, size_t len)
 {
     hub_frame *f;
-    if (!hub__tag_valid(tag, taglen))
-        return -EINVAL;
-    hub_tag *t = hub__tag_find(h, tag, taglen);
-    if (!t)
-        return 0;
-    hub_client *c = t->head;
-    if (h->cfg.unicast_policy == HUB_UNICAST_RROBIN) {
-        c = t->rr ? t->rr : t->head;
-        t->rr = c->tag_next;
-    }
     int rc = frame_for(h, data, len, &f);
     if (rc < 0)
         return rc;
@@ -71,18 +62,28 @@ int hub__unicast(hub *h, const char *tag, size_t taglen, const char *data, size_
     return rc == 0 ? 1 : 0;
 }
 
+int hub__unicast(hub *h, const char *tag, size_t taglen, const char *data, size_t len)
+{
+    if (!hub__tag_valid(tag, taglen))
+        return -EINVAL;
+    /* A tag may exist with no members yet: a worker's set_tag on its way to the loop. */
+    hub_tag *t = hub__tag_find(h, tag, taglen);
+    if (!t || !t->head)
+        return 0;
+    hub_client *c = t->head;
+    if (h->cfg.unicast_policy == HUB_UNICAST_RROBIN) {
+        c = t->rr ? t->rr : t->head;
+        t->rr = c->tag_next;
+    }
+    return deliver_one(h, c, data, len);
+}
+
 int hub__send(hub *h, uint64_t id, const char *data, size_t len)
 {
     hub_client *c = hub__client_by_id(h, id);
-    hub_frame *f;
     if (!c || (c->flags & HUB_CLIENT_CLOSING))
         return -ENOENT;
-    int rc = frame_for(h, data, len, &f);
-    if (rc < 0)
-        return rc;
-    rc = hub__client_enqueue(c, f);
-    hub__frame_unref(f);
-    return rc == 0 ? 1 : 0;
+    return deliver_one(h, c, data, len);
 }
 
 int hub__set_tag_id(hub *h, uint64_t id, const char *tag, size_t len, int from_worker)

@@ -193,6 +193,19 @@ static void test_tag_intent_for_a_closed_id_is_cleared(void **state)
     assert_int_equal(hub__tag_intent(&f->h, 99, "bad tag", 7, 0), -EINVAL);
 }
 
+static void test_routing_to_a_tag_with_no_members_yet_reaches_no_one(void **state)
+{
+    fixture *f = *state;
+    /* A worker's set_tag creates the tag before the loop adds the member. */
+    assert_int_equal(hub__tag_intent(&f->h, 42, "soon", 4, 0), 0);
+    assert_non_null(hub__tag_find(&f->h, "soon", 4));
+    assert_int_equal(hub__unicast(&f->h, "soon", 4, "x", 1), 0);
+    f->h.cfg.unicast_policy = HUB_UNICAST_RROBIN;
+    assert_int_equal(hub__unicast(&f->h, "soon", 4, "x", 1), 0);
+    assert_int_equal(hub__multicast(&f->h, "soon", 4, "x", 1), 0);
+    hub__tag_intent(&f->h, 42, NULL, 0, 1);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -208,6 +221,8 @@ int main(void)
                                         setup, teardown),
         cmocka_unit_test_setup_teardown(test_tag_intent_for_a_closed_id_is_cleared, setup,
                                         teardown),
+        cmocka_unit_test_setup_teardown(test_routing_to_a_tag_with_no_members_yet_reaches_no_one,
+                                        setup, teardown),
     };
     return cmocka_run_group_tests_name("tags", tests, NULL, NULL);
 }
