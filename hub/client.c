@@ -16,9 +16,14 @@
     hub_log(l, "client id=%llu addr=%s:%u%s%s: " fmt, (unsigned long long)(c)->id, (c)->info.addr, \
             (c)->info.port, (c)->tag ? " tag=" : "", (c)->tag ? (c)->tag->name : "", __VA_ARGS__)
 
+size_t hub__frame_len(const hub *h, size_t len)
+{
+    return h->cfg.netstring_format ? hub_ns_encoded_len(len) : len;
+}
+
 hub_frame *hub__frame_new(hub *h, const char *data, size_t len)
 {
-    size_t total = h->cfg.netstring_format ? hub_ns_encoded_len(len) : len;
+    size_t total = hub__frame_len(h, len);
     hub_frame *f = hub_malloc(sizeof(*f) + total);
     if (!f)
         return NULL;
@@ -226,16 +231,20 @@ static int client_write(hub_client *c, size_t budget)
 }
 
 static void to_reaper(hub_client *c);
+static void client_unroute(hub_client *c);
 
 /* After a write attempt: a write error ends the connection, and a closing connection whose
  * queue has drained is handed to the reaper. */
 static void after_write(hub_client *c, int r)
 {
     if (r < 0 && r != -EAGAIN) {
-        if (c->flags & HUB_CLIENT_CLOSING)
-            to_reaper(c);
-        else
-            hub__client_close(c, NULL, strerror(-r));
+        /* The socket failed: nothing more can drain, so the queue goes with it. */
+        if (!(c->flags & HUB_CLIENT_CLOSING))
+            CLOG(HUB_LOG_INFO, c, "%s, closing", strerror(-r));
+        c->flags |= HUB_CLIENT_CLOSING;
+        client_unroute(c);
+        wq_clear(c);
+        to_reaper(c);
     } else if (r == 1 && (c->flags & HUB_CLIENT_DRAINING)) {
         to_reaper(c);
     }
@@ -275,7 +284,14 @@ void hub__flush_pending(hub *h)
             after_write(c, r);
         }
     }
-    h->pending = again;
+    /* Closing a client above may have queued others (an error frame, a drain): keep them. */
+    if (again) {
+        hub_client *tail = again;
+        while (tail->pend_next)
+            tail = tail->pend_next;
+        tail->pend_next = h->pending;
+        h->pending = again;
+    }
     if (!h->pending && ev_is_active(&h->idle_w))
         ev_idle_stop(h->loop, &h->idle_w);
 }
@@ -472,13 +488,20 @@ static void to_reaper(hub_client *c)
 
 /* Stop reading and routing to c at once; what is queued still goes out (up to
  * shutdown_timeout), then the reaper closes it. */
+/* No more reads, and no relay reaches c from now on. */
+static void client_unroute(hub_client *c)
+{
+    hub *h = c->h;
+    ev_io_stop(h->loop, &c->rio);
+    hub__tag_set(h, c, NULL, 0);
+    hub__tag_intent(h, c->id, NULL, 0, 1);
+}
+
 static void begin_close(hub_client *c)
 {
     hub *h = c->h;
     c->flags |= HUB_CLIENT_CLOSING;
-    ev_io_stop(h->loop, &c->rio);
-    hub__tag_set(h, c, NULL, 0);
-    hub__tag_intent(h, c->id, NULL, 0, 1);
+    client_unroute(c);
     if (!c->wq_count) {
         to_reaper(c);
         return;

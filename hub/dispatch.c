@@ -8,7 +8,8 @@
 /* Build the frame once; every recipient shares it. */
 static int frame_for(hub *h, const char *data, size_t len, hub_frame **out)
 {
-    if (len > h->cfg.max_outbuf)
+    /* A frame that alone fills a queue could never be sent to anyone. */
+    if (hub__frame_len(h, len) > h->cfg.max_outbuf)
         return -EMSGSIZE;
     *out = hub__frame_new(h, data, len);
     return *out ? 0 : -ENOMEM;

@@ -76,6 +76,8 @@ struct hub_tag {
     hub_client *head, *tail, *rr; /* members, loop thread only */
     uint32_t nmembers;            /* loop thread, changed under tags_lock */
     uint32_t intended;            /* ids meant to carry it, any thread, under tags_lock */
+    hub_tag *gc_next;             /* in hub.tag_gc, under tags_lock */
+    uint8_t gc_listed;
     uint8_t len;
     char name[HUB_TAG_MAX + 1];
 };
@@ -114,7 +116,9 @@ struct hub {
 
     hub_tag **tagtab; /* hash of tags */
     size_t tagtab_cap, ntags;
-    hub_idmap intents;          /* id -> hub_tag it should carry, under tags_lock */
+    hub_idmap intents; /* id -> hub_tag it should carry, under tags_lock */
+    hub_tag *tag_gc;   /* tags a worker left unused, for the loop to free */
+    atomic_int tag_gc_pending;
     pthread_rwlock_t tags_lock; /* guards tagtab, intents and the tags' counts */
 
     hub_client *pending; /* clients with queued output to flush this iteration */
@@ -166,6 +170,8 @@ int hub__tag_intent(hub *h, uint64_t id, const char *tag, size_t len, int loop_t
 hub_tag *hub__tag_find(hub *h, const char *tag, size_t len);
 /* Any thread: how many connections carry (or are about to carry) the tag. */
 uint32_t hub__tag_count(hub *h, const char *tag, size_t len);
+/* Loop thread: free the tags workers left with neither members nor intents. */
+void hub__tags_sweep(hub *h);
 void hub__tags_free(hub *h);
 
 /* dispatch (dispatch.c), loop thread: the recipients count, or <0 */
@@ -198,6 +204,9 @@ int hub__worker_full(hub *h, int w);
 void hub__worker_pause(hub *h, int w, hub_client *c);
 void hub__commands_cb(struct ev_loop *loop, ev_async *w, int revents);
 int hub__worker_queue_item(hub *h, int w, int type, hub_client *c, const char *data, size_t len);
+
+/* Bytes a payload of len takes on the wire (netstring or raw). */
+size_t hub__frame_len(const hub *h, size_t len);
 
 /* small helpers */
 size_t hub__json_escape(char *dst, size_t cap, const char *src, size_t len);

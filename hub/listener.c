@@ -126,6 +126,8 @@ void hub__accept_cb(struct ev_loop *loop, ev_io *w, int revents)
     hub *h = w->data;
     (void)loop;
     (void)revents;
+    if (h->spare_fd < 0)
+        h->spare_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
     for (int i = 0; i < HUB_ACCEPT_PER_EVENT; i++) {
         struct sockaddr_storage ss;
         socklen_t sl = sizeof(ss);

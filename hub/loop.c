@@ -66,6 +66,9 @@ static void prepare_cb(struct ev_loop *loop, ev_prepare *w, int revents)
         hub__reap_closing(h);
         hub__flush_pending(h);
     }
+    /* Whatever is left (the round bound was hit) must not wait for the next event. */
+    if ((h->closing || h->pending) && !ev_is_active(&h->idle_w))
+        ev_idle_start(loop, &h->idle_w);
     if (h->nworkers)
         hub__workers_flush(h);
     if (h->stopping && h->workers_done >= h->nworkers && !h->pending) {

@@ -90,7 +90,7 @@ static hub_tag *tag_get(hub *h, const char *tag, size_t len)
 /* Loop thread, write lock held. */
 static void tag_maybe_free(hub *h, hub_tag *t)
 {
-    if (t->nmembers || t->intended)
+    if (t->nmembers || t->intended || t->gc_listed)
         return;
     hub_tag **pp = tag_slot(h, t->name, t->len);
     *pp = t->hnext;
@@ -124,11 +124,50 @@ uint32_t hub__tag_count(hub *h, const char *tag, size_t len)
     return n;
 }
 
+/* A worker may leave a tag with neither members nor intents; only the loop frees tags, so
+ * the worker lists it for hub__tags_sweep (write lock held). */
+static void tag_gc_add(hub *h, hub_tag *t)
+{
+    if (t->nmembers || t->intended || t->gc_listed)
+        return;
+    t->gc_listed = 1;
+    t->gc_next = h->tag_gc;
+    h->tag_gc = t;
+}
+
+void hub__tags_sweep(hub *h)
+{
+    if (!atomic_load(&h->tag_gc_pending))
+        return;
+    pthread_rwlock_wrlock(&h->tags_lock);
+    for (hub_tag *t = h->tag_gc, *next; t; t = next) {
+        next = t->gc_next;
+        t->gc_listed = 0;
+        tag_maybe_free(h, t);
+    }
+    h->tag_gc = NULL;
+    atomic_store(&h->tag_gc_pending, 0);
+    pthread_rwlock_unlock(&h->tags_lock);
+}
+
+/* Drop a tag nobody uses any more: now from the loop, later (swept) from a worker. */
+static void tag_release(hub *h, hub_tag *t, int loop_thread)
+{
+    if (loop_thread) {
+        tag_maybe_free(h, t);
+    } else if (!t->nmembers && !t->intended) {
+        tag_gc_add(h, t);
+        atomic_store(&h->tag_gc_pending, 1);
+    }
+}
+
 int hub__tag_intent(hub *h, uint64_t id, const char *tag, size_t len, int loop_thread)
 {
     int rc = 0;
     if (len && !hub__tag_valid(tag, len))
         return -EINVAL;
+    if (!id)
+        return -ENOENT;
     pthread_rwlock_wrlock(&h->tags_lock);
     hub_tag *old = hub_idmap_get(&h->intents, id);
     hub_tag *t = len ? tag_get(h, tag, len) : NULL;
@@ -144,13 +183,12 @@ int hub__tag_intent(hub *h, uint64_t id, const char *tag, size_t len, int loop_t
                 t->intended++;
             if (old) {
                 old->intended--;
-                if (loop_thread)
-                    tag_maybe_free(h, old);
+                tag_release(h, old, loop_thread);
             }
         }
     }
-    if (t && loop_thread)
-        tag_maybe_free(h, t); /* only when the put above failed */
+    if (t)
+        tag_release(h, t, loop_thread); /* only when the put above failed */
     pthread_rwlock_unlock(&h->tags_lock);
     return rc;
 }

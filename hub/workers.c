@@ -24,6 +24,8 @@ enum {
 };
 
 #define CMD_FLUSH_EVERY 64 /* events between command hand-offs while a batch runs */
+/* Payload bytes queued per worker before reading pauses, whatever worker_queue says. */
+#define WORKER_QUEUE_BYTES (64u * 1024 * 1024)
 
 typedef struct hub_item {
     struct hub_item *next;
@@ -52,9 +54,10 @@ struct hub_worker {
 
     pthread_mutex_t mu;
     pthread_cond_t cv;
-    hub_item *head, *tail; /* under mu */
-    int sleeping;          /* under mu */
-    atomic_int queued;     /* events handed over and not yet run, outbox included */
+    hub_item *head, *tail;      /* under mu */
+    int sleeping;               /* under mu */
+    atomic_int queued;          /* events handed over and not yet run, outbox included */
+    atomic_size_t queued_bytes; /* their payload bytes */
     atomic_int resume_wanted;
 
     /* loop side */
@@ -130,7 +133,7 @@ static int worker_cmd(hub_worker *w, int type, uint64_t id, const char *tag, siz
 static int wapi_relay(void *ud, const char *data, size_t len)
 {
     hub_worker *w = ud;
-    if (len > w->h->cfg.max_outbuf)
+    if (hub__frame_len(w->h, len) > w->h->cfg.max_outbuf)
         return -EMSGSIZE;
     if (atomic_load(&w->h->nclients) == 0)
         return 0;
@@ -143,7 +146,7 @@ static int wapi_tagged(hub_worker *w, int type, const char *tag, size_t taglen, 
 {
     if (!hub__tag_valid(tag, taglen))
         return -EINVAL;
-    if (len > w->h->cfg.max_outbuf)
+    if (hub__frame_len(w->h, len) > w->h->cfg.max_outbuf)
         return -EMSGSIZE;
     /* The command goes even when the count is 0: a set_tag queued just before it by this
      * same script is applied first. */
@@ -167,7 +170,7 @@ static int wapi_unicast(void *ud, const char *tag, size_t taglen, const char *da
 static int wapi_send(void *ud, uint64_t id, const char *data, size_t len)
 {
     hub_worker *w = ud;
-    if (len > w->h->cfg.max_outbuf)
+    if (hub__frame_len(w->h, len) > w->h->cfg.max_outbuf)
         return -EMSGSIZE;
     int rc = worker_cmd(w, CMD_SEND, id, NULL, 0, data, len);
     return rc < 0 ? rc : 1;
@@ -221,6 +224,15 @@ static void worker_reload(hub_worker *w)
     hub_log(HUB_LOG_NOTICE, "worker %d: script reloaded", w->index);
 }
 
+/* Paused readers resume only once the queue is half empty, so a queue hovering at its limit
+ * does not pause and resume for every event. */
+static int below_low_water(hub_worker *w)
+{
+    int half = w->h->cfg.worker_queue / 2;
+    return atomic_load(&w->queued) < (half > 0 ? half : 1) &&
+           atomic_load(&w->queued_bytes) < WORKER_QUEUE_BYTES / 2;
+}
+
 /* Runs one event; returns 1 for the stop event. */
 static int worker_run(hub_worker *w, hub_item *it)
 {
@@ -242,9 +254,10 @@ static int worker_run(hub_worker *w, hub_item *it)
     case HUB_EV_STOP:
         return 1;
     }
-    int left = atomic_fetch_sub(&w->queued, 1) - 1;
+    atomic_fetch_sub(&w->queued_bytes, it->len);
+    atomic_fetch_sub(&w->queued, 1);
     /* Paired with the loop's store-then-check in hub__worker_pause. */
-    if (left < h->cfg.worker_queue && atomic_load(&w->resume_wanted) &&
+    if (atomic_load(&w->resume_wanted) && below_low_water(w) &&
         atomic_exchange(&w->resume_wanted, 0))
         worker_cmd(w, CMD_RESUME, 0, NULL, 0, NULL, 0);
     return 0;
@@ -335,7 +348,8 @@ static void outbox_add(hub_worker *w, hub_item *it)
 
 int hub__worker_full(hub *h, int w)
 {
-    return atomic_load(&h->workers[w].queued) >= h->cfg.worker_queue;
+    return atomic_load(&h->workers[w].queued) >= h->cfg.worker_queue ||
+           atomic_load(&h->workers[w].queued_bytes) >= WORKER_QUEUE_BYTES;
 }
 
 int hub__worker_queue_item(hub *h, int wi, int type, hub_client *c, const char *data, size_t len)
@@ -349,6 +363,7 @@ int hub__worker_queue_item(hub *h, int wi, int type, hub_client *c, const char *
         return -ENOMEM;
     }
     atomic_fetch_add(&w->queued, 1);
+    atomic_fetch_add(&w->queued_bytes, it->len);
     outbox_add(w, it);
     return 0;
 }
@@ -391,7 +406,7 @@ void hub__worker_pause(hub *h, int wi, hub_client *c)
     ev_io_stop(h->loop, &c->rio);
     atomic_store(&w->resume_wanted, 1);
     /* The worker may have drained the queue before it could see resume_wanted. */
-    if (atomic_load(&w->queued) < h->cfg.worker_queue && atomic_exchange(&w->resume_wanted, 0)) {
+    if (below_low_water(w) && atomic_exchange(&w->resume_wanted, 0)) {
         hub_cmd *cmd = cmd_new(CMD_RESUME, wi, 0, NULL, 0, NULL, 0);
         if (cmd)
             cmd_push_list(h, cmd, cmd);
@@ -470,6 +485,7 @@ void hub__commands_cb(struct ev_loop *loop, ev_async *aw, int revents)
         run_cmd(h, c);
         hub_free(c);
     }
+    hub__tags_sweep(h);
 }
 
 int hub__workers_start(hub *h, char *err, size_t errlen)

@@ -4,7 +4,10 @@ connection closes), whitespace between frames, raw mode."""
 
 import json
 import os
+import socket
+import struct
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from evhub_harness import (CMD_SCRIPT, Hub, Suite, check, check_eq, ns, parse_error_frame,  # noqa: E402
@@ -162,6 +165,53 @@ def raw_mode_passes_bytes_bare():
     check_eq(bytes(a.data[-3:]), b"xyz", "bare relay to the sender")
     check_eq(bytes(b.data), b"xyz", "bare relay to another client")
     check(not a.eof and not b.eof, "raw clients stay connected")
+
+
+@suite.case
+def frame_larger_than_max_outbuf_is_refused_to_the_script():
+    # The encoded frame (header and ',' included) must fit max_outbuf; one that cannot is an
+    # error for the script, not a reason to close recipients as slow consumers.
+    h = Hub(CMD_SCRIPT, evapi={"max_outbuf": 1024}).start()
+    a, b = h.client(name="a"), h.client(name="b")
+    check_eq(request(a, "rrelay:" + "x" * 1019), b"rrelay nil message too large",
+             "a relay of 1019 bytes (1025 on the wire with its header)")
+    check_eq(b.take(), [], "nothing relayed")
+    ok = "y" * 900
+    check_eq(request(a, "rrelay:" + ok, others=[b]), ok.encode(), "a relay that fits")
+    wait_frames([a, b], [1, 1])
+    check_eq([a.take(), b.take()], [[b"rrelay true nil"], [ok.encode()]], "delivery and result")
+    check_eq(h.count_log("slow consumer"), 0, "a fitting queue was taken for a slow one")
+
+
+RESET_SCRIPT = r'''
+evapi.on("connect", function(conn)
+    -- Even ids stay in their connect handler for a while, so the hub does not read them yet.
+    if conn.id % 2 == 0 then local x = 0 for i = 1, 3e7 do x = x + i end end
+end)
+evapi.on("message", function(conn, msg) evapi.relay(msg) end)
+'''
+
+
+@suite.case
+def peer_reset_found_by_a_write_is_reaped_at_once():
+    # A peer resets while the hub is not reading it; a relay's write then fails. The connection
+    # must be closed then and there, not left behind until shutdown_timeout.
+    h = Hub(RESET_SCRIPT, evapi={"workers": 2, "shutdown_timeout": 20000},
+            lua={"max_instructions": 0}).start()
+    b = h.client(name="b")  # id 1: read at once
+    wait_frames([b], 0)
+    h.wait_log("client id=1 ")
+    a = socket.create_connection(h.addr)  # id 2: its worker is busy in the connect handler
+    h.wait_log("client id=2 ")
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    a.close()
+    b.send("hello")
+    wait_frames([b], 1)
+    h.wait_log("Connection reset by peer")
+    time.sleep(0.2)
+    h.stop()
+    check("0 bytes left unsent" in h.log(), "queued bytes left at shutdown:\n%s" % h.log())
+    check("peer stopped reading" not in h.log(), "the reset connection lingered")
 
 
 suite.run()
