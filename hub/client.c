@@ -111,6 +111,9 @@ hub_client *hub__client_by_id(hub *h, uint64_t id) { return hub_idmap_get(&h->id
 
 /* ---- write queue ---- */
 
+/* Index of the i-th queued frame; the ring's capacity is a power of two. */
+#define WQ_AT(c, i) (((c)->wq_head + (i)) & ((c)->wq_cap - 1))
+
 static void pending_add(hub_client *c)
 {
     hub *h = c->h;
@@ -132,7 +135,7 @@ static int wq_reserve(hub_client *c)
     if (!n)
         return -ENOMEM;
     for (uint32_t i = 0; i < c->wq_count; i++)
-        n[i] = c->wq[(c->wq_head + i) % c->wq_cap];
+        n[i] = c->wq[WQ_AT(c, i)];
     hub_free(c->wq);
     c->wq = n;
     c->wq_cap = ncap;
@@ -161,7 +164,7 @@ int hub__client_enqueue(hub_client *c, hub_frame *f)
     }
     if (wq_reserve(c) < 0)
         return -ENOMEM;
-    c->wq[(c->wq_head + c->wq_count) % c->wq_cap] = f;
+    c->wq[WQ_AT(c, c->wq_count)] = f;
     c->wq_count++;
     f->refcnt++;
     c->wq_bytes += f->len;
@@ -172,7 +175,7 @@ int hub__client_enqueue(hub_client *c, hub_frame *f)
 static void wq_clear(hub_client *c)
 {
     for (uint32_t i = 0; i < c->wq_count; i++)
-        hub__frame_unref(c->wq[(c->wq_head + i) % c->wq_cap]);
+        hub__frame_unref(c->wq[WQ_AT(c, i)]);
     hub_free(c->wq);
     c->wq = NULL;
     c->wq_cap = c->wq_count = c->wq_head = 0;
@@ -190,7 +193,7 @@ static int client_write(hub_client *c, size_t budget)
         int n = 0;
         size_t want = 0;
         for (uint32_t i = 0; i < c->wq_count && n < HUB_IOV_MAX && want < budget; i++) {
-            hub_frame *f = c->wq[(c->wq_head + i) % c->wq_cap];
+            hub_frame *f = c->wq[WQ_AT(c, i)];
             size_t off = i == 0 ? c->wq_off : 0;
             iov[n].iov_base = f->data + off;
             iov[n].iov_len = f->len - off;
@@ -218,7 +221,7 @@ static int client_write(hub_client *c, size_t budget)
             left -= rest;
             c->wq_off = 0;
             c->wq_bytes -= f->len;
-            c->wq_head = (c->wq_head + 1) % c->wq_cap;
+            c->wq_head = WQ_AT(c, 1);
             c->wq_count--;
             c->frames_out++;
             c->h->stats.frames_out++;
@@ -455,7 +458,7 @@ static void queue_error_frame(hub_client *c, const char *code, const char *reaso
     int n = snprintf(body, sizeof(body), "{\"error\":\"%s\",\"reason\":\"%s\"}", code, esc);
     hub_frame *f = n > 0 && (size_t)n < sizeof(body) ? hub__frame_new(h, body, (size_t)n) : NULL;
     if (f && wq_reserve(c) == 0) {
-        c->wq[(c->wq_head + c->wq_count) % c->wq_cap] = f;
+        c->wq[WQ_AT(c, c->wq_count)] = f;
         c->wq_count++;
         c->wq_bytes += f->len;
     } else {
@@ -537,7 +540,7 @@ void hub__client_abort(hub_client *c, const char *reason)
     /* Drop the queue but finish a frame already begun: the peer never sees half a frame. */
     uint32_t keep = c->wq_off ? 1 : 0;
     for (uint32_t i = keep; i < c->wq_count; i++) {
-        hub_frame *f = c->wq[(c->wq_head + i) % c->wq_cap];
+        hub_frame *f = c->wq[WQ_AT(c, i)];
         c->wq_bytes -= f->len;
         hub__frame_unref(f);
     }

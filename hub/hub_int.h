@@ -20,7 +20,7 @@
 #define HUB_READ_CHUNK       (64 * 1024)  /* bytes asked of read(2) at a time */
 #define HUB_READS_PER_EVENT  4            /* reads per readable event on a client */
 #define HUB_WRITE_BUDGET     (256 * 1024) /* bytes written to one client per loop iteration */
-#define HUB_IOV_MAX          128          /* iovecs per writev */
+#define HUB_IOV_MAX          1024         /* iovecs per writev */
 
 /* An encoded outbound frame shared by every recipient; loop thread only, so the count is
  * plain. */
