@@ -65,10 +65,10 @@ test-valgrind: test-deps build
 	  EVHUB_SLOW=1 ctest -L integration --output-on-failure -j $(JOBS)
 
 format:
-	clang-format -i hub/*.[ch] lua/*.[ch] tests/unit/*.c tests/bench/*.c tests/fuzz/*.c
+	clang-format -i hub/*.[ch] lua/*.[ch] tests/unit/*.c tests/bench/*.[ch] tests/fuzz/*.c
 
 format-check: test-deps
-	clang-format --dry-run -Werror hub/*.[ch] lua/*.[ch] tests/unit/*.c tests/bench/*.c tests/fuzz/*.c
+	clang-format --dry-run -Werror hub/*.[ch] lua/*.[ch] tests/unit/*.c tests/bench/*.[ch] tests/fuzz/*.c
 
 bench: build
 	./$(BUILD)/tests/bench/evbench --evhub ./$(BUILD)/evhub
