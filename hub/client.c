@@ -45,7 +45,8 @@ void hub__frame_unref(hub_frame *f)
         hub_free(f);
 }
 
-size_t hub__json_escape(char *dst, size_t cap, const char *src, size_t len)
+/* JSON string escaping, cut short (never mid-escape) when dst is full. */
+static size_t json_escape(char *dst, size_t cap, const char *src, size_t len)
 {
     size_t o = 0;
     for (size_t i = 0; i < len && o + 7 < cap; i++) {
@@ -64,20 +65,26 @@ size_t hub__json_escape(char *dst, size_t cap, const char *src, size_t len)
     return o;
 }
 
+/* The JSON body of an error frame into body; its length, or 0 if it does not fit. */
+static size_t error_body(char *body, size_t cap, const char *code, const char *reason)
+{
+    char esc[512];
+    json_escape(esc, sizeof(esc), reason, strlen(reason));
+    int n = snprintf(body, cap, "{\"error\":\"%s\",\"reason\":\"%s\"}", code, esc);
+    return n > 0 && (size_t)n < cap ? (size_t)n : 0;
+}
+
 void hub__write_error_frame(hub *h, int fd, const char *code, const char *reason)
 {
-    char esc[512], body[640], out[700];
-    if (!h->cfg.netstring_format)
+    char body[640], out[640 + HUB_NS_HDR_MAX];
+    size_t n = error_body(body, sizeof(body), code, reason);
+    if (!h->cfg.netstring_format || !n)
         return;
-    hub__json_escape(esc, sizeof(esc), reason, strlen(reason));
-    int n = snprintf(body, sizeof(body), "{\"error\":\"%s\",\"reason\":\"%s\"}", code, esc);
-    if (n < 0 || (size_t)n >= sizeof(body))
-        return;
-    size_t hl = hub_ns_encode_header(out, (size_t)n);
-    memcpy(out + hl, body, (size_t)n);
-    out[hl + (size_t)n] = ',';
+    size_t hl = hub_ns_encode_header(out, n);
+    memcpy(out + hl, body, n);
+    out[hl + n] = ',';
     /* Best effort: the socket is non-blocking and about to be closed. */
-    ssize_t w = send(fd, out, hl + (size_t)n + 1, MSG_NOSIGNAL | MSG_DONTWAIT);
+    ssize_t w = send(fd, out, hl + n + 1, MSG_NOSIGNAL | MSG_DONTWAIT);
     (void)w;
 }
 
@@ -451,12 +458,11 @@ fail:
 static void queue_error_frame(hub_client *c, const char *code, const char *reason)
 {
     hub *h = c->h;
-    char esc[512], body[640];
-    if (!h->cfg.netstring_format)
+    char body[640];
+    size_t n = error_body(body, sizeof(body), code, reason);
+    if (!h->cfg.netstring_format || !n)
         return;
-    hub__json_escape(esc, sizeof(esc), reason, strlen(reason));
-    int n = snprintf(body, sizeof(body), "{\"error\":\"%s\",\"reason\":\"%s\"}", code, esc);
-    hub_frame *f = n > 0 && (size_t)n < sizeof(body) ? hub__frame_new(h, body, (size_t)n) : NULL;
+    hub_frame *f = hub__frame_new(h, body, n);
     if (f && wq_reserve(c) == 0) {
         c->wq[WQ_AT(c, c->wq_count)] = f;
         c->wq_count++;

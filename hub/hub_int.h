@@ -208,7 +208,4 @@ int hub__worker_queue_item(hub *h, int w, int type, hub_client *c, const char *d
 /* Bytes a payload of len takes on the wire (netstring or raw). */
 size_t hub__frame_len(const hub *h, size_t len);
 
-/* small helpers */
-size_t hub__json_escape(char *dst, size_t cap, const char *src, size_t len);
-
 #endif
