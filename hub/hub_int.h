@@ -126,6 +126,8 @@ struct hub {
 
     hub_worker *workers;
     int nworkers;
+    pthread_mutex_t cmd_mu;              /* guards the workers' commands to the loop */
+    struct hub_cmd *cmd_head, *cmd_tail; /* run by hub__commands_cb */
     int workers_done;
 
     int stopping;

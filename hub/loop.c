@@ -177,6 +177,7 @@ hub *hub_new(const hub_config *cfg, const hub_script_ops *ops, char *err, size_t
     h->lfd = h->spare_fd = -1;
     h->next_id = 1;
     pthread_rwlock_init(&h->tags_lock, NULL);
+    pthread_mutex_init(&h->cmd_mu, NULL);
     h->loop = ev_default_loop(EVFLAG_AUTO);
     if (!h->loop) {
         snprintf(err, errlen, "cannot create the event loop");
@@ -263,6 +264,7 @@ void hub_destroy(hub *h)
     hub_free(h->slots);
     hub_free(h->free_slots);
     pthread_rwlock_destroy(&h->tags_lock);
+    pthread_mutex_destroy(&h->cmd_mu);
     if (h->loop)
         ev_loop_destroy(h->loop);
     hub_free(h);

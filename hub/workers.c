@@ -71,18 +71,15 @@ struct hub_worker {
 
 /* ---- worker -> loop commands ---- */
 
-static pthread_mutex_t cmd_mu = PTHREAD_MUTEX_INITIALIZER;
-static hub_cmd *cmd_head, *cmd_tail;
-
 static void cmd_push_list(hub *h, hub_cmd *head, hub_cmd *tail)
 {
-    pthread_mutex_lock(&cmd_mu);
-    if (cmd_tail)
-        cmd_tail->next = head;
+    pthread_mutex_lock(&h->cmd_mu);
+    if (h->cmd_tail)
+        h->cmd_tail->next = head;
     else
-        cmd_head = head;
-    cmd_tail = tail;
-    pthread_mutex_unlock(&cmd_mu);
+        h->cmd_head = head;
+    h->cmd_tail = tail;
+    pthread_mutex_unlock(&h->cmd_mu);
     ev_async_send(h->loop, &h->cmd_w);
 }
 
@@ -475,10 +472,10 @@ void hub__commands_cb(struct ev_loop *loop, ev_async *aw, int revents)
     hub *h = aw->data;
     (void)loop;
     (void)revents;
-    pthread_mutex_lock(&cmd_mu);
-    hub_cmd *list = cmd_head;
-    cmd_head = cmd_tail = NULL;
-    pthread_mutex_unlock(&cmd_mu);
+    pthread_mutex_lock(&h->cmd_mu);
+    hub_cmd *list = h->cmd_head;
+    h->cmd_head = h->cmd_tail = NULL;
+    pthread_mutex_unlock(&h->cmd_mu);
     for (size_t bound = 0; list && bound < SIZE_MAX; bound++) {
         hub_cmd *c = list;
         list = c->next;
@@ -581,12 +578,12 @@ void hub__workers_join(hub *h)
         pthread_mutex_destroy(&w->mu);
         pthread_cond_destroy(&w->cv);
     }
-    for (hub_cmd *c = cmd_head; c;) {
+    for (hub_cmd *c = h->cmd_head; c;) {
         hub_cmd *n = c->next;
         hub_free(c);
         c = n;
     }
-    cmd_head = cmd_tail = NULL;
+    h->cmd_head = h->cmd_tail = NULL;
     hub_free(h->workers);
     h->workers = NULL;
     h->nworkers = 0;
