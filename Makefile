@@ -4,18 +4,19 @@
 
 BUILD      ?= build
 BUILD_SAN  ?= build-asan
+BUILD_FUZZ ?= build-fuzz
 CONFIG     ?= examples/evhub.conf
 JOBS       ?= 2
 BUILD_PKGS  = build-essential cmake pkg-config libev-dev liblua5.4-dev libjson-c-dev \
               libinih-dev libcmocka-dev
-TEST_PKGS   = python3 valgrind clang-format util-linux \
+TEST_PKGS   = python3 valgrind clang-format util-linux clang libclang-rt-14-dev \
               kamailio kamailio-extra-modules kamailio-lua-modules
 # Node.js and npm (for the third-party netstring client test) come from Debian only when the
 # machine has no node/npm of its own: a NodeSource nodejs bundles npm and conflicts with it.
 NODE_PKGS   = nodejs npm
 SUDO       := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all deps test-deps build run test test-plain test-asan test-valgrind format format-check bench clean
+.PHONY: all deps test-deps build run test test-plain test-asan test-valgrind test-fuzz format format-check bench clean
 
 all: build
 
@@ -46,7 +47,7 @@ build: deps
 run: build
 	./$(BUILD)/evhub -f -c $(CONFIG)
 
-test: test-deps format-check test-plain test-asan test-valgrind
+test: test-deps format-check test-plain test-asan test-valgrind test-fuzz
 
 test-plain: test-deps build
 	cd $(BUILD) && ctest --output-on-failure -j $(JOBS)
@@ -64,6 +65,12 @@ test-valgrind: test-deps build
 	cd $(BUILD) && EVHUB_WRAPPER="valgrind -q --error-exitcode=99 --leak-check=full --errors-for-leak-kinds=definite,indirect" \
 	  EVHUB_SLOW=1 ctest -L integration --output-on-failure -j $(JOBS)
 
+# The netstring reader under libFuzzer for a short run (clang only; longer runs by hand).
+test-fuzz: test-deps
+	CC=clang cmake -S . -B $(BUILD_FUZZ) -DCMAKE_BUILD_TYPE=Debug -DEVHUB_FUZZ=ON
+	cmake --build $(BUILD_FUZZ) -j $(JOBS) --target fuzz_netstring
+	cd $(BUILD_FUZZ) && ctest -L fuzz --output-on-failure
+
 format:
 	clang-format -i hub/*.[ch] lua/*.[ch] tests/unit/*.c tests/bench/*.[ch] tests/fuzz/*.c
 
@@ -74,4 +81,4 @@ bench: build
 	./$(BUILD)/tests/bench/evbench --evhub ./$(BUILD)/evhub
 
 clean:
-	rm -rf $(BUILD) $(BUILD_SAN)
+	rm -rf $(BUILD) $(BUILD_SAN) $(BUILD_FUZZ)
