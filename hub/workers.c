@@ -400,6 +400,8 @@ void hub__worker_pause(hub *h, int wi, hub_client *c)
     }
     w->paused[w->npaused++] = c->id;
     c->flags |= HUB_CLIENT_PAUSED;
+    hub_log(HUB_LOG_DEBUG, "worker %d: queue full, reading from client id=%llu paused", wi,
+            (unsigned long long)c->id);
     ev_io_stop(h->loop, &c->rio);
     atomic_store(&w->resume_wanted, 1);
     /* The worker may have drained the queue before it could see resume_wanted. */

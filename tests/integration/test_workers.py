@@ -8,8 +8,8 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from evhub_harness import (CMD_SCRIPT, SLOW, VALGRIND, Hub, Suite, check, check_eq, pump,  # noqa: E402
-                           request, scaled, wait_frames)
+from evhub_harness import (CMD_SCRIPT, SLOW, VALGRIND, Hub, Suite, check, check_eq, ns,  # noqa: E402
+                           pump, request, scaled, wait_frames)
 
 suite = Suite("workers")
 
@@ -40,6 +40,31 @@ def replies_in_order_workers0():
 @suite.case
 def replies_in_order_workers4():
     replies_in_order(4)
+
+
+SLOW_SCRIPT = r'''
+evapi.on("message", function(conn, msg)
+    local x = 0
+    for i = 1, 20000 do x = x + i end  -- a slow script, so the worker queue fills up
+    conn:send(msg)
+end)
+'''
+
+
+@suite.case
+def full_worker_queue_pauses_reading_and_loses_nothing():
+    # worker_queue = 2: the loop must stop reading these clients while the worker catches up,
+    # and resume them, without dropping or reordering a frame.
+    h = Hub(SLOW_SCRIPT, evapi={"workers": 2, "worker_queue": 2}, log={"level": "debug"}).start()
+    cs = [h.client(name="c%d" % i) for i in range(4)]
+    n = scaled(500, 100)
+    for i, c in enumerate(cs):
+        c.send_raw(b"".join(ns("%d:%d" % (i, j)) for j in range(n)))
+    wait_frames(cs, n, timeout=240 if VALGRIND else 60)
+    for i, c in enumerate(cs):
+        check_eq(c.take(), [("%d:%d" % (i, j)).encode() for j in range(n)], c.name)
+    check("error" not in h.log(), "errors logged:\n%s" % h.log())
+    check(h.count_log("queue full, reading from client") > 0, "reading was never paused")
 
 
 def relays_in_order(workers):
