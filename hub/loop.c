@@ -55,7 +55,6 @@ int hub_check_script(const hub_config *cfg, const hub_script_ops *ops, char *err
     return 0;
 }
 
-
 static void prepare_cb(struct ev_loop *loop, ev_prepare *w, int revents)
 {
     hub *h = w->data;
