@@ -35,6 +35,7 @@ struct hub_script {
     size_t max_memory;              /* 0: unlimited */
     size_t mem_used;                /* bytes currently allocated by L */
     long budget_left;               /* instructions left in the current callback */
+    double deadline;                /* CLOCK_MONOTONIC seconds the current callback may run to */
     int kemi;                       /* event_callback is set: events go to the ksr.lua dispatcher */
     int handler[HLUA_EV_COUNT + 1]; /* evapi.on() registry refs, LUA_NOREF when unset */
     int conns_ref;                  /* registry ref: id -> conn userdata */
@@ -55,6 +56,10 @@ static inline hub_script *hlua__script(lua_State *L)
 {
     return *(hub_script **)lua_getextraspace(L);
 }
+
+/* Check the current callback's budget from C code that starts Lua work the count hook does
+ * not see (resuming a coroutine); raises when it is spent. */
+void hlua__budget_check(lua_State *L);
 
 /* Unique value raised by KSR.x.exit(); the protected call ends the callback silently. */
 extern const char hlua__exit_sentinel;

@@ -8,6 +8,7 @@
 #include <limits.h>
 #include <stdio.h>
 #include <string.h>
+#include <time.h>
 
 #include <lauxlib.h>
 #include <lualib.h>
@@ -21,6 +22,8 @@ const char hlua__exit_sentinel = 0;
 /* The count hook fires at most every HLUA_HOOK_CHUNK instructions, so budgets above INT_MAX
  * still work; the remainder is tracked in budget_left. */
 #define HLUA_HOOK_CHUNK (1 << 30)
+/* Instructions a second assumed when turning the budget into a deadline (see arm_budget). */
+#define HLUA_MIN_IPS 20e6
 
 static void *counting_alloc(void *ud, void *ptr, size_t osize, size_t nsize)
 {
@@ -75,31 +78,57 @@ static void set_budget_hook(lua_State *L, long count)
                 count > HLUA_HOOK_CHUNK ? HLUA_HOOK_CHUNK : (int)count);
 }
 
+static double now_mono(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+/* Fire on every instruction from now on, in this thread and the main one, so a script that
+ * catches the error with pcall() cannot keep running; then raise, naming the script line. */
+static void budget_exceeded(lua_State *L, hub_script *s)
+{
+    lua_sethook(L, budget_hook, LUA_MASKCOUNT, 1);
+    if (L != s->L)
+        lua_sethook(s->L, budget_hook, LUA_MASKCOUNT, 1);
+    luaL_where(L, 0);
+    lua_pushfstring(L, "instruction budget exceeded (%I instructions)",
+                    (lua_Integer)s->max_instructions);
+    lua_concat(L, 2);
+    lua_error(L);
+}
+
 static void budget_hook(lua_State *L, lua_Debug *ar)
 {
     hub_script *s = hlua__script(L);
     (void)ar;
 
-    if (s->budget_left > HLUA_HOOK_CHUNK) {
+    if (s->budget_left > HLUA_HOOK_CHUNK && now_mono() <= s->deadline) {
         s->budget_left -= HLUA_HOOK_CHUNK;
         set_budget_hook(L, s->budget_left);
         return;
     }
-    /* Fire on every instruction from now on, in this thread and the main one, so a script
-     * that catches the error with pcall() cannot keep running. */
-    lua_sethook(L, budget_hook, LUA_MASKCOUNT, 1);
-    if (L != s->L)
-        lua_sethook(s->L, budget_hook, LUA_MASKCOUNT, 1);
-    luaL_error(L, "instruction budget exceeded (%I instructions)",
-               (lua_Integer)s->max_instructions);
+    budget_exceeded(L, s);
 }
 
-/* Reset the instruction budget before each entry into Lua. */
+void hlua__budget_check(lua_State *L)
+{
+    hub_script *s = hlua__script(L);
+    if (s->max_instructions > 0 && now_mono() > s->deadline)
+        budget_exceeded(L, s);
+}
+
+/* Reset the budget before each entry into Lua. Each coroutine counts its instructions on its
+ * own and a count it does not finish is never charged, so a script spreading its work over
+ * many coroutines is stopped by a deadline instead, checked at every resume: the time the
+ * budget takes at HLUA_MIN_IPS instructions a second, far slower than any machine runs. */
 static void arm_budget(hub_script *s)
 {
     if (s->max_instructions <= 0)
         return;
     s->budget_left = s->max_instructions;
+    s->deadline = now_mono() + (double)s->max_instructions / HLUA_MIN_IPS + 0.05;
     set_budget_hook(s->L, s->budget_left);
 }
 
@@ -242,10 +271,13 @@ static void hlua_on_message(hub_script *s, uint64_t id, const char *data, size_t
         return;
     lua_pushcfunction(L, traceback_cb);  /* [tb] */
     lua_pushcfunction(L, message_tramp); /* [tb, tramp] */
-    if (find_conn(s, id) == NULL) {      /* [tb, tramp, conn] */
-        lua_pop(L, 2);
-        hub_log(HUB_LOG_DEBUG, "lua: message for unknown connection id=%llu ignored",
-                (unsigned long long)id);
+    hlua_conn *c = find_conn(s, id);     /* [tb, tramp, conn] */
+    if (c == NULL || c->closed) {
+        /* With workers, frames already queued still arrive after the script closed the
+         * connection; as with workers = 0, the script sees none of them. */
+        lua_pop(L, c ? 3 : 2);
+        hub_log(HUB_LOG_DEBUG, "lua: message for %s connection id=%llu ignored",
+                c ? "a closed" : "an unknown", (unsigned long long)id);
         return;
     }
     s->arg_data = data;
@@ -278,8 +310,7 @@ static void hlua_on_close(hub_script *s, uint64_t id)
 
 static void hlua_idle(hub_script *s)
 {
-    arm_budget(s); /* finalizers run Lua code; their errors become warnings */
-    lua_gc(s->L, LUA_GCSTEP, 0);
+    lua_gc(s->L, LUA_GCSTEP, 0); /* only C finalizers: scripts cannot set __gc */
 }
 
 static void hlua_free(hub_script *s)
@@ -293,6 +324,84 @@ static void hlua_free(hub_script *s)
     hub_free(s);
 }
 
+/* coroutine.resume with the callback's deadline checked first (see arm_budget).
+ * Upvalue 1: the original coroutine.resume. */
+static int co_resume(lua_State *L)
+{
+    hub_script *s = hlua__script(L);
+    lua_State *co = lua_tothread(L, 1);
+    hlua__budget_check(L);
+    /* A fresh count for this resume: a coroutine living across callbacks must not carry
+     * what an earlier callback left of its count into this one. */
+    if (co && s->max_instructions > 0)
+        set_budget_hook(co, s->budget_left);
+    lua_pushvalue(L, lua_upvalueindex(1)); /* [args.., resume] */
+    lua_insert(L, 1);                      /* [resume, args..] */
+    lua_call(L, lua_gettop(L) - 1, LUA_MULTRET);
+    return lua_gettop(L);
+}
+
+/* setmetatable refusing __gc: Lua runs finalizers with hooks off, outside any budget, so a
+ * looping one would hang the hub. Upvalue 1: the original function. */
+static int setmetatable_no_gc(lua_State *L)
+{
+    if (lua_type(L, 2) == LUA_TTABLE) {
+        lua_pushliteral(L, "__gc"); /* [t, mt, .., "__gc"] */
+        if (lua_rawget(L, 2) != LUA_TNIL)
+            return luaL_argerror(L, 2, "__gc metamethods are not supported by evhub");
+        lua_pop(L, 1);
+    }
+    lua_pushvalue(L, lua_upvalueindex(1)); /* [args.., setmetatable] */
+    lua_insert(L, 1);                      /* [setmetatable, args..] */
+    lua_call(L, lua_gettop(L) - 1, LUA_MULTRET);
+    return lua_gettop(L);
+}
+
+/* Replace global tbl.name (tbl NULL: a global) by f with the original as its upvalue. */
+static void wrap_lib_function(lua_State *L, const char *tbl, const char *name, lua_CFunction f)
+{
+    if (tbl)
+        lua_getglobal(L, tbl); /* [lib] */
+    else
+        lua_pushglobaltable(L); /* [lib] */
+    lua_getfield(L, -1, name);  /* [lib, orig] */
+    lua_pushcclosure(L, f, 1);  /* [lib, wrapped] */
+    lua_setfield(L, -2, name);  /* [lib] */
+    lua_pop(L, 1);              /* [] */
+}
+
+/* coroutine.wrap rebuilt on the checked resume (the original resumes in C, unchecked). */
+static const char sandbox_lua[] = "local create, resume, close, pack, unpack, err = ...\n"
+                                  "coroutine.wrap = function(f)\n"
+                                  "  local co = create(f)\n"
+                                  "  return function(...)\n"
+                                  "    local r = pack(resume(co, ...))\n"
+                                  "    if r[1] then return unpack(r, 2, r.n) end\n"
+                                  "    close(co)\n"
+                                  "    err(r[2], 2)\n"
+                                  "  end\n"
+                                  "end\n";
+
+static void open_sandbox(lua_State *L)
+{
+    wrap_lib_function(L, "coroutine", "resume", co_resume);
+    wrap_lib_function(L, NULL, "setmetatable", setmetatable_no_gc);
+    wrap_lib_function(L, "debug", "setmetatable", setmetatable_no_gc);
+    if (luaL_loadbufferx(L, sandbox_lua, sizeof(sandbox_lua) - 1, "=sandbox", "t") != LUA_OK)
+        lua_error(L);
+    lua_getglobal(L, "coroutine"); /* [chunk, co] */
+    lua_getfield(L, -1, "create");
+    lua_getfield(L, -2, "resume");
+    lua_getfield(L, -3, "close");
+    lua_remove(L, -4); /* [chunk, create, resume, close] */
+    lua_getglobal(L, "table");
+    lua_getfield(L, -1, "pack");
+    lua_getfield(L, -2, "unpack");
+    lua_remove(L, -3); /* [chunk, create, resume, close, pack, unpack] */
+    lua_getglobal(L, "error");
+    lua_call(L, 6, 0);
+}
+
 /* Runs protected: libraries, native API, ksr.lua, the script, the handler check.
  * Arguments: [conf as light userdata]. Raises a one-line message on failure. */
 static int init_state(lua_State *L)
@@ -302,6 +411,7 @@ static int init_state(lua_State *L)
     const char *cb = s->kemi ? conf->event_callback : NULL;
 
     luaL_openlibs(L);
+    open_sandbox(L);
     lua_newtable(L); /* [conf, conns] */
     s->conns_ref = luaL_ref(L, LUA_REGISTRYINDEX);
     hlua__open_evapi(L);

@@ -123,9 +123,13 @@ static void encode_table(lua_State *L, jbox *b, int idx, int depth, json_object 
         char num[64];
         const char *k;
         switch (lua_type(L, -2)) {
-        case LUA_TSTRING:
-            k = lua_tostring(L, -2);
+        case LUA_TSTRING: {
+            size_t klen;
+            k = lua_tolstring(L, -2, &klen);
+            if (strlen(k) != klen)
+                luaL_error(L, "json.encode: an object key contains a NUL byte");
             break;
+        }
         case LUA_TNUMBER: /* formatted by hand: lua_tostring would change the key for lua_next */
             if (lua_isinteger(L, -2))
                 snprintf(num, sizeof(num), "%lld", (long long)lua_tointeger(L, -2));
@@ -138,6 +142,9 @@ static void encode_table(lua_State *L, jbox *b, int idx, int depth, json_object 
                        luaL_typename(L, -2));
             return;
         }
+        /* 1 and "1" would both become "1": refuse rather than drop one silently. */
+        if (json_object_object_get_ex(obj, k, NULL))
+            luaL_error(L, "json.encode: duplicate object key \"%s\"", k);
         encode_value(L, b, lua_gettop(L), depth + 1, obj, k);
         lua_pop(L, 1); /* [.., k] */
     }
@@ -207,8 +214,11 @@ static int json_encode(lua_State *L)
 
 /* ---- decode ---- */
 
-static void push_json(lua_State *L, json_object *o)
+/* Push o as a Lua value. NULL, or a reason (with nothing pushed) for a number that has no
+ * exact Lua value: json-c clamps integers out of range and accepts inf/nan as doubles. */
+static const char *push_json(lua_State *L, json_object *o)
 {
+    const char *err = NULL;
     luaL_checkstack(L, 3, "json.decode");
     switch (json_object_get_type(o)) {
     case json_type_null:
@@ -217,12 +227,18 @@ static void push_json(lua_State *L, json_object *o)
     case json_type_boolean:
         lua_pushboolean(L, json_object_get_boolean(o));
         break;
-    case json_type_double:
-        lua_pushnumber(L, json_object_get_double(o));
+    case json_type_double: {
+        double d = json_object_get_double(o);
+        if (isnan(d) || isinf(d))
+            return "json.decode: number out of range";
+        lua_pushnumber(L, d);
         break;
+    }
     case json_type_int: {
         int64_t i = json_object_get_int64(o);
         uint64_t u = i == INT64_MAX ? json_object_get_uint64(o) : 0;
+        if (i == INT64_MIN || u == UINT64_MAX)
+            return "json.decode: integer out of range";
         if (u > (uint64_t)INT64_MAX)
             lua_pushnumber(L, (lua_Number)u);
         else
@@ -235,9 +251,10 @@ static void push_json(lua_State *L, json_object *o)
     case json_type_array: {
         size_t n = json_object_array_length(o);
         lua_createtable(L, n > INT32_MAX ? INT32_MAX : (int)n, 0); /* [.., arr] */
-        for (size_t i = 0; i < n; i++) {
-            push_json(L, json_object_array_get_idx(o, i)); /* [.., arr, v] */
-            lua_rawseti(L, -2, (lua_Integer)i + 1);        /* [.., arr] */
+        for (size_t i = 0; i < n && !err; i++) {
+            err = push_json(L, json_object_array_get_idx(o, i)); /* [.., arr, v] */
+            if (!err)
+                lua_rawseti(L, -2, (lua_Integer)i + 1); /* [.., arr] */
         }
         break;
     }
@@ -246,15 +263,21 @@ static void push_json(lua_State *L, json_object *o)
         lua_createtable(L, 0, n); /* [.., obj] */
         struct json_object_iterator it = json_object_iter_begin(o);
         struct json_object_iterator end = json_object_iter_end(o);
-        while (!json_object_iter_equal(&it, &end)) {
-            lua_pushstring(L, json_object_iter_peek_name(&it)); /* [.., obj, k] */
-            push_json(L, json_object_iter_peek_value(&it));     /* [.., obj, k, v] */
-            lua_rawset(L, -3);                                  /* [.., obj] */
+        while (!err && !json_object_iter_equal(&it, &end)) {
+            lua_pushstring(L, json_object_iter_peek_name(&it));   /* [.., obj, k] */
+            err = push_json(L, json_object_iter_peek_value(&it)); /* [.., obj, k, v] */
+            if (err)
+                lua_pop(L, 1); /* [.., obj] */
+            else
+                lua_rawset(L, -3); /* [.., obj] */
             json_object_iter_next(&it);
         }
         break;
     }
     }
+    if (err)
+        lua_pop(L, 1); /* the unfinished container */
+    return err;
 }
 
 static int json_decode(lua_State *L)
@@ -267,6 +290,8 @@ static int json_decode(lua_State *L)
     b->tok = json_tokener_new_ex(HLUA_JSON_MAX_DEPTH);
     if (b->tok == NULL)
         return luaL_error(L, "json.decode: out of memory");
+    /* Strict: no comments, single quotes, leading zeros, NaN or Infinity literals. */
+    json_tokener_set_flags(b->tok, JSON_TOKENER_STRICT);
     /* Lua strings end with a NUL; passing it lets json-c finish a trailing number. */
     b->obj = json_tokener_parse_ex(b->tok, s, (int)len + 1);
     enum json_tokener_error e = json_tokener_get_error(b->tok);
@@ -289,8 +314,13 @@ static int json_decode(lua_State *L)
             return 2;
         }
     }
-    push_json(L, b->obj); /* [s, box, v] */
+    const char *err = push_json(L, b->obj); /* [s, box, v] */
     box_release(b);
+    if (err) {
+        lua_pushnil(L);
+        lua_pushstring(L, err);
+        return 2;
+    }
     return 1;
 }
 

@@ -9,7 +9,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from evhub_harness import (CMD_SCRIPT, SLOW, VALGRIND, Hub, Suite, check, check_eq, ns,  # noqa: E402
-                           pump, request, scaled, wait_frames)
+                           pump, request, scaled, wait_eof, wait_frames)
 
 suite = Suite("workers")
 
@@ -40,6 +40,34 @@ def replies_in_order_workers0():
 @suite.case
 def replies_in_order_workers4():
     replies_in_order(4)
+
+
+def no_frames_after_close(workers):
+    # "close" then "relay:leak" in one write: once the script has closed the connection it
+    # sees no further frame of it, with workers as without (they may already be queued).
+    h = Hub(CMD_SCRIPT, evapi={"workers": workers}).start()
+    w = h.client(name="watcher")
+    check_eq(request(w, "tag:watch"), b"tag true watch", "tag")
+    a = h.client(name="a")
+    a.send_raw(ns("close") + ns("relay:leak"))
+    wait_eof([a], others=[w])
+    check_eq(a.frames, [b"closing"], "frames to the closed connection")
+    wait_frames([w], 1)  # the close event, multicast by the script's close handler
+    w.send("echo:fence")
+    pump([w], lambda: b"fence" in w.frames, what="the fence")
+    got = [f for f in w.take() if f != b"fence"]
+    check_eq([f for f in got if not f.startswith(b"closed:")], [], "relayed after the close")
+    check_eq(len(got), 1, "one close event (%r)" % got)
+
+
+@suite.case
+def no_frames_after_close_workers0():
+    no_frames_after_close(0)
+
+
+@suite.case
+def no_frames_after_close_workers2():
+    no_frames_after_close(2)
 
 
 SLOW_SCRIPT = r'''
