@@ -324,6 +324,15 @@ static void hlua_free(hub_script *s)
     hub_free(s);
 }
 
+/* Tail of a wrapped library function: call the original (upvalue 1) with every argument. */
+static int call_original(lua_State *L)
+{
+    lua_pushvalue(L, lua_upvalueindex(1)); /* [args.., orig] */
+    lua_insert(L, 1);                      /* [orig, args..] */
+    lua_call(L, lua_gettop(L) - 1, LUA_MULTRET);
+    return lua_gettop(L);
+}
+
 /* coroutine.resume with the callback's deadline checked first (see arm_budget).
  * Upvalue 1: the original coroutine.resume. */
 static int co_resume(lua_State *L)
@@ -335,10 +344,7 @@ static int co_resume(lua_State *L)
      * what an earlier callback left of its count into this one. */
     if (co && s->max_instructions > 0)
         set_budget_hook(co, s->budget_left);
-    lua_pushvalue(L, lua_upvalueindex(1)); /* [args.., resume] */
-    lua_insert(L, 1);                      /* [resume, args..] */
-    lua_call(L, lua_gettop(L) - 1, LUA_MULTRET);
-    return lua_gettop(L);
+    return call_original(L);
 }
 
 /* setmetatable refusing __gc: Lua runs finalizers with hooks off, outside any budget, so a
@@ -351,10 +357,7 @@ static int setmetatable_no_gc(lua_State *L)
             return luaL_argerror(L, 2, "__gc metamethods are not supported by evhub");
         lua_pop(L, 1);
     }
-    lua_pushvalue(L, lua_upvalueindex(1)); /* [args.., setmetatable] */
-    lua_insert(L, 1);                      /* [setmetatable, args..] */
-    lua_call(L, lua_gettop(L) - 1, LUA_MULTRET);
-    return lua_gettop(L);
+    return call_original(L);
 }
 
 /* Replace global tbl.name (tbl NULL: a global) by f with the original as its upvalue. */
