@@ -13,6 +13,7 @@
  * subscribers lag more than --window messages behind, so A and C measure the hub, not an
  * ever-growing queue. The reference row never changes evbench's exit status. */
 #define _GNU_SOURCE
+#include "util.h"
 #include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -126,13 +127,6 @@ static uint64_t mono_ns(void)
     return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 
-static void sleep_ms(long ms)
-{
-    struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
-    while (nanosleep(&ts, &ts) < 0 && errno == EINTR) {
-    }
-}
-
 static void die(const char *fmt, ...) __attribute__((format(printf, 1, 2), noreturn));
 static void die(const char *fmt, ...)
 {
@@ -151,15 +145,6 @@ static void *xcalloc(size_t n, size_t sz)
     if (!p)
         die("out of memory");
     return p;
-}
-
-static int write_file(const char *path, const char *text)
-{
-    FILE *f = fopen(path, "w");
-    if (!f)
-        return -errno;
-    fputs(text, f);
-    return fclose(f) == 0 ? 0 : -errno;
 }
 
 static int set_nonblock(int fd)
@@ -367,8 +352,8 @@ static int hub_start(struct hub *h, const struct variant *v, const char *extra_e
              "[evapi]\nbind_addr = 127.0.0.1:0\nworkers = %d\nmax_outbuf = 64m\n"
              "event_callback = %s\n%s\n[lua]\nscript = bench.lua\n[log]\nlevel = info\n",
              v->workers, v->kemi ? "ksr_evapi_event" : "", extra_evapi ? extra_evapi : "");
-    if (write_file(h->conf, conf) < 0 ||
-        write_file(h->script, v->kemi ? kemi_script : native_script) < 0)
+    if (bench_write_file(h->conf, conf) < 0 ||
+        bench_write_file(h->script, v->kemi ? kemi_script : native_script) < 0)
         die("cannot write into %s", h->dir);
     h->pid = fork();
     if (h->pid < 0)
@@ -397,7 +382,7 @@ static int hub_start(struct hub *h, const struct variant *v, const char *extra_e
             current_hub = 0;
             break;
         }
-        sleep_ms(10);
+        bench_sleep_ms(10);
     }
     if (h->port <= 0) {
         fprintf(stderr, "evbench: evhub (%s) did not start\n", v->name);
@@ -422,7 +407,7 @@ static int hub_stop(struct hub *h)
         for (int i = 0; i < HUB_STOP_MS / 10; i++) {
             if (waitpid(h->pid, &status, WNOHANG) == h->pid)
                 break;
-            sleep_ms(10);
+            bench_sleep_ms(10);
             if (i == HUB_STOP_MS / 10 - 1) {
                 fprintf(stderr, "evbench: evhub %d did not stop, killing it\n", (int)h->pid);
                 kill(h->pid, SIGKILL);
@@ -820,14 +805,14 @@ static int run_flow(const struct variant *v, int npub, int nsub, size_t msg_size
     pthread_create(&ts, NULL, sub_main, fl);
     pthread_create(&tp, NULL, pub_main, fl);
 
-    sleep_ms(500); /* warm-up: not measured */
+    bench_sleep_ms(500); /* warm-up: not measured */
     uint64_t d0 = atomic_load(&fl->delivered), b0 = atomic_load(&fl->payload_bytes);
     uint64_t s0 = atomic_load(&fl->sent);
     long c0 = hub_cpu_ticks(&h);
     double sc0 = self_cpu_s();
     uint64_t t0 = mono_ns();
     atomic_store(&fl->measuring, 1);
-    sleep_ms((long)(opt.seconds * 1000));
+    bench_sleep_ms((long)(opt.seconds * 1000));
     atomic_store(&fl->measuring, 0);
     uint64_t t1 = mono_ns();
     long c1 = hub_cpu_ticks(&h);
@@ -925,7 +910,7 @@ static int run_idle(int vi, struct result *res)
         fprintf(stderr, "evbench: the idle probe could not subscribe\n");
         goto out;
     }
-    sleep_ms(200);
+    bench_sleep_ms(200);
     res->rss0 = proc_rss_kb(h.pid);
     ep = epoll_create1(EPOLL_CLOEXEC);
     uint64_t t0 = mono_ns(), deadline = t0 + 300000000000ull;
@@ -971,7 +956,7 @@ static int run_idle(int vi, struct result *res)
         fprintf(stderr, "evbench: the hub did not serve a connection after %ld idle ones\n", done);
         goto out;
     }
-    sleep_ms(300);
+    bench_sleep_ms(300);
     res->rss1 = proc_rss_kb(h.pid);
     res->rss_per_conn = done > 0 ? (double)(res->rss1 - res->rss0) * 1024.0 / (double)done : 0;
     res->errors = (uint64_t)failed + (uint64_t)(n - done - failed);

@@ -12,6 +12,7 @@
  * blocking writes. Any `workers` value gives that same data path, comparable to evhub's
  * workers=0; 0 just leaves out a process that would only sleep. */
 #define _GNU_SOURCE
+#include "util.h"
 #include "kamailio.h"
 
 #include <arpa/inet.h>
@@ -54,22 +55,6 @@ static const char kam_cfg_fmt[] = "#!KAMAILIO\n"
                                   "modparam(\"evapi\", \"event_callback\", \"ksr_evapi_event\")\n"
                                   "modparam(\"app_lua\", \"load\", \"%s\")\n"
                                   "cfgengine \"lua\"\n";
-
-static void kam_sleep_ms(long ms)
-{
-    struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
-    while (nanosleep(&ts, &ts) < 0 && errno == EINTR) {
-    }
-}
-
-static int kam_write_file(const char *path, const char *text)
-{
-    FILE *f = fopen(path, "w");
-    if (!f)
-        return -errno;
-    fputs(text, f);
-    return fclose(f) == 0 ? 0 : -errno;
-}
 
 /* A port on 127.0.0.1 that nobody holds right now (type: SOCK_STREAM or SOCK_DGRAM), or -1. */
 static int free_port(int type)
@@ -247,7 +232,7 @@ static void group_finish(pid_t pgid)
             fprintf(stderr, "evbench: kamailio group %d does not die\n", (int)pgid);
             break;
         }
-        kam_sleep_ms(10);
+        bench_sleep_ms(10);
     }
 }
 
@@ -265,7 +250,7 @@ static int start_once(struct kam *k, const char *bin, int max_clients)
         return -1;
     }
     snprintf(cfg, sizeof(cfg), kam_cfg_fmt, sip_port, k->port, max_clients, k->script);
-    if (kam_write_file(k->cfg, cfg) < 0) {
+    if (bench_write_file(k->cfg, cfg) < 0) {
         fprintf(stderr, "evbench: cannot write %s\n", k->cfg);
         return -1;
     }
@@ -316,7 +301,7 @@ static int start_once(struct kam *k, const char *bin, int max_clients)
                         WEXITSTATUS(status));
             return -1;
         }
-        kam_sleep_ms(20);
+        bench_sleep_ms(20);
     }
     fprintf(stderr, "evbench: kamailio did not listen on 127.0.0.1:%d within %d ms\n", k->port,
             KAM_START_MS);
@@ -358,7 +343,7 @@ static int stop_group(struct kam *k)
             waitpid(k->pid, &status, 0);
             break;
         }
-        kam_sleep_ms(10);
+        bench_sleep_ms(10);
     }
     k->pid = 0;
     group_finish(pgid);
@@ -378,7 +363,7 @@ int kam_start(struct kam *k, const char *bin, const char *lua_script, int max_cl
     snprintf(k->cfg, sizeof(k->cfg), "%s/kamailio.cfg", k->dir);
     snprintf(k->script, sizeof(k->script), "%s/bench.lua", k->dir);
     snprintf(k->log, sizeof(k->log), "%s/kamailio.log", k->dir);
-    if (kam_write_file(k->script, lua_script) < 0) {
+    if (bench_write_file(k->script, lua_script) < 0) {
         fprintf(stderr, "evbench: cannot write %s\n", k->script);
     } else {
         for (int i = 0; i < KAM_TRIES; i++) {

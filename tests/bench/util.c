@@ -1,0 +1,22 @@
+/* Helpers shared by evbench's files (see util.h). */
+#include "util.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <time.h>
+
+void bench_sleep_ms(long ms)
+{
+    struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
+    while (nanosleep(&ts, &ts) < 0 && errno == EINTR) {
+    }
+}
+
+int bench_write_file(const char *path, const char *text)
+{
+    FILE *f = fopen(path, "w");
+    if (!f)
+        return -errno;
+    fputs(text, f);
+    return fclose(f) == 0 ? 0 : -errno;
+}

@@ -1,0 +1,10 @@
+/* Helpers shared by evbench's files. */
+#ifndef EVBENCH_UTIL_H
+#define EVBENCH_UTIL_H
+
+/* Sleep ms milliseconds, resuming after signals. */
+void bench_sleep_ms(long ms);
+/* Write text to path (created or truncated). 0 or a negative errno. */
+int bench_write_file(const char *path, const char *text);
+
+#endif
