@@ -37,29 +37,28 @@ rawset(KSR, "rabbitmq", RABBITMQ)
 
 -- KSR.evapi: Kamailio's return codes (1 success, -1 failure; close() returns 0 on success).
 
-function E.relay(data)
-    if relay(data) then
+-- The native calls answer true, or nil and a reason; Kamailio's answer 1 or -1.
+local function rc(ok)
+    if ok then
         return 1
     end
     return -1
+end
+
+function E.relay(data)
+    return rc(relay(data))
 end
 
 function E.relay_multicast(data, tag)
     -- Kamailio treats an empty tag as no tag at all: the data goes to everyone.
     if tag == "" then
-        return E.relay(data)
+        return rc(relay(data))
     end
-    if multicast(data, tag) then
-        return 1
-    end
-    return -1
+    return rc(multicast(data, tag))
 end
 
 function E.relay_unicast(data, tag)
-    if unicast(data, tag) then
-        return 1
-    end
-    return -1
+    return rc(unicast(data, tag))
 end
 
 function E.close()
@@ -90,27 +89,24 @@ function E.set_tag(tag)
     return -1
 end
 
-local function no_sip(name)
+-- Functions Kamailio scripts call that need parts evhub does not have yet: they log why
+-- and fail as Kamailio's do.
+local function unavailable(name, why)
     return function()
-        log.err("KSR.evapi." .. name .. ": no SIP transaction to suspend (SIP not enabled)")
+        log.err(name .. ": " .. why)
         return -1
     end
 end
-E.async_relay = no_sip("async_relay")
-E.async_multicast = no_sip("async_multicast")
-E.async_unicast = no_sip("async_unicast")
-
-local function not_built(name)
-    return function()
-        log.err(name .. ": not available in this build")
-        return -1
-    end
-end
-TMX.t_continue = not_built("KSR.tmx.t_continue")
-KAFKA.send = not_built("KSR.kafka.send")
-KAFKA.send_key = not_built("KSR.kafka.send_key")
-RABBITMQ.publish = not_built("KSR.rabbitmq.publish")
-RABBITMQ.publish_consume = not_built("KSR.rabbitmq.publish_consume")
+local no_sip = "no SIP transaction to suspend (SIP not enabled)"
+local not_built = "not available in this build"
+E.async_relay = unavailable("KSR.evapi.async_relay", no_sip)
+E.async_multicast = unavailable("KSR.evapi.async_multicast", no_sip)
+E.async_unicast = unavailable("KSR.evapi.async_unicast", no_sip)
+TMX.t_continue = unavailable("KSR.tmx.t_continue", not_built)
+KAFKA.send = unavailable("KSR.kafka.send", not_built)
+KAFKA.send_key = unavailable("KSR.kafka.send_key", not_built)
+RABBITMQ.publish = unavailable("KSR.rabbitmq.publish", not_built)
+RABBITMQ.publish_consume = unavailable("KSR.rabbitmq.publish_consume", not_built)
 
 -- KSR.pv: the read-only $evapi(...) variables; any other variable is $null (nil).
 

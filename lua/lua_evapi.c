@@ -279,23 +279,23 @@ static int evapi_relay(lua_State *L)
     return hlua__push_result(L, s->api->relay(s->ud, data, len));
 }
 
-static int evapi_multicast(lua_State *L)
+/* evapi.multicast / evapi.unicast (data, tag): route is the hub_api function to call. */
+static int route_by_tag(lua_State *L,
+                        int (*route)(void *, const char *, size_t, const char *, size_t))
 {
     hub_script *s = hlua__script(L);
     size_t len, taglen;
     const char *data = luaL_checklstring(L, 1, &len);
     const char *tag = luaL_checklstring(L, 2, &taglen);
-    return hlua__push_result(L, s->api->multicast(s->ud, tag, taglen, data, len));
+    return hlua__push_result(L, route(s->ud, tag, taglen, data, len));
 }
 
-static int evapi_unicast(lua_State *L)
+static int evapi_multicast(lua_State *L)
 {
-    hub_script *s = hlua__script(L);
-    size_t len, taglen;
-    const char *data = luaL_checklstring(L, 1, &len);
-    const char *tag = luaL_checklstring(L, 2, &taglen);
-    return hlua__push_result(L, s->api->unicast(s->ud, tag, taglen, data, len));
+    return route_by_tag(L, hlua__script(L)->api->multicast);
 }
+
+static int evapi_unicast(lua_State *L) { return route_by_tag(L, hlua__script(L)->api->unicast); }
 
 static int evapi_send(lua_State *L)
 {

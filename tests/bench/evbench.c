@@ -280,15 +280,6 @@ struct hub {
     char log[300];
 };
 
-static void hub_log_tail(const struct hub *h)
-{
-    char cmd[400];
-    snprintf(cmd, sizeof(cmd), "tail -n 15 '%s' >&2", h->log);
-    fprintf(stderr, "evbench: last lines of %s:\n", h->log);
-    if (system(cmd) != 0)
-        fprintf(stderr, "(no log)\n");
-}
-
 /* Reads the log for "listening on HOST:PORT"; returns the port, 0 if not yet, -1 on error. */
 static int hub_find_port(const struct hub *h)
 {
@@ -418,7 +409,7 @@ static int hub_stop(struct hub *h)
         current_hub = 0;
     }
     if (status != 0)
-        hub_log_tail(h);
+        bench_log_tail(h->log);
     unlink(h->conf);
     unlink(h->script);
     unlink(h->log);

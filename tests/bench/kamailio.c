@@ -190,15 +190,6 @@ static int log_has(const struct kam *k, const char *needle)
     return found;
 }
 
-static void log_tail(const struct kam *k)
-{
-    char cmd[400];
-    snprintf(cmd, sizeof(cmd), "tail -n 15 '%s' >&2", k->log);
-    fprintf(stderr, "evbench: last lines of %s:\n", k->log);
-    if (system(cmd) != 0)
-        fprintf(stderr, "(no log)\n");
-}
-
 int kam_version(const char *bin, char *buf, size_t len)
 {
     char cmd[512];
@@ -375,7 +366,7 @@ int kam_start(struct kam *k, const char *bin, const char *lua_script, int max_cl
     if (rc == 0)
         return 0;
     if (access(k->log, R_OK) == 0)
-        log_tail(k);
+        bench_log_tail(k->log);
     stop_group(k);
     remove_dir(k->dir);
     k->dir[0] = '\0';
@@ -388,7 +379,7 @@ int kam_stop(struct kam *k)
     if (k->pid > 0) {
         status = stop_group(k);
         if (status != 0)
-            log_tail(k);
+            bench_log_tail(k->log);
     }
     if (k->dir[0])
         remove_dir(k->dir);

@@ -3,6 +3,7 @@
 
 #include <errno.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <time.h>
 
 void bench_sleep_ms(long ms)
@@ -19,4 +20,13 @@ int bench_write_file(const char *path, const char *text)
         return -errno;
     fputs(text, f);
     return fclose(f) == 0 ? 0 : -errno;
+}
+
+void bench_log_tail(const char *path)
+{
+    char cmd[400];
+    snprintf(cmd, sizeof(cmd), "tail -n 15 '%s' >&2", path);
+    fprintf(stderr, "evbench: last lines of %s:\n", path);
+    if (system(cmd) != 0)
+        fprintf(stderr, "(no log)\n");
 }

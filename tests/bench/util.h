@@ -7,4 +7,7 @@ void bench_sleep_ms(long ms);
 /* Write text to path (created or truncated). 0 or a negative errno. */
 int bench_write_file(const char *path, const char *text);
 
+/* Print the last lines of the log at path on stderr (to explain a failed start). */
+void bench_log_tail(const char *path);
+
 #endif
