@@ -9,7 +9,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from evhub_harness import (CMD_SCRIPT, SLOW, VALGRIND, Hub, Suite, check, check_eq, ns,  # noqa: E402
-                           pump, request, scaled, wait_eof, wait_frames)
+                           parse_error_frame, pump, request, scaled, wait_eof, wait_frames)
 
 suite = Suite("workers")
 
@@ -68,6 +68,42 @@ def no_frames_after_close_workers0():
 @suite.case
 def no_frames_after_close_workers2():
     no_frames_after_close(2)
+
+
+REFUSE_SCRIPT = r'''
+evapi.on("connect", function(conn)
+    if conn.id ~= 1 then
+        -- take a while, so the stranger's frames are on their way before the close
+        local x = 0 for i = 1, 3000000 do x = x + i end
+        conn:close("go away")
+    end
+end)
+evapi.on("message", function(conn, msg) evapi.relay("seen:" .. msg) end)
+'''
+
+
+def close_in_connect(workers):
+    # A script refusing a connection in its connect handler sees none of its frames, even
+    # ones sent at once, before the handler ran (Kamailio's ACL in connection-new).
+    h = Hub(REFUSE_SCRIPT, evapi={"workers": workers}).start()
+    w = h.client(name="watcher")  # id 1: accepted
+    x = h.client(name="stranger")
+    x.send_raw(ns("early") * 50)
+    wait_eof([x], others=[w])
+    check_eq([parse_error_frame(f).get("error") for f in x.frames], ["closed"], "refusal")
+    w.send("fence")
+    wait_frames([w], 1)
+    check_eq(w.take(), [b"seen:fence"], "frames of the refused connection reached the script")
+
+
+@suite.case
+def close_in_connect_workers0():
+    close_in_connect(0)
+
+
+@suite.case
+def close_in_connect_workers2():
+    close_in_connect(2)
 
 
 SLOW_SCRIPT = r'''
