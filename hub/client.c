@@ -157,12 +157,12 @@ int hub__client_enqueue(hub_client *c, hub_frame *f)
         return -EPIPE;
     if (c->wq_bytes + f->len > h->cfg.max_outbuf) {
         if (h->cfg.outbuf_policy == HUB_OUTBUF_DROP) {
-            h->stats.dropped_frames++;
+            HUB_STAT_ADD(h, dropped_frames, 1);
             CLOG(HUB_LOG_DEBUG, c, "write queue full (%zu bytes queued), frame dropped",
                  c->wq_bytes);
             return -ENOBUFS;
         }
-        h->stats.slow_closes++;
+        HUB_STAT_ADD(h, slow_closes, 1);
         char why[128];
         snprintf(why, sizeof(why), "slow consumer: write queue over max_outbuf (%zu bytes)",
                  h->cfg.max_outbuf);
@@ -216,7 +216,7 @@ static int client_write(hub_client *c, size_t budget)
         }
         done += (size_t)w;
         c->bytes_out += (size_t)w;
-        c->h->stats.bytes_out += (size_t)w;
+        HUB_STAT_ADD(c->h, bytes_out, w);
         size_t left = (size_t)w;
         while (left) {
             hub_frame *f = c->wq[c->wq_head];
@@ -231,7 +231,7 @@ static int client_write(hub_client *c, size_t budget)
             c->wq_head = WQ_AT(c, 1);
             c->wq_count--;
             c->frames_out++;
-            c->h->stats.frames_out++;
+            HUB_STAT_ADD(c->h, frames_out, 1);
             hub__frame_unref(f);
         }
         if ((size_t)w < want)
@@ -324,12 +324,12 @@ static int client_process(hub_client *c)
         if (r == 0)
             return 0;
         if (r < 0) {
-            h->stats.decode_errors++;
+            HUB_STAT_ADD(h, decode_errors, 1);
             hub__client_close(c, "protocol", hub_ns_reader_errstr(c->reader));
             return r;
         }
         c->frames_in++;
-        h->stats.frames_in++;
+        HUB_STAT_ADD(h, frames_in, 1);
         hub__event_message(h, c, s.data, s.len);
     }
     return -EPIPE;
@@ -361,11 +361,11 @@ static void read_cb(struct ev_loop *loop, ev_io *w, int revents)
             break;
         }
         c->bytes_in += (size_t)n;
-        h->stats.bytes_in += (size_t)n;
+        HUB_STAT_ADD(h, bytes_in, n);
         if (!h->cfg.netstring_format) {
             /* Raw mode, as Kamailio: each read is one message. */
             c->frames_in++;
-            h->stats.frames_in++;
+            HUB_STAT_ADD(h, frames_in, 1);
             hub__event_message(h, c, p, (size_t)n);
             if (c->flags & HUB_CLIENT_CLOSING)
                 return;
@@ -441,7 +441,7 @@ void hub__client_accepted(hub *h, int fd, const struct sockaddr *sa)
         h->clients->prev = c;
     h->clients = c;
     atomic_fetch_add(&h->nclients, 1);
-    h->stats.accepted++;
+    HUB_STAT_ADD(h, accepted, 1);
     CLOG(HUB_LOG_INFO, c, "connected (conidx=%d)", c->info.conidx);
     hub__event_connect(h, c);
     return;
@@ -606,7 +606,7 @@ void hub__reap_closing(hub *h)
         c->flags &= ~HUB_CLIENT_ON_LIST;
         if ((c->flags & HUB_CLIENT_CONNECTED) && !(c->flags & HUB_CLIENT_CLOSE_EVENT)) {
             c->flags |= HUB_CLIENT_CLOSE_EVENT;
-            h->stats.closed++;
+            HUB_STAT_ADD(h, closed, 1);
             hub__event_close(h, c);
         }
         if (c->flags & HUB_CLIENT_REAP)

@@ -3,7 +3,9 @@
 
 #include "hub/log.h"
 
+#include <arpa/inet.h>
 #include <errno.h>
+#include <netinet/in.h>
 #include <ini.h>
 #include <limits.h>
 #include <stdarg.h>
@@ -14,15 +16,16 @@
 
 /* How a key's value is parsed and stored. */
 enum key_kind {
-    K_INT,   /* int, decimal, within [min, max] */
-    K_LONG,  /* long, decimal, within [min, max] */
-    K_SIZE,  /* size_t, bytes with an optional k/m/g suffix, within [min, max] */
-    K_BOOL,  /* int 0/1 from yes/no, true/false, on/off, 1/0 */
-    K_ENUM,  /* int: the index of the value in choices */
-    K_ADDR,  /* char[size]: "host:port" or "[v6]:port" */
-    K_IDENT, /* char[size]: a Lua identifier, or empty */
-    K_PATH,  /* char[size]: relative paths resolved against the config file's directory */
-    K_LEVEL, /* int: a hub_log_level_parse() name */
+    K_INT,      /* int, decimal, within [min, max] */
+    K_LONG,     /* long, decimal, within [min, max] */
+    K_SIZE,     /* size_t, bytes with an optional k/m/g suffix, within [min, max] */
+    K_BOOL,     /* int 0/1 from yes/no, true/false, on/off, 1/0 */
+    K_ENUM,     /* int: the index of the value in choices */
+    K_ADDR,     /* char[size]: "host:port" or "[v6]:port" */
+    K_LOOPBACK, /* char[size]: as K_ADDR with a numeric loopback host, or empty */
+    K_IDENT,    /* char[size]: a Lua identifier, or empty */
+    K_PATH,     /* char[size]: relative paths resolved against the config file's directory */
+    K_LEVEL,    /* int: a hub_log_level_parse() name */
 };
 
 typedef struct key_spec {
@@ -77,6 +80,8 @@ static const key_spec keys[] = {
     STR("lua", "script", K_PATH, script),
     NUM("lua", "max_instructions", K_LONG, max_instructions, 0, LONG_MAX),
     NUM("lua", "max_memory", K_SIZE, max_memory, 0, LLONG_MAX),
+    STR("control", "socket", K_PATH, control_socket),
+    STR("control", "tcp", K_LOOPBACK, control_tcp),
     STR("log", "level", K_LEVEL, log_level),
     NUM("log", "syslog", K_BOOL, log_syslog, 0, 1),
 };
@@ -100,6 +105,7 @@ void hub_config_defaults(hub_config *c)
     c->shutdown_timeout = 5000;
     c->max_instructions = 100000000;
     c->max_memory = 0;
+    snprintf(c->control_socket, sizeof(c->control_socket), "%s", "/run/evhub/evhub.sock");
     c->log_level = HUB_LOG_INFO;
     c->log_syslog = 0;
 }
@@ -258,6 +264,14 @@ int hub_config_split_addr(const char *addr, char *host, size_t hostlen, char *po
     return 0;
 }
 
+static int is_loopback_host(const char *host)
+{
+    unsigned char a[16];
+    if (inet_pton(AF_INET, host, a) == 1)
+        return a[0] == 127;
+    return inet_pton(AF_INET6, host, a) == 1 && IN6_IS_ADDR_LOOPBACK((struct in6_addr *)a);
+}
+
 /* ---- one key ------------------------------------------------------------------------ */
 
 static const key_spec *find_key(const char *section, const char *name)
@@ -330,8 +344,14 @@ static int set_string(hub_config *c, const key_spec *k, const char *v, const cha
     char host[256], port[16];
     if (strlen(v) >= k->size)
         return set_err(err, errlen, "%s: value is too long (max %zu bytes)", k->name, k->size - 1);
-    if (k->kind == K_ADDR && hub_config_split_addr(v, host, sizeof(host), port, sizeof(port)) < 0)
+    if ((k->kind == K_ADDR || (k->kind == K_LOOPBACK && v[0])) &&
+        hub_config_split_addr(v, host, sizeof(host), port, sizeof(port)) < 0)
         return set_err(err, errlen, "%s: '%.64s' " MSG_ADDR, k->name, v);
+    if (k->kind == K_LOOPBACK && v[0] && !is_loopback_host(host))
+        return set_err(err, errlen,
+                       "%s: '%.64s' is not a numeric loopback address (127.x.x.x or [::1]); the "
+                       "control socket has no authentication",
+                       k->name, v);
     if (k->kind == K_IDENT && v[0] && !is_lua_ident(v))
         return set_err(err, errlen, "%s: '%.64s' is not a Lua identifier", k->name, v);
     if (k->kind != K_PATH || !base || !base[0] || v[0] == '/' || v[0] == '\0')
@@ -361,6 +381,7 @@ static int apply(hub_config *c, const char *section, const char *name, const cha
         return set_err(err, errlen, "%s: missing value", name);
     switch (k->kind) {
     case K_ADDR:
+    case K_LOOPBACK:
     case K_IDENT:
     case K_PATH:
         return set_string(c, k, value, base, err, errlen);

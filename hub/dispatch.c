@@ -145,6 +145,18 @@ static int api_close(void *ud, uint64_t id, const char *reason)
     return hub__close_id(ud, id, reason);
 }
 
+static size_t api_stats(void *ud, hub_stat *out, size_t cap)
+{
+    return hub__stats_collect(ud, out, cap);
+}
+
+static void api_count(void *ud, int what)
+{
+    hub *h = ud;
+    if (what >= 0 && what < HUB_SCRIPT_NCOUNTS)
+        HUB_STAT_ADD(h, script[what], 1);
+}
+
 const hub_api hub__loop_api = {
     .relay = api_relay,
     .multicast = api_multicast,
@@ -152,7 +164,21 @@ const hub_api hub__loop_api = {
     .send = api_send,
     .set_tag = api_set_tag,
     .close = api_close,
+    .stats = api_stats,
+    .count = api_count,
 };
+
+void hub__tag_changed(hub *h, hub_client *c)
+{
+    const char *tag = c->tag ? c->tag->name : "";
+    size_t len = c->tag ? c->tag->len : 0;
+    if (!h->ops->on_tag || !(c->flags & HUB_CLIENT_CONNECTED))
+        return;
+    if (!h->nworkers)
+        h->ops->on_tag(h->script, c->id, tag, len);
+    else
+        hub__worker_queue_item(h, c->worker, HUB_EV_TAG, c, tag, len);
+}
 
 void hub__event_connect(hub *h, hub_client *c)
 {

@@ -11,6 +11,7 @@
 #include <sys/uio.h>
 
 #include "hub/config.h"
+#include "hub/control.h"
 #include "hub/hub.h"
 #include "hub/idmap.h"
 #include "hub/netstring.h"
@@ -82,11 +83,19 @@ struct hub_tag {
     char name[HUB_TAG_MAX + 1];
 };
 
+/* Hub-wide counters. Each has one writer, the loop thread, and readers anywhere (evapi.stats()
+ * in a worker), so a relaxed load and store is enough: it costs what a plain increment does. */
 typedef struct hub_stats {
-    uint64_t accepted, refused, closed;
-    uint64_t frames_in, bytes_in, frames_out, bytes_out;
-    uint64_t decode_errors, slow_closes, dropped_frames;
+    _Atomic uint64_t accepted, refused, closed;
+    _Atomic uint64_t frames_in, bytes_in, frames_out, bytes_out;
+    _Atomic uint64_t decode_errors, slow_closes, dropped_frames;
+    _Atomic uint64_t reloads, reload_failures;
+    _Atomic uint64_t script[HUB_SCRIPT_NCOUNTS]; /* the loop's own state (workers == 0) */
 } hub_stats;
+
+#define HUB_STAT_GET(h, f) atomic_load_explicit(&(h)->stats.f, memory_order_relaxed)
+#define HUB_STAT_ADD(h, f, n)                                                                      \
+    atomic_store_explicit(&(h)->stats.f, HUB_STAT_GET(h, f) + (uint64_t)(n), memory_order_relaxed)
 
 struct hub {
     struct ev_loop *loop;
@@ -133,6 +142,17 @@ struct hub {
     int stopping;
     int exit_code;
     hub_stats stats;
+
+    /* control socket and what it reports (control.c, control_cmds.c) */
+    hub_ctl *ctl;
+    char listen_addr[320];       /* the address actually bound, as logged */
+    double started;              /* wall-clock seconds at start */
+    double script_loaded;        /* wall-clock seconds the running script was loaded */
+    char *reload_error;          /* the last failed reload's reason, or NULL */
+    int reload_waiting;          /* workers that have not yet answered a reload */
+    int reload_failed;           /* one of them failed */
+    hub_ctl_call **reload_calls; /* control calls waiting for the reload to finish */
+    size_t nreload_calls;
 };
 
 /* listener (listener.c): bind and log the address; 0 or <0 with err set */
@@ -187,7 +207,7 @@ int hub__close_id(hub *h, uint64_t id, const char *reason);
 extern const hub_api hub__loop_api;
 
 /* kinds of events handed to a worker */
-enum { HUB_EV_CONNECT, HUB_EV_MESSAGE, HUB_EV_CLOSE, HUB_EV_RELOAD, HUB_EV_STOP };
+enum { HUB_EV_CONNECT, HUB_EV_MESSAGE, HUB_EV_CLOSE, HUB_EV_TAG, HUB_EV_RELOAD, HUB_EV_STOP };
 
 /* script events from the loop: inline when workers == 0, else queued to the worker */
 void hub__event_connect(hub *h, hub_client *c);
@@ -206,6 +226,33 @@ int hub__worker_full(hub *h, int w);
 void hub__worker_pause(hub *h, int w, hub_client *c);
 void hub__commands_cb(struct ev_loop *loop, ev_async *w, int revents);
 int hub__worker_queue_item(hub *h, int w, int type, hub_client *c, const char *data, size_t len);
+
+/* A worker's queue and counters, readable from any thread. */
+typedef struct hub_worker_view {
+    int index;
+    uint64_t queued_events, queued_bytes, events;
+    uint64_t script[HUB_SCRIPT_NCOUNTS];
+} hub_worker_view;
+void hub__worker_view(hub *h, int w, hub_worker_view *out);
+/* Loop thread: how many of the worker's connections wait for its queue to drain. */
+size_t hub__worker_paused(hub *h, int w);
+
+/* Tell the state that runs c's events that c's tag changed behind its back (dispatch.c). */
+void hub__tag_changed(hub *h, hub_client *c);
+
+/* reload (loop.c): check the script, then reload every state. call (may be NULL) is answered
+ * once every state runs the new script, or with the reason it failed. */
+void hub__reload(hub *h, hub_ctl_call *call);
+/* A worker finished its part of a reload; why is NULL on success. */
+void hub__reload_answered(hub *h, int worker, const char *why);
+
+/* statistics (stats.c): the counters and gauges as a list (see hub_api.stats); any thread.
+ * Returns how many there are, which may be more than cap. */
+size_t hub__stats_collect(hub *h, hub_stat *out, size_t cap);
+/* The core control commands (control_cmds.c). 0 or -ENOMEM. */
+int hub__ctl_register_core(hub *h);
+/* What a successful reload answers (control_cmds.c). */
+struct json_object *hub__reload_result(hub *h);
 
 /* Bytes a payload of len takes on the wire (netstring or raw). */
 size_t hub__frame_len(const hub *h, size_t len);

@@ -61,6 +61,7 @@ int hub__listen(hub *h, char *err, size_t errlen)
         snprintf(shown, sizeof(shown), "%s:%u", ip, lport);
     }
     h->lfd = fd;
+    snprintf(h->listen_addr, sizeof(h->listen_addr), "%s", shown);
     /* A spare descriptor, given up to accept-and-close when the process runs out (EMFILE),
      * so a full table does not leave the listener readable forever. */
     h->spare_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
@@ -96,7 +97,7 @@ static void refuse(hub *h, int fd, const struct sockaddr_storage *ss)
             h->cfg.max_clients);
     hub__write_error_frame(h, fd, "max_clients", why);
     close(fd);
-    h->stats.refused++;
+    HUB_STAT_ADD(h, refused, 1);
 }
 
 /* Out of descriptors: give up the spare one to accept the connection and close it with a
@@ -108,7 +109,7 @@ static void refuse_emfile(hub *h, int err)
     if (fd >= 0) {
         hub__write_error_frame(h, fd, "unavailable", "the server is out of file descriptors");
         close(fd);
-        h->stats.refused++;
+        HUB_STAT_ADD(h, refused, 1);
         h->emfile_refused++;
     }
     h->spare_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);

@@ -12,7 +12,7 @@
 #include <unistd.h>
 #include <sys/time.h>
 
-int hub_log_level = HUB_LOG_INFO;
+atomic_int hub_log_level = HUB_LOG_INFO;
 static int use_syslog;
 
 static const char *const names[] = {"crit", "err", "warn", "notice", "info", "debug"};
@@ -24,7 +24,7 @@ void hub_log_set_level(int level)
         level = HUB_LOG_CRIT;
     if (level > HUB_LOG_DEBUG)
         level = HUB_LOG_DEBUG;
-    hub_log_level = level;
+    atomic_store(&hub_log_level, level);
 }
 
 const char *hub_log_level_name(int level)

@@ -2,6 +2,8 @@
 #ifndef HUB_LOG_H
 #define HUB_LOG_H
 
+#include <stdatomic.h>
+
 enum {
     HUB_LOG_CRIT = 0,
     HUB_LOG_ERR = 1,
@@ -11,10 +13,11 @@ enum {
     HUB_LOG_DEBUG = 5,
 };
 
-/* Current threshold; messages above it are not formatted at all. */
-extern int hub_log_level;
+/* Current threshold; messages above it are not formatted at all. Any thread may read it while
+ * the control socket changes it. */
+extern atomic_int hub_log_level;
 
-#define hub_log_enabled(l) ((l) <= hub_log_level)
+#define hub_log_enabled(l) ((l) <= atomic_load_explicit(&hub_log_level, memory_order_relaxed))
 #define hub_log(l, ...)                                                                            \
     do {                                                                                           \
         if (hub_log_enabled(l))                                                                    \

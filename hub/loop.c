@@ -4,9 +4,11 @@
 #include <signal.h>
 #include <stdio.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "hub/alloc.h"
+#include "hub/control.h"
 #include "hub/hub_int.h"
 #include "hub/log.h"
 
@@ -37,8 +39,14 @@ static int noapi_close(void *ud, uint64_t id, const char *reason)
     (void)ud, (void)id, (void)reason;
     return -EAGAIN;
 }
-static const hub_api no_api = {noapi_data,    noapi_tagged,  noapi_tagged,
-                               noapi_id_data, noapi_id_data, noapi_close};
+static size_t noapi_stats(void *ud, hub_stat *out, size_t cap)
+{
+    (void)ud, (void)out, (void)cap;
+    return 0;
+}
+static void noapi_count(void *ud, int what) { (void)ud, (void)what; }
+static const hub_api no_api = {noapi_data,    noapi_tagged, noapi_tagged, noapi_id_data,
+                               noapi_id_data, noapi_close,  noapi_stats,  noapi_count};
 
 int hub_check_script(const hub_config *cfg, const hub_script_ops *ops, char *err, size_t errlen)
 {
@@ -114,28 +122,98 @@ static void start_shutdown(hub *h, const char *why)
     ev_timer_start(h->loop, &h->shutdown_w);
 }
 
-static void reload(hub *h)
+static double wall_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+/* The end of a reload, good or bad: counters, the log, and the callers' answers. */
+static void reload_done(hub *h, const char *why)
+{
+    hub_free(h->reload_error);
+    h->reload_error = NULL;
+    if (why) {
+        HUB_STAT_ADD(h, reload_failures, 1);
+        h->reload_error = hub_strndup(why, strlen(why));
+        hub_log(HUB_LOG_ERR, "reload failed: %s; keeping the old script", why);
+    } else {
+        HUB_STAT_ADD(h, reloads, 1);
+        h->script_loaded = wall_now();
+        hub_log(HUB_LOG_NOTICE, "script reloaded");
+    }
+    hub_ctl_call **calls = h->reload_calls;
+    size_t n = h->nreload_calls;
+    h->reload_calls = NULL;
+    h->nreload_calls = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (why)
+            hub_ctl_fail(calls[i], HUB_CTL_FAILED, "reload failed: %s", why);
+        else
+            hub_ctl_reply(calls[i], hub__reload_result(h));
+    }
+    hub_free(calls);
+}
+
+void hub__reload(hub *h, hub_ctl_call *call)
 {
     char err[1024];
-    hub_log(HUB_LOG_NOTICE, "SIGHUP: reloading %s", h->cfg.script);
+    if (call) {
+        hub_ctl_call **n = hub_realloc(h->reload_calls, (h->nreload_calls + 1) * sizeof(*n));
+        if (!n) {
+            hub_ctl_fail(call, HUB_CTL_INTERNAL_ERROR, "out of memory");
+            return;
+        }
+        h->reload_calls = n;
+        h->reload_calls[h->nreload_calls++] = call;
+    }
+    if (h->reload_waiting)
+        return; /* one is under way: these callers get its outcome */
+    hub_log(HUB_LOG_NOTICE, "reloading %s", h->cfg.script);
     /* Check in a scratch state first, so a broken script never reaches the workers. */
     if (hub_check_script(&h->cfg, h->ops, err, sizeof(err)) < 0) {
-        hub_log(HUB_LOG_ERR, "reload failed: %s; keeping the old script", err);
+        reload_done(h, err);
         return;
     }
     if (h->nworkers) {
-        hub__workers_reload(h);
+        h->reload_waiting = h->nworkers;
+        h->reload_failed = 0;
+        hub__workers_reload(h); /* each answers through hub__reload_answered */
         return;
     }
     hub_script_conf sc = script_conf(h, -1);
     hub_script *n = h->ops->reload(h->script, &sc, err, sizeof(err));
     if (!n) {
-        hub_log(HUB_LOG_ERR, "reload failed: %s; keeping the old script", err);
+        reload_done(h, err);
         return;
     }
     h->ops->free(h->script);
     h->script = n;
-    hub_log(HUB_LOG_NOTICE, "script reloaded");
+    reload_done(h, NULL);
+}
+
+void hub__reload_answered(hub *h, int worker, const char *why)
+{
+    if (why && !h->reload_failed) {
+        h->reload_failed = 1;
+        hub_free(h->reload_error);
+        h->reload_error = NULL;
+        char msg[1100];
+        snprintf(msg, sizeof(msg), "worker %d: %s", worker, why);
+        h->reload_error = hub_strndup(msg, strlen(msg));
+    }
+    if (h->reload_waiting == 0 || --h->reload_waiting > 0)
+        return;
+    if (h->reload_failed) {
+        /* Workers that loaded it run the new script; those that failed keep the old one. */
+        char *msg = h->reload_error;
+        h->reload_error = NULL;
+        reload_done(h, msg);
+        hub_free(msg);
+    } else {
+        reload_done(h, NULL);
+    }
 }
 
 static void signal_cb(struct ev_loop *loop, ev_signal *w, int revents)
@@ -143,9 +221,10 @@ static void signal_cb(struct ev_loop *loop, ev_signal *w, int revents)
     hub *h = w->data;
     (void)loop;
     (void)revents;
-    if (w->signum == SIGHUP)
-        reload(h);
-    else
+    if (w->signum == SIGHUP) {
+        hub_log(HUB_LOG_NOTICE, "SIGHUP");
+        hub__reload(h, NULL);
+    } else
         start_shutdown(h, w->signum == SIGINT ? "SIGINT" : "SIGTERM");
 }
 
@@ -174,6 +253,7 @@ hub *hub_new(const hub_config *cfg, const hub_script_ops *ops, char *err, size_t
     h->ops = ops;
     h->lfd = h->spare_fd = -1;
     h->next_id = 1;
+    h->started = h->script_loaded = wall_now();
     pthread_rwlock_init(&h->tags_lock, NULL);
     pthread_mutex_init(&h->cmd_mu, NULL);
     h->loop = ev_default_loop(EVFLAG_AUTO);
@@ -204,6 +284,14 @@ hub *hub_new(const hub_config *cfg, const hub_script_ops *ops, char *err, size_t
     }
     if (hub__listen(h, err, errlen) < 0)
         goto fail;
+    if (cfg->control_socket[0] || cfg->control_tcp[0]) {
+        h->ctl = hub_ctl_new(h->loop, cfg->control_socket, cfg->control_tcp, err, errlen);
+        if (!h->ctl || hub__ctl_register_core(h) < 0) {
+            if (h->ctl)
+                snprintf(err, errlen, "out of memory registering control commands");
+            goto fail;
+        }
+    }
     ev_init(&h->drain_w, hub__drain_timeout_cb);
     h->drain_w.repeat = 1.0;
     h->drain_w.data = h;
@@ -230,7 +318,7 @@ static void finish_shutdown(hub *h)
     for (hub_client *c = h->clients; c; c = c->next)
         left += c->wq_bytes;
     hub_log(HUB_LOG_NOTICE, "stopped (%llu connections served, %zu bytes left unsent)",
-            (unsigned long long)h->stats.accepted, left);
+            (unsigned long long)HUB_STAT_GET(h, accepted), left);
 }
 
 int hub_run(hub *h)
@@ -250,6 +338,12 @@ void hub_destroy(hub *h)
             hub__workers_stop(h);
         hub__workers_join(h);
     }
+    /* A reload still waiting for workers will not finish now: tell whoever asked. */
+    for (size_t i = 0; i < h->nreload_calls; i++)
+        hub_ctl_fail(h->reload_calls[i], HUB_CTL_STOPPING, "the hub is stopping");
+    hub_free(h->reload_calls);
+    hub_free(h->reload_error);
+    hub_ctl_free(h->ctl);
     hub__client_free_all(h);
     hub__tags_free(h);
     if (h->script)

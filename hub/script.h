@@ -17,6 +17,23 @@ typedef struct hub_conn_info {
     char addr[HUB_ADDR_MAX];
 } hub_conn_info;
 
+/* One counter or gauge of the hub's (see hub_api.stats). */
+typedef struct hub_stat {
+    const char *name; /* snake_case, e.g. "frames_in"; per-worker entries repeat names */
+    const char *help; /* one line, for evhubctl and the Prometheus HELP line */
+    int gauge;        /* 0: a counter (only grows), 1: a gauge */
+    int worker;       /* -1: hub-wide, else the worker index it belongs to */
+    uint64_t value;
+} hub_stat;
+
+/* Script events the engine reports through hub_api.count. */
+enum {
+    HUB_SCRIPT_ERROR = 0,  /* a callback raised (budget and memory failures included) */
+    HUB_SCRIPT_BUDGET = 1, /* a callback was stopped by its instruction budget */
+    HUB_SCRIPT_MEMORY = 2, /* a callback failed for want of memory (max_memory) */
+    HUB_SCRIPT_NCOUNTS = 3
+};
+
 /* What a script may ask of the hub. Each call is made from the thread running the script,
  * with the ud given at load. Results: n > 0 success (n recipients when known, else 1),
  * 0 no eligible connection, < 0 a negative errno (-EINVAL bad tag, -ENOENT no such id,
@@ -29,6 +46,11 @@ typedef struct hub_api {
     int (*set_tag)(void *ud, uint64_t id, const char *tag, size_t taglen);
     /* reason may be NULL; it is logged, and sent as an error frame in netstring mode */
     int (*close)(void *ud, uint64_t id, const char *reason);
+    /* Fill up to cap entries with the hub's counters and gauges (the same ones the control
+     * socket reports); returns how many there are, which may be more than cap. */
+    size_t (*stats)(void *ud, hub_stat *out, size_t cap);
+    /* Count a script event (HUB_SCRIPT_*). */
+    void (*count)(void *ud, int what);
 } hub_api;
 
 typedef struct hub_script_conf {
@@ -57,6 +79,9 @@ typedef struct hub_script_ops {
     void (*on_close)(hub_script *s, uint64_t id);
     /* Housekeeping while idle (an incremental GC step). */
     void (*idle)(hub_script *s);
+    /* Someone other than this state changed id's tag (another worker, the control socket);
+     * len 0: no tag. Keeps the state's own view of the connection current. */
+    void (*on_tag)(hub_script *s, uint64_t id, const char *tag, size_t len);
 } hub_script_ops;
 
 #endif

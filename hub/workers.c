@@ -20,6 +20,7 @@ enum {
     CMD_CLOSE,
     CMD_START_READ,
     CMD_RESUME,
+    CMD_RELOADED,
     CMD_DONE
 };
 
@@ -59,6 +60,9 @@ struct hub_worker {
     atomic_int queued;          /* events handed over and not yet run, outbox included */
     atomic_size_t queued_bytes; /* their payload bytes */
     atomic_int resume_wanted;
+    /* counters: written by the worker only (relaxed load and store), read anywhere */
+    _Atomic uint64_t events;
+    _Atomic uint64_t counts[HUB_SCRIPT_NCOUNTS];
 
     /* loop side */
     hub_item *ob_head, *ob_tail;
@@ -194,6 +198,25 @@ static int wapi_close(void *ud, uint64_t id, const char *reason)
     return rc < 0 ? rc : 1;
 }
 
+static void bump(_Atomic uint64_t *v)
+{
+    atomic_store_explicit(v, atomic_load_explicit(v, memory_order_relaxed) + 1,
+                          memory_order_relaxed);
+}
+
+static size_t wapi_stats(void *ud, hub_stat *out, size_t cap)
+{
+    hub_worker *w = ud;
+    return hub__stats_collect(w->h, out, cap);
+}
+
+static void wapi_count(void *ud, int what)
+{
+    hub_worker *w = ud;
+    if (what >= 0 && what < HUB_SCRIPT_NCOUNTS)
+        bump(&w->counts[what]);
+}
+
 static const hub_api worker_api = {
     .relay = wapi_relay,
     .multicast = wapi_multicast,
@@ -201,6 +224,8 @@ static const hub_api worker_api = {
     .send = wapi_send,
     .set_tag = wapi_set_tag,
     .close = wapi_close,
+    .stats = wapi_stats,
+    .count = wapi_count,
 };
 
 /* ---- the worker thread ---- */
@@ -214,11 +239,13 @@ static void worker_reload(hub_worker *w)
     hub_script *n = h->ops->reload(w->script, &sc, err, sizeof(err));
     if (!n) {
         hub_log(HUB_LOG_ERR, "worker %d: reload failed: %s; keeping the old script", w->index, err);
+        worker_cmd(w, CMD_RELOADED, 0, NULL, 0, err, strlen(err));
         return;
     }
     h->ops->free(w->script);
     w->script = n;
     hub_log(HUB_LOG_NOTICE, "worker %d: script reloaded", w->index);
+    worker_cmd(w, CMD_RELOADED, 0, NULL, 0, NULL, 0);
 }
 
 /* Paused readers resume only once the queue is half empty, so a queue hovering at its limit
@@ -245,12 +272,17 @@ static int worker_run(hub_worker *w, hub_item *it)
     case HUB_EV_CLOSE:
         h->ops->on_close(w->script, it->id);
         break;
+    case HUB_EV_TAG:
+        if (h->ops->on_tag)
+            h->ops->on_tag(w->script, it->id, it->data, it->len);
+        break;
     case HUB_EV_RELOAD:
         worker_reload(w);
         return 0;
     case HUB_EV_STOP:
         return 1;
     }
+    bump(&w->events);
     atomic_fetch_sub(&w->queued_bytes, it->len);
     atomic_fetch_sub(&w->queued, 1);
     /* Paired with the loop's store-then-check in hub__worker_pause. */
@@ -349,6 +381,19 @@ int hub__worker_full(hub *h, int w)
            atomic_load(&h->workers[w].queued_bytes) >= WORKER_QUEUE_BYTES;
 }
 
+void hub__worker_view(hub *h, int wi, hub_worker_view *out)
+{
+    hub_worker *w = &h->workers[wi];
+    out->index = wi;
+    out->queued_events = (uint64_t)atomic_load(&w->queued);
+    out->queued_bytes = atomic_load(&w->queued_bytes);
+    out->events = atomic_load_explicit(&w->events, memory_order_relaxed);
+    for (int i = 0; i < HUB_SCRIPT_NCOUNTS; i++)
+        out->script[i] = atomic_load_explicit(&w->counts[i], memory_order_relaxed);
+}
+
+size_t hub__worker_paused(hub *h, int wi) { return h->workers[wi].npaused; }
+
 int hub__worker_queue_item(hub *h, int wi, int type, hub_client *c, const char *data, size_t len)
 {
     hub_worker *w = &h->workers[wi];
@@ -446,7 +491,10 @@ static void run_cmd(hub *h, hub_cmd *c)
                     (unsigned long long)c->id);
         break;
     case CMD_SET_TAG:
-        hub__set_tag_id(h, c->id, c->tag, c->taglen, 1);
+        /* The owner's state learns of a tag another worker set. */
+        if (hub__set_tag_id(h, c->id, c->tag, c->taglen, 1) > 0 &&
+            (cl = hub__client_by_id(h, c->id)) && cl->worker != c->worker)
+            hub__tag_changed(h, cl);
         break;
     case CMD_CLOSE: {
         char reason[256];
@@ -463,6 +511,14 @@ static void run_cmd(hub *h, hub_cmd *c)
     case CMD_RESUME:
         resume_worker_clients(h, c->worker);
         break;
+    case CMD_RELOADED: {
+        char why[1024];
+        size_t n = c->len < sizeof(why) - 1 ? c->len : sizeof(why) - 1;
+        memcpy(why, c->data, n);
+        why[n] = '\0';
+        hub__reload_answered(h, c->worker, c->len ? why : NULL);
+        break;
+    }
     case CMD_DONE:
         h->workers_done++;
         break;

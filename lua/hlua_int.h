@@ -36,6 +36,7 @@ struct hub_script {
     size_t mem_used;                /* bytes currently allocated by L */
     long budget_left;               /* instructions left in the current callback */
     double deadline;                /* CLOCK_MONOTONIC seconds the current callback may run to */
+    int budget_hit;                 /* the current callback ran out of budget */
     int kemi;                       /* event_callback is set: events go to the ksr.lua dispatcher */
     int handler[HLUA_EV_COUNT + 1]; /* evapi.on() registry refs, LUA_NOREF when unset */
     int conns_ref;                  /* registry ref: id -> conn userdata */

@@ -318,6 +318,43 @@ static int evapi_close(lua_State *L)
     return do_close(L, c, id, 2);
 }
 
+/* evapi.stats(): the hub's counters as a table; per-worker ones in .workers[i] (1-based,
+ * each with its .worker index), as the control socket's stats command reports them. */
+static int evapi_stats(lua_State *L)
+{
+    hub_script *s = hlua__script(L);
+    hub_stat buf[64];
+    size_t n = s->api->stats(s->ud, buf, 64);
+    hub_stat *st = buf;
+    if (n > 64) {
+        /* Many workers: ask again with room for all (lua_newuserdatauv raises on OOM). */
+        st = lua_newuserdatauv(L, n * sizeof(*st), 0); /* [ud] */
+        n = s->api->stats(s->ud, st, n);
+    }
+    lua_createtable(L, 0, (int)n); /* [.., t] */
+    lua_newtable(L);               /* [.., t, workers] */
+    for (size_t i = 0; i < n; i++) {
+        if (st[i].worker < 0) {
+            lua_pushinteger(L, (lua_Integer)st[i].value); /* [.., t, workers, v] */
+            lua_setfield(L, -3, st[i].name);              /* [.., t, workers] */
+            continue;
+        }
+        if (lua_rawgeti(L, -1, st[i].worker + 1) != LUA_TTABLE) { /* [.., t, workers, w] */
+            lua_pop(L, 1);
+            lua_newtable(L);
+            lua_pushinteger(L, st[i].worker);
+            lua_setfield(L, -2, "worker");
+            lua_pushvalue(L, -1);
+            lua_rawseti(L, -3, st[i].worker + 1);
+        }
+        lua_pushinteger(L, (lua_Integer)st[i].value); /* [.., t, workers, w, v] */
+        lua_setfield(L, -2, st[i].name);              /* [.., t, workers, w] */
+        lua_pop(L, 1);                                /* [.., t, workers] */
+    }
+    lua_setfield(L, -2, "workers"); /* [.., t] */
+    return 1;
+}
+
 /* evapi.on(event, fn|nil): keep fn in the registry; the old handler is released first. */
 static int evapi_on(lua_State *L)
 {
@@ -336,10 +373,9 @@ static int evapi_on(lua_State *L)
 }
 
 static const luaL_Reg evapi_funcs[] = {
-    {"relay", evapi_relay},     {"multicast", evapi_multicast},
-    {"unicast", evapi_unicast}, {"send", evapi_send},
-    {"set_tag", evapi_set_tag}, {"close", evapi_close},
-    {"on", evapi_on},           {NULL, NULL},
+    {"relay", evapi_relay}, {"multicast", evapi_multicast}, {"unicast", evapi_unicast},
+    {"send", evapi_send},   {"set_tag", evapi_set_tag},     {"close", evapi_close},
+    {"on", evapi_on},       {"stats", evapi_stats},         {NULL, NULL},
 };
 
 /* ---- log module ---- */

@@ -89,6 +89,7 @@ static double now_mono(void)
  * catches the error with pcall() cannot keep running; then raise, naming the script line. */
 static void budget_exceeded(lua_State *L, hub_script *s)
 {
+    s->budget_hit = 1;
     lua_sethook(L, budget_hook, LUA_MASKCOUNT, 1);
     if (L != s->L)
         lua_sethook(s->L, budget_hook, LUA_MASKCOUNT, 1);
@@ -172,11 +173,17 @@ static int hlua_pcall(hub_script *s, int nargs, const char *what)
     int base = lua_gettop(L) - nargs - 1;
 
     arm_budget(s);
+    s->budget_hit = 0;
     int rc = lua_pcall(L, nargs, 0, base);
     if (rc != LUA_OK) {
         if (!is_exit(L, -1)) {
             const char *msg = lua_tostring(L, -1);
             hub_log(HUB_LOG_ERR, "lua: %s: %s", what, msg ? msg : "(error object is not a string)");
+            s->api->count(s->ud, HUB_SCRIPT_ERROR);
+            if (s->budget_hit)
+                s->api->count(s->ud, HUB_SCRIPT_BUDGET);
+            else if (rc == LUA_ERRMEM)
+                s->api->count(s->ud, HUB_SCRIPT_MEMORY);
         }
         lua_pop(L, 1); /* [traceback_cb] */
         if (s->kemi)
@@ -306,6 +313,20 @@ static void hlua_on_close(hub_script *s, uint64_t id)
     lua_pushnil(L);                                  /* [conns, nil] */
     lua_rawseti(L, -2, (lua_Integer)id);             /* [conns] */
     lua_pop(L, 1);                                   /* [] */
+}
+
+/* The hub changed a tag behind this state's back: keep conn.tag current. */
+static void hlua_on_tag(hub_script *s, uint64_t id, const char *tag, size_t len)
+{
+    hlua_conn *c = find_conn(s, id); /* [conn] */
+    if (c == NULL)
+        return;
+    lua_pop(s->L, 1); /* [] */
+    if (len > HUB_TAG_MAX)
+        len = 0;
+    memcpy(c->tag, tag, len);
+    c->tag[len] = '\0';
+    c->taglen = (unsigned char)len;
 }
 
 static void hlua_idle(hub_script *s)
@@ -567,4 +588,5 @@ const hub_script_ops hlua_script_ops = {
     .on_message = hlua_on_message,
     .on_close = hlua_on_close,
     .idle = hlua_idle,
+    .on_tag = hlua_on_tag,
 };

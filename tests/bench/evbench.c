@@ -341,7 +341,8 @@ static int hub_start(struct hub *h, const struct variant *v, const char *extra_e
     snprintf(h->log, sizeof(h->log), "%s/evhub.log", h->dir);
     snprintf(conf, sizeof(conf),
              "[evapi]\nbind_addr = 127.0.0.1:0\nworkers = %d\nmax_outbuf = 64m\n"
-             "event_callback = %s\n%s\n[lua]\nscript = bench.lua\n[log]\nlevel = info\n",
+             "event_callback = %s\n%s\n[lua]\nscript = bench.lua\n[log]\nlevel = info\n"
+             "[control]\nsocket = ctl.sock\n",
              v->workers, v->kemi ? "ksr_evapi_event" : "", extra_evapi ? extra_evapi : "");
     if (bench_write_file(h->conf, conf) < 0 ||
         bench_write_file(h->script, v->kemi ? kemi_script : native_script) < 0)

@@ -75,6 +75,8 @@ static void test_config_defaults_match_header(void **state)
     assert_int_equal(c.max_memory, 0);
     assert_int_equal(c.log_level, HUB_LOG_INFO);
     assert_int_equal(c.log_syslog, 0);
+    assert_string_equal(c.control_socket, "/run/evhub/evhub.sock");
+    assert_string_equal(c.control_tcp, "");
 }
 
 static void test_config_every_key_is_parsed(void **state)
@@ -217,6 +219,24 @@ static const set_case set_cases[] = {
     {"log", "syslog", "2", "syslog: '2' is not a boolean (yes/no, true/false, on/off, 1/0)"},
     {"log", "syslog", "", "syslog: '' is not a boolean (yes/no, true/false, on/off, 1/0)"},
     {"log", "colour", "yes", "unknown key 'colour' in section [log]"},
+    {"control", "socket", "", NULL},
+    {"control", "socket", "/run/evhub/evhub.sock", NULL},
+    {"control", "socket",
+     "/a/very/long/path/that/cannot/be/a/unix/socket/because/sun_path/holds/only/one/hundred/"
+     "and/eight/bytes/x.sock",
+     "socket: value is too long (max 107 bytes)"},
+    {"control", "tcp", "", NULL},
+    {"control", "tcp", "127.0.0.1:8449", NULL},
+    {"control", "tcp", "127.1.2.3:0", NULL},
+    {"control", "tcp", "[::1]:8449", NULL},
+    {"control", "tcp", "0.0.0.0:8449",
+     "tcp: '0.0.0.0:8449' is not a numeric loopback address (127.x.x.x or [::1]); the control "
+     "socket has no authentication"},
+    {"control", "tcp", "localhost:8449",
+     "tcp: 'localhost:8449' is not a numeric loopback address (127.x.x.x or [::1]); the control "
+     "socket has no authentication"},
+    {"control", "tcp", "8449", "tcp: '8449' is not host:port or [v6]:port with a port in 0..65535"},
+    {"control", "user", "x", "unknown key 'user' in section [control]"},
     {"kafka", "brokers", "x", "unknown section [kafka] (not supported by this build)"},
     {"", "backlog", "1", "key 'backlog' is outside any section"},
 };

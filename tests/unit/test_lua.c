@@ -38,6 +38,8 @@ typedef struct fake_hub {
     int ret; /* what every call returns */
     int ncalls;
     fake_call calls[FAKE_MAX_CALLS];
+    int counts[HUB_SCRIPT_NCOUNTS]; /* what the engine reported through count() */
+    size_t nstats;                  /* entries stats() reports, from fake_stats below */
 } fake_hub;
 
 static fake_call *record(void *ud, const char *op)
@@ -113,6 +115,30 @@ static int fake_close(void *ud, uint64_t id, const char *reason)
     return ((fake_hub *)ud)->ret;
 }
 
+/* What the fake hub reports as its counters: hub-wide ones and two workers. */
+static const hub_stat fake_stats[] = {
+    {"frames_in", "h", 0, -1, 42},        {"clients", "h", 1, -1, 3},
+    {"queued_events", "h", 1, 0, 5},      {"events", "h", 0, 0, 7},
+    {"queued_events", "h", 1, 1, 6},      {"events", "h", 0, 1, 8},
+    {"bytes_in", "h", 0, -1, 1ull << 40},
+};
+
+static size_t fake_stats_fn(void *ud, hub_stat *out, size_t cap)
+{
+    fake_hub *h = ud;
+    size_t n = h->nstats ? h->nstats : sizeof(fake_stats) / sizeof(fake_stats[0]);
+    for (size_t i = 0; i < n && i < cap; i++)
+        out[i] = fake_stats[i % (sizeof(fake_stats) / sizeof(fake_stats[0]))];
+    return n;
+}
+
+static void fake_count(void *ud, int what)
+{
+    fake_hub *h = ud;
+    assert_true(what >= 0 && what < HUB_SCRIPT_NCOUNTS);
+    h->counts[what]++;
+}
+
 static const hub_api fake_api = {
     .relay = fake_relay,
     .multicast = fake_multicast,
@@ -120,6 +146,8 @@ static const hub_api fake_api = {
     .send = fake_send,
     .set_tag = fake_set_tag,
     .close = fake_close,
+    .stats = fake_stats_fn,
+    .count = fake_count,
 };
 
 /* ---- fixture: a fake hub, a script file, captured logs ---- */
@@ -779,6 +807,9 @@ static void test_budget_stops_runaway_and_next_call_works(void **state)
         assert_int_equal(f->hub.ncalls, n + 1);
         assert_memory_equal(last_call(f)->data, "after", 5);
     }
+    assert_int_equal(f->hub.counts[HUB_SCRIPT_ERROR], 4);
+    assert_int_equal(f->hub.counts[HUB_SCRIPT_BUDGET], 4);
+    assert_int_equal(f->hub.counts[HUB_SCRIPT_MEMORY], 0);
     /* a coroutine living across callbacks gets a fresh budget in each one */
     for (int i = 0; i < 40; i++) {
         message(f->s, 1, "gen");
@@ -802,6 +833,9 @@ static void test_memory_limit_fails_callback_not_hub(void **state)
     const char *log = capture_end(f);
     assert_non_null(strstr(log, "lua: message: not enough memory"));
     assert_true(f->s->mem_used <= 2 * 1024 * 1024);
+    assert_int_equal(f->hub.counts[HUB_SCRIPT_ERROR], 1);
+    assert_int_equal(f->hub.counts[HUB_SCRIPT_MEMORY], 1);
+    assert_int_equal(f->hub.counts[HUB_SCRIPT_BUDGET], 0);
     hlua_script_ops.idle(f->s);
     message(f->s, 1, "after");
     assert_memory_equal(last_call(f)->data, "after", 5);
@@ -813,6 +847,56 @@ static void test_memory_limit_at_load(void **state)
     hub_script *s = load_full(f, native_script, "", 0, 16 * 1024);
     assert_null(s);
     assert_non_null(strstr(f->err, "not enough memory (max_memory 16384 bytes)"));
+}
+
+/* ---- counters, stats and tags changed by the hub ---- */
+
+static void test_errors_are_counted_exits_are_not(void **state)
+{
+    fixture *f = *state;
+    hub_script *s = load_ok(f, kemi_script, CB);
+    connect(s, 1, 0, "127.0.0.1", 1);
+    capture_begin(f);
+    message(s, 1, "boom");
+    message(s, 1, "exit");
+    message(s, 1, "boom");
+    capture_end(f);
+    assert_int_equal(f->hub.counts[HUB_SCRIPT_ERROR], 2);
+    assert_int_equal(f->hub.counts[HUB_SCRIPT_BUDGET], 0);
+    assert_int_equal(f->hub.counts[HUB_SCRIPT_MEMORY], 0);
+}
+
+static void test_stats_table(void **state)
+{
+    fixture *f = *state;
+    hub_script *s = load_ok(f, native_script, "");
+    lua_ok(s, "local t = evapi.stats()\n"
+              "assert(t.frames_in == 42 and t.clients == 3 and t.bytes_in == 1 << 40)\n"
+              "assert(t.queued_events == nil and #t.workers == 2)\n"
+              "assert(t.workers[1].worker == 0 and t.workers[1].queued_events == 5)\n"
+              "assert(t.workers[1].events == 7 and t.workers[2].worker == 1)\n"
+              "assert(t.workers[2].queued_events == 6 and t.workers[2].events == 8)\n");
+    /* more entries than the engine's first guess: it asks again with room for all */
+    f->hub.nstats = 700;
+    lua_ok(s, "local t = evapi.stats() assert(t.frames_in == 42 and #t.workers == 2)");
+    /* a hub with no workers still gives a workers table */
+    f->hub.nstats = 2;
+    lua_ok(s, "local t = evapi.stats() assert(t.clients == 3 and #t.workers == 0)");
+}
+
+static void test_on_tag_updates_conn_view(void **state)
+{
+    fixture *f = *state;
+    hub_script *s = load_ok(f, native_script, "");
+    connect(s, 5, 0, "127.0.0.1", 1);
+    hlua_script_ops.on_tag(s, 5, "pbx2", 4);
+    lua_ok(s, "assert(CONNS[5].tag == 'pbx2', tostring(CONNS[5].tag))");
+    assert_string_equal(registered_conn(s, 5)->tag, "pbx2");
+    hlua_script_ops.on_tag(s, 5, "", 0);
+    lua_ok(s, "assert(CONNS[5].tag == nil)");
+    /* an id this state does not hold is ignored */
+    hlua_script_ops.on_tag(s, 99, "x", 1);
+    assert_int_equal(lua_gettop(s->L), 0);
 }
 
 /* ---- reload ---- */
@@ -1093,6 +1177,9 @@ int main(void)
         T(test_load_exit_at_top_level_is_fine),
         T(test_load_warns_when_both_dialects),
         T(test_budget_stops_runaway_and_next_call_works),
+        T(test_errors_are_counted_exits_are_not),
+        T(test_stats_table),
+        T(test_on_tag_updates_conn_view),
         T(test_memory_limit_fails_callback_not_hub),
         T(test_memory_limit_at_load),
         T(test_reload_carries_connections_and_tags),

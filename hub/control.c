@@ -1,0 +1,767 @@
+/* The control socket server: accepts on a unix socket (and optionally loopback TCP), reads
+ * JSON-RPC 2.0 requests with json-c's incremental tokener, checks them against the registered
+ * commands' specs and writes one JSON text per line back. Every socket is non-blocking and
+ * owned by the loop; a broken request gets an error answer and the connection keeps going
+ * (unless it cannot be resynchronised, see skip_line). */
+#define _GNU_SOURCE 1 /* accept4 */
+#include "hub/control.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netdb.h>
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+
+#include <ev.h>
+#include <json-c/json.h>
+
+#include "hub/alloc.h"
+#include "hub/config.h"
+#include "hub/log.h"
+
+typedef struct ctl_cmd {
+    const hub_ctl_spec *spec;
+    hub_ctl_fn fn;
+    void *ud;
+} ctl_cmd;
+
+typedef struct ctl_conn ctl_conn;
+
+/* Answers of a batch request, sent together once the last one is in. */
+typedef struct ctl_batch {
+    ctl_conn *conn;
+    json_object *answers; /* array */
+    int remaining;
+} ctl_batch;
+
+struct hub_ctl_call {
+    ctl_conn *conn;
+    json_object *id; /* NULL for a notification (no answer is sent) */
+    ctl_batch *batch;
+    const char *method;
+};
+
+struct ctl_conn {
+    ev_io rio, wio;
+    hub_ctl *ctl;
+    ctl_conn *prev, *next;
+    int fd;
+    int refs;      /* the connection itself, plus each call not yet answered */
+    int eof;       /* the peer will send nothing more (or reading was given up) */
+    int dead;      /* closed: pending calls' answers are dropped */
+    int skip_line; /* after a parse error: drop input up to the next newline */
+    size_t doc_bytes;
+    json_tokener *tok;
+    char *out;
+    size_t out_len, out_off, out_cap;
+};
+
+struct hub_ctl {
+    struct ev_loop *loop;
+    int ufd, tfd, tcp_port;
+    ev_io uw, tw;
+    ino_t ino; /* the socket file we made, so we remove only ours */
+    char path[sizeof(((struct sockaddr_un *)0)->sun_path)];
+    ctl_cmd *cmds;
+    size_t ncmds, cap;
+    ctl_conn *conns;
+    int nconns;
+    atomic_ullong requests; /* written by the loop only, read by any thread */
+};
+
+static void conn_close(ctl_conn *c);
+static void conn_unref(ctl_conn *c);
+
+static void count_request(hub_ctl *ctl)
+{
+    atomic_store_explicit(&ctl->requests,
+                          atomic_load_explicit(&ctl->requests, memory_order_relaxed) + 1,
+                          memory_order_relaxed);
+}
+
+/* ---- output ---- */
+
+static void conn_flush(ctl_conn *c)
+{
+    while (c->out_off < c->out_len) {
+        ssize_t n = send(c->fd, c->out + c->out_off, c->out_len - c->out_off, MSG_NOSIGNAL);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+            ev_io_start(c->ctl->loop, &c->wio);
+            return;
+        }
+        if (n < 0) {
+            hub_log(HUB_LOG_DEBUG, "control: write failed: %s", strerror(errno));
+            conn_close(c);
+            return;
+        }
+        c->out_off += (size_t)n;
+    }
+    c->out_off = c->out_len = 0;
+    ev_io_stop(c->ctl->loop, &c->wio);
+    /* The peer said all it had to say and has every answer: done. */
+    if (c->eof && c->refs == 1)
+        conn_close(c);
+}
+
+static void conn_write_json(ctl_conn *c, json_object *o)
+{
+    size_t len;
+    const char *s = json_object_to_json_string_length(
+        o, JSON_C_TO_STRING_PLAIN | JSON_C_TO_STRING_NOSLASHESCAPE, &len);
+    if (c->dead)
+        return;
+    if (c->out_len + len + 1 > HUB_CTL_MAX_OUTPUT) {
+        hub_log(HUB_LOG_WARN, "control: client reads too slowly (%zu bytes unsent), closing",
+                c->out_len);
+        conn_close(c);
+        return;
+    }
+    if (c->out_len + len + 1 > c->out_cap) {
+        size_t ncap = c->out_cap ? c->out_cap : 4096;
+        while (ncap < c->out_len + len + 1)
+            ncap *= 2;
+        char *n = hub_realloc(c->out, ncap);
+        if (!n) {
+            hub_log(HUB_LOG_ERR, "control: out of memory for a %zu-byte answer", len);
+            conn_close(c);
+            return;
+        }
+        c->out = n;
+        c->out_cap = ncap;
+    }
+    memcpy(c->out + c->out_len, s, len);
+    c->out[c->out_len + len] = '\n';
+    c->out_len += len + 1;
+    conn_flush(c);
+}
+
+/* ---- answers ---- */
+
+static json_object *make_answer(json_object *id)
+{
+    json_object *a = json_object_new_object();
+    json_object_object_add(a, "jsonrpc", json_object_new_string("2.0"));
+    json_object_object_add(a, "id", id ? json_object_get(id) : NULL);
+    return a;
+}
+
+static json_object *make_error(json_object *id, int code, const char *msg)
+{
+    json_object *a = make_answer(id), *e = json_object_new_object();
+    json_object_object_add(e, "code", json_object_new_int(code));
+    json_object_object_add(e, "message", json_object_new_string(msg));
+    json_object_object_add(a, "error", e);
+    return a;
+}
+
+/* Add answer (owned, may be NULL) to b; the last one in sends them all. */
+static void batch_add(ctl_batch *b, json_object *answer)
+{
+    if (answer)
+        json_object_array_add(b->answers, answer);
+    if (--b->remaining > 0)
+        return;
+    if (json_object_array_length(b->answers) > 0)
+        conn_write_json(b->conn, b->answers);
+    json_object_put(b->answers);
+    hub_free(b);
+}
+
+/* Deliver answer (owned, NULL for none) for call and end the call. */
+static void call_finish(hub_ctl_call *call, json_object *answer)
+{
+    ctl_conn *c = call->conn;
+    if (call->batch) {
+        batch_add(call->batch, answer);
+    } else if (answer) {
+        conn_write_json(c, answer);
+        json_object_put(answer);
+    }
+    json_object_put(call->id);
+    hub_free(call);
+    conn_unref(c);
+}
+
+void hub_ctl_reply(hub_ctl_call *call, json_object *result)
+{
+    json_object *a = NULL;
+    if (call->id && !call->conn->dead) {
+        a = make_answer(call->id);
+        json_object_object_add(a, "result", result);
+    } else {
+        json_object_put(result);
+    }
+    call_finish(call, a);
+}
+
+void hub_ctl_fail(hub_ctl_call *call, int code, const char *fmt, ...)
+{
+    char msg[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof(msg), fmt, ap);
+    va_end(ap);
+    hub_log(HUB_LOG_DEBUG, "control: %s failed: %s", call->method, msg);
+    call_finish(call, call->id && !call->conn->dead ? make_error(call->id, code, msg) : NULL);
+}
+
+/* ---- requests ---- */
+
+static const ctl_cmd *find_cmd(const hub_ctl *ctl, const char *name)
+{
+    for (size_t i = 0; i < ctl->ncmds; i++) {
+        if (strcmp(ctl->cmds[i].spec->name, name) == 0)
+            return &ctl->cmds[i];
+    }
+    return NULL;
+}
+
+static int type_ok(json_object *v, hub_ctl_type t)
+{
+    switch (t) {
+    case HUB_CTL_STRING:
+        return json_object_is_type(v, json_type_string);
+    case HUB_CTL_INT:
+        return json_object_is_type(v, json_type_int);
+    case HUB_CTL_BOOL:
+        return json_object_is_type(v, json_type_boolean);
+    }
+    return 0;
+}
+
+/* The request's params as an object holding only the spec's names, types checked.
+ * NULL with msg set when they do not fit. */
+static json_object *check_params(const hub_ctl_spec *spec, json_object *params, char *msg,
+                                 size_t msglen)
+{
+    json_object *out = json_object_new_object();
+    if (json_object_is_type(params, json_type_array)) {
+        size_t n = json_object_array_length(params);
+        if (n > spec->nparams) {
+            snprintf(msg, msglen, "%s takes at most %zu parameters, %zu given", spec->name,
+                     spec->nparams, n);
+            goto fail;
+        }
+        for (size_t i = 0; i < n; i++)
+            json_object_object_add(out, spec->params[i].name,
+                                   json_object_get(json_object_array_get_idx(params, i)));
+    } else if (params) {
+        json_object_object_foreach(params, key, val)
+        {
+            size_t i = 0;
+            while (i < spec->nparams && strcmp(spec->params[i].name, key) != 0)
+                i++;
+            if (i == spec->nparams) {
+                snprintf(msg, msglen, "%s has no parameter '%.64s'", spec->name, key);
+                goto fail;
+            }
+            json_object_object_add(out, key, json_object_get(val));
+        }
+    }
+    for (size_t i = 0; i < spec->nparams; i++) {
+        const hub_ctl_param *p = &spec->params[i];
+        json_object *v;
+        if (!json_object_object_get_ex(out, p->name, &v) || v == NULL) {
+            /* An explicit null is the same as leaving an optional parameter out. */
+            json_object_object_del(out, p->name);
+            if (!p->required)
+                continue;
+            snprintf(msg, msglen, "missing parameter '%s' (%s %s)", p->name,
+                     p->type == HUB_CTL_INT ? "an" : "a", hub_ctl_type_name(p->type));
+            goto fail;
+        }
+        if (!type_ok(v, p->type)) {
+            snprintf(msg, msglen, "parameter '%s' must be %s %s", p->name,
+                     p->type == HUB_CTL_INT ? "an" : "a", hub_ctl_type_name(p->type));
+            goto fail;
+        }
+    }
+    return out;
+fail:
+    json_object_put(out);
+    return NULL;
+}
+
+/* One request object (alone or in a batch). Returns an error answer to send at once, or NULL
+ * when a call was started (or the request was a notification that needs none). */
+static json_object *run_request(ctl_conn *c, json_object *req, ctl_batch *batch)
+{
+    hub_ctl *ctl = c->ctl;
+    json_object *id = NULL, *v, *method, *params = NULL;
+    char msg[256];
+
+    count_request(ctl);
+    if (!json_object_is_type(req, json_type_object))
+        return make_error(NULL, HUB_CTL_INVALID_REQUEST, "a request must be a JSON object");
+    int has_id = json_object_object_get_ex(req, "id", &id);
+    if (has_id && id && !json_object_is_type(id, json_type_int) &&
+        !json_object_is_type(id, json_type_string))
+        return make_error(NULL, HUB_CTL_INVALID_REQUEST, "id must be a string or an integer");
+    if (!json_object_object_get_ex(req, "jsonrpc", &v) ||
+        !json_object_is_type(v, json_type_string) || strcmp(json_object_get_string(v), "2.0") != 0)
+        return make_error(id, HUB_CTL_INVALID_REQUEST, "\"jsonrpc\" must be \"2.0\"");
+    if (!json_object_object_get_ex(req, "method", &method) ||
+        !json_object_is_type(method, json_type_string))
+        return make_error(id, HUB_CTL_INVALID_REQUEST, "\"method\" must be a string");
+    if (json_object_object_get_ex(req, "params", &params) && params &&
+        !json_object_is_type(params, json_type_object) &&
+        !json_object_is_type(params, json_type_array))
+        return make_error(id, HUB_CTL_INVALID_REQUEST, "\"params\" must be an object or an array");
+    json_object_object_foreach(req, key, val)
+    {
+        (void)val;
+        if (strcmp(key, "jsonrpc") && strcmp(key, "id") && strcmp(key, "method") &&
+            strcmp(key, "params")) {
+            snprintf(msg, sizeof(msg), "unknown member \"%.64s\"", key);
+            return make_error(id, HUB_CTL_INVALID_REQUEST, msg);
+        }
+    }
+    const char *name = json_object_get_string(method);
+    const ctl_cmd *cmd = find_cmd(ctl, name);
+    if (!cmd) {
+        snprintf(msg, sizeof(msg), "no such method: %.64s (try \"commands\")", name);
+        return has_id ? make_error(id, HUB_CTL_METHOD_NOT_FOUND, msg) : NULL;
+    }
+    json_object *checked = check_params(cmd->spec, params, msg, sizeof(msg));
+    if (!checked)
+        return has_id ? make_error(id, HUB_CTL_INVALID_PARAMS, msg) : NULL;
+    hub_ctl_call *call = hub_calloc(1, sizeof(*call));
+    if (!call) {
+        json_object_put(checked);
+        return has_id ? make_error(id, HUB_CTL_INTERNAL_ERROR, "out of memory") : NULL;
+    }
+    call->conn = c;
+    /* A notification carries no id; "id": null is a request whose answer says null. */
+    call->id = has_id ? (id ? json_object_get(id) : json_object_new_null()) : NULL;
+    call->batch = batch;
+    call->method = cmd->spec->name;
+    c->refs++;
+    if (batch)
+        batch->remaining++;
+    hub_log(HUB_LOG_DEBUG, "control: %s %s", name, json_object_to_json_string(checked));
+    cmd->fn(call, checked, cmd->ud); /* answers now or later */
+    json_object_put(checked);
+    return NULL;
+}
+
+static void run_document(ctl_conn *c, json_object *doc)
+{
+    if (!json_object_is_type(doc, json_type_array)) {
+        json_object *err = run_request(c, doc, NULL);
+        if (err) {
+            conn_write_json(c, err);
+            json_object_put(err);
+        }
+        return;
+    }
+    size_t n = json_object_array_length(doc);
+    if (n == 0) {
+        count_request(c->ctl);
+        json_object *err = make_error(NULL, HUB_CTL_INVALID_REQUEST, "empty batch");
+        conn_write_json(c, err);
+        json_object_put(err);
+        return;
+    }
+    ctl_batch *b = hub_calloc(1, sizeof(*b));
+    if (!b)
+        return;
+    b->conn = c;
+    b->answers = json_object_new_array();
+    b->remaining = 1; /* held until every element has started */
+    c->refs++;
+    for (size_t i = 0; i < n && !c->dead; i++) {
+        json_object *err = run_request(c, json_object_array_get_idx(doc, i), b);
+        if (err)
+            json_object_array_add(b->answers, err);
+    }
+    batch_add(b, NULL); /* the hold */
+    conn_unref(c);
+}
+
+/* Feed bytes to the tokener; run each complete document. */
+static void conn_feed(ctl_conn *c, const char *buf, size_t len)
+{
+    while (len > 0 && !c->dead) {
+        if (c->skip_line) {
+            const char *nl = memchr(buf, '\n', len);
+            if (!nl)
+                return;
+            len -= (size_t)(nl + 1 - buf);
+            buf = nl + 1;
+            c->skip_line = 0;
+            continue;
+        }
+        if (c->doc_bytes == 0) {
+            /* Whitespace between documents is not part of any. */
+            while (len && (*buf == ' ' || *buf == '\t' || *buf == '\r' || *buf == '\n'))
+                buf++, len--;
+            if (!len)
+                return;
+        }
+        size_t chunk = len > HUB_CTL_MAX_REQUEST ? HUB_CTL_MAX_REQUEST : len;
+        json_object *doc = json_tokener_parse_ex(c->tok, buf, (int)chunk);
+        enum json_tokener_error jerr = json_tokener_get_error(c->tok);
+        size_t used = jerr == json_tokener_continue ? chunk : json_tokener_get_parse_end(c->tok);
+        if (used == 0 && jerr == json_tokener_success)
+            used = chunk; /* cannot happen; never spin */
+        c->doc_bytes += used;
+        buf += used;
+        len -= used;
+        if (jerr == json_tokener_continue) {
+            if (c->doc_bytes <= HUB_CTL_MAX_REQUEST)
+                continue;
+            jerr = json_tokener_error_size;
+        }
+        c->doc_bytes = 0;
+        if (jerr != json_tokener_success) {
+            char msg[160];
+            snprintf(msg, sizeof(msg), "parse error: %s",
+                     jerr == json_tokener_error_size ? "request too large"
+                                                     : json_tokener_error_desc(jerr));
+            count_request(c->ctl);
+            json_object *err = make_error(NULL, HUB_CTL_PARSE_ERROR, msg);
+            hub_log(HUB_LOG_DEBUG, "control: %s", msg);
+            conn_write_json(c, err);
+            json_object_put(err);
+            json_tokener_reset(c->tok);
+            /* What follows the bad text up to the line's end cannot be trusted. */
+            c->skip_line = !(used && buf[-1] == '\n');
+            continue;
+        }
+        json_tokener_reset(c->tok);
+        run_document(c, doc);
+        json_object_put(doc);
+    }
+}
+
+/* ---- connections ---- */
+
+static void conn_read_cb(struct ev_loop *loop, ev_io *w, int revents)
+{
+    ctl_conn *c = w->data;
+    char buf[16384];
+    (void)loop, (void)revents;
+    ssize_t n = recv(c->fd, buf, sizeof(buf), 0);
+    if (n < 0 && (errno == EINTR || errno == EAGAIN || errno == EWOULDBLOCK))
+        return;
+    if (n <= 0) {
+        /* The peer is done sending; it may still be waiting for answers. */
+        c->eof = 1;
+        ev_io_stop(c->ctl->loop, &c->rio);
+        if (n < 0 || (c->refs == 1 && c->out_len == 0))
+            conn_close(c);
+        return;
+    }
+    c->refs++; /* a handler may close c; keep it until feeding returns */
+    conn_feed(c, buf, (size_t)n);
+    conn_unref(c);
+}
+
+static void conn_write_cb(struct ev_loop *loop, ev_io *w, int revents)
+{
+    (void)loop, (void)revents;
+    conn_flush(w->data);
+}
+
+static void conn_close(ctl_conn *c)
+{
+    if (c->dead)
+        return;
+    c->dead = 1;
+    ev_io_stop(c->ctl->loop, &c->rio);
+    ev_io_stop(c->ctl->loop, &c->wio);
+    close(c->fd);
+    c->fd = -1;
+    if (c->prev)
+        c->prev->next = c->next;
+    else
+        c->ctl->conns = c->next;
+    if (c->next)
+        c->next->prev = c->prev;
+    c->ctl->nconns--;
+    conn_unref(c);
+}
+
+static void conn_unref(ctl_conn *c)
+{
+    if (--c->refs > 0) {
+        if (!c->dead && c->eof && c->refs == 1 && c->out_len == 0)
+            conn_close(c);
+        return;
+    }
+    json_tokener_free(c->tok);
+    hub_free(c->out);
+    hub_free(c);
+}
+
+static void accept_cb(struct ev_loop *loop, ev_io *w, int revents)
+{
+    hub_ctl *ctl = w->data;
+    (void)revents;
+    for (int i = 0; i < 16; i++) {
+        int fd = accept4(w->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd < 0) {
+            if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR && errno != ECONNABORTED)
+                hub_log(HUB_LOG_WARN, "control: accept failed: %s", strerror(errno));
+            return;
+        }
+        if (ctl->nconns >= HUB_CTL_MAX_CONNS) {
+            static const char busy[] =
+                "{\"jsonrpc\":\"2.0\",\"id\":null,\"error\":{\"code\":-32603,"
+                "\"message\":\"too many control connections\"}}\n";
+            ssize_t wr = send(fd, busy, sizeof(busy) - 1, MSG_NOSIGNAL);
+            (void)wr;
+            close(fd);
+            hub_log(HUB_LOG_WARN, "control: %d connections open, refusing another",
+                    HUB_CTL_MAX_CONNS);
+            continue;
+        }
+        ctl_conn *c = hub_calloc(1, sizeof(*c));
+        if (!c || !(c->tok = json_tokener_new_ex(JSON_TOKENER_DEFAULT_DEPTH))) {
+            hub_free(c);
+            close(fd);
+            hub_log(HUB_LOG_ERR, "control: out of memory accepting a connection");
+            continue;
+        }
+        json_tokener_set_flags(c->tok, JSON_TOKENER_STRICT | JSON_TOKENER_ALLOW_TRAILING_CHARS);
+        c->ctl = ctl;
+        c->fd = fd;
+        c->refs = 1;
+        ev_io_init(&c->rio, conn_read_cb, fd, EV_READ);
+        ev_io_init(&c->wio, conn_write_cb, fd, EV_WRITE);
+        c->rio.data = c->wio.data = c;
+        c->next = ctl->conns;
+        if (ctl->conns)
+            ctl->conns->prev = c;
+        ctl->conns = c;
+        ctl->nconns++;
+        ev_io_start(loop, &c->rio);
+    }
+}
+
+/* ---- listening sockets ---- */
+
+static int fail(char *err, size_t errlen, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+static int fail(char *err, size_t errlen, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(err, errlen, fmt, ap);
+    va_end(ap);
+    return -1;
+}
+
+/* A socket file left by a hub that died is replaced; one that answers belongs to a running
+ * hub, and anything else at the path is not ours to remove. */
+static int clear_stale(const char *path, char *err, size_t errlen)
+{
+    struct stat st;
+    struct sockaddr_un sa = {.sun_family = AF_UNIX};
+    if (lstat(path, &st) < 0)
+        return errno == ENOENT ? 0 : fail(err, errlen, "%s: %s", path, strerror(errno));
+    if (!S_ISSOCK(st.st_mode))
+        return fail(err, errlen, "%s exists and is not a socket", path);
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return fail(err, errlen, "socket: %s", strerror(errno));
+    memcpy(sa.sun_path, path, strlen(path) + 1);
+    int rc = connect(fd, (struct sockaddr *)&sa, sizeof(sa));
+    int e = errno;
+    close(fd);
+    if (rc == 0)
+        return fail(err, errlen, "%s is in use by a running evhub", path);
+    if (e != ECONNREFUSED)
+        return fail(err, errlen, "%s: %s", path, strerror(e));
+    if (unlink(path) < 0)
+        return fail(err, errlen, "cannot remove the stale socket %s: %s", path, strerror(errno));
+    hub_log(HUB_LOG_NOTICE, "control: removed a stale socket %s", path);
+    return 0;
+}
+
+static int listen_unix(hub_ctl *ctl, const char *path, char *err, size_t errlen)
+{
+    struct sockaddr_un sa = {.sun_family = AF_UNIX};
+    struct stat st;
+    if (strlen(path) >= sizeof(sa.sun_path))
+        return fail(err, errlen, "control socket path is too long (max %zu bytes): %s",
+                    sizeof(sa.sun_path) - 1, path);
+    if (clear_stale(path, err, errlen) < 0)
+        return -1;
+    /* The default lives in /run/evhub, which nothing else creates: make the last directory
+     * (only that one) when it is missing. */
+    char dir[sizeof(sa.sun_path)];
+    memcpy(dir, path, strlen(path) + 1);
+    char *slash = strrchr(dir, '/');
+    if (slash && slash != dir) {
+        *slash = '\0';
+        if (mkdir(dir, 0755) == 0)
+            hub_log(HUB_LOG_NOTICE, "control: created %s", dir);
+    }
+    memcpy(sa.sun_path, path, strlen(path) + 1);
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return fail(err, errlen, "control socket: %s", strerror(errno));
+    /* Created 0600: only the hub's own user may steer it. */
+    mode_t old = umask(0177);
+    int rc = bind(fd, (struct sockaddr *)&sa, sizeof(sa));
+    int e = errno;
+    umask(old);
+    if (rc < 0) {
+        close(fd);
+        return fail(err, errlen, "cannot create the control socket %s: %s", path, strerror(e));
+    }
+    if (chmod(path, 0600) < 0 || stat(path, &st) < 0 || listen(fd, 64) < 0) {
+        e = errno;
+        close(fd);
+        unlink(path);
+        return fail(err, errlen, "control socket %s: %s", path, strerror(e));
+    }
+    ctl->ufd = fd;
+    ctl->ino = st.st_ino;
+    memcpy(ctl->path, path, strlen(path) + 1);
+    return 0;
+}
+
+static int is_loopback(const struct sockaddr *sa)
+{
+    if (sa->sa_family == AF_INET)
+        return (ntohl(((const struct sockaddr_in *)sa)->sin_addr.s_addr) >> 24) == 127;
+    if (sa->sa_family == AF_INET6) {
+        const struct in6_addr *a = &((const struct sockaddr_in6 *)sa)->sin6_addr;
+        return IN6_IS_ADDR_LOOPBACK(a) || (IN6_IS_ADDR_V4MAPPED(a) && a->s6_addr[12] == 127);
+    }
+    return 0;
+}
+
+static int listen_tcp(hub_ctl *ctl, const char *addr, char *err, size_t errlen)
+{
+    char host[256], port[16];
+    struct addrinfo hints = {.ai_socktype = SOCK_STREAM, .ai_flags = AI_NUMERICHOST | AI_PASSIVE};
+    struct addrinfo *ai;
+    struct sockaddr_storage ss;
+    socklen_t sl = sizeof(ss);
+    int one = 1;
+    if (hub_config_split_addr(addr, host, sizeof(host), port, sizeof(port)) < 0)
+        return fail(err, errlen, "control tcp address '%s' is not host:port", addr);
+    /* No name lookups: the address must be a numeric loopback one. */
+    int rc = getaddrinfo(host, port, &hints, &ai);
+    if (rc != 0)
+        return fail(err, errlen,
+                    "control tcp address '%s': %s (a numeric loopback address is "
+                    "required)",
+                    addr, gai_strerror(rc));
+    if (!is_loopback(ai->ai_addr)) {
+        freeaddrinfo(ai);
+        return fail(err, errlen,
+                    "control tcp address '%s' is not a loopback address (the "
+                    "control socket has no authentication)",
+                    addr);
+    }
+    int fd = socket(ai->ai_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0 || setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one)) < 0 ||
+        bind(fd, ai->ai_addr, ai->ai_addrlen) < 0 || listen(fd, 64) < 0 ||
+        getsockname(fd, (struct sockaddr *)&ss, &sl) < 0) {
+        int e = errno;
+        if (fd >= 0)
+            close(fd);
+        freeaddrinfo(ai);
+        return fail(err, errlen, "cannot listen for control on %s: %s", addr, strerror(e));
+    }
+    freeaddrinfo(ai);
+    ctl->tfd = fd;
+    ctl->tcp_port = ntohs(ss.ss_family == AF_INET6 ? ((struct sockaddr_in6 *)&ss)->sin6_port
+                                                   : ((struct sockaddr_in *)&ss)->sin_port);
+    return 0;
+}
+
+hub_ctl *hub_ctl_new(struct ev_loop *loop, const char *path, const char *tcp, char *err,
+                     size_t errlen)
+{
+    hub_ctl *ctl = hub_calloc(1, sizeof(*ctl));
+    if (!ctl) {
+        fail(err, errlen, "out of memory");
+        return NULL;
+    }
+    ctl->loop = loop;
+    ctl->ufd = ctl->tfd = -1;
+    if (path && path[0] && listen_unix(ctl, path, err, errlen) < 0)
+        goto fail;
+    if (tcp && tcp[0] && listen_tcp(ctl, tcp, err, errlen) < 0)
+        goto fail;
+    if (ctl->ufd >= 0) {
+        ev_io_init(&ctl->uw, accept_cb, ctl->ufd, EV_READ);
+        ctl->uw.data = ctl;
+        ev_io_start(loop, &ctl->uw);
+        hub_log(HUB_LOG_INFO, "control socket %s", ctl->path);
+    }
+    if (ctl->tfd >= 0) {
+        ev_io_init(&ctl->tw, accept_cb, ctl->tfd, EV_READ);
+        ctl->tw.data = ctl;
+        ev_io_start(loop, &ctl->tw);
+        hub_log(HUB_LOG_INFO, "control tcp on port %d", ctl->tcp_port);
+    }
+    return ctl;
+fail:
+    hub_ctl_free(ctl);
+    return NULL;
+}
+
+void hub_ctl_free(hub_ctl *ctl)
+{
+    struct stat st;
+    if (!ctl)
+        return;
+    while (ctl->conns)
+        conn_close(ctl->conns);
+    if (ctl->ufd >= 0) {
+        ev_io_stop(ctl->loop, &ctl->uw);
+        close(ctl->ufd);
+        /* Only the file we made: another hub may have replaced it since. */
+        if (stat(ctl->path, &st) == 0 && st.st_ino == ctl->ino)
+            unlink(ctl->path);
+    }
+    if (ctl->tfd >= 0) {
+        ev_io_stop(ctl->loop, &ctl->tw);
+        close(ctl->tfd);
+    }
+    hub_free(ctl->cmds);
+    hub_free(ctl);
+}
+
+int hub_ctl_register(hub_ctl *ctl, const hub_ctl_spec *spec, hub_ctl_fn fn, void *ud)
+{
+    if (find_cmd(ctl, spec->name))
+        return -EEXIST;
+    if (ctl->ncmds == ctl->cap) {
+        size_t ncap = ctl->cap ? ctl->cap * 2 : 16;
+        ctl_cmd *n = hub_realloc(ctl->cmds, ncap * sizeof(*n));
+        if (!n)
+            return -ENOMEM;
+        ctl->cmds = n;
+        ctl->cap = ncap;
+    }
+    ctl->cmds[ctl->ncmds++] = (ctl_cmd){spec, fn, ud};
+    return 0;
+}
+
+const hub_ctl_spec *hub_ctl_spec_at(const hub_ctl *ctl, size_t i)
+{
+    return i < ctl->ncmds ? ctl->cmds[i].spec : NULL;
+}
+
+unsigned long long hub_ctl_requests(hub_ctl *ctl)
+{
+    return atomic_load_explicit(&ctl->requests, memory_order_relaxed);
+}
+
+int hub_ctl_tcp_port(const hub_ctl *ctl) { return ctl->tcp_port; }

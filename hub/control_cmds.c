@@ -1,0 +1,441 @@
+/* The hub's own control commands (their specs are in control_spec.c). Each runs on the loop
+ * thread and answers through hub_ctl_reply / hub_ctl_fail. */
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <json-c/json.h>
+
+#include "hub/alloc.h"
+#include "hub/hub_int.h"
+#include "hub/log.h"
+
+static const char *str_param(json_object *params, const char *name)
+{
+    json_object *v;
+    return json_object_object_get_ex(params, name, &v) ? json_object_get_string(v) : NULL;
+}
+
+static size_t str_len_param(json_object *params, const char *name)
+{
+    json_object *v;
+    return json_object_object_get_ex(params, name, &v) ? (size_t)json_object_get_string_len(v) : 0;
+}
+
+static json_object *u64(uint64_t v) { return json_object_new_uint64(v); }
+
+/* "2026-11-22T08:50:01Z" */
+static json_object *iso_time(double t)
+{
+    char buf[32];
+    struct tm tm;
+    time_t s = (time_t)t;
+    gmtime_r(&s, &tm);
+    strftime(buf, sizeof(buf), "%Y-%m-%dT%H:%M:%SZ", &tm);
+    return json_object_new_string(buf);
+}
+
+static double wall_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+/* ---- commands ---- */
+
+static void cmd_commands(hub_ctl_call *call, json_object *params, void *ud)
+{
+    hub *h = ud;
+    json_object *list = json_object_new_array();
+    (void)params;
+    const hub_ctl_spec *sp;
+    for (size_t i = 0; (sp = hub_ctl_spec_at(h->ctl, i)); i++) {
+        json_object *o = json_object_new_object(), *ps = json_object_new_array();
+        json_object_object_add(o, "name", json_object_new_string(sp->name));
+        json_object_object_add(o, "summary", json_object_new_string(sp->summary));
+        json_object_object_add(o, "help", sp->help ? json_object_new_string(sp->help) : NULL);
+        for (size_t j = 0; j < sp->nparams; j++) {
+            const hub_ctl_param *p = &sp->params[j];
+            json_object *po = json_object_new_object();
+            json_object_object_add(po, "name", json_object_new_string(p->name));
+            json_object_object_add(po, "type", json_object_new_string(hub_ctl_type_name(p->type)));
+            json_object_object_add(po, "required", json_object_new_boolean(p->required));
+            json_object_object_add(po, "help", json_object_new_string(p->help));
+            json_object_array_add(ps, po);
+        }
+        json_object_object_add(o, "params", ps);
+        json_object_array_add(list, o);
+    }
+    json_object *r = json_object_new_object();
+    json_object_object_add(r, "commands", list);
+    hub_ctl_reply(call, r);
+}
+
+static void cmd_status(hub_ctl_call *call, json_object *params, void *ud)
+{
+    hub *h = ud;
+    json_object *r = json_object_new_object(), *sc = json_object_new_object();
+    json_object *ws = json_object_new_array();
+    (void)params;
+    double up = wall_now() - h->started;
+    json_object_object_add(r, "version", json_object_new_string(EVHUB_VERSION));
+    json_object_object_add(r, "pid", json_object_new_int((int)getpid()));
+    json_object_object_add(r, "started", iso_time(h->started));
+    char upbuf[32];
+    snprintf(upbuf, sizeof(upbuf), "%.3f", up > 0 ? up : 0.0);
+    json_object_object_add(r, "uptime", json_object_new_double_s(atof(upbuf), upbuf));
+    json_object_object_add(r, "listen", json_object_new_string(h->listen_addr));
+    json_object_object_add(r, "control", json_object_new_string(h->cfg.control_socket));
+    json_object_object_add(r, "clients", json_object_new_int(atomic_load(&h->nclients)));
+    json_object_object_add(r, "max_clients", json_object_new_int(h->cfg.max_clients));
+    json_object_object_add(r, "tags", u64(h->ntags));
+    json_object_object_add(r, "log_level",
+                           json_object_new_string(hub_log_level_name(atomic_load(&hub_log_level))));
+    json_object_object_add(sc, "path", json_object_new_string(h->cfg.script));
+    json_object_object_add(sc, "dialect",
+                           json_object_new_string(h->cfg.event_callback[0] ? "kemi" : "native"));
+    json_object_object_add(sc, "event_callback", json_object_new_string(h->cfg.event_callback));
+    json_object_object_add(sc, "loaded", iso_time(h->script_loaded));
+    json_object_object_add(sc, "reloads", u64(HUB_STAT_GET(h, reloads)));
+    json_object_object_add(sc, "reload_failures", u64(HUB_STAT_GET(h, reload_failures)));
+    json_object_object_add(sc, "last_error",
+                           h->reload_error ? json_object_new_string(h->reload_error) : NULL);
+    json_object_object_add(r, "script", sc);
+    for (int i = 0; i < h->nworkers; i++) {
+        hub_worker_view wv;
+        json_object *w = json_object_new_object();
+        hub__worker_view(h, i, &wv);
+        json_object_object_add(w, "worker", json_object_new_int(i));
+        json_object_object_add(w, "queued_events", u64(wv.queued_events));
+        json_object_object_add(w, "queued_bytes", u64(wv.queued_bytes));
+        json_object_object_add(w, "paused_clients", u64(hub__worker_paused(h, i)));
+        json_object_array_add(ws, w);
+    }
+    json_object_object_add(r, "workers", ws);
+    hub_ctl_reply(call, r);
+}
+
+static int by_id(const void *a, const void *b)
+{
+    uint64_t x = (*(hub_client *const *)a)->id, y = (*(hub_client *const *)b)->id;
+    return x < y ? -1 : x > y;
+}
+
+static const char *client_state(const hub_client *c)
+{
+    if (c->flags & HUB_CLIENT_CLOSING)
+        return "closing";
+    if (c->flags & HUB_CLIENT_PAUSED)
+        return "paused";
+    if (!(c->flags & HUB_CLIENT_READING))
+        return "connecting";
+    return "open";
+}
+
+static void cmd_clients(hub_ctl_call *call, json_object *params, void *ud)
+{
+    hub *h = ud;
+    const char *tag = str_param(params, "tag");
+    size_t taglen = str_len_param(params, "tag"), n = 0, cap = 0;
+    hub_client **v = NULL;
+    for (hub_client *c = h->clients; c; c = c->next) {
+        if (tag && (!c->tag || c->tag->len != taglen || memcmp(c->tag->name, tag, taglen)))
+            continue;
+        if (n == cap) {
+            size_t ncap = cap ? cap * 2 : 64;
+            hub_client **nv = hub_realloc(v, ncap * sizeof(*nv));
+            if (!nv) {
+                hub_free(v);
+                hub_ctl_fail(call, HUB_CTL_INTERNAL_ERROR, "out of memory");
+                return;
+            }
+            v = nv;
+            cap = ncap;
+        }
+        v[n++] = c;
+    }
+    if (n)
+        qsort(v, n, sizeof(*v), by_id);
+    json_object *list = json_object_new_array_ext((int)n);
+    for (size_t i = 0; i < n; i++) {
+        hub_client *c = v[i];
+        json_object *o = json_object_new_object();
+        json_object_object_add(o, "id", u64(c->id));
+        json_object_object_add(o, "conidx", json_object_new_int(c->info.conidx));
+        json_object_object_add(o, "address", json_object_new_string(c->info.addr));
+        json_object_object_add(o, "port", json_object_new_int(c->info.port));
+        json_object_object_add(
+            o, "tag", c->tag ? json_object_new_string_len(c->tag->name, c->tag->len) : NULL);
+        json_object_object_add(o, "frames_in", u64(c->frames_in));
+        json_object_object_add(o, "bytes_in", u64(c->bytes_in));
+        json_object_object_add(o, "frames_out", u64(c->frames_out));
+        json_object_object_add(o, "bytes_out", u64(c->bytes_out));
+        json_object_object_add(o, "queued_bytes", u64(c->wq_bytes - c->wq_off));
+        json_object_object_add(o, "state", json_object_new_string(client_state(c)));
+        json_object_array_add(list, o);
+    }
+    hub_free(v);
+    json_object *r = json_object_new_object();
+    json_object_object_add(r, "clients", list);
+    hub_ctl_reply(call, r);
+}
+
+/* The id parameter; 0 when it cannot name a connection (ids start at 1). */
+static uint64_t id_param(json_object *params)
+{
+    json_object *v;
+    if (!json_object_object_get_ex(params, "id", &v))
+        return 0;
+    int64_t id = json_object_get_int64(v);
+    return id > 0 ? (uint64_t)id : 0;
+}
+
+static void cmd_close(hub_ctl_call *call, json_object *params, void *ud)
+{
+    hub *h = ud;
+    uint64_t id = id_param(params);
+    const char *reason = str_param(params, "reason");
+    if (hub__close_id(h, id, reason && *reason ? reason : "closed by the operator") < 0) {
+        hub_ctl_fail(call, HUB_CTL_NO_SUCH_CLIENT, "no open connection has id %llu",
+                     (unsigned long long)id);
+        return;
+    }
+    hub_log(HUB_LOG_NOTICE, "control: closed connection id=%llu", (unsigned long long)id);
+    json_object *r = json_object_new_object();
+    json_object_object_add(r, "id", u64(id));
+    json_object_object_add(r, "closed", json_object_new_boolean(1));
+    hub_ctl_reply(call, r);
+}
+
+static void cmd_tag(hub_ctl_call *call, json_object *params, void *ud)
+{
+    hub *h = ud;
+    uint64_t id = id_param(params);
+    const char *tag = str_param(params, "tag");
+    size_t len = str_len_param(params, "tag");
+    if (len && !hub__tag_valid(tag, len)) {
+        hub_ctl_fail(call, HUB_CTL_INVALID_PARAMS,
+                     "invalid tag (1..%d printable characters, no spaces)", HUB_TAG_MAX);
+        return;
+    }
+    int rc = hub__set_tag_id(h, id, tag, len, 0);
+    if (rc == -ENOENT) {
+        hub_ctl_fail(call, HUB_CTL_NO_SUCH_CLIENT, "no open connection has id %llu",
+                     (unsigned long long)id);
+        return;
+    }
+    if (rc < 0) {
+        hub_ctl_fail(call, HUB_CTL_INTERNAL_ERROR, "%s", strerror(-rc));
+        return;
+    }
+    hub__tag_changed(h, hub__client_by_id(h, id));
+    json_object *r = json_object_new_object();
+    json_object_object_add(r, "id", u64(id));
+    json_object_object_add(r, "tag", len ? json_object_new_string_len(tag, (int)len) : NULL);
+    hub_ctl_reply(call, r);
+}
+
+/* The answer of relay / multicast / unicast, from the number of recipients or an error. */
+static void route_answer(hub_ctl_call *call, hub *h, int n, const char *tag)
+{
+    if (n == -EINVAL) {
+        hub_ctl_fail(call, HUB_CTL_INVALID_PARAMS,
+                     "invalid tag (1..%d printable characters, no spaces)", HUB_TAG_MAX);
+    } else if (n == -EMSGSIZE) {
+        hub_ctl_fail(call, HUB_CTL_FAILED, "the frame is larger than max_outbuf (%zu bytes)",
+                     h->cfg.max_outbuf);
+    } else if (n < 0) {
+        hub_ctl_fail(call, HUB_CTL_INTERNAL_ERROR, "%s", strerror(-n));
+    } else if (n == 0) {
+        if (tag)
+            hub_ctl_fail(call, HUB_CTL_NO_RECIPIENT, "no connection carries tag '%s'", tag);
+        else
+            hub_ctl_fail(call, HUB_CTL_NO_RECIPIENT, "no connection is open");
+    } else {
+        json_object *r = json_object_new_object();
+        json_object_object_add(r, "recipients", json_object_new_int(n));
+        hub_ctl_reply(call, r);
+    }
+}
+
+static void cmd_relay(hub_ctl_call *call, json_object *params, void *ud)
+{
+    hub *h = ud;
+    const char *data = str_param(params, "data");
+    route_answer(call, h, hub__relay(h, data, str_len_param(params, "data")), NULL);
+}
+
+static void cmd_tagged(hub_ctl_call *call, json_object *params, hub *h,
+                       int (*route)(hub *, const char *, size_t, const char *, size_t))
+{
+    const char *tag = str_param(params, "tag"), *data = str_param(params, "data");
+    int n = route(h, tag, str_len_param(params, "tag"), data, str_len_param(params, "data"));
+    route_answer(call, h, n, tag);
+}
+
+static void cmd_multicast(hub_ctl_call *call, json_object *params, void *ud)
+{
+    cmd_tagged(call, params, ud, hub__multicast);
+}
+
+static void cmd_unicast(hub_ctl_call *call, json_object *params, void *ud)
+{
+    cmd_tagged(call, params, ud, hub__unicast);
+}
+
+/* Prometheus text format: counters end in _total, worker entries carry a worker label. */
+static json_object *prometheus_text(const hub_stat *st, size_t n)
+{
+    size_t cap = 4096, len = 0;
+    char *buf = hub_malloc(cap);
+    if (!buf)
+        return NULL;
+    for (size_t i = 0; i < n; i++) {
+        const hub_stat *s = &st[i];
+        char name[128], line[512];
+        int first = 1;
+        snprintf(name, sizeof(name), "evhub_%s%s%s", s->worker >= 0 ? "worker_" : "", s->name,
+                 s->gauge ? "" : "_total");
+        /* HELP and TYPE once per metric: the first worker's entry carries them. */
+        for (size_t j = 0; j < i && first; j++)
+            first = !(strcmp(st[j].name, s->name) == 0 && (st[j].worker >= 0) == (s->worker >= 0));
+        int k = 0;
+        if (first)
+            k = snprintf(line, sizeof(line), "# HELP %s %s\n# TYPE %s %s\n", name, s->help, name,
+                         s->gauge ? "gauge" : "counter");
+        if (s->worker >= 0)
+            k += snprintf(line + k, sizeof(line) - (size_t)k, "%s{worker=\"%d\"} %llu\n", name,
+                          s->worker, (unsigned long long)s->value);
+        else
+            k += snprintf(line + k, sizeof(line) - (size_t)k, "%s %llu\n", name,
+                          (unsigned long long)s->value);
+        if (len + (size_t)k + 1 > cap) {
+            char *nb = hub_realloc(buf, cap * 2 + (size_t)k);
+            if (!nb) {
+                hub_free(buf);
+                return NULL;
+            }
+            buf = nb;
+            cap = cap * 2 + (size_t)k;
+        }
+        memcpy(buf + len, line, (size_t)k);
+        len += (size_t)k;
+    }
+    json_object *r = json_object_new_string_len(buf, (int)len);
+    hub_free(buf);
+    return r;
+}
+
+/* The counters as one object, with the per-worker ones in "workers". */
+static json_object *stats_json(const hub_stat *st, size_t n, int nworkers)
+{
+    json_object *r = json_object_new_object(), *ws = json_object_new_array();
+    for (int w = 0; w < nworkers; w++) {
+        json_object *o = json_object_new_object();
+        json_object_object_add(o, "worker", json_object_new_int(w));
+        json_object_array_add(ws, o);
+    }
+    for (size_t i = 0; i < n; i++) {
+        if (st[i].worker < 0)
+            json_object_object_add(r, st[i].name, u64(st[i].value));
+        else if (st[i].worker < nworkers)
+            json_object_object_add(json_object_array_get_idx(ws, (size_t)st[i].worker), st[i].name,
+                                   u64(st[i].value));
+    }
+    json_object_object_add(r, "workers", ws);
+    return r;
+}
+
+static void cmd_stats(hub_ctl_call *call, json_object *params, void *ud)
+{
+    hub *h = ud;
+    json_object *v;
+    size_t n = hub__stats_collect(h, NULL, 0);
+    hub_stat *st = hub_calloc(n ? n : 1, sizeof(*st));
+    if (!st) {
+        hub_ctl_fail(call, HUB_CTL_INTERNAL_ERROR, "out of memory");
+        return;
+    }
+    n = hub__stats_collect(h, st, n); /* the loop is the only writer: same length */
+    int prom = json_object_object_get_ex(params, "prometheus", &v) && json_object_get_boolean(v);
+    json_object *r = prom ? prometheus_text(st, n) : stats_json(st, n, h->nworkers);
+    hub_free(st);
+    if (!r) {
+        hub_ctl_fail(call, HUB_CTL_INTERNAL_ERROR, "out of memory");
+        return;
+    }
+    hub_ctl_reply(call, r);
+}
+
+json_object *hub__reload_result(hub *h)
+{
+    json_object *r = json_object_new_object();
+    json_object_object_add(r, "script", json_object_new_string(h->cfg.script));
+    json_object_object_add(r, "reloads", u64(HUB_STAT_GET(h, reloads)));
+    json_object_object_add(r, "workers", json_object_new_int(h->nworkers));
+    return r;
+}
+
+static void cmd_reload(hub_ctl_call *call, json_object *params, void *ud)
+{
+    hub *h = ud;
+    (void)params;
+    if (h->stopping) {
+        hub_ctl_fail(call, HUB_CTL_STOPPING, "the hub is stopping");
+        return;
+    }
+    hub_log(HUB_LOG_NOTICE, "control: reload requested");
+    hub__reload(h, call);
+}
+
+static void cmd_log_level(hub_ctl_call *call, json_object *params, void *ud)
+{
+    const char *s = str_param(params, "level");
+    int prev = atomic_load(&hub_log_level), level = prev;
+    (void)ud;
+    if (s) {
+        if ((level = hub_log_level_parse(s)) < 0) {
+            hub_ctl_fail(call, HUB_CTL_INVALID_PARAMS,
+                         "level '%.32s' must be crit, err, warn, notice, info or debug", s);
+            return;
+        }
+        hub_log_set_level(level);
+        hub_log(HUB_LOG_NOTICE, "control: log level %s (was %s)", hub_log_level_name(level),
+                hub_log_level_name(prev));
+    }
+    json_object *r = json_object_new_object();
+    json_object_object_add(r, "level", json_object_new_string(hub_log_level_name(level)));
+    json_object_object_add(r, "previous", json_object_new_string(hub_log_level_name(prev)));
+    hub_ctl_reply(call, r);
+}
+
+int hub__ctl_register_core(hub *h)
+{
+    static const struct {
+        const char *name;
+        hub_ctl_fn fn;
+    } fns[] = {
+        {"commands", cmd_commands},
+        {"status", cmd_status},
+        {"clients", cmd_clients},
+        {"close", cmd_close},
+        {"tag", cmd_tag},
+        {"relay", cmd_relay},
+        {"multicast", cmd_multicast},
+        {"unicast", cmd_unicast},
+        {"stats", cmd_stats},
+        {"reload", cmd_reload},
+        {"log-level", cmd_log_level},
+    };
+    for (size_t i = 0; i < sizeof(fns) / sizeof(fns[0]); i++) {
+        const hub_ctl_spec *spec = hub_ctl_core_spec(fns[i].name);
+        int rc = spec ? hub_ctl_register(h->ctl, spec, fns[i].fn, h) : -ENOENT;
+        if (rc < 0)
+            return rc;
+    }
+    return 0;
+}
