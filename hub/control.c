@@ -43,7 +43,8 @@ typedef struct ctl_batch {
 
 struct hub_ctl_call {
     ctl_conn *conn;
-    json_object *id; /* NULL for a notification (no answer is sent) */
+    int has_id;      /* 0 for a notification (no answer is sent) */
+    json_object *id; /* the request's id; NULL is JSON null (json-c has no null object) */
     ctl_batch *batch;
     const char *method;
 };
@@ -194,7 +195,7 @@ static void call_finish(hub_ctl_call *call, json_object *answer)
 void hub_ctl_reply(hub_ctl_call *call, json_object *result)
 {
     json_object *a = NULL;
-    if (call->id && !call->conn->dead) {
+    if (call->has_id && !call->conn->dead) {
         a = make_answer(call->id);
         json_object_object_add(a, "result", result);
     } else {
@@ -211,7 +212,7 @@ void hub_ctl_fail(hub_ctl_call *call, int code, const char *fmt, ...)
     vsnprintf(msg, sizeof(msg), fmt, ap);
     va_end(ap);
     hub_log(HUB_LOG_DEBUG, "control: %s failed: %s", call->method, msg);
-    call_finish(call, call->id && !call->conn->dead ? make_error(call->id, code, msg) : NULL);
+    call_finish(call, call->has_id && !call->conn->dead ? make_error(call->id, code, msg) : NULL);
 }
 
 /* ---- requests ---- */
@@ -341,7 +342,8 @@ static json_object *run_request(ctl_conn *c, json_object *req, ctl_batch *batch)
     }
     call->conn = c;
     /* A notification carries no id; "id": null is a request whose answer says null. */
-    call->id = has_id ? (id ? json_object_get(id) : json_object_new_null()) : NULL;
+    call->has_id = has_id;
+    call->id = json_object_get(id);
     call->batch = batch;
     call->method = cmd->spec->name;
     c->refs++;
@@ -416,9 +418,11 @@ static void conn_feed(ctl_conn *c, const char *buf, size_t len)
         c->doc_bytes += used;
         buf += used;
         len -= used;
-        if (jerr == json_tokener_continue) {
-            if (c->doc_bytes <= HUB_CTL_MAX_REQUEST)
-                continue;
+        if (jerr == json_tokener_continue && c->doc_bytes <= HUB_CTL_MAX_REQUEST)
+            continue;
+        int complete = jerr == json_tokener_success;
+        if (c->doc_bytes > HUB_CTL_MAX_REQUEST) {
+            json_object_put(doc);
             jerr = json_tokener_error_size;
         }
         c->doc_bytes = 0;
@@ -433,8 +437,9 @@ static void conn_feed(ctl_conn *c, const char *buf, size_t len)
             conn_write_json(c, err);
             json_object_put(err);
             json_tokener_reset(c->tok);
-            /* What follows the bad text up to the line's end cannot be trusted. */
-            c->skip_line = !(used && buf[-1] == '\n');
+            /* What follows the bad text up to the line's end cannot be trusted (a document
+             * refused only for its size did end where the parser said). */
+            c->skip_line = !complete && !(used && buf[-1] == '\n');
             continue;
         }
         json_tokener_reset(c->tok);

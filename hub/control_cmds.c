@@ -184,29 +184,31 @@ static void cmd_clients(hub_ctl_call *call, json_object *params, void *ud)
     hub_ctl_reply(call, r);
 }
 
-/* The id parameter; 0 when it cannot name a connection (ids start at 1). */
-static uint64_t id_param(json_object *params)
+/* The id parameter as given; ids are positive, so 0 and below name no connection. */
+static int64_t id_param(json_object *params)
 {
     json_object *v;
-    if (!json_object_object_get_ex(params, "id", &v))
-        return 0;
-    int64_t id = json_object_get_int64(v);
-    return id > 0 ? (uint64_t)id : 0;
+    return json_object_object_get_ex(params, "id", &v) ? json_object_get_int64(v) : 0;
+}
+
+static void no_such_client(hub_ctl_call *call, int64_t id)
+{
+    hub_ctl_fail(call, HUB_CTL_NO_SUCH_CLIENT, "no open connection has id %lld", (long long)id);
 }
 
 static void cmd_close(hub_ctl_call *call, json_object *params, void *ud)
 {
     hub *h = ud;
-    uint64_t id = id_param(params);
+    int64_t id = id_param(params);
     const char *reason = str_param(params, "reason");
-    if (hub__close_id(h, id, reason && *reason ? reason : "closed by the operator") < 0) {
-        hub_ctl_fail(call, HUB_CTL_NO_SUCH_CLIENT, "no open connection has id %llu",
-                     (unsigned long long)id);
+    if (id <= 0 ||
+        hub__close_id(h, (uint64_t)id, reason && *reason ? reason : "closed by the operator") < 0) {
+        no_such_client(call, id);
         return;
     }
     hub_log(HUB_LOG_NOTICE, "control: closed connection id=%llu", (unsigned long long)id);
     json_object *r = json_object_new_object();
-    json_object_object_add(r, "id", u64(id));
+    json_object_object_add(r, "id", json_object_new_int64(id));
     json_object_object_add(r, "closed", json_object_new_boolean(1));
     hub_ctl_reply(call, r);
 }
@@ -214,7 +216,7 @@ static void cmd_close(hub_ctl_call *call, json_object *params, void *ud)
 static void cmd_tag(hub_ctl_call *call, json_object *params, void *ud)
 {
     hub *h = ud;
-    uint64_t id = id_param(params);
+    int64_t id = id_param(params);
     const char *tag = str_param(params, "tag");
     size_t len = str_len_param(params, "tag");
     if (len && !hub__tag_valid(tag, len)) {
@@ -222,19 +224,18 @@ static void cmd_tag(hub_ctl_call *call, json_object *params, void *ud)
                      "invalid tag (1..%d printable characters, no spaces)", HUB_TAG_MAX);
         return;
     }
-    int rc = hub__set_tag_id(h, id, tag, len, 0);
+    int rc = id > 0 ? hub__set_tag_id(h, (uint64_t)id, tag, len, 0) : -ENOENT;
     if (rc == -ENOENT) {
-        hub_ctl_fail(call, HUB_CTL_NO_SUCH_CLIENT, "no open connection has id %llu",
-                     (unsigned long long)id);
+        no_such_client(call, id);
         return;
     }
     if (rc < 0) {
         hub_ctl_fail(call, HUB_CTL_INTERNAL_ERROR, "%s", strerror(-rc));
         return;
     }
-    hub__tag_changed(h, hub__client_by_id(h, id));
+    hub__tag_changed(h, hub__client_by_id(h, (uint64_t)id));
     json_object *r = json_object_new_object();
-    json_object_object_add(r, "id", u64(id));
+    json_object_object_add(r, "id", json_object_new_int64(id));
     json_object_object_add(r, "tag", len ? json_object_new_string_len(tag, (int)len) : NULL);
     hub_ctl_reply(call, r);
 }

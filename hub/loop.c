@@ -270,6 +270,16 @@ hub *hub_new(const hub_config *cfg, const hub_script_ops *ops, char *err, size_t
         snprintf(err, errlen, "no script configured ([lua] script)");
         goto fail;
     }
+    /* The control socket exists before anything is logged as listening, and before the
+     * worker threads (its mode is set through the process-wide umask). */
+    if (cfg->control_socket[0] || cfg->control_tcp[0]) {
+        h->ctl = hub_ctl_new(h->loop, cfg->control_socket, cfg->control_tcp, err, errlen);
+        if (!h->ctl || hub__ctl_register_core(h) < 0) {
+            if (h->ctl)
+                snprintf(err, errlen, "out of memory registering control commands");
+            goto fail;
+        }
+    }
     ev_async_init(&h->cmd_w, hub__commands_cb);
     h->cmd_w.data = h;
     ev_async_start(h->loop, &h->cmd_w);
@@ -284,14 +294,7 @@ hub *hub_new(const hub_config *cfg, const hub_script_ops *ops, char *err, size_t
     }
     if (hub__listen(h, err, errlen) < 0)
         goto fail;
-    if (cfg->control_socket[0] || cfg->control_tcp[0]) {
-        h->ctl = hub_ctl_new(h->loop, cfg->control_socket, cfg->control_tcp, err, errlen);
-        if (!h->ctl || hub__ctl_register_core(h) < 0) {
-            if (h->ctl)
-                snprintf(err, errlen, "out of memory registering control commands");
-            goto fail;
-        }
-    }
+
     ev_init(&h->drain_w, hub__drain_timeout_cb);
     h->drain_w.repeat = 1.0;
     h->drain_w.data = h;
