@@ -10,7 +10,7 @@ JOBS       ?= 2
 BUILD_PKGS  = build-essential cmake pkg-config libev-dev liblua5.4-dev libjson-c-dev \
               libinih-dev libcmocka-dev
 TEST_PKGS   = python3 valgrind clang-format util-linux clang libclang-rt-14-dev \
-              kamailio kamailio-extra-modules kamailio-lua-modules
+              kamailio kamailio-extra-modules kamailio-lua-modules socat
 # Node.js and npm (for the third-party netstring client test) come from Debian only when the
 # machine has no node/npm of its own: a NodeSource nodejs bundles npm and conflicts with it.
 NODE_PKGS   = nodejs npm

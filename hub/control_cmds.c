@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include <json-c/json.h>
+#include <json-c/printbuf.h>
 
 #include "hub/alloc.h"
 #include "hub/hub_int.h"
@@ -36,13 +37,6 @@ static json_object *iso_time(double t)
     gmtime_r(&s, &tm);
     strftime(buf, sizeof(buf), "%Y-%m-%dT%H:%M:%SZ", &tm);
     return json_object_new_string(buf);
-}
-
-static double wall_now(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    return (double)ts.tv_sec + ts.tv_nsec / 1e9;
 }
 
 /* ---- commands ---- */
@@ -81,7 +75,7 @@ static void cmd_status(hub_ctl_call *call, json_object *params, void *ud)
     json_object *r = json_object_new_object(), *sc = json_object_new_object();
     json_object *ws = json_object_new_array();
     (void)params;
-    double up = wall_now() - h->started;
+    double up = hub__wall_now() - h->started;
     json_object_object_add(r, "version", json_object_new_string(EVHUB_VERSION));
     json_object_object_add(r, "pid", json_object_new_int((int)getpid()));
     json_object_object_add(r, "started", iso_time(h->started));
@@ -288,46 +282,42 @@ static void cmd_unicast(hub_ctl_call *call, json_object *params, void *ud)
     cmd_tagged(call, params, ud, hub__unicast);
 }
 
-/* Prometheus text format: counters end in _total, worker entries carry a worker label. */
+static int same_metric(const hub_stat *a, const hub_stat *b)
+{
+    return strcmp(a->name, b->name) == 0 && (a->worker >= 0) == (b->worker >= 0);
+}
+
+/* Prometheus text format: counters end in _total, worker entries carry a worker label, and
+ * each metric's samples come together under one HELP and TYPE. */
 static json_object *prometheus_text(const hub_stat *st, size_t n)
 {
-    size_t cap = 4096, len = 0;
-    char *buf = hub_malloc(cap);
-    if (!buf)
+    struct printbuf *pb = printbuf_new();
+    if (!pb)
         return NULL;
     for (size_t i = 0; i < n; i++) {
         const hub_stat *s = &st[i];
-        char name[128], line[512];
-        int first = 1;
+        char name[128];
+        size_t j = 0;
+        while (j < i && !same_metric(&st[j], s))
+            j++;
+        if (j < i)
+            continue; /* printed with the first of its kind */
         snprintf(name, sizeof(name), "evhub_%s%s%s", s->worker >= 0 ? "worker_" : "", s->name,
                  s->gauge ? "" : "_total");
-        /* HELP and TYPE once per metric: the first worker's entry carries them. */
-        for (size_t j = 0; j < i && first; j++)
-            first = !(strcmp(st[j].name, s->name) == 0 && (st[j].worker >= 0) == (s->worker >= 0));
-        int k = 0;
-        if (first)
-            k = snprintf(line, sizeof(line), "# HELP %s %s\n# TYPE %s %s\n", name, s->help, name,
-                         s->gauge ? "gauge" : "counter");
-        if (s->worker >= 0)
-            k += snprintf(line + k, sizeof(line) - (size_t)k, "%s{worker=\"%d\"} %llu\n", name,
-                          s->worker, (unsigned long long)s->value);
-        else
-            k += snprintf(line + k, sizeof(line) - (size_t)k, "%s %llu\n", name,
-                          (unsigned long long)s->value);
-        if (len + (size_t)k + 1 > cap) {
-            char *nb = hub_realloc(buf, cap * 2 + (size_t)k);
-            if (!nb) {
-                hub_free(buf);
-                return NULL;
-            }
-            buf = nb;
-            cap = cap * 2 + (size_t)k;
+        sprintbuf(pb, "# HELP %s %s\n# TYPE %s %s\n", name, s->help, name,
+                  s->gauge ? "gauge" : "counter");
+        for (size_t k = i; k < n; k++) {
+            if (!same_metric(&st[k], s))
+                continue;
+            if (s->worker >= 0)
+                sprintbuf(pb, "%s{worker=\"%d\"} %llu\n", name, st[k].worker,
+                          (unsigned long long)st[k].value);
+            else
+                sprintbuf(pb, "%s %llu\n", name, (unsigned long long)st[k].value);
         }
-        memcpy(buf + len, line, (size_t)k);
-        len += (size_t)k;
     }
-    json_object *r = json_object_new_string_len(buf, (int)len);
-    hub_free(buf);
+    json_object *r = json_object_new_string_len(pb->buf, pb->bpos);
+    printbuf_free(pb);
     return r;
 }
 

@@ -151,8 +151,11 @@ struct hub {
     char *reload_error;          /* the last failed reload's reason, or NULL */
     int reload_waiting;          /* workers that have not yet answered a reload */
     int reload_failed;           /* one of them failed */
-    hub_ctl_call **reload_calls; /* control calls waiting for the reload to finish */
+    hub_ctl_call **reload_calls; /* control calls waiting for the reload under way */
     size_t nreload_calls;
+    hub_ctl_call **reload_next; /* ...and for the one asked for while it runs */
+    size_t nreload_next;
+    int reload_again; /* a reload was asked for while one ran */
 };
 
 /* listener (listener.c): bind and log the address; 0 or <0 with err set */
@@ -249,6 +252,8 @@ void hub__reload_answered(hub *h, int worker, const char *why);
 /* statistics (stats.c): the counters and gauges as a list (see hub_api.stats); any thread.
  * Returns how many there are, which may be more than cap. */
 size_t hub__stats_collect(hub *h, hub_stat *out, size_t cap);
+/* Wall-clock seconds (CLOCK_REALTIME), for start and load times. */
+double hub__wall_now(void);
 /* The core control commands (control_cmds.c). 0 or -ENOMEM. */
 int hub__ctl_register_core(hub *h);
 /* What a successful reload answers (control_cmds.c). */

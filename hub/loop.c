@@ -122,14 +122,23 @@ static void start_shutdown(hub *h, const char *why)
     ev_timer_start(h->loop, &h->shutdown_w);
 }
 
-static double wall_now(void)
+static void reload_round(hub *h);
+
+/* Add call to a list of waiting calls. 0, or -ENOMEM (the call is answered). */
+static int calls_add(hub_ctl_call ***list, size_t *n, hub_ctl_call *call)
 {
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    return (double)ts.tv_sec + ts.tv_nsec / 1e9;
+    hub_ctl_call **nl = hub_realloc(*list, (*n + 1) * sizeof(*nl));
+    if (!nl) {
+        hub_ctl_fail(call, HUB_CTL_INTERNAL_ERROR, "out of memory");
+        return -ENOMEM;
+    }
+    *list = nl;
+    nl[(*n)++] = call;
+    return 0;
 }
 
-/* The end of a reload, good or bad: counters, the log, and the callers' answers. */
+/* The end of a reload round, good or bad: counters, the log, the callers' answers, and the
+ * next round if more reloads were asked for meanwhile. */
 static void reload_done(hub *h, const char *why)
 {
     hub_free(h->reload_error);
@@ -140,7 +149,7 @@ static void reload_done(hub *h, const char *why)
         hub_log(HUB_LOG_ERR, "reload failed: %s; keeping the old script", why);
     } else {
         HUB_STAT_ADD(h, reloads, 1);
-        h->script_loaded = wall_now();
+        h->script_loaded = hub__wall_now();
         hub_log(HUB_LOG_NOTICE, "script reloaded");
     }
     hub_ctl_call **calls = h->reload_calls;
@@ -154,22 +163,20 @@ static void reload_done(hub *h, const char *why)
             hub_ctl_reply(calls[i], hub__reload_result(h));
     }
     hub_free(calls);
+    if (h->reload_again && !h->stopping) {
+        /* Asked for while this round ran, maybe for a newer file: load it again. */
+        h->reload_again = 0;
+        h->reload_calls = h->reload_next;
+        h->nreload_calls = h->nreload_next;
+        h->reload_next = NULL;
+        h->nreload_next = 0;
+        reload_round(h);
+    }
 }
 
-void hub__reload(hub *h, hub_ctl_call *call)
+static void reload_round(hub *h)
 {
     char err[1024];
-    if (call) {
-        hub_ctl_call **n = hub_realloc(h->reload_calls, (h->nreload_calls + 1) * sizeof(*n));
-        if (!n) {
-            hub_ctl_fail(call, HUB_CTL_INTERNAL_ERROR, "out of memory");
-            return;
-        }
-        h->reload_calls = n;
-        h->reload_calls[h->nreload_calls++] = call;
-    }
-    if (h->reload_waiting)
-        return; /* one is under way: these callers get its outcome */
     hub_log(HUB_LOG_NOTICE, "reloading %s", h->cfg.script);
     /* Check in a scratch state first, so a broken script never reaches the workers. */
     if (hub_check_script(&h->cfg, h->ops, err, sizeof(err)) < 0) {
@@ -191,6 +198,20 @@ void hub__reload(hub *h, hub_ctl_call *call)
     h->ops->free(h->script);
     h->script = n;
     reload_done(h, NULL);
+}
+
+void hub__reload(hub *h, hub_ctl_call *call)
+{
+    if (h->reload_waiting) {
+        /* Workers are still loading an earlier request's file: this one gets a round of its
+         * own once they finish (requests arriving meanwhile share it). */
+        if (!call || calls_add(&h->reload_next, &h->nreload_next, call) == 0)
+            h->reload_again = 1;
+        return;
+    }
+    if (call && calls_add(&h->reload_calls, &h->nreload_calls, call) < 0)
+        return;
+    reload_round(h);
 }
 
 void hub__reload_answered(hub *h, int worker, const char *why)
@@ -253,7 +274,7 @@ hub *hub_new(const hub_config *cfg, const hub_script_ops *ops, char *err, size_t
     h->ops = ops;
     h->lfd = h->spare_fd = -1;
     h->next_id = 1;
-    h->started = h->script_loaded = wall_now();
+    h->started = h->script_loaded = hub__wall_now();
     pthread_rwlock_init(&h->tags_lock, NULL);
     pthread_mutex_init(&h->cmd_mu, NULL);
     h->loop = ev_default_loop(EVFLAG_AUTO);
@@ -344,7 +365,10 @@ void hub_destroy(hub *h)
     /* A reload still waiting for workers will not finish now: tell whoever asked. */
     for (size_t i = 0; i < h->nreload_calls; i++)
         hub_ctl_fail(h->reload_calls[i], HUB_CTL_STOPPING, "the hub is stopping");
+    for (size_t i = 0; i < h->nreload_next; i++)
+        hub_ctl_fail(h->reload_next[i], HUB_CTL_STOPPING, "the hub is stopping");
     hub_free(h->reload_calls);
+    hub_free(h->reload_next);
     hub_free(h->reload_error);
     hub_ctl_free(h->ctl);
     hub__client_free_all(h);

@@ -25,12 +25,18 @@ static const char *const script_help[HUB_SCRIPT_NCOUNTS] = {
     "Lua callbacks stopped by the instruction budget",
     "Lua callbacks that failed for want of memory (max_memory)"};
 
+double hub__wall_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
 size_t hub__stats_collect(hub *h, hub_stat *out, size_t cap)
 {
     collector c = {out, cap, 0};
     uint64_t script[HUB_SCRIPT_NCOUNTS];
     hub_worker_view wv;
-    struct timespec now;
 
     for (int i = 0; i < HUB_SCRIPT_NCOUNTS; i++)
         script[i] = HUB_STAT_GET(h, script[i]);
@@ -42,8 +48,7 @@ size_t hub__stats_collect(hub *h, hub_stat *out, size_t cap)
     pthread_rwlock_rdlock(&h->tags_lock);
     uint64_t ntags = h->ntags;
     pthread_rwlock_unlock(&h->tags_lock);
-    clock_gettime(CLOCK_REALTIME, &now);
-    double up = (double)now.tv_sec + now.tv_nsec / 1e9 - h->started;
+    double up = hub__wall_now() - h->started;
 
     put(&c, "connections_accepted", "connections accepted", 0, -1, HUB_STAT_GET(h, accepted));
     put(&c, "connections_refused", "connections refused (max_clients, out of descriptors)", 0, -1,

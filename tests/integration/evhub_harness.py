@@ -291,6 +291,18 @@ def pump(clients, until=None, timeout=None, what="condition"):
         sel.close()
 
 
+def take_until(clients, marker, what):
+    """Wait until every client has received the frame marker; drop it and return, for each
+    client, the frames that came before it (the frames after it stay queued)."""
+    pump(clients, lambda: all(marker in c.frames for c in clients), what=what)
+    out = []
+    for c in clients:
+        i = c.frames.index(marker)
+        out.append(c.frames[:i])
+        c.frames = c.frames[i + 1:]
+    return out
+
+
 def wait_frames(clients, counts, timeout=None, others=()):
     """Pump until each client in clients has at least the given number of frames."""
     if isinstance(counts, int):

@@ -10,12 +10,13 @@ import re
 import signal
 import socket
 import stat
+import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from evhub_harness import (TIMEOUT, Hub, Suite, TestFailure, check, check_eq, ns,  # noqa: E402
-                           pump, run_ctl, run_once, wait_eof, wait_frames)
+                           run_ctl, run_once, take_until, wait_eof, wait_frames)
 
 suite = Suite("control")
 
@@ -157,13 +158,7 @@ def fence(h, clients, label):
     socket sent before are then in place. Returns each client's frames before the marker."""
     marker = ("fence-" + label).encode()
     check_eq(cj(h, "relay", marker.decode())["recipients"], len(clients), "fence recipients")
-    pump(clients, lambda: all(marker in c.frames for c in clients), what="fence " + label)
-    out = []
-    for c in clients:
-        i = c.frames.index(marker)
-        out.append(c.frames[:i])
-        c.frames = c.frames[i + 1:]
-    return out
+    return take_until(clients, marker, "fence " + label)
 
 
 def by_id(h, *args):
@@ -250,6 +245,7 @@ def status_case(workers):
     check_eq(cj(h, "status")["tags"], 1, "two connections, one tag")
     cs[2].close()
     wait_for(lambda: cj(h, "status")["clients"], lambda n: n == 2, "clients 2 after a close")
+    prometheus_check(h)  # with two workers, each per-worker metric has two samples
 
 
 @suite.case
@@ -502,8 +498,15 @@ def prometheus_check(h):
     check_eq(cj(h, "stats", "--prometheus").count("\n"), text.count("\n"), "--json gives the text")
     sample = re.compile(r'([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{([a-z_]+)="([^"]*)"\})? (\S+)')
     typed, helped, values = {}, set(), {}
+    done, current = set(), None  # a metric's lines come as one group
     for line in text.rstrip("\n").split("\n"):
         m = re.fullmatch(r"# (HELP|TYPE) (\S+) (.+)", line)
+        name = m.group(2) if m else line.split("{")[0].split(" ")[0]
+        if name != current:
+            check(name not in done, "metric %s is not one group: %r" % (name, line))
+            if current:
+                done.add(current)
+            current = name
         if m and m.group(1) == "HELP":
             helped.add(m.group(2))
             continue
@@ -929,6 +932,25 @@ def ctl_help_and_usage():
             req_, opt = CORE[c["name"]]
             check_eq([(p["name"], p["required"]) for p in c["params"]],
                      [(p, True) for p in req_] + [(p, False) for p in opt], c["name"] + " params")
+
+
+@suite.case
+def socat_client():
+    """A generic client, socat, speaks to the socket as the README shows: one request piped
+    in, its send side closed (half-close), the answer read back."""
+    h = start(1)
+    a, b = h.client(name="a"), h.client(name="b")
+    cid(a, [b])
+    cid(b, [a])
+    req = b'{"jsonrpc":"2.0","id":"s1","method":"relay","params":{"data":"via socat"}}\n'
+    p = subprocess.run(["socat", "-t", str(int(TIMEOUT)), "-", "UNIX-CONNECT:" + h.ctl_path],
+                       input=req, capture_output=True, timeout=TIMEOUT + 5)
+    check_eq(p.returncode, 0, "socat rc (stderr %r)" % p.stderr)
+    check_eq(json.loads(p.stdout), {"jsonrpc": "2.0", "id": "s1", "result": {"recipients": 2}},
+             "socat's answer")
+    check_eq(p.stdout.count(b"\n"), 1, "one answer, one line")
+    wait_frames([a, b], 1)
+    check_eq((a.frames[-1], b.frames[-1]), (b"via socat", b"via socat"), "relayed")
 
 
 suite.run()

@@ -8,8 +8,8 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from evhub_harness import (CMD_SCRIPT, TIMEOUT, Hub, Suite, check, check_eq, ns, pump, request,  # noqa: E402
-                           scaled, wait_eof, wait_frames)
+from evhub_harness import (CMD_SCRIPT, TIMEOUT, Hub, Suite, check, check_eq, ns,  # noqa: E402
+                           request, scaled, take_until, wait_eof, wait_frames)
 
 suite = Suite("routing")
 
@@ -28,13 +28,7 @@ def fence(sender, clients, label):
     already in each client's frames (per-connection order). Returns frames before the marker."""
     marker = ("fence-" + label).encode()
     sender.send(b"relay:" + marker)
-    pump(clients, lambda: all(marker in c.frames for c in clients), what="fence " + label)
-    out = []
-    for c in clients:
-        i = c.frames.index(marker)
-        out.append(c.frames[:i])
-        c.frames = c.frames[i + 1:]
-    return out
+    return take_until(clients, marker, "fence " + label)
 
 
 @suite.case
