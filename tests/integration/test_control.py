@@ -782,6 +782,25 @@ def jsonrpc_null_id():
 
 
 @suite.case
+def reload_during_reload():
+    # Two reloads in one write: the second arrives while the workers still load the first, and
+    # gets a round of its own (so a file changed in between would be loaded), not the first's
+    # outcome.
+    h = start(2)
+    a = h.client(name="a")
+    ida = cid(a)
+    h.write_script(script("v2"))
+    r = Raw(h.ctl_path)
+    r.send(json.dumps(req("reload", id=1)) + "\n" + json.dumps(req("reload", id=2)) + "\n")
+    got = {x["id"]: x for x in (r.answer(), r.answer())}
+    check_eq(sorted(got), [1, 2], "both answered")
+    check_eq(got[1].get("result", {}).get("reloads"), 1, "the first round: %r" % got[1])
+    check_eq(got[2].get("result", {}).get("reloads"), 2, "the second round: %r" % got[2])
+    check_eq(cj(h, "stats")["reloads"], 2, "two reloads ran")
+    check_eq(ask(a, "whoami"), ("v2 %d nil" % ida).encode(), "the new script runs")
+
+
+@suite.case
 def control_client_leaves_early():
     # Clients that close with calls still running (reload waits for the workers): the answers
     # are dropped, the hub neither crashes nor leaks (ASan/valgrind), and the calls take effect.
