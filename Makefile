@@ -79,6 +79,7 @@ format-check: test-deps
 
 bench: build
 	./$(BUILD)/tests/bench/evbench --evhub ./$(BUILD)/evhub
+	python3 tests/bench/ctlbench.py --evhub ./$(BUILD)/evhub
 
 clean:
 	rm -rf $(BUILD) $(BUILD_SAN) $(BUILD_FUZZ)

@@ -115,7 +115,7 @@ static void cmd_status(hub_ctl_call *call, json_object *params, void *ud)
 
 static int by_id(const void *a, const void *b)
 {
-    uint64_t x = (*(hub_client *const *)a)->id, y = (*(hub_client *const *)b)->id;
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
     return x < y ? -1 : x > y;
 }
 
@@ -130,52 +130,153 @@ static const char *client_state(const hub_client *c)
     return "open";
 }
 
+/* A client listing is written a slice at a time, one slice per loop iteration, so listing
+ * tens of thousands of connections never holds the loop for long: it is a snapshot of the
+ * ids at the request, and a connection gone by its turn is left out. */
+#define LIST_SLICE 128
+
+struct hub_list_job {
+    hub *h;
+    hub_ctl_call *call;
+    hub_list_job *next;
+    uint64_t *ids;
+    size_t n, done;
+    struct printbuf *pb; /* the "clients" array's text so far */
+};
+
+/* Append s as a JSON string; addresses and tags are printable ASCII, so only '"' and '\\'
+ * need escaping. */
+static void put_str(struct printbuf *pb, const char *s, size_t len)
+{
+    printbuf_memappend(pb, "\"", 1);
+    for (size_t i = 0; i < len; i++) {
+        if (s[i] == '"' || s[i] == '\\' || (unsigned char)s[i] < 0x20) {
+            char esc[8];
+            snprintf(esc, sizeof(esc), "\\u%04x", (unsigned char)s[i]);
+            printbuf_memappend(pb, esc, 6);
+        } else {
+            printbuf_memappend(pb, s + i, 1);
+        }
+    }
+    printbuf_memappend(pb, "\"", 1);
+}
+
+static void put_client(struct printbuf *pb, const hub_client *c, int first)
+{
+    sprintbuf(pb, "%s{\"id\":%llu,\"conidx\":%d,\"address\":", first ? "" : ",",
+              (unsigned long long)c->id, c->info.conidx);
+    put_str(pb, c->info.addr, strlen(c->info.addr));
+    sprintbuf(pb, ",\"port\":%u,\"tag\":", (unsigned)c->info.port);
+    if (c->tag)
+        put_str(pb, c->tag->name, c->tag->len);
+    else
+        printbuf_memappend(pb, "null", 4);
+    sprintbuf(pb,
+              ",\"frames_in\":%llu,\"bytes_in\":%llu,\"frames_out\":%llu,\"bytes_out\":%llu,"
+              "\"queued_bytes\":%llu,\"state\":\"%s\"}",
+              (unsigned long long)c->frames_in, (unsigned long long)c->bytes_in,
+              (unsigned long long)c->frames_out, (unsigned long long)c->bytes_out,
+              (unsigned long long)(c->wq_bytes - c->wq_off), client_state(c));
+}
+
+/* json-c serializer of the finished listing: the text built by the job. */
+static int listing_to_json(json_object *o, struct printbuf *pb, int level, int flags)
+{
+    struct printbuf *text = json_object_get_userdata(o);
+    (void)level, (void)flags;
+    printbuf_memappend(pb, "{\"clients\":[", 12);
+    printbuf_memappend(pb, text->buf, text->bpos);
+    printbuf_memappend(pb, "]}", 2);
+    return 0;
+}
+
+static void listing_free(json_object *o, void *ud)
+{
+    (void)o;
+    printbuf_free(ud);
+}
+
+static void job_free(hub_list_job *j)
+{
+    hub_free(j->ids);
+    if (j->pb)
+        printbuf_free(j->pb);
+    hub_free(j);
+}
+
+/* One slice of every listing under way; the finished ones are answered. */
+static void list_step_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+    hub *h = w->data;
+    (void)revents;
+    for (hub_list_job **pp = &h->list_jobs; *pp;) {
+        hub_list_job *j = *pp;
+        size_t end = j->done + LIST_SLICE < j->n ? j->done + LIST_SLICE : j->n;
+        for (; j->done < end; j->done++) {
+            hub_client *c = hub__client_by_id(h, j->ids[j->done]);
+            if (c)
+                put_client(j->pb, c, j->pb->bpos == 0);
+        }
+        if (j->done < j->n) {
+            pp = &j->next;
+            continue;
+        }
+        *pp = j->next;
+        json_object *r = json_object_new_object();
+        json_object_set_serializer(r, listing_to_json, j->pb, listing_free); /* r owns pb */
+        j->pb = NULL;
+        hub_ctl_reply(j->call, r);
+        job_free(j);
+    }
+    if (h->list_jobs) {
+        ev_timer_set(w, 0., 0.); /* the next slice in the next iteration, after I/O */
+        ev_timer_start(loop, w);
+    }
+}
+
 static void cmd_clients(hub_ctl_call *call, json_object *params, void *ud)
 {
     hub *h = ud;
     const char *tag = str_param(params, "tag");
-    size_t taglen = str_len_param(params, "tag"), n = 0, cap = 0;
-    hub_client **v = NULL;
+    size_t taglen = str_len_param(params, "tag"), n = 0;
+    hub_list_job *j = hub_calloc(1, sizeof(*j));
+    if (j)
+        j->ids = hub_malloc(((size_t)atomic_load(&h->nclients) + 1) * sizeof(*j->ids));
+    if (!j || !j->ids || !(j->pb = printbuf_new())) {
+        if (j)
+            job_free(j);
+        hub_ctl_fail(call, HUB_CTL_INTERNAL_ERROR, "out of memory");
+        return;
+    }
+    /* The tag filter is applied now: a connection tagged later is not listed. */
     for (hub_client *c = h->clients; c; c = c->next) {
         if (tag && (!c->tag || c->tag->len != taglen || memcmp(c->tag->name, tag, taglen)))
             continue;
-        if (n == cap) {
-            size_t ncap = cap ? cap * 2 : 64;
-            hub_client **nv = hub_realloc(v, ncap * sizeof(*nv));
-            if (!nv) {
-                hub_free(v);
-                hub_ctl_fail(call, HUB_CTL_INTERNAL_ERROR, "out of memory");
-                return;
-            }
-            v = nv;
-            cap = ncap;
-        }
-        v[n++] = c;
+        j->ids[n++] = c->id;
     }
-    if (n)
-        qsort(v, n, sizeof(*v), by_id);
-    json_object *list = json_object_new_array_ext((int)n);
-    for (size_t i = 0; i < n; i++) {
-        hub_client *c = v[i];
-        json_object *o = json_object_new_object();
-        json_object_object_add(o, "id", u64(c->id));
-        json_object_object_add(o, "conidx", json_object_new_int(c->info.conidx));
-        json_object_object_add(o, "address", json_object_new_string(c->info.addr));
-        json_object_object_add(o, "port", json_object_new_int(c->info.port));
-        json_object_object_add(
-            o, "tag", c->tag ? json_object_new_string_len(c->tag->name, c->tag->len) : NULL);
-        json_object_object_add(o, "frames_in", u64(c->frames_in));
-        json_object_object_add(o, "bytes_in", u64(c->bytes_in));
-        json_object_object_add(o, "frames_out", u64(c->frames_out));
-        json_object_object_add(o, "bytes_out", u64(c->bytes_out));
-        json_object_object_add(o, "queued_bytes", u64(c->wq_bytes - c->wq_off));
-        json_object_object_add(o, "state", json_object_new_string(client_state(c)));
-        json_object_array_add(list, o);
+    qsort(j->ids, n, sizeof(*j->ids), by_id);
+    j->h = h;
+    j->call = call;
+    j->n = n;
+    j->next = h->list_jobs;
+    h->list_jobs = j;
+    if (!ev_is_active(&h->list_w)) {
+        ev_timer_init(&h->list_w, list_step_cb, 0., 0.);
+        h->list_w.data = h;
+        ev_timer_start(h->loop, &h->list_w);
     }
-    hub_free(v);
-    json_object *r = json_object_new_object();
-    json_object_object_add(r, "clients", list);
-    hub_ctl_reply(call, r);
+}
+
+void hub__ctl_jobs_free(hub *h)
+{
+    if (ev_is_active(&h->list_w))
+        ev_timer_stop(h->loop, &h->list_w);
+    while (h->list_jobs) {
+        hub_list_job *j = h->list_jobs;
+        h->list_jobs = j->next;
+        hub_ctl_fail(j->call, HUB_CTL_STOPPING, "the hub is stopping");
+        job_free(j);
+    }
 }
 
 /* The id parameter as given; ids are positive, so 0 and below name no connection. */

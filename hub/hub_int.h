@@ -34,6 +34,7 @@ typedef struct hub_frame {
 typedef struct hub_tag hub_tag;
 typedef struct hub_client hub_client;
 typedef struct hub_worker hub_worker;
+typedef struct hub_list_job hub_list_job;
 
 enum {
     HUB_CLIENT_CLOSING = 1u << 0,     /* no more reads, routing or new frames */
@@ -151,6 +152,8 @@ struct hub {
     char *reload_error;          /* the last failed reload's reason, or NULL */
     int reload_waiting;          /* workers that have not yet answered a reload */
     int reload_failed;           /* one of them failed */
+    hub_list_job *list_jobs;     /* client listings under way (control_cmds.c) */
+    ev_timer list_w;             /* writes their next slices */
     hub_ctl_call **reload_calls; /* control calls waiting for the reload under way */
     size_t nreload_calls;
     hub_ctl_call **reload_next; /* ...and for the one asked for while it runs */
@@ -256,6 +259,8 @@ size_t hub__stats_collect(hub *h, hub_stat *out, size_t cap);
 double hub__wall_now(void);
 /* The core control commands (control_cmds.c). 0 or -ENOMEM. */
 int hub__ctl_register_core(hub *h);
+/* Answer the listings still under way (the hub is stopping) and free them. */
+void hub__ctl_jobs_free(hub *h);
 /* What a successful reload answers (control_cmds.c). */
 struct json_object *hub__reload_result(hub *h);
 

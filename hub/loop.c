@@ -369,6 +369,7 @@ void hub_destroy(hub *h)
         hub_ctl_fail(h->reload_next[i], HUB_CTL_STOPPING, "the hub is stopping");
     hub_free(h->reload_calls);
     hub_free(h->reload_next);
+    hub__ctl_jobs_free(h);
     hub_free(h->reload_error);
     hub_ctl_free(h->ctl);
     hub__client_free_all(h);

@@ -16,7 +16,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from evhub_harness import (TIMEOUT, Hub, Suite, TestFailure, check, check_eq, ns,  # noqa: E402
-                           run_ctl, run_once, take_until, wait_eof, wait_frames)
+                           pump, run_ctl, run_once, take_until, wait_eof, wait_frames)
 
 suite = Suite("control")
 
@@ -344,6 +344,36 @@ def close_case(workers):
     wait_eof([b], others=[w])
     reason = json.loads(b.frames[-1])
     check(reason.get("error") == "closed" and reason.get("reason"), "default reason %r" % reason)
+
+
+@suite.case
+def clients_many():
+    # More connections than one listing slice (the hub lists 128 per loop iteration), some of
+    # them closing while listings are under way, and a tag that JSON must escape.
+    h = start(0)
+    cs = [h.client(name="m%d" % i) for i in range(300)]
+    for cl in cs[:3]:
+        cid(cl, cs)
+    pump(cs, lambda: cj(h, "status")["clients"] == 300, what="300 connected")
+    got = cj(h, "clients")["clients"]
+    check_eq([e["id"] for e in got], list(range(1, 301)), "every id once, sorted")
+    check_eq(sorted(e["port"] for e in got), sorted(cl.local[1] for cl in cs), "every port")
+    check_eq(cj(h, "tag", 7, 'a"b\\c'), {"id": 7, "tag": 'a"b\\c'}, "an odd tag")
+    r = Raw(h.ctl_path)
+    r.send("".join(json.dumps(req("clients", id=i)) + "\n" for i in range(1, 4)))
+    for cl in cs[100:150]:
+        cl.close()
+    answers = [r.answer() for _ in range(3)]
+    for a in answers:
+        ids = [e["id"] for e in a["result"]["clients"]]
+        check(set(range(101, 151)).issuperset(set(range(1, 301)) - set(ids)),
+              "only closed connections may be missing: %s" % sorted(set(range(1, 301)) - set(ids)))
+        check_eq(ids, sorted(set(ids)), "sorted, no duplicates")
+    tagged = cj(h, "clients", "--tag", 'a"b\\c')["clients"]
+    check_eq([(e["id"], e["tag"]) for e in tagged], [(7, 'a"b\\c')], "the odd tag listed")
+    pump(cs[:100], lambda: cj(h, "status")["clients"] == 250, what="250 left")
+    check_eq([e["id"] for e in cj(h, "clients")["clients"]],
+             list(range(1, 101)) + list(range(151, 301)), "after the closes")
 
 
 @suite.case
