@@ -146,10 +146,13 @@ struct hub {
 
     /* control socket and what it reports (control.c, control_cmds.c) */
     hub_ctl *ctl;
-    char listen_addr[320];       /* the address actually bound, as logged */
-    double started;              /* wall-clock seconds at start */
-    double script_loaded;        /* wall-clock seconds the running script was loaded */
-    char *reload_error;          /* the last failed reload's reason, or NULL */
+    char listen_addr[320]; /* the address actually bound, as logged */
+    double started;        /* wall-clock seconds at start */
+    double script_loaded;  /* wall-clock seconds the running script was loaded */
+    char *reload_error;    /* the last failed reload's reason, or NULL */
+    int reload_busy;       /* a reload round is under way */
+    int checking;          /* check_thread is checking the script for it */
+    pthread_t check_thread;
     int reload_waiting;          /* workers that have not yet answered a reload */
     int reload_failed;           /* one of them failed */
     hub_list_job *list_jobs;     /* client listings under way (control_cmds.c) */
@@ -231,6 +234,8 @@ void hub__workers_join(hub *h);
 int hub__worker_full(hub *h, int w);
 void hub__worker_pause(hub *h, int w, hub_client *c);
 void hub__commands_cb(struct ev_loop *loop, ev_async *w, int revents);
+/* Free the commands never run (at exit, once no thread can post more). */
+void hub__commands_free(hub *h);
 int hub__worker_queue_item(hub *h, int w, int type, hub_client *c, const char *data, size_t len);
 
 /* A worker's queue and counters, readable from any thread. */
@@ -249,6 +254,10 @@ void hub__tag_changed(hub *h, hub_client *c);
 /* reload (loop.c): check the script, then reload every state. call (may be NULL) is answered
  * once every state runs the new script, or with the reason it failed. */
 void hub__reload(hub *h, hub_ctl_call *call);
+/* The check thread's verdict on the script (why is NULL when it loads), in the loop. */
+void hub__reload_checked(hub *h, const char *why);
+/* From the check thread: hand the verdict to the loop (workers.c, with the commands). */
+void hub__post_checked(hub *h, const char *why);
 /* A worker finished its part of a reload; why is NULL on success. */
 void hub__reload_answered(hub *h, int worker, const char *why);
 

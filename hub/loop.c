@@ -141,6 +141,7 @@ static int calls_add(hub_ctl_call ***list, size_t *n, hub_ctl_call *call)
  * next round if more reloads were asked for meanwhile. */
 static void reload_done(hub *h, const char *why)
 {
+    h->reload_busy = 0;
     hub_free(h->reload_error);
     h->reload_error = NULL;
     if (why) {
@@ -174,13 +175,45 @@ static void reload_done(hub *h, const char *why)
     }
 }
 
+/* The check of a reload runs the new script's top level, which may take up to its
+ * instruction budget: a thread of its own does it, and the loop goes on serving. */
+static void *check_main(void *arg)
+{
+    hub *h = arg;
+    char err[1024];
+    int rc = hub_check_script(&h->cfg, h->ops, err, sizeof(err));
+    hub__post_checked(h, rc < 0 ? err : NULL); /* on to hub__reload_checked, in the loop */
+    return NULL;
+}
+
 static void reload_round(hub *h)
 {
-    char err[1024];
+    sigset_t all, old;
     hub_log(HUB_LOG_NOTICE, "reloading %s", h->cfg.script);
+    h->reload_busy = 1;
     /* Check in a scratch state first, so a broken script never reaches the workers. */
-    if (hub_check_script(&h->cfg, h->ops, err, sizeof(err)) < 0) {
-        reload_done(h, err);
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, &old); /* signals stay with the loop thread */
+    int rc = pthread_create(&h->check_thread, NULL, check_main, h);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (rc != 0) {
+        reload_done(h, "cannot start a thread to check the script");
+        return;
+    }
+    h->checking = 1;
+}
+
+void hub__reload_checked(hub *h, const char *why)
+{
+    char err[1024];
+    pthread_join(h->check_thread, NULL); /* it has posted its last word */
+    h->checking = 0;
+    if (why) {
+        reload_done(h, why);
+        return;
+    }
+    if (h->stopping) {
+        reload_done(h, "the hub is stopping");
         return;
     }
     if (h->nworkers) {
@@ -202,7 +235,7 @@ static void reload_round(hub *h)
 
 void hub__reload(hub *h, hub_ctl_call *call)
 {
-    if (h->reload_waiting) {
+    if (h->reload_busy) {
         /* Workers are still loading an earlier request's file: this one gets a round of its
          * own once they finish (requests arriving meanwhile share it). */
         if (!call || calls_add(&h->reload_next, &h->nreload_next, call) == 0)
@@ -362,6 +395,11 @@ void hub_destroy(hub *h)
             hub__workers_stop(h);
         hub__workers_join(h);
     }
+    if (h->checking) {
+        pthread_join(h->check_thread, NULL);
+        h->checking = 0;
+    }
+    hub__commands_free(h); /* the check's verdict among them, if the loop never ran it */
     /* A reload still waiting for workers will not finish now: tell whoever asked. */
     for (size_t i = 0; i < h->nreload_calls; i++)
         hub_ctl_fail(h->reload_calls[i], HUB_CTL_STOPPING, "the hub is stopping");

@@ -21,6 +21,7 @@ enum {
     CMD_START_READ,
     CMD_RESUME,
     CMD_RELOADED,
+    CMD_CHECKED,
     CMD_DONE
 };
 
@@ -381,6 +382,19 @@ int hub__worker_full(hub *h, int w)
            atomic_load(&h->workers[w].queued_bytes) >= WORKER_QUEUE_BYTES;
 }
 
+void hub__post_checked(hub *h, const char *why)
+{
+    size_t len = why ? strlen(why) : 0;
+    hub_cmd *c;
+    /* The verdict must reach the loop or the reload never ends: this thread may wait for
+     * memory, the loop does not wait for it. */
+    while (!(c = cmd_new(CMD_CHECKED, -1, 0, NULL, 0, why, len))) {
+        struct timespec ts = {0, 10 * 1000 * 1000};
+        nanosleep(&ts, NULL);
+    }
+    cmd_push_list(h, c, c);
+}
+
 void hub__worker_view(hub *h, int wi, hub_worker_view *out)
 {
     hub_worker *w = &h->workers[wi];
@@ -511,12 +525,16 @@ static void run_cmd(hub *h, hub_cmd *c)
     case CMD_RESUME:
         resume_worker_clients(h, c->worker);
         break;
-    case CMD_RELOADED: {
+    case CMD_RELOADED:
+    case CMD_CHECKED: {
         char why[1024];
         size_t n = c->len < sizeof(why) - 1 ? c->len : sizeof(why) - 1;
         memcpy(why, c->data, n);
         why[n] = '\0';
-        hub__reload_answered(h, c->worker, c->len ? why : NULL);
+        if (c->type == CMD_CHECKED)
+            hub__reload_checked(h, c->len ? why : NULL);
+        else
+            hub__reload_answered(h, c->worker, c->len ? why : NULL);
         break;
     }
     case CMD_DONE:
@@ -600,6 +618,16 @@ static void post_control(hub *h, int type)
     }
 }
 
+void hub__commands_free(hub *h)
+{
+    for (hub_cmd *c = h->cmd_head; c;) {
+        hub_cmd *n = c->next;
+        hub_free(c);
+        c = n;
+    }
+    h->cmd_head = h->cmd_tail = NULL;
+}
+
 void hub__workers_reload(hub *h) { post_control(h, HUB_EV_RELOAD); }
 
 void hub__workers_stop(hub *h) { post_control(h, HUB_EV_STOP); }
@@ -636,12 +664,6 @@ void hub__workers_join(hub *h)
         pthread_mutex_destroy(&w->mu);
         pthread_cond_destroy(&w->cv);
     }
-    for (hub_cmd *c = h->cmd_head; c;) {
-        hub_cmd *n = c->next;
-        hub_free(c);
-        c = n;
-    }
-    h->cmd_head = h->cmd_tail = NULL;
     hub_free(h->workers);
     h->workers = NULL;
     h->nworkers = 0;

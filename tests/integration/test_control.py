@@ -79,8 +79,8 @@ def script(version="v1"):
 
 
 def up(h):
-    """Start h and wait for its control socket too: "listening on" is logged before the
-    control socket exists (see the report), so evhubctl could find no socket yet."""
+    """Start h and wait for its control socket's log line too (belt and braces: the socket
+    is made before "listening on" is logged)."""
     h.start()
     h.wait_log("control socket ")
     return h
@@ -828,6 +828,31 @@ def reload_during_reload():
     check_eq(got[2].get("result", {}).get("reloads"), 2, "the second round: %r" % got[2])
     check_eq(cj(h, "stats")["reloads"], 2, "two reloads ran")
     check_eq(ask(a, "whoami"), ("v2 %d nil" % ida).encode(), "the new script runs")
+
+
+@suite.case
+def reload_check_does_not_hold_the_loop():
+    # The new script's top level runs until its budget stops it. The check runs beside the
+    # loop: a client is answered while the reload is still out, then the reload fails with
+    # the budget error and the old script keeps running. (workers = 0: the loop also runs Lua.)
+    h = start(0, lua={"max_instructions": 50000000})
+    a = h.client(name="a")
+    ida = cid(a)
+    h.write_script("while true do end\n")
+    r = Raw(h.ctl_path)
+    r.send(json.dumps(req("reload", id=9)) + "\n")
+    check_eq(ask(a, "echo:during"), b"during", "served while the check runs")
+    r.sock.setblocking(False)
+    try:
+        early = r.sock.recv(65536)
+    except BlockingIOError:
+        early = b""
+    check_eq(early, b"", "the reload is still being checked when the client is answered")
+    r.sock.setblocking(True)
+    got = r.answer()
+    check_eq(got.get("error", {}).get("code"), -32000, "the reload fails: %r" % got)
+    check("instruction budget exceeded" in got["error"]["message"], "why: %r" % got)
+    check_eq(ask(a, "whoami"), ("v1 %d nil" % ida).encode(), "the old script still runs")
 
 
 @suite.case
