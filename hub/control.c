@@ -1,8 +1,9 @@
 /* The control socket server: accepts on a unix socket (and optionally loopback TCP), reads
  * JSON-RPC 2.0 requests with json-c's incremental tokener, checks them against the registered
  * commands' specs and writes one JSON text per line back. Every socket is non-blocking and
- * owned by the loop; a broken request gets an error answer and the connection keeps going
- * (unless it cannot be resynchronised, see skip_line). */
+ * owned by the loop. A request that is valid JSON but not a valid request gets an error and
+ * the connection goes on; text that is not JSON gets an error and ends the connection (see
+ * parse_failed). */
 #define _GNU_SOURCE 1 /* accept4 */
 #include "hub/control.h"
 
@@ -54,10 +55,9 @@ struct ctl_conn {
     hub_ctl *ctl;
     ctl_conn *prev, *next;
     int fd;
-    int refs;      /* the connection itself, plus each call not yet answered */
-    int eof;       /* the peer will send nothing more (or reading was given up) */
-    int dead;      /* closed: pending calls' answers are dropped */
-    int skip_line; /* after a parse error: drop input up to the next newline */
+    int refs; /* the connection itself, plus each call not yet answered */
+    int eof;  /* the peer will send nothing more (or reading was given up) */
+    int dead; /* closed: pending calls' answers are dropped */
     size_t doc_bytes;
     json_tokener *tok;
     char *out;
@@ -68,7 +68,8 @@ struct hub_ctl {
     struct ev_loop *loop;
     int ufd, tfd, tcp_port;
     ev_io uw, tw;
-    ino_t ino; /* the socket file we made, so we remove only ours */
+    ev_timer pause_w; /* accepting again after running out of descriptors */
+    ino_t ino;        /* the socket file we made, so we remove only ours */
     char path[sizeof(((struct sockaddr_un *)0)->sun_path)];
     ctl_cmd *cmds;
     size_t ncmds, cap;
@@ -120,6 +121,12 @@ static void conn_write_json(ctl_conn *c, json_object *o)
         o, JSON_C_TO_STRING_PLAIN | JSON_C_TO_STRING_NOSLASHESCAPE, &len);
     if (c->dead)
         return;
+    if (c->out_off > 0) {
+        /* Keep only what is unsent. */
+        memmove(c->out, c->out + c->out_off, c->out_len - c->out_off);
+        c->out_len -= c->out_off;
+        c->out_off = 0;
+    }
     if (c->out_len + len + 1 > HUB_CTL_MAX_OUTPUT) {
         hub_log(HUB_LOG_WARN, "control: client reads too slowly (%zu bytes unsent), closing",
                 c->out_len);
@@ -389,22 +396,31 @@ static void run_document(ctl_conn *c, json_object *doc)
     conn_unref(c);
 }
 
+/* Answer a request that is not JSON, and read no more from c: the rest of a broken text
+ * cannot be told from new requests (a request may span lines), so the connection ends once
+ * what it asked before is answered. */
+static void parse_failed(ctl_conn *c, const char *why)
+{
+    char msg[160];
+    snprintf(msg, sizeof(msg), "parse error: %s", why);
+    count_request(c->ctl);
+    hub_log(HUB_LOG_DEBUG, "control: %s; closing the connection", msg);
+    json_object *err = make_error(NULL, HUB_CTL_PARSE_ERROR, msg);
+    c->eof = 1;
+    ev_io_stop(c->ctl->loop, &c->rio);
+    conn_write_json(c, err); /* closes c once written, if nothing else is pending */
+    json_object_put(err);
+}
+
+static int is_space(char ch) { return ch == ' ' || ch == '\t' || ch == '\r' || ch == '\n'; }
+
 /* Feed bytes to the tokener; run each complete document. */
 static void conn_feed(ctl_conn *c, const char *buf, size_t len)
 {
-    while (len > 0 && !c->dead) {
-        if (c->skip_line) {
-            const char *nl = memchr(buf, '\n', len);
-            if (!nl)
-                return;
-            len -= (size_t)(nl + 1 - buf);
-            buf = nl + 1;
-            c->skip_line = 0;
-            continue;
-        }
+    while (len > 0 && !c->dead && !c->eof) {
         if (c->doc_bytes == 0) {
             /* Whitespace between documents is not part of any. */
-            while (len && (*buf == ' ' || *buf == '\t' || *buf == '\r' || *buf == '\n'))
+            while (len && is_space(*buf))
                 buf++, len--;
             if (!len)
                 return;
@@ -415,32 +431,25 @@ static void conn_feed(ctl_conn *c, const char *buf, size_t len)
         size_t used = jerr == json_tokener_continue ? chunk : json_tokener_get_parse_end(c->tok);
         if (used == 0 && jerr == json_tokener_success)
             used = chunk; /* cannot happen; never spin */
-        c->doc_bytes += used;
+        /* json-c also takes the whitespace after a document: it does not count toward the
+         * size limit, wherever the reads happened to split. */
+        size_t body = used;
+        while (jerr == json_tokener_success && body > 0 && is_space(buf[body - 1]))
+            body--;
+        c->doc_bytes += body;
         buf += used;
         len -= used;
         if (jerr == json_tokener_continue && c->doc_bytes <= HUB_CTL_MAX_REQUEST)
             continue;
-        int complete = jerr == json_tokener_success;
         if (c->doc_bytes > HUB_CTL_MAX_REQUEST) {
             json_object_put(doc);
             jerr = json_tokener_error_size;
         }
         c->doc_bytes = 0;
         if (jerr != json_tokener_success) {
-            char msg[160];
-            snprintf(msg, sizeof(msg), "parse error: %s",
-                     jerr == json_tokener_error_size ? "request too large"
-                                                     : json_tokener_error_desc(jerr));
-            count_request(c->ctl);
-            json_object *err = make_error(NULL, HUB_CTL_PARSE_ERROR, msg);
-            hub_log(HUB_LOG_DEBUG, "control: %s", msg);
-            conn_write_json(c, err);
-            json_object_put(err);
-            json_tokener_reset(c->tok);
-            /* What follows the bad text up to the line's end cannot be trusted (a document
-             * refused only for its size did end where the parser said). */
-            c->skip_line = !complete && !(used && buf[-1] == '\n');
-            continue;
+            parse_failed(c, jerr == json_tokener_error_size ? "request too large (over 1 MiB)"
+                                                            : json_tokener_error_desc(jerr));
+            return;
         }
         json_tokener_reset(c->tok);
         run_document(c, doc);
@@ -458,11 +467,20 @@ static void conn_read_cb(struct ev_loop *loop, ev_io *w, int revents)
     ssize_t n = recv(c->fd, buf, sizeof(buf), 0);
     if (n < 0 && (errno == EINTR || errno == EAGAIN || errno == EWOULDBLOCK))
         return;
-    if (n <= 0) {
+    if (n < 0) {
+        conn_close(c);
+        return;
+    }
+    if (n == 0 && c->doc_bytes > 0) {
+        /* The peer is done sending in the middle of a request. */
+        parse_failed(c, "incomplete request at the end of the input");
+        return;
+    }
+    if (n == 0) {
         /* The peer is done sending; it may still be waiting for answers. */
         c->eof = 1;
         ev_io_stop(c->ctl->loop, &c->rio);
-        if (n < 0 || (c->refs == 1 && c->out_len == 0))
+        if (c->refs == 1 && c->out_len == 0)
             conn_close(c);
         return;
     }
@@ -508,6 +526,25 @@ static void conn_unref(ctl_conn *c)
     hub_free(c);
 }
 
+static void accept_resume_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+    hub_ctl *ctl = w->data;
+    (void)revents;
+    if (ctl->ufd >= 0)
+        ev_io_start(loop, &ctl->uw);
+    if (ctl->tfd >= 0)
+        ev_io_start(loop, &ctl->tw);
+}
+
+static void accept_pause(hub_ctl *ctl)
+{
+    ev_io_stop(ctl->loop, &ctl->uw);
+    ev_io_stop(ctl->loop, &ctl->tw);
+    ev_timer_init(&ctl->pause_w, accept_resume_cb, 1.0, 0.);
+    ctl->pause_w.data = ctl;
+    ev_timer_start(ctl->loop, &ctl->pause_w);
+}
+
 static void accept_cb(struct ev_loop *loop, ev_io *w, int revents)
 {
     hub_ctl *ctl = w->data;
@@ -515,8 +552,16 @@ static void accept_cb(struct ev_loop *loop, ev_io *w, int revents)
     for (int i = 0; i < 16; i++) {
         int fd = accept4(w->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
         if (fd < 0) {
-            if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR && errno != ECONNABORTED)
+            if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
+                /* The listener stays readable while the process is out of descriptors:
+                 * stop listening for a second rather than spin (libev's advice). */
+                hub_log(HUB_LOG_WARN, "control: accept failed: %s; not accepting for 1 s",
+                        strerror(errno));
+                accept_pause(ctl);
+            } else if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR &&
+                       errno != ECONNABORTED) {
                 hub_log(HUB_LOG_WARN, "control: accept failed: %s", strerror(errno));
+            }
             return;
         }
         if (ctl->nconns >= HUB_CTL_MAX_CONNS) {
@@ -728,6 +773,7 @@ void hub_ctl_free(hub_ctl *ctl)
         return;
     while (ctl->conns)
         conn_close(ctl->conns);
+    ev_timer_stop(ctl->loop, &ctl->pause_w);
     if (ctl->ufd >= 0) {
         ev_io_stop(ctl->loop, &ctl->uw);
         close(ctl->ufd);

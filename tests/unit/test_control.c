@@ -108,13 +108,16 @@ static int client(fixture *f)
     return fd;
 }
 
-/* Send all of data, running the loop while the socket is full (the server is in-process). */
+/* Send all of data, running the loop while the socket is full (the server is in-process).
+ * Stops early if the server closes the connection. */
 static void send_all(fixture *f, int fd, const char *data, size_t n)
 {
     for (size_t off = 0; off < n;) {
         ssize_t w = send(fd, data + off, n - off, MSG_DONTWAIT | MSG_NOSIGNAL);
         if (w > 0)
             off += (size_t)w;
+        else if (errno == EPIPE || errno == ECONNRESET)
+            return;
         else
             assert_true(errno == EAGAIN || errno == EWOULDBLOCK);
         ev_run(f->loop, EVRUN_NOWAIT);
@@ -276,8 +279,6 @@ static void test_bad_requests_get_each_error_and_connection_lives(void **state)
 {
     fixture *f = *state;
     int fd = client(f);
-    expect_error(f, fd, "nonsense\n", HUB_CTL_PARSE_ERROR, "null");
-    expect_error(f, fd, "{\"jsonrpc\":\"2.0\",\"id\":1,,}\n", HUB_CTL_PARSE_ERROR, "null");
     expect_error(f, fd, "42\n", HUB_CTL_INVALID_REQUEST, "null");
     expect_error(f, fd, "{\"jsonrpc\":\"1.0\",\"id\":2,\"method\":\"echo\"}\n",
                  HUB_CTL_INVALID_REQUEST, "2");
@@ -315,6 +316,48 @@ static void test_bad_requests_get_each_error_and_connection_lives(void **state)
     assert_string_equal(id_text(a), "14");
     json_object_put(a);
     assert_int_equal(f->echo_calls, 1);
+    close(fd);
+}
+
+static void test_text_that_is_not_json_ends_the_connection(void **state)
+{
+    fixture *f = *state;
+    /* what a broken text's next lines hold cannot be told from new requests: none runs */
+    static const char *const broken[] = {
+        "nonsense\n{\"jsonrpc\":\"2.0\",\"id\":2,\"method\":\"echo\",\"params\":[1]}\n",
+        "{\"jsonrpc\":\"2.0\",\"id\":1,,}\n",
+        "[\n{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"echo\",\"params\":[1]},\n"
+        "{\"jsonrpc\":\"2.0\",\"id\":2 oops},\n"
+        "{\"jsonrpc\":\"2.0\",\"id\":3,\"method\":\"echo\",\"params\":[3]}\n]\n",
+    };
+    for (size_t i = 0; i < sizeof(broken) / sizeof(broken[0]); i++) {
+        int fd = client(f);
+        expect_error(f, fd, broken[i], HUB_CTL_PARSE_ERROR, "null");
+        assert_null(read_line(f, fd)); /* then the server closes */
+        close(fd);
+    }
+    assert_int_equal(f->echo_calls, 0);
+    /* requests before the broken text on the same connection are answered */
+    int fd = client(f);
+    send_str(fd, "{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"later\"}\n{\"jsonrpc\"]");
+    json_object *a = answer(f, fd);
+    assert_int_equal(error_code(a), HUB_CTL_PARSE_ERROR);
+    json_object_put(a);
+    hub_ctl_reply(f->held[0], json_object_new_int(1));
+    f->nheld = 0;
+    a = answer(f, fd);
+    assert_string_equal(id_text(a), "1");
+    json_object_put(a);
+    assert_null(read_line(f, fd));
+    close(fd);
+    /* a request cut short by the end of the input is answered too */
+    fd = client(f);
+    send_str(fd, "{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"ec");
+    shutdown(fd, SHUT_WR);
+    a = answer(f, fd);
+    assert_int_equal(error_code(a), HUB_CTL_PARSE_ERROR);
+    assert_non_null(strstr(json_object_to_json_string(a), "incomplete"));
+    json_object_put(a);
     close(fd);
 }
 
@@ -460,16 +503,28 @@ static void test_oversized_request_is_refused(void **state)
     big[n] = '\0';
     send_all(f, fd, big, n);
     free(big);
-    send_str(fd, "\"]}\n{\"jsonrpc\":\"2.0\",\"id\":2,\"method\":\"echo\",\"params\":[1]}\n");
     json_object *a = answer(f, fd);
     assert_int_equal(error_code(a), HUB_CTL_PARSE_ERROR);
     assert_non_null(strstr(json_object_to_json_string(a), "too large"));
     json_object_put(a);
-    /* the rest of that line is skipped; the next request is answered */
+    assert_null(read_line(f, fd));
+    close(fd);
+    assert_int_equal(f->echo_calls, 0);
+    /* exactly at the limit is fine, and whitespace after it does not count */
+    fd = client(f);
+    n = HUB_CTL_MAX_REQUEST;
+    big = malloc(n + 5000);
+    assert_non_null(big);
+    k = snprintf(big, 64, "{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"nope\",\"params\":[\"");
+    memset(big + k, 'a', n - (size_t)k - 3);
+    memcpy(big + n - 3, "\"]}", 3);
+    memset(big + n, ' ', 4999);
+    big[n + 4999] = '\n';
+    send_all(f, fd, big, n + 5000);
+    free(big);
     a = answer(f, fd);
-    assert_string_equal(id_text(a), "2");
+    assert_int_equal(error_code(a), HUB_CTL_METHOD_NOT_FOUND); /* parsed, not refused */
     json_object_put(a);
-    assert_int_equal(f->echo_calls, 1);
     close(fd);
 }
 
@@ -506,6 +561,7 @@ int main(void)
         T(test_live_socket_refused_stale_replaced),
         T(test_params_by_name_and_position),
         T(test_bad_requests_get_each_error_and_connection_lives),
+        T(test_text_that_is_not_json_ends_the_connection),
         T(test_split_pipelined_and_multiline_requests),
         T(test_notifications_get_no_answer),
         T(test_batch_with_late_answers),
