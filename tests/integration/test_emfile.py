@@ -4,6 +4,7 @@ connections it cannot hold without spinning on a listener that stays readable (t
 trap), keep serving the clients it has, and accept again once descriptors are free."""
 
 import os
+import socket
 import sys
 import time
 
@@ -85,6 +86,41 @@ def emfile_refuses_without_spinning():
             break
         check(time.monotonic() < deadline, "no new client accepted after descriptors were freed")
         n.close()
+        time.sleep(0.2)
+
+
+@suite.case
+def control_socket_at_the_limit_does_not_spin():
+    # The control listener has no spare descriptor: out of descriptors, it stops accepting
+    # for a second at a time instead of being called back for ever, and serves again once
+    # descriptors are free.
+    h = LimitedHub(CMD_SCRIPT, evapi={"max_clients": 1000}).start()
+    h.wait_log("control socket ")
+    held = [h.client(name="c%d" % i) for i in range(NOFILE + 20)]
+    h.wait_log("Too many open files")
+    pump(held, until=lambda: any(c.eof for c in held), what="a refused client's EOF")
+    ctl = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    ctl.connect(h.ctl_path)  # queued by the kernel; the hub's accept fails
+    h.wait_log("control: accept failed")
+    time.sleep(0.5)
+    pid = hub_pid(h)
+    t0, c0 = time.monotonic(), cpu_seconds(pid)
+    time.sleep(2.0)
+    span = time.monotonic() - t0
+    used = (cpu_seconds(pid) - c0) / span
+    check(used < 0.3, "evhub used %.0f%% of a core with a control connection it cannot accept"
+          % (used * 100))
+    fails = h.count_log("control: accept failed")
+    check(fails <= span + 4, "%d accept failures logged in %.1f s: it spins" % (fails, span))
+    ctl.close()
+    for c in held[: NOFILE // 2]:
+        c.close()
+    deadline = time.monotonic() + (20 if not SLOW else 60)
+    while True:
+        rc, out, err = h.ctl("status")
+        if rc == 0:
+            break
+        check(time.monotonic() < deadline, "the control socket never served again: %s" % err)
         time.sleep(0.2)
 
 
