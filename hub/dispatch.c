@@ -90,7 +90,14 @@ int hub__send(hub *h, uint64_t id, const char *data, size_t len)
 int hub__set_tag_id(hub *h, uint64_t id, const char *tag, size_t len, int from_worker)
 {
     hub_client *c = hub__client_by_id(h, id);
+    char intended[HUB_TAG_MAX + 1];
     int rc;
+    if (from_worker && c) {
+        /* Membership follows the latest intent, whoever recorded it: a tag the control
+         * socket or another worker set after this command's wins over it. */
+        len = hub__tag_intended(h, id, intended);
+        tag = intended;
+    }
     if (!c || (c->flags & HUB_CLIENT_CLOSING)) {
         if (from_worker)
             hub__tag_intent(h, id, NULL, 0, 1);
@@ -177,7 +184,7 @@ void hub__tag_changed(hub *h, hub_client *c)
     if (!h->nworkers)
         h->ops->on_tag(h->script, c->id, tag, len);
     else
-        hub__worker_queue_item(h, c->worker, HUB_EV_TAG, c, tag, len);
+        hub__worker_queue_item(h, c->worker, HUB_EV_TAG, c, NULL, 0); /* it reads the tag then */
 }
 
 void hub__event_connect(hub *h, hub_client *c)

@@ -199,6 +199,9 @@ int hub__tag_set(hub *h, hub_client *c, const char *tag, size_t len);
 int hub__tag_intent(hub *h, uint64_t id, const char *tag, size_t len, int loop_thread);
 /* Loop thread. The pointer stays valid until the loop itself changes tags. */
 hub_tag *hub__tag_find(hub *h, const char *tag, size_t len);
+/* Any thread: the tag id is meant to carry (the last one anybody set), copied to out;
+ * returns its length, 0 for none. */
+size_t hub__tag_intended(hub *h, uint64_t id, char out[HUB_TAG_MAX + 1]);
 /* Any thread: how many connections carry (or are about to carry) the tag. */
 uint32_t hub__tag_count(hub *h, const char *tag, size_t len);
 /* Loop thread: free the tags workers left with neither members nor intents. */

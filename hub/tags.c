@@ -111,6 +111,20 @@ hub_tag *hub__tag_find(hub *h, const char *tag, size_t len)
     return t;
 }
 
+size_t hub__tag_intended(hub *h, uint64_t id, char out[HUB_TAG_MAX + 1])
+{
+    size_t len = 0;
+    pthread_rwlock_rdlock(&h->tags_lock);
+    hub_tag *t = hub_idmap_get(&h->intents, id);
+    if (t) {
+        len = t->len;
+        memcpy(out, t->name, len);
+    }
+    pthread_rwlock_unlock(&h->tags_lock);
+    out[len] = '\0';
+    return len;
+}
+
 uint32_t hub__tag_count(hub *h, const char *tag, size_t len)
 {
     uint32_t n = 0;

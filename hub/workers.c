@@ -273,10 +273,15 @@ static int worker_run(hub_worker *w, hub_item *it)
     case HUB_EV_CLOSE:
         h->ops->on_close(w->script, it->id);
         break;
-    case HUB_EV_TAG:
+    case HUB_EV_TAG: {
+        /* The tag as it is now, not as it was when this was queued: the script may have
+         * set another since, and that one is what the hub applies. */
+        char tag[HUB_TAG_MAX + 1];
+        size_t len = hub__tag_intended(h, it->id, tag);
         if (h->ops->on_tag)
-            h->ops->on_tag(w->script, it->id, it->data, it->len);
+            h->ops->on_tag(w->script, it->id, tag, len);
         break;
+    }
     case HUB_EV_RELOAD:
         worker_reload(w);
         return 0;

@@ -15,7 +15,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from evhub_harness import (TIMEOUT, Hub, Suite, TestFailure, check, check_eq, ns,  # noqa: E402
+from evhub_harness import (TIMEOUT, Hub, Suite, TestFailure, check, check_eq, ns, scaled,  # noqa: E402
                            pump, run_ctl, run_once, take_until, wait_eof, wait_frames)
 
 suite = Suite("control")
@@ -34,6 +34,27 @@ evapi.on("message", function(conn, msg)
         conn:send(VERSION .. " " .. conn.id .. " " .. tostring(conn.tag))
     elseif cmd == "tag" then
         conn:set_tag(rest)
+        conn:send("tagged " .. tostring(conn.tag))
+    elseif cmd == "gated" then
+        -- "gated:FILE:TAG": wait until FILE exists (the test makes it), then tag
+        local file, tag = rest:match("^(.*):([^:]+)$")
+        local t0 = os.clock()
+        while os.clock() - t0 < 30 do
+            local f = io.open(file)
+            if f then f:close() break end
+        end
+        conn:set_tag(tag)
+        conn:send("tagged " .. tostring(conn.tag))
+    elseif cmd == "tagwait" then
+        -- "tagwait:ACK:GATE:TAG": tag, make ACK, then wait for GATE (the test makes it)
+        local ack, gate, tag = rest:match("^(.*):(.*):([^:]+)$")
+        conn:set_tag(tag)
+        io.open(ack, "w"):close()
+        local t0 = os.clock()
+        while os.clock() - t0 < 30 do
+            local f = io.open(gate)
+            if f then f:close() break end
+        end
         conn:send("tagged " .. tostring(conn.tag))
     elseif cmd == "echo" then
         conn:send(rest)
@@ -441,6 +462,60 @@ def tag_workers1():
 @suite.case
 def tag_workers2():
     tag_case(2)
+
+
+@suite.case
+def tag_race_script_and_control():
+    # The script tags its own connection while the control socket tags it too: the control
+    # request is handled while the script's message waits in the worker's queue (or runs),
+    # and the script's set_tag comes last. Afterwards the script's conn.tag, the hub's
+    # listing and the routing all agree on the script's tag. Then the other order.
+    h = start(2)
+    a, w = h.client(name="a"), h.client(name="w")
+    ida = cid(a, [w])
+    cid(w, [a])
+    r = Raw(h.ctl_path)
+    for i in range(4):
+        mine, theirs = "s%d" % i, "c%d" % i
+        gate = os.path.join(h.dir, "gate%d" % i)
+        n = len(a.frames)
+        a.send_now(ns("gated:%s:%s" % (gate, mine)))
+        worker = ida % 2
+        wait_for(lambda: cj(h, "status")["workers"][worker]["queued_events"], lambda q: q == 1,
+                 "the message in the worker's hands")
+        got = r.call(req("tag", id=i) | {"params": [ida, theirs]})
+        check_eq(got.get("result"), {"id": ida, "tag": theirs}, "control tag %d" % i)
+        open(gate, "w").close()
+        wait_frames([a], n + 1, others=[w])
+        check_eq(a.frames.pop(n), ("tagged " + mine).encode(), "the script's own set_tag")
+        view = ask(a, "whoami", [w]).decode().split(" ")[2]
+        listed = by_id(h)[ida]["tag"]
+        check_eq((view, listed), (mine, mine), "round %d: conn.tag and the hub's tag" % i)
+        check_eq(cj(h, "multicast", mine, "m%d" % i)["recipients"], 1, "routing by it")
+        wait_frames([a], n + 1, others=[w])
+        check_eq(a.frames.pop(n), ("m%d" % i).encode(), "round %d: the multicast" % i)
+    # The other way round: the script's set_tag comes first but reaches the loop after the
+    # control socket's tag (its command waits for the callback to end). The control socket's
+    # tag was set last, so it wins everywhere.
+    for i in range(4):
+        mine, theirs = "t%d" % i, "d%d" % i
+        ack, gate = (os.path.join(h.dir, "%s%d" % (x, i)) for x in ("ack", "gate2-"))
+        n = len(a.frames)
+        a.send_now(ns("tagwait:%s:%s:%s" % (ack, gate, mine)))
+        wait_for(lambda: os.path.exists(ack), lambda x: x, "the script's set_tag")
+        check_eq(r.call(req("tag", id=i) | {"params": [ida, theirs]}).get("result"),
+                 {"id": ida, "tag": theirs}, "control tag after the script's")
+        open(gate, "w").close()
+        wait_frames([a], n + 1, others=[w])
+        a.frames.pop(n)
+        view = ask(a, "whoami", [w]).decode().split(" ")[2]
+        check_eq((view, by_id(h)[ida]["tag"]), (theirs, theirs),
+                 "round %d: conn.tag and the hub's tag" % i)
+    # The control socket last: its tag wins everywhere.
+    check_eq(ask(a, "tag:own", [w]), b"tagged own", "script tag")
+    cj(h, "tag", ida, "ctl")
+    check_eq(ask(a, "whoami", [w]).decode().split(" ")[2], "ctl", "control last: conn.tag")
+    check_eq(by_id(h)[ida]["tag"], "ctl", "control last: the hub's tag")
 
 
 # ---------------------------------------------------------------------------------------------
