@@ -86,7 +86,10 @@ static void cmd_status(hub_ctl_call *call, json_object *params, void *ud)
     json_object_object_add(r, "control", json_object_new_string(h->cfg.control_socket));
     json_object_object_add(r, "clients", json_object_new_int(atomic_load(&h->nclients)));
     json_object_object_add(r, "max_clients", json_object_new_int(h->cfg.max_clients));
-    json_object_object_add(r, "tags", u64(h->ntags));
+    pthread_rwlock_rdlock(&h->tags_lock); /* workers add tags too */
+    uint64_t ntags = h->ntags;
+    pthread_rwlock_unlock(&h->tags_lock);
+    json_object_object_add(r, "tags", u64(ntags));
     json_object_object_add(r, "log_level",
                            json_object_new_string(hub_log_level_name(atomic_load(&hub_log_level))));
     json_object_object_add(sc, "path", json_object_new_string(h->cfg.script));

@@ -153,10 +153,12 @@ struct hub {
     int reload_busy;       /* a reload round is under way */
     int checking;          /* check_thread is checking the script for it */
     pthread_t check_thread;
-    int reload_waiting;          /* workers that have not yet answered a reload */
-    int reload_failed;           /* one of them failed */
-    hub_list_job *list_jobs;     /* client listings under way (control_cmds.c) */
-    ev_timer list_w;             /* writes their next slices */
+    int reload_waiting;      /* workers that have not yet answered a reload */
+    int reload_failed;       /* one of them failed */
+    hub_list_job *list_jobs; /* client listings under way (control_cmds.c) */
+    ev_timer list_w;         /* writes their next slices */
+    char *reload_source;     /* the text of the script a reload round loads, read once */
+    size_t reload_source_len;
     hub_ctl_call **reload_calls; /* control calls waiting for the reload under way */
     size_t nreload_calls;
     hub_ctl_call **reload_next; /* ...and for the one asked for while it runs */
@@ -219,7 +221,16 @@ int hub__close_id(hub *h, uint64_t id, const char *reason);
 extern const hub_api hub__loop_api;
 
 /* kinds of events handed to a worker */
-enum { HUB_EV_CONNECT, HUB_EV_MESSAGE, HUB_EV_CLOSE, HUB_EV_TAG, HUB_EV_RELOAD, HUB_EV_STOP };
+enum {
+    HUB_EV_CONNECT,
+    HUB_EV_MESSAGE,
+    HUB_EV_CLOSE,
+    HUB_EV_TAG,
+    HUB_EV_RELOAD, /* load the new script beside the running one, and say how it went */
+    HUB_EV_COMMIT, /* switch to it */
+    HUB_EV_ABORT,  /* drop it */
+    HUB_EV_STOP
+};
 
 /* script events from the loop: inline when workers == 0, else queued to the worker */
 void hub__event_connect(hub *h, hub_client *c);
@@ -231,7 +242,12 @@ void hub__event_close(hub *h, hub_client *c);
 int hub__workers_start(hub *h, char *err, size_t errlen);
 /* Hand queued events to the workers and wake them. */
 void hub__workers_flush(hub *h);
-void hub__workers_reload(hub *h);
+/* Ask every worker to load h->reload_source beside its script; each answers through
+ * hub__reload_answered. The decisions are allocated now, so that hub__workers_decide
+ * cannot fail. 0, or -ENOMEM with nothing posted. */
+int hub__workers_reload(hub *h);
+/* Tell every worker to switch to the script it loaded (commit) or to drop it. */
+void hub__workers_decide(hub *h, int commit);
 void hub__workers_stop(hub *h);
 void hub__workers_join(hub *h);
 int hub__worker_full(hub *h, int w);

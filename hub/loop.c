@@ -14,8 +14,9 @@
 
 static hub_script_conf script_conf(const hub *h, int worker)
 {
-    return (hub_script_conf){h->cfg.script, h->cfg.event_callback, h->cfg.max_instructions,
-                             h->cfg.max_memory, worker};
+    return (hub_script_conf){
+        h->cfg.script, h->cfg.event_callback, h->cfg.max_instructions, h->cfg.max_memory,
+        worker,        h->reload_source,      h->reload_source_len};
 }
 
 /* A script being checked must not reach a hub: every call fails. */
@@ -48,10 +49,12 @@ static void noapi_count(void *ud, int what) { (void)ud, (void)what; }
 static const hub_api no_api = {noapi_data,    noapi_tagged, noapi_tagged, noapi_id_data,
                                noapi_id_data, noapi_close,  noapi_stats,  noapi_count};
 
-int hub_check_script(const hub_config *cfg, const hub_script_ops *ops, char *err, size_t errlen)
+/* Load the script (source, or the file when source is NULL) in a scratch state. */
+static int check_source(const hub_config *cfg, const hub_script_ops *ops, const char *source,
+                        size_t len, char *err, size_t errlen)
 {
-    hub_script_conf sc = {cfg->script, cfg->event_callback, cfg->max_instructions, cfg->max_memory,
-                          -1};
+    hub_script_conf sc = {
+        cfg->script, cfg->event_callback, cfg->max_instructions, cfg->max_memory, -1, source, len};
     if (!cfg->script[0]) {
         snprintf(err, errlen, "no script configured ([lua] script)");
         return -EINVAL;
@@ -61,6 +64,49 @@ int hub_check_script(const hub_config *cfg, const hub_script_ops *ops, char *err
         return -EINVAL;
     ops->free(s);
     return 0;
+}
+
+int hub_check_script(const hub_config *cfg, const hub_script_ops *ops, char *err, size_t errlen)
+{
+    return check_source(cfg, ops, NULL, 0, err, errlen);
+}
+
+/* The whole file, hub_malloc'd (with a NUL after it), or NULL with err set. */
+static char *read_file(const char *path, size_t *len, char *err, size_t errlen)
+{
+    FILE *f = fopen(path, "rb");
+    size_t cap = 0, n = 0;
+    char *buf = NULL;
+    if (!f) {
+        snprintf(err, errlen, "cannot open %.900s: %s", path, strerror(errno));
+        return NULL;
+    }
+    for (;;) {
+        if (n + 1 >= cap) {
+            char *nb = hub_realloc(buf, cap = cap ? cap * 2 : 16384);
+            if (!nb) {
+                snprintf(err, errlen, "%.900s: out of memory reading it", path);
+                goto fail;
+            }
+            buf = nb;
+        }
+        size_t got = fread(buf + n, 1, cap - n - 1, f);
+        n += got;
+        if (got == 0)
+            break;
+    }
+    if (ferror(f)) {
+        snprintf(err, errlen, "cannot read %.900s", path);
+        goto fail;
+    }
+    fclose(f);
+    buf[n] = '\0';
+    *len = n;
+    return buf;
+fail:
+    fclose(f);
+    hub_free(buf);
+    return NULL;
 }
 
 static void prepare_cb(struct ev_loop *loop, ev_prepare *w, int revents)
@@ -142,6 +188,8 @@ static int calls_add(hub_ctl_call ***list, size_t *n, hub_ctl_call *call)
 static void reload_done(hub *h, const char *why)
 {
     h->reload_busy = 0;
+    hub_free(h->reload_source);
+    h->reload_source = NULL;
     hub_free(h->reload_error);
     h->reload_error = NULL;
     if (why) {
@@ -175,13 +223,31 @@ static void reload_done(hub *h, const char *why)
     }
 }
 
-/* The check of a reload runs the new script's top level, which may take up to its
- * instruction budget: a thread of its own does it, and the loop goes on serving. */
+/* A round cut short by shutdown: neither a reload nor a failure; the callers are told. */
+static void reload_stopped(hub *h)
+{
+    h->reload_busy = 0;
+    hub_free(h->reload_source);
+    h->reload_source = NULL;
+    for (size_t i = 0; i < h->nreload_calls; i++)
+        hub_ctl_fail(h->reload_calls[i], HUB_CTL_STOPPING, "the hub is stopping");
+    hub_free(h->reload_calls);
+    h->reload_calls = NULL;
+    h->nreload_calls = 0;
+}
+
+/* The check of a reload reads the file once (every state of the round loads that same
+ * text, however the file changes meanwhile) and runs its top level, which may take up to
+ * its instruction budget: a thread of its own does it while the loop goes on serving. */
 static void *check_main(void *arg)
 {
     hub *h = arg;
     char err[1024];
-    int rc = hub_check_script(&h->cfg, h->ops, err, sizeof(err));
+    size_t len = 0;
+    char *src = read_file(h->cfg.script, &len, err, sizeof(err));
+    int rc = src ? check_source(&h->cfg, h->ops, src, len, err, sizeof(err)) : -EIO;
+    h->reload_source = src; /* the loop reads these after joining this thread */
+    h->reload_source_len = len;
     hub__post_checked(h, rc < 0 ? err : NULL); /* on to hub__reload_checked, in the loop */
     return NULL;
 }
@@ -213,13 +279,18 @@ void hub__reload_checked(hub *h, const char *why)
         return;
     }
     if (h->stopping) {
-        reload_done(h, "the hub is stopping");
+        reload_stopped(h);
         return;
     }
     if (h->nworkers) {
+        /* Two steps: every worker loads the new text beside its running script and says
+         * how it went; then all switch, or all keep the old one (hub__reload_answered). */
         h->reload_waiting = h->nworkers;
         h->reload_failed = 0;
-        hub__workers_reload(h); /* each answers through hub__reload_answered */
+        if (hub__workers_reload(h) < 0) {
+            h->reload_waiting = 0;
+            reload_done(h, "out of memory");
+        }
         return;
     }
     hub_script_conf sc = script_conf(h, -1);
@@ -259,8 +330,14 @@ void hub__reload_answered(hub *h, int worker, const char *why)
     }
     if (h->reload_waiting == 0 || --h->reload_waiting > 0)
         return;
+    if (h->stopping) {
+        hub__workers_decide(h, 0); /* (not run: the workers stop first) */
+        reload_stopped(h);
+        return;
+    }
+    /* Every worker has answered: all switch to the new script, or all keep the old. */
+    hub__workers_decide(h, !h->reload_failed);
     if (h->reload_failed) {
-        /* Workers that loaded it run the new script; those that failed keep the old one. */
         char *msg = h->reload_error;
         h->reload_error = NULL;
         reload_done(h, msg);
@@ -401,11 +478,9 @@ void hub_destroy(hub *h)
     }
     hub__commands_free(h); /* the check's verdict among them, if the loop never ran it */
     /* A reload still waiting for workers will not finish now: tell whoever asked. */
-    for (size_t i = 0; i < h->nreload_calls; i++)
-        hub_ctl_fail(h->reload_calls[i], HUB_CTL_STOPPING, "the hub is stopping");
+    reload_stopped(h);
     for (size_t i = 0; i < h->nreload_next; i++)
         hub_ctl_fail(h->reload_next[i], HUB_CTL_STOPPING, "the hub is stopping");
-    hub_free(h->reload_calls);
     hub_free(h->reload_next);
     hub__ctl_jobs_free(h);
     hub_free(h->reload_error);

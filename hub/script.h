@@ -59,6 +59,8 @@ typedef struct hub_script_conf {
     long max_instructions;      /* per callback, 0 = unlimited */
     size_t max_memory;          /* bytes per state, 0 = unlimited */
     int worker;                 /* worker index, -1 for the loop thread / checks */
+    const char *source;         /* the script's text, if already read (else path is read) */
+    size_t source_len;
 } hub_script_conf;
 
 typedef struct hub_script hub_script;
@@ -72,6 +74,9 @@ typedef struct hub_script_ops {
     /* Load the script afresh into a new state that inherits old's connections (and their
      * tags), for a reload. NULL with err set on failure; old is untouched either way. */
     hub_script *(*reload)(hub_script *old, const hub_script_conf *conf, char *err, size_t errlen);
+    /* Carry old's connections (and their tags) into s, a state just loaded for a reload.
+     * 0, or -1 with err set (s is then unusable, old untouched). */
+    int (*adopt)(hub_script *s, hub_script *old, char *err, size_t errlen);
     void (*free)(hub_script *s); /* NULL-safe */
     /* Callbacks never fail from the hub's point of view: script errors are logged inside. */
     void (*on_connect)(hub_script *s, const hub_conn_info *ci);

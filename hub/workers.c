@@ -53,6 +53,8 @@ struct hub_worker {
     pthread_t thread;
     int started;
     hub_script *script;
+    hub_script *pending; /* worker side: a reload's new script, until the loop decides */
+    hub_item *decision;  /* loop side: the decision item of the reload under way */
 
     pthread_mutex_t mu;
     pthread_cond_t cv;
@@ -231,22 +233,57 @@ static const hub_api worker_api = {
 
 /* ---- the worker thread ---- */
 
+/* What worker i loads: the configured script, or during a reload the round's text. */
+static hub_script_conf worker_conf(const hub *h, int i)
+{
+    return (hub_script_conf){
+        h->cfg.script,    h->cfg.event_callback, h->cfg.max_instructions, h->cfg.max_memory, i,
+        h->reload_source, h->reload_source_len};
+}
+
+/* Tell the loop how loading went (why NULL: loaded). The loop waits for every worker's
+ * answer, so this one must get through: the worker waits for memory if it must. */
+static void reload_answer(hub_worker *w, const char *why)
+{
+    size_t len = why ? strlen(why) : 0;
+    while (worker_cmd(w, CMD_RELOADED, 0, NULL, 0, why, len) < 0) {
+        struct timespec ts = {0, 10 * 1000 * 1000};
+        nanosleep(&ts, NULL);
+    }
+    worker_flush_cmds(w);
+}
+
+/* First step of a reload: load the round's text beside the running script. */
 static void worker_reload(hub_worker *w)
 {
     hub *h = w->h;
     char err[1024];
-    hub_script_conf sc = {h->cfg.script, h->cfg.event_callback, h->cfg.max_instructions,
-                          h->cfg.max_memory, w->index};
-    hub_script *n = h->ops->reload(w->script, &sc, err, sizeof(err));
-    if (!n) {
-        hub_log(HUB_LOG_ERR, "worker %d: reload failed: %s; keeping the old script", w->index, err);
-        worker_cmd(w, CMD_RELOADED, 0, NULL, 0, err, strlen(err));
+    hub_script_conf sc = worker_conf(h, w->index);
+    h->ops->free(w->pending);
+    w->pending = h->ops->load(&sc, &worker_api, w, err, sizeof(err));
+    if (!w->pending)
+        hub_log(HUB_LOG_ERR, "worker %d: reload failed: %s", w->index, err);
+    reload_answer(w, w->pending ? NULL : err);
+}
+
+/* Second step: switch to it (it takes over the connections and their tags), or drop it. */
+static void worker_decide(hub_worker *w, int commit)
+{
+    hub *h = w->h;
+    char err[1024];
+    hub_script *n = w->pending;
+    w->pending = NULL;
+    if (!n)
+        return;
+    if (commit && h->ops->adopt(n, w->script, err, sizeof(err)) == 0) {
+        h->ops->free(w->script);
+        w->script = n;
+        hub_log(HUB_LOG_NOTICE, "worker %d: script reloaded", w->index);
         return;
     }
-    h->ops->free(w->script);
-    w->script = n;
-    hub_log(HUB_LOG_NOTICE, "worker %d: script reloaded", w->index);
-    worker_cmd(w, CMD_RELOADED, 0, NULL, 0, NULL, 0);
+    if (commit)
+        hub_log(HUB_LOG_ERR, "worker %d: reload failed: %s; keeping the old script", w->index, err);
+    h->ops->free(n);
 }
 
 /* Paused readers resume only once the queue is half empty, so a queue hovering at its limit
@@ -284,6 +321,10 @@ static int worker_run(hub_worker *w, hub_item *it)
     }
     case HUB_EV_RELOAD:
         worker_reload(w);
+        return 0;
+    case HUB_EV_COMMIT:
+    case HUB_EV_ABORT:
+        worker_decide(w, it->type == HUB_EV_COMMIT);
         return 0;
     case HUB_EV_STOP:
         return 1;
@@ -581,8 +622,7 @@ int hub__workers_start(hub *h, char *err, size_t errlen)
     pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
     for (int i = 0; i < h->nworkers; i++) {
         hub_worker *w = &h->workers[i];
-        hub_script_conf sc = {h->cfg.script, h->cfg.event_callback, h->cfg.max_instructions,
-                              h->cfg.max_memory, i};
+        hub_script_conf sc = worker_conf(h, i);
         w->h = h;
         w->index = i;
         pthread_mutex_init(&w->mu, NULL);
@@ -633,7 +673,43 @@ void hub__commands_free(hub *h)
     h->cmd_head = h->cmd_tail = NULL;
 }
 
-void hub__workers_reload(hub *h) { post_control(h, HUB_EV_RELOAD); }
+int hub__workers_reload(hub *h)
+{
+    hub_item **reloads = hub_calloc((size_t)h->nworkers, sizeof(*reloads));
+    int ok = reloads != NULL;
+    for (int i = 0; ok && i < h->nworkers; i++) {
+        reloads[i] = item_new(HUB_EV_RELOAD, 0, NULL, 0);
+        h->workers[i].decision = item_new(HUB_EV_ABORT, 0, NULL, 0);
+        ok = reloads[i] && h->workers[i].decision;
+    }
+    for (int i = 0; reloads && i < h->nworkers; i++) {
+        hub_worker *w = &h->workers[i];
+        if (!ok) {
+            hub_free(reloads[i]);
+            hub_free(w->decision);
+            w->decision = NULL;
+            continue;
+        }
+        outbox_add(w, reloads[i]);
+        push_outbox(w);
+    }
+    hub_free(reloads);
+    return ok ? 0 : -ENOMEM;
+}
+
+void hub__workers_decide(hub *h, int commit)
+{
+    for (int i = 0; i < h->nworkers; i++) {
+        hub_worker *w = &h->workers[i];
+        hub_item *it = w->decision;
+        w->decision = NULL;
+        if (!it)
+            continue;
+        it->type = commit ? HUB_EV_COMMIT : HUB_EV_ABORT;
+        outbox_add(w, it);
+        push_outbox(w);
+    }
+}
 
 void hub__workers_stop(hub *h) { post_control(h, HUB_EV_STOP); }
 
@@ -665,6 +741,8 @@ void hub__workers_join(hub *h)
             c = n;
         }
         h->ops->free(w->script);
+        h->ops->free(w->pending);
+        hub_free(w->decision);
         hub_free(w->paused);
         pthread_mutex_destroy(&w->mu);
         pthread_cond_destroy(&w->cv);

@@ -455,7 +455,16 @@ static int init_state(lua_State *L)
     }
     lua_settop(L, 1); /* [conf] */
 
-    if (luaL_loadfilex(L, conf->path, "t") != LUA_OK) /* [conf, chunk] */
+    int lrc;
+    if (conf->source) {
+        /* The text the hub read once for every state of a reload; named as the file. */
+        lua_pushfstring(L, "@%s", conf->path); /* [conf, name] */
+        lrc = luaL_loadbufferx(L, conf->source, conf->source_len, lua_tostring(L, -1), "t");
+        lua_remove(L, -2);
+    } else {
+        lrc = luaL_loadfilex(L, conf->path, "t");
+    }
+    if (lrc != LUA_OK) /* [conf, chunk] */
         return lua_error(L);
     arm_budget(s);
     if (lua_pcall(L, 0, 0, 0) != LUA_OK && !is_exit(L, -1))
@@ -559,20 +568,28 @@ static int copy_conns(lua_State *L)
     return 0;
 }
 
-static hub_script *hlua_reload(hub_script *old, const hub_script_conf *conf, char *err,
-                               size_t errlen)
+static int hlua_adopt(hub_script *s, hub_script *old, char *err, size_t errlen)
 {
-    hub_script *s = hlua_load(conf, old->api, old->ud, err, errlen);
-    if (s == NULL)
-        return NULL;
     int otop = lua_gettop(old->L);
     lua_pushcfunction(s->L, copy_conns); /* [copy] */
     lua_pushlightuserdata(s->L, old);    /* [copy, old] */
     int rc = lua_pcall(s->L, 1, 0, 0);
     lua_settop(old->L, otop); /* an error may have left old's stack mid-iteration */
     if (rc != LUA_OK) {
-        snprintf(err, errlen, "%s: reload: cannot copy connections: %s", conf->path,
+        snprintf(err, errlen, "reload: cannot copy connections: %s",
                  rc == LUA_ERRMEM ? "not enough memory" : lua_tostring(s->L, -1));
+        return -1;
+    }
+    return 0;
+}
+
+static hub_script *hlua_reload(hub_script *old, const hub_script_conf *conf, char *err,
+                               size_t errlen)
+{
+    hub_script *s = hlua_load(conf, old->api, old->ud, err, errlen);
+    if (s == NULL)
+        return NULL;
+    if (hlua_adopt(s, old, err, errlen) < 0) {
         hlua_free(s);
         return NULL;
     }
@@ -583,6 +600,7 @@ const hub_script_ops hlua_script_ops = {
     .name = "lua",
     .load = hlua_load,
     .reload = hlua_reload,
+    .adopt = hlua_adopt,
     .free = hlua_free,
     .on_connect = hlua_on_connect,
     .on_message = hlua_on_message,

@@ -903,6 +903,36 @@ def jsonrpc_null_id():
 
 
 @suite.case
+def reload_is_all_or_nothing():
+    # A script that loads in the check and in one worker but not in the other: the reload
+    # fails and every worker keeps the old script (none runs the new one).
+    h = start(2)
+    a, b = h.client(name="a"), h.client(name="b")
+    ida, idb = cid(a, [b]), cid(b, [a])
+    check_eq(sorted([ida % 2, idb % 2]), [0, 1], "one client on each worker")
+    h.write_script('if evapi.worker == 1 then error("not on worker 1") end\n' + script("v2"))
+    err = ctl_fails(h, ["reload"], 1, -32000, "a script one worker cannot load")
+    check("worker 1" in err and "not on worker 1" in err, "why: %r" % err)
+    for c, i, o in ((a, ida, b), (b, idb, a)):
+        check_eq(ask(c, "whoami", [o]), ("v1 %d nil" % i).encode(), "client %d: old script" % i)
+    check_eq(cj(h, "stats")["reload_failures"], 1, "one failed reload")
+    # Every state of a round loads the text the check read: the file changing meanwhile (an
+    # editor writing in place) does not reach the workers.
+    marker = os.path.join(h.dir, "checked")
+    slow = ('io.open(%r, "w"):close()\nlocal t0 = os.clock()\n'
+            'while os.clock() - t0 < 0.3 do end\n' % marker)
+    h.write_script(slow + script("v3"))
+    r = Raw(h.ctl_path)
+    r.send(json.dumps(req("reload", id=1)) + "\n")
+    wait_for(lambda: os.path.exists(marker), lambda x: x, "the check running the new text")
+    h.write_script("this is not Lua\n")
+    got = r.answer()
+    check_eq(got.get("result", {}).get("reloads"), 1, "the reload of the text read: %r" % got)
+    for c, i, o in ((a, ida, b), (b, idb, a)):
+        check_eq(ask(c, "whoami", [o]), ("v3 %d nil" % i).encode(), "client %d: new script" % i)
+
+
+@suite.case
 def reload_during_reload():
     # Two reloads in one write: the second arrives while the workers still load the first, and
     # gets a round of its own (so a file changed in between would be loaded), not the first's
