@@ -117,10 +117,10 @@ static void conn_flush(ctl_conn *c)
 static void conn_write_json(ctl_conn *c, json_object *o)
 {
     size_t len;
+    if (c->dead)
+        return; /* nobody to read it: not even built */
     const char *s = json_object_to_json_string_length(
         o, JSON_C_TO_STRING_PLAIN | JSON_C_TO_STRING_NOSLASHESCAPE, &len);
-    if (c->dead)
-        return;
     if (c->out_off > 0) {
         /* Keep only what is unsent. */
         memmove(c->out, c->out + c->out_off, c->out_len - c->out_off);

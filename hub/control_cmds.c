@@ -226,6 +226,11 @@ static void list_step_cb(struct ev_loop *loop, ev_timer *w, int revents)
         }
         *pp = j->next;
         json_object *r = json_object_new_object();
+        if (!r) {
+            hub_ctl_fail(j->call, HUB_CTL_INTERNAL_ERROR, "out of memory");
+            job_free(j);
+            continue;
+        }
         json_object_set_serializer(r, listing_to_json, j->pb, listing_free); /* r owns pb */
         j->pb = NULL;
         hub_ctl_reply(j->call, r);

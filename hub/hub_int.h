@@ -153,11 +153,12 @@ struct hub {
     int reload_busy;       /* a reload round is under way */
     int checking;          /* check_thread is checking the script for it */
     pthread_t check_thread;
-    int reload_waiting;      /* workers that have not yet answered a reload */
-    int reload_failed;       /* one of them failed */
-    hub_list_job *list_jobs; /* client listings under way (control_cmds.c) */
-    ev_timer list_w;         /* writes their next slices */
-    char *reload_source;     /* the text of the script a reload round loads, read once */
+    int reload_waiting;       /* workers that have not yet answered a reload */
+    int reload_failed;        /* one of them failed */
+    hub_list_job *list_jobs;  /* client listings under way (control_cmds.c) */
+    ev_timer list_w;          /* writes their next slices */
+    atomic_int reload_cancel; /* set at shutdown: a reload's loads stop where they are */
+    char *reload_source;      /* the text of the script a reload round loads, read once */
     size_t reload_source_len;
     hub_ctl_call **reload_calls; /* control calls waiting for the reload under way */
     size_t nreload_calls;
@@ -270,6 +271,9 @@ size_t hub__worker_paused(hub *h, int w);
 /* Tell the state that runs c's events that c's tag changed behind its back (dispatch.c). */
 void hub__tag_changed(hub *h, hub_client *c);
 
+/* What a state of worker (-1: the loop's) loads: the configured script, or during a reload
+ * round the text read once for it, cancelled at shutdown (loop.c). */
+hub_script_conf hub__script_conf(const hub *h, int worker);
 /* reload (loop.c): check the script, then reload every state. call (may be NULL) is answered
  * once every state runs the new script, or with the reason it failed. */
 void hub__reload(hub *h, hub_ctl_call *call);

@@ -12,11 +12,17 @@
 #include "hub/hub_int.h"
 #include "hub/log.h"
 
-static hub_script_conf script_conf(const hub *h, int worker)
+hub_script_conf hub__script_conf(const hub *h, int worker)
 {
-    return (hub_script_conf){
-        h->cfg.script, h->cfg.event_callback, h->cfg.max_instructions, h->cfg.max_memory,
-        worker,        h->reload_source,      h->reload_source_len};
+    /* During a reload round, every state loads the text read once, and may be cancelled. */
+    return (hub_script_conf){.path = h->cfg.script,
+                             .event_callback = h->cfg.event_callback,
+                             .max_instructions = h->cfg.max_instructions,
+                             .max_memory = h->cfg.max_memory,
+                             .worker = worker,
+                             .source = h->reload_source,
+                             .source_len = h->reload_source_len,
+                             .cancel = h->reload_source ? (atomic_int *)&h->reload_cancel : NULL};
 }
 
 /* A script being checked must not reach a hub: every call fails. */
@@ -51,10 +57,16 @@ static const hub_api no_api = {noapi_data,    noapi_tagged, noapi_tagged, noapi_
 
 /* Load the script (source, or the file when source is NULL) in a scratch state. */
 static int check_source(const hub_config *cfg, const hub_script_ops *ops, const char *source,
-                        size_t len, char *err, size_t errlen)
+                        size_t len, atomic_int *cancel, char *err, size_t errlen)
 {
-    hub_script_conf sc = {
-        cfg->script, cfg->event_callback, cfg->max_instructions, cfg->max_memory, -1, source, len};
+    hub_script_conf sc = {.path = cfg->script,
+                          .event_callback = cfg->event_callback,
+                          .max_instructions = cfg->max_instructions,
+                          .max_memory = cfg->max_memory,
+                          .worker = -1,
+                          .source = source,
+                          .source_len = len,
+                          .cancel = cancel};
     if (!cfg->script[0]) {
         snprintf(err, errlen, "no script configured ([lua] script)");
         return -EINVAL;
@@ -68,7 +80,7 @@ static int check_source(const hub_config *cfg, const hub_script_ops *ops, const 
 
 int hub_check_script(const hub_config *cfg, const hub_script_ops *ops, char *err, size_t errlen)
 {
-    return check_source(cfg, ops, NULL, 0, err, errlen);
+    return check_source(cfg, ops, NULL, 0, NULL, err, errlen);
 }
 
 /* The whole file, hub_malloc'd (with a NUL after it), or NULL with err set. */
@@ -152,6 +164,7 @@ static void start_shutdown(hub *h, const char *why)
     if (h->stopping)
         return;
     h->stopping = 1;
+    atomic_store(&h->reload_cancel, 1); /* a reload's loads give up where they are */
     hub_log(HUB_LOG_NOTICE, "%s: stopping (flushing queued output, up to %d ms)", why,
             h->cfg.shutdown_timeout);
     ev_io_stop(h->loop, &h->accept_w);
@@ -245,7 +258,8 @@ static void *check_main(void *arg)
     char err[1024];
     size_t len = 0;
     char *src = read_file(h->cfg.script, &len, err, sizeof(err));
-    int rc = src ? check_source(&h->cfg, h->ops, src, len, err, sizeof(err)) : -EIO;
+    int rc =
+        src ? check_source(&h->cfg, h->ops, src, len, &h->reload_cancel, err, sizeof(err)) : -EIO;
     h->reload_source = src; /* the loop reads these after joining this thread */
     h->reload_source_len = len;
     hub__post_checked(h, rc < 0 ? err : NULL); /* on to hub__reload_checked, in the loop */
@@ -293,7 +307,7 @@ void hub__reload_checked(hub *h, const char *why)
         }
         return;
     }
-    hub_script_conf sc = script_conf(h, -1);
+    hub_script_conf sc = hub__script_conf(h, -1);
     hub_script *n = h->ops->reload(h->script, &sc, err, sizeof(err));
     if (!n) {
         reload_done(h, err);
@@ -418,7 +432,7 @@ hub *hub_new(const hub_config *cfg, const hub_script_ops *ops, char *err, size_t
         if (hub__workers_start(h, err, errlen) < 0)
             goto fail;
     } else {
-        hub_script_conf sc = script_conf(h, -1);
+        hub_script_conf sc = hub__script_conf(h, -1);
         h->script = ops->load(&sc, &hub__loop_api, h, err, errlen);
         if (!h->script)
             goto fail;
@@ -467,6 +481,7 @@ void hub_destroy(hub *h)
 {
     if (!h)
         return;
+    atomic_store(&h->reload_cancel, 1);
     if (h->workers) {
         if (!h->stopping)
             hub__workers_stop(h);

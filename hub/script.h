@@ -3,6 +3,7 @@
 #ifndef HUB_SCRIPT_H
 #define HUB_SCRIPT_H
 
+#include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -61,6 +62,7 @@ typedef struct hub_script_conf {
     int worker;                 /* worker index, -1 for the loop thread / checks */
     const char *source;         /* the script's text, if already read (else path is read) */
     size_t source_len;
+    atomic_int *cancel; /* if not NULL: loading stops with an error once it is non-zero */
 } hub_script_conf;
 
 typedef struct hub_script hub_script;

@@ -53,8 +53,7 @@ struct hub_worker {
     pthread_t thread;
     int started;
     hub_script *script;
-    hub_script *pending; /* worker side: a reload's new script, until the loop decides */
-    hub_item *decision;  /* loop side: the decision item of the reload under way */
+    hub_item *decision; /* loop side: the decision item of the reload under way */
 
     pthread_mutex_t mu;
     pthread_cond_t cv;
@@ -118,17 +117,22 @@ static void worker_flush_cmds(hub_worker *w)
     w->cmd_head = w->cmd_tail = NULL;
 }
 
+static void cmd_append(hub_worker *w, hub_cmd *c)
+{
+    if (w->cmd_tail)
+        w->cmd_tail->next = c;
+    else
+        w->cmd_head = c;
+    w->cmd_tail = c;
+}
+
 static int worker_cmd(hub_worker *w, int type, uint64_t id, const char *tag, size_t taglen,
                       const char *data, size_t len)
 {
     hub_cmd *c = cmd_new(type, w->index, id, tag, taglen, data, len);
     if (!c)
         return -ENOMEM;
-    if (w->cmd_tail)
-        w->cmd_tail->next = c;
-    else
-        w->cmd_head = c;
-    w->cmd_tail = c;
+    cmd_append(w, c);
     return 0;
 }
 
@@ -183,22 +187,32 @@ static int wapi_send(void *ud, uint64_t id, const char *data, size_t len)
 static int wapi_set_tag(void *ud, uint64_t id, const char *tag, size_t taglen)
 {
     hub_worker *w = ud;
+    /* The command first: an intent recorded with no command behind it would never be
+     * applied. */
+    hub_cmd *c = cmd_new(CMD_SET_TAG, w->index, id, tag, taglen, NULL, 0);
+    if (!c)
+        return -ENOMEM;
     /* Recorded now, so a multicast right behind it in this script sees the tag. */
     int rc = hub__tag_intent(w->h, id, tag, taglen, 0);
-    if (rc < 0)
+    if (rc < 0) {
+        hub_free(c);
         return rc;
-    rc = worker_cmd(w, CMD_SET_TAG, id, tag, taglen, NULL, 0);
-    return rc < 0 ? rc : 1;
+    }
+    cmd_append(w, c);
+    return 1;
 }
 
 static int wapi_close(void *ud, uint64_t id, const char *reason)
 {
     hub_worker *w = ud;
     size_t rl = reason ? strlen(reason) : 0;
+    hub_cmd *c = cmd_new(CMD_CLOSE, w->index, id, NULL, 0, reason, rl);
+    if (!c)
+        return -ENOMEM;
     /* Untagged at once, so a unicast right behind it in this script finds no one. */
     hub__tag_intent(w->h, id, NULL, 0, 0);
-    int rc = worker_cmd(w, CMD_CLOSE, id, NULL, 0, reason, rl);
-    return rc < 0 ? rc : 1;
+    cmd_append(w, c);
+    return 1;
 }
 
 static void bump(_Atomic uint64_t *v)
@@ -233,14 +247,6 @@ static const hub_api worker_api = {
 
 /* ---- the worker thread ---- */
 
-/* What worker i loads: the configured script, or during a reload the round's text. */
-static hub_script_conf worker_conf(const hub *h, int i)
-{
-    return (hub_script_conf){
-        h->cfg.script,    h->cfg.event_callback, h->cfg.max_instructions, h->cfg.max_memory, i,
-        h->reload_source, h->reload_source_len};
-}
-
 /* Tell the loop how loading went (why NULL: loaded). The loop waits for every worker's
  * answer, so this one must get through: the worker waits for memory if it must. */
 static void reload_answer(hub_worker *w, const char *why)
@@ -253,36 +259,61 @@ static void reload_answer(hub_worker *w, const char *why)
     worker_flush_cmds(w);
 }
 
-/* First step of a reload: load the round's text beside the running script. */
+/* Wait for the loop's decision on a reload (the item is taken out of the queue wherever it
+ * stands). 1: commit; 0: abort, or the hub is stopping (its STOP item is left in place). */
+static int wait_decision(hub_worker *w)
+{
+    pthread_mutex_lock(&w->mu);
+    for (;;) {
+        hub_item *prev = NULL, *it;
+        for (it = w->head; it && it->type != HUB_EV_STOP; prev = it, it = it->next) {
+            if (it->type != HUB_EV_COMMIT && it->type != HUB_EV_ABORT)
+                continue;
+            if (prev)
+                prev->next = it->next;
+            else
+                w->head = it->next;
+            if (w->tail == it)
+                w->tail = prev;
+            pthread_mutex_unlock(&w->mu);
+            int commit = it->type == HUB_EV_COMMIT;
+            hub_free(it);
+            return commit;
+        }
+        if (it)
+            break; /* STOP came first */
+        w->sleeping = 1;
+        pthread_cond_wait(&w->cv, &w->mu);
+        w->sleeping = 0;
+    }
+    pthread_mutex_unlock(&w->mu);
+    return 0;
+}
+
+/* A reload, in two steps: load the round's text beside the running script and carry the
+ * connections over (everything that can fail), answer, then wait for the loop's decision
+ * (all workers switch, or none) without running anything else in between, so the new state
+ * misses no event and switching cannot fail. Events queue up meanwhile; the loop does not
+ * wait. */
 static void worker_reload(hub_worker *w)
 {
     hub *h = w->h;
     char err[1024];
-    hub_script_conf sc = worker_conf(h, w->index);
-    h->ops->free(w->pending);
-    w->pending = h->ops->load(&sc, &worker_api, w, err, sizeof(err));
-    if (!w->pending)
-        hub_log(HUB_LOG_ERR, "worker %d: reload failed: %s", w->index, err);
-    reload_answer(w, w->pending ? NULL : err);
-}
-
-/* Second step: switch to it (it takes over the connections and their tags), or drop it. */
-static void worker_decide(hub_worker *w, int commit)
-{
-    hub *h = w->h;
-    char err[1024];
-    hub_script *n = w->pending;
-    w->pending = NULL;
+    hub_script_conf sc = hub__script_conf(h, w->index);
+    hub_script *n = h->ops->load(&sc, &worker_api, w, err, sizeof(err));
+    if (n && h->ops->adopt(n, w->script, err, sizeof(err)) < 0) {
+        h->ops->free(n);
+        n = NULL;
+    }
     if (!n)
-        return;
-    if (commit && h->ops->adopt(n, w->script, err, sizeof(err)) == 0) {
+        hub_log(HUB_LOG_ERR, "worker %d: reload failed: %s", w->index, err);
+    reload_answer(w, n ? NULL : err);
+    if (wait_decision(w) && n) {
         h->ops->free(w->script);
         w->script = n;
         hub_log(HUB_LOG_NOTICE, "worker %d: script reloaded", w->index);
         return;
     }
-    if (commit)
-        hub_log(HUB_LOG_ERR, "worker %d: reload failed: %s; keeping the old script", w->index, err);
     h->ops->free(n);
 }
 
@@ -324,8 +355,7 @@ static int worker_run(hub_worker *w, hub_item *it)
         return 0;
     case HUB_EV_COMMIT:
     case HUB_EV_ABORT:
-        worker_decide(w, it->type == HUB_EV_COMMIT);
-        return 0;
+        return 0; /* a decision nobody waits for (the round ended at shutdown) */
     case HUB_EV_STOP:
         return 1;
     }
@@ -622,7 +652,7 @@ int hub__workers_start(hub *h, char *err, size_t errlen)
     pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
     for (int i = 0; i < h->nworkers; i++) {
         hub_worker *w = &h->workers[i];
-        hub_script_conf sc = worker_conf(h, i);
+        hub_script_conf sc = hub__script_conf(h, i);
         w->h = h;
         w->index = i;
         pthread_mutex_init(&w->mu, NULL);
@@ -741,7 +771,6 @@ void hub__workers_join(hub *h)
             c = n;
         }
         h->ops->free(w->script);
-        h->ops->free(w->pending);
         hub_free(w->decision);
         hub_free(w->paused);
         pthread_mutex_destroy(&w->mu);

@@ -2,6 +2,7 @@
 #ifndef HLUA_INT_H
 #define HLUA_INT_H
 
+#include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -37,6 +38,7 @@ struct hub_script {
     long budget_left;               /* instructions left in the current callback */
     double deadline;                /* CLOCK_MONOTONIC seconds the current callback may run to */
     int budget_hit;                 /* the current callback ran out of budget */
+    atomic_int *cancel;             /* while loading: non-zero stops the load */
     int kemi;                       /* event_callback is set: events go to the ksr.lua dispatcher */
     int handler[HLUA_EV_COUNT + 1]; /* evapi.on() registry refs, LUA_NOREF when unset */
     int conns_ref;                  /* registry ref: id -> conn userdata */

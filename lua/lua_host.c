@@ -6,6 +6,7 @@
 
 #include <errno.h>
 #include <limits.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <string.h>
 #include <time.h>
@@ -22,6 +23,9 @@ const char hlua__exit_sentinel = 0;
 /* The count hook fires at most every HLUA_HOOK_CHUNK instructions, so budgets above INT_MAX
  * still work; the remainder is tracked in budget_left. */
 #define HLUA_HOOK_CHUNK (1 << 30)
+/* While a load may be cancelled, the hook also fires every HLUA_CANCEL_CHUNK instructions (a
+ * few milliseconds) to look at the flag. */
+#define HLUA_CANCEL_CHUNK (1 << 20)
 /* Instructions a second assumed when turning the budget into a deadline (see arm_budget). */
 #define HLUA_MIN_IPS 20e6
 
@@ -72,10 +76,15 @@ static void warn_cb(void *ud, const char *msg, int tocont)
 
 static void budget_hook(lua_State *L, lua_Debug *ar);
 
+static long hook_chunk(const hub_script *s)
+{
+    return s->cancel ? HLUA_CANCEL_CHUNK : HLUA_HOOK_CHUNK;
+}
+
 static void set_budget_hook(lua_State *L, long count)
 {
-    lua_sethook(L, budget_hook, LUA_MASKCOUNT,
-                count > HLUA_HOOK_CHUNK ? HLUA_HOOK_CHUNK : (int)count);
+    long chunk = hook_chunk(hlua__script(L));
+    lua_sethook(L, budget_hook, LUA_MASKCOUNT, (int)(count > chunk ? chunk : count));
 }
 
 static double now_mono(void)
@@ -105,8 +114,16 @@ static void budget_hook(lua_State *L, lua_Debug *ar)
     hub_script *s = hlua__script(L);
     (void)ar;
 
-    if (s->budget_left > HLUA_HOOK_CHUNK && now_mono() <= s->deadline) {
-        s->budget_left -= HLUA_HOOK_CHUNK;
+    if (s->cancel && atomic_load(s->cancel)) {
+        lua_sethook(L, budget_hook, LUA_MASKCOUNT, 1); /* pcall() cannot swallow it */
+        luaL_error(L, "loading cancelled: the hub is stopping");
+    }
+    if (s->max_instructions <= 0) {
+        set_budget_hook(L, HLUA_HOOK_CHUNK); /* only watching for a cancel */
+        return;
+    }
+    if (s->budget_left > hook_chunk(s) && now_mono() <= s->deadline) {
+        s->budget_left -= hook_chunk(s);
         set_budget_hook(L, s->budget_left);
         return;
     }
@@ -126,8 +143,11 @@ void hlua__budget_check(lua_State *L)
  * budget takes at HLUA_MIN_IPS instructions a second, far slower than any machine runs. */
 static void arm_budget(hub_script *s)
 {
-    if (s->max_instructions <= 0)
+    if (s->max_instructions <= 0) {
+        if (s->cancel) /* a load that may be cancelled: watch, even without a budget */
+            set_budget_hook(s->L, HLUA_HOOK_CHUNK);
         return;
+    }
     s->budget_left = s->max_instructions;
     s->deadline = now_mono() + (double)s->max_instructions / HLUA_MIN_IPS + 0.05;
     set_budget_hook(s->L, s->budget_left);
@@ -365,6 +385,8 @@ static int co_resume(lua_State *L)
      * what an earlier callback left of its count into this one. */
     if (co && s->max_instructions > 0)
         set_budget_hook(co, s->budget_left);
+    else if (co && s->cancel)
+        set_budget_hook(co, HLUA_HOOK_CHUNK);
     return call_original(L);
 }
 
@@ -457,9 +479,20 @@ static int init_state(lua_State *L)
 
     int lrc;
     if (conf->source) {
-        /* The text the hub read once for every state of a reload; named as the file. */
+        /* The text the hub read once for every state of a reload; named as the file, and
+         * read as luaL_loadfilex reads one: a UTF-8 BOM, then a first line starting with
+         * '#' (a shebang) are skipped, the line's newline kept so line numbers hold. */
+        const char *src = conf->source;
+        size_t len = conf->source_len;
+        if (len >= 3 && memcmp(src, "\xEF\xBB\xBF", 3) == 0)
+            src += 3, len -= 3;
+        if (len > 0 && src[0] == '#') {
+            const char *nl = memchr(src, '\n', len);
+            len = nl ? len - (size_t)(nl - src) : 0;
+            src = nl ? nl : src + len;
+        }
         lua_pushfstring(L, "@%s", conf->path); /* [conf, name] */
-        lrc = luaL_loadbufferx(L, conf->source, conf->source_len, lua_tostring(L, -1), "t");
+        lrc = luaL_loadbufferx(L, src, len, lua_tostring(L, -1), "t");
         lua_remove(L, -2);
     } else {
         lrc = luaL_loadfilex(L, conf->path, "t");
@@ -522,9 +555,13 @@ static hub_script *hlua_load(const hub_script_conf *conf, const hub_api *api, vo
     lua_atpanic(s->L, panic_cb);
     lua_setwarnf(s->L, warn_cb, s);
 
+    s->cancel = conf->cancel;
     lua_pushcfunction(s->L, init_state);       /* [init] */
     lua_pushlightuserdata(s->L, (void *)conf); /* [init, conf] */
     int rc = lua_pcall(s->L, 1, 0, 0);
+    s->cancel = NULL; /* only loading can be cancelled: callbacks run to their end */
+    if (s->max_instructions <= 0)
+        lua_sethook(s->L, NULL, 0, 0);
     if (rc != LUA_OK) {
         const char *msg = lua_tostring(s->L, -1);
         if (rc == LUA_ERRMEM)

@@ -933,6 +933,46 @@ def reload_is_all_or_nothing():
 
 
 @suite.case
+def reload_fails_whole_when_connections_do_not_fit():
+    # The new script leaves too little of max_memory for the connections the workers carry
+    # over (the scratch check, with none, loads fine): the reload fails as a whole, it is
+    # counted as failed, and every connection stays on the old script.
+    limit = 4 << 20
+    h = start(2, lua={"max_memory": limit})
+    cs = [h.client(name="c%d" % i) for i in range(600)]
+    ids = [cid(c, cs) for c in cs[:2]]
+    pump(cs, lambda: cj(h, "status")["clients"] == 600, what="600 connected")
+    fill = ('KEEP = {}\nfor round = 1, 3 do\n    collectgarbage()\n'
+            '    while collectgarbage("count") * 1024 < %d do\n'
+            '        KEEP[#KEEP + 1] = string.rep("x", 2000)\n    end\nend\n' % (limit - 32 * 1024))
+    h.write_script(fill + script("v2"))
+    err = ctl_fails(h, ["reload"], 1, -32000, "connections that do not fit")
+    check("not enough memory" in err and "worker" in err, "why: %r" % err)
+    s = cj(h, "stats")
+    check_eq((s["reloads"], s["reload_failures"]), (0, 1), "counted as one failure")
+    for c, i in zip(cs[:2], ids):
+        check_eq(ask(c, "whoami", cs), ("v1 %d nil" % i).encode(), "client %d: old script" % i)
+
+
+@suite.case
+def stop_cancels_a_reload_in_progress():
+    # A new script whose top level never ends, with no instruction budget: SIGTERM still
+    # stops the hub (the load is cancelled), and the caller is told the hub is stopping.
+    for workers in (0, 2):
+        h = start(workers, lua={"max_instructions": 0})
+        a = h.client(name="a")
+        cid(a)
+        marker = os.path.join(h.dir, "looping")
+        h.write_script('io.open(%r, "w"):close()\nwhile true do end\n' % marker)
+        r = Raw(h.ctl_path)
+        r.send(json.dumps(req("reload", id=5)) + "\n")
+        wait_for(lambda: os.path.exists(marker), lambda x: x, "the new top level running")
+        h.stop()  # requires exit 0 within the timeout
+        got = r.answer()
+        check_eq(got.get("error", {}).get("code"), -32003, "workers=%d: %r" % (workers, got))
+
+
+@suite.case
 def reload_during_reload():
     # Two reloads in one write: the second arrives while the workers still load the first, and
     # gets a round of its own (so a file changed in between would be loaded), not the first's

@@ -947,6 +947,46 @@ static void test_reload_carries_connections_and_tags(void **state)
     assert_null(registered_conn(s, 2));
 }
 
+/* A reload loads the text the hub read once, as a file is read: BOM and shebang skipped,
+ * line numbers kept, and the chunk named after the file. */
+static void test_load_from_source_reads_like_a_file(void **state)
+{
+    fixture *f = *state;
+    static const char *const texts[] = {
+        "#!/usr/bin/env lua\nevapi.on('message', function(c, m) evapi.relay('s:' .. m) end)\n",
+        "\xEF\xBB\xBF#!/x\nevapi.on('message', function(c, m) evapi.relay('s:' .. m) end)\n",
+        "\xEF\xBB\xBF"
+        "evapi.on('message', function(c, m) evapi.relay('s:' .. m) end)\n",
+    };
+    write_script(f, "error('the file is not what is loaded')\n");
+    for (size_t i = 0; i < sizeof(texts) / sizeof(texts[0]); i++) {
+        hub_script_conf conf = {.path = f->path,
+                                .event_callback = "",
+                                .max_instructions = 1000000,
+                                .worker = 0,
+                                .source = texts[i],
+                                .source_len = strlen(texts[i])};
+        hub_script *s = hlua_script_ops.load(&conf, &fake_api, &f->hub, f->err, sizeof(f->err));
+        if (!s)
+            fail_msg("text %zu: %s", i, f->err);
+        connect(s, 1, 0, "127.0.0.1", 1);
+        message(s, 1, "x");
+        assert_memory_equal(last_call(f)->data, "s:x", 3);
+        hlua_script_ops.free(s);
+    }
+    const char bad[] = "#!/usr/bin/env lua\n\nlocal x = = 1\n";
+    hub_script_conf conf = {.path = f->path,
+                            .event_callback = "",
+                            .worker = 0,
+                            .source = bad,
+                            .source_len = sizeof(bad) - 1};
+    assert_null(hlua_script_ops.load(&conf, &fake_api, &f->hub, f->err, sizeof(f->err)));
+    char want[128];
+    snprintf(want, sizeof(want), "%s:3:", f->path);
+    if (!strstr(f->err, want))
+        fail_msg("error %s lacks %s", f->err, want);
+}
+
 static void test_reload_native_sees_tag(void **state)
 {
     fixture *f = *state;
@@ -1180,6 +1220,7 @@ int main(void)
         T(test_errors_are_counted_exits_are_not),
         T(test_stats_table),
         T(test_on_tag_updates_conn_view),
+        T(test_load_from_source_reads_like_a_file),
         T(test_memory_limit_fails_callback_not_hub),
         T(test_memory_limit_at_load),
         T(test_reload_carries_connections_and_tags),
