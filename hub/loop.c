@@ -288,12 +288,12 @@ void hub__reload_checked(hub *h, const char *why)
     char err[1024];
     pthread_join(h->check_thread, NULL); /* it has posted its last word */
     h->checking = 0;
-    if (why) {
-        reload_done(h, why);
+    if (h->stopping) {
+        reload_stopped(h); /* whatever the check said, perhaps that it was cancelled */
         return;
     }
-    if (h->stopping) {
-        reload_stopped(h);
+    if (why) {
+        reload_done(h, why);
         return;
     }
     if (h->nworkers) {
@@ -301,6 +301,7 @@ void hub__reload_checked(hub *h, const char *why)
          * how it went; then all switch, or all keep the old one (hub__reload_answered). */
         h->reload_waiting = h->nworkers;
         h->reload_failed = 0;
+        hub_log(HUB_LOG_INFO, "reload: %s checked; the workers load it", h->cfg.script);
         if (hub__workers_reload(h) < 0) {
             h->reload_waiting = 0;
             reload_done(h, "out of memory");

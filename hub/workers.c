@@ -280,8 +280,10 @@ static int wait_decision(hub_worker *w)
             hub_free(it);
             return commit;
         }
-        if (it)
-            break; /* STOP came first */
+        /* STOP came first, or the hub is stopping: its STOP may already be in this worker's
+         * batch, behind the reload, where this scan cannot see it. */
+        if (it || atomic_load(&w->h->reload_cancel))
+            break;
         w->sleeping = 1;
         pthread_cond_wait(&w->cv, &w->mu);
         w->sleeping = 0;

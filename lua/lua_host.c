@@ -115,7 +115,11 @@ static void budget_hook(lua_State *L, lua_Debug *ar)
     (void)ar;
 
     if (s->cancel && atomic_load(s->cancel)) {
-        lua_sethook(L, budget_hook, LUA_MASKCOUNT, 1); /* pcall() cannot swallow it */
+        /* Fire on every instruction here and in the main thread (new coroutines inherit
+         * its hook), so neither pcall() nor a fresh coroutine can swallow it. */
+        lua_sethook(L, budget_hook, LUA_MASKCOUNT, 1);
+        if (L != s->L)
+            lua_sethook(s->L, budget_hook, LUA_MASKCOUNT, 1);
         luaL_error(L, "loading cancelled: the hub is stopping");
     }
     if (s->max_instructions <= 0) {
@@ -381,6 +385,8 @@ static int co_resume(lua_State *L)
     hub_script *s = hlua__script(L);
     lua_State *co = lua_tothread(L, 1);
     hlua__budget_check(L);
+    if (s->cancel && atomic_load(s->cancel))
+        luaL_error(L, "loading cancelled: the hub is stopping");
     /* A fresh count for this resume: a coroutine living across callbacks must not carry
      * what an earlier callback left of its count into this one. */
     if (co && s->max_instructions > 0)

@@ -65,6 +65,9 @@ evapi.on("message", function(conn, msg)
             frames_out = s.frames_out, bytes_out = s.bytes_out, clients = s.clients,
             connections_accepted = s.connections_accepted, nworkers = #s.workers,
             worker0 = w and w.worker or json.null, worker0_events = w and w.events or json.null}))
+    elseif cmd == "busy" then
+        local t0 = os.clock()
+        while os.clock() - t0 < tonumber(rest) do end
     elseif cmd == "boom" then
         error("boom requested")
     elseif cmd == "spin" then
@@ -956,20 +959,41 @@ def reload_fails_whole_when_connections_do_not_fit():
 
 @suite.case
 def stop_cancels_a_reload_in_progress():
-    # A new script whose top level never ends, with no instruction budget: SIGTERM still
-    # stops the hub (the load is cancelled), and the caller is told the hub is stopping.
-    for workers in (0, 2):
+    # A new script whose top level never ends, with no instruction budget (in a plain loop,
+    # then in fresh coroutines): SIGTERM still stops the hub (the load is cancelled), and the
+    # caller is told the hub is stopping.
+    loops = ("while true do end\n",
+             "while true do coroutine.resume(coroutine.create(function() while true do end "
+             "end)) end\n")
+    for workers, loop in ((0, loops[0]), (2, loops[0]), (0, loops[1])):
         h = start(workers, lua={"max_instructions": 0})
         a = h.client(name="a")
         cid(a)
         marker = os.path.join(h.dir, "looping")
-        h.write_script('io.open(%r, "w"):close()\nwhile true do end\n' % marker)
+        h.write_script('io.open(%r, "w"):close()\n' % marker + loop)
         r = Raw(h.ctl_path)
         r.send(json.dumps(req("reload", id=5)) + "\n")
         wait_for(lambda: os.path.exists(marker), lambda x: x, "the new top level running")
         h.stop()  # requires exit 0 within the timeout
         got = r.answer()
         check_eq(got.get("error", {}).get("code"), -32003, "workers=%d: %r" % (workers, got))
+    # SIGTERM while one worker is still in a long callback when the reload reaches it: its
+    # batch then holds the reload and the stop together; it must not wait for a decision
+    # the stopped loop will never send.
+    h = start(2, evapi={"shutdown_timeout": 300}, lua={"max_instructions": 0})
+    a = h.client(name="a")
+    ida = cid(a)
+    check_eq(ida % 2, 1, "a runs on worker 1")
+    h.write_script(script("v2"))
+    a.send_now(ns("busy:3"))
+    wait_for(lambda: cj(h, "status")["workers"][1]["queued_events"], lambda q: q == 1,
+             "worker 1 busy")
+    r = Raw(h.ctl_path)
+    r.send(json.dumps(req("reload", id=6)) + "\n")
+    h.wait_log("checked; the workers load it")
+    h.stop()
+    got = r.answer()
+    check_eq(got.get("error", {}).get("code"), -32003, "a busy worker at shutdown: %r" % got)
 
 
 @suite.case
