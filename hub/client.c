@@ -2,7 +2,6 @@
 #include <errno.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
-#include <arpa/inet.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -16,26 +15,35 @@
     hub_log(l, "client id=%llu addr=%s:%u%s%s: " fmt, (unsigned long long)(c)->id, (c)->info.addr, \
             (c)->info.port, (c)->tag ? " tag=" : "", (c)->tag ? (c)->tag->name : "", __VA_ARGS__)
 
-size_t hub__frame_len(const hub *h, size_t len)
+/* Bytes a payload of len takes on the wire (netstring or raw). */
+static size_t frame_len(const hub *h, size_t len)
 {
     return h->cfg.netstring_format ? hub_ns_encoded_len(len) : len;
 }
 
+int hub__frame_too_big(const hub *h, size_t len) { return frame_len(h, len) > h->cfg.max_outbuf; }
+
+/* The payload as it goes on the wire, into out (frame_len(h, len) bytes). */
+static void frame_encode(const hub *h, char *out, const char *data, size_t len)
+{
+    if (h->cfg.netstring_format) {
+        size_t hl = hub_ns_encode_header(out, len);
+        memcpy(out + hl, data, len);
+        out[hl + len] = ',';
+    } else {
+        memcpy(out, data, len);
+    }
+}
+
 hub_frame *hub__frame_new(hub *h, const char *data, size_t len)
 {
-    size_t total = hub__frame_len(h, len);
+    size_t total = frame_len(h, len);
     hub_frame *f = hub_malloc(sizeof(*f) + total);
     if (!f)
         return NULL;
     f->refcnt = 1;
     f->len = total;
-    if (h->cfg.netstring_format) {
-        size_t hl = hub_ns_encode_header(f->data, len);
-        memcpy(f->data + hl, data, len);
-        f->data[hl + len] = ',';
-    } else {
-        memcpy(f->data, data, len);
-    }
+    frame_encode(h, f->data, data, len);
     return f;
 }
 
@@ -77,14 +85,14 @@ static size_t error_body(char *body, size_t cap, const char *code, const char *r
 void hub__write_error_frame(hub *h, int fd, const char *code, const char *reason)
 {
     char body[640], out[640 + HUB_NS_HDR_MAX];
-    size_t n = error_body(body, sizeof(body), code, reason);
-    if (!h->cfg.netstring_format || !n)
+    if (!h->cfg.netstring_format)
         return;
-    size_t hl = hub_ns_encode_header(out, n);
-    memcpy(out + hl, body, n);
-    out[hl + n] = ',';
+    size_t n = error_body(body, sizeof(body), code, reason);
+    if (!n)
+        return;
+    frame_encode(h, out, body, n);
     /* Best effort: the socket is non-blocking and about to be closed. */
-    ssize_t w = send(fd, out, hl + n + 1, MSG_NOSIGNAL | MSG_DONTWAIT);
+    ssize_t w = send(fd, out, frame_len(h, n), MSG_NOSIGNAL | MSG_DONTWAIT);
     (void)w;
 }
 
@@ -133,20 +141,25 @@ static void pending_add(hub_client *c)
         ev_idle_start(h->loop, &h->idle_w);
 }
 
-static int wq_reserve(hub_client *c)
+/* Append f to the ring, growing it if full. The queue holds one reference: the caller's, or
+ * one the caller takes for it. 0 or -ENOMEM. */
+static int wq_push(hub_client *c, hub_frame *f)
 {
-    if (c->wq_count < c->wq_cap)
-        return 0;
-    uint32_t ncap = c->wq_cap ? c->wq_cap * 2 : 8;
-    hub_frame **n = hub_malloc(ncap * sizeof(*n));
-    if (!n)
-        return -ENOMEM;
-    for (uint32_t i = 0; i < c->wq_count; i++)
-        n[i] = c->wq[WQ_AT(c, i)];
-    hub_free(c->wq);
-    c->wq = n;
-    c->wq_cap = ncap;
-    c->wq_head = 0;
+    if (c->wq_count == c->wq_cap) {
+        uint32_t ncap = c->wq_cap ? c->wq_cap * 2 : 8;
+        hub_frame **n = hub_malloc(ncap * sizeof(*n));
+        if (!n)
+            return -ENOMEM;
+        for (uint32_t i = 0; i < c->wq_count; i++)
+            n[i] = c->wq[WQ_AT(c, i)];
+        hub_free(c->wq);
+        c->wq = n;
+        c->wq_cap = ncap;
+        c->wq_head = 0;
+    }
+    c->wq[WQ_AT(c, c->wq_count)] = f;
+    c->wq_count++;
+    c->wq_bytes += f->len;
     return 0;
 }
 
@@ -169,12 +182,9 @@ int hub__client_enqueue(hub_client *c, hub_frame *f)
         hub__client_abort(c, why);
         return -ENOBUFS;
     }
-    if (wq_reserve(c) < 0)
+    if (wq_push(c, f) < 0)
         return -ENOMEM;
-    c->wq[WQ_AT(c, c->wq_count)] = f;
-    c->wq_count++;
     f->refcnt++;
-    c->wq_bytes += f->len;
     pending_add(c);
     return 0;
 }
@@ -215,9 +225,7 @@ static int client_write(hub_client *c, size_t budget)
             return (errno == EAGAIN || errno == EWOULDBLOCK) ? -EAGAIN : -errno;
         }
         done += (size_t)w;
-        c->bytes_out += (size_t)w;
-        HUB_STAT_ADD(c->h, bytes_out, w);
-        size_t left = (size_t)w;
+        size_t left = (size_t)w, frames = 0;
         while (left) {
             hub_frame *f = c->wq[c->wq_head];
             size_t rest = f->len - c->wq_off;
@@ -230,10 +238,13 @@ static int client_write(hub_client *c, size_t budget)
             c->wq_bytes -= f->len;
             c->wq_head = WQ_AT(c, 1);
             c->wq_count--;
-            c->frames_out++;
-            HUB_STAT_ADD(c->h, frames_out, 1);
+            frames++;
             hub__frame_unref(f);
         }
+        c->bytes_out += (size_t)w;
+        c->frames_out += frames;
+        HUB_STAT_ADD(c->h, bytes_out, w);
+        HUB_STAT_ADD(c->h, frames_out, frames);
         if ((size_t)w < want)
             return -EAGAIN;
     }
@@ -423,15 +434,7 @@ void hub__client_accepted(hub *h, int fd, const struct sockaddr *sa)
     c->info.id = c->id;
     c->info.conidx = slot_take(h);
     h->slots[c->info.conidx] = c;
-    if (sa->sa_family == AF_INET6) {
-        const struct sockaddr_in6 *s6 = (const struct sockaddr_in6 *)sa;
-        inet_ntop(AF_INET6, &s6->sin6_addr, c->info.addr, sizeof(c->info.addr));
-        c->info.port = ntohs(s6->sin6_port);
-    } else {
-        const struct sockaddr_in *s4 = (const struct sockaddr_in *)sa;
-        inet_ntop(AF_INET, &s4->sin_addr, c->info.addr, sizeof(c->info.addr));
-        c->info.port = ntohs(s4->sin_port);
-    }
+    hub__addr_str(sa, c->info.addr, sizeof(c->info.addr), &c->info.port);
     c->worker = h->nworkers ? (int)(c->id % (uint64_t)h->nworkers) : -1;
     ev_io_init(&c->rio, read_cb, fd, EV_READ);
     ev_io_init(&c->wio, write_cb, fd, EV_WRITE);
@@ -459,17 +462,14 @@ static void queue_error_frame(hub_client *c, const char *code, const char *reaso
 {
     hub *h = c->h;
     char body[640];
+    if (!h->cfg.netstring_format)
+        return;
     size_t n = error_body(body, sizeof(body), code, reason);
-    if (!h->cfg.netstring_format || !n)
+    if (!n)
         return;
     hub_frame *f = hub__frame_new(h, body, n);
-    if (f && wq_reserve(c) == 0) {
-        c->wq[WQ_AT(c, c->wq_count)] = f;
-        c->wq_count++;
-        c->wq_bytes += f->len;
-    } else {
+    if (f && wq_push(c, f) < 0)
         hub__frame_unref(f);
-    }
 }
 
 static void reaper_add(hub_client *c)
@@ -495,8 +495,6 @@ static void to_reaper(hub_client *c)
     reaper_add(c);
 }
 
-/* Stop reading and routing to c at once; what is queued still goes out (up to
- * shutdown_timeout), then the reaper closes it. */
 /* No more reads, and no relay reaches c from now on. */
 static void client_unroute(hub_client *c)
 {
@@ -506,6 +504,8 @@ static void client_unroute(hub_client *c)
     hub__tag_intent(h, c->id, NULL, 0, 1);
 }
 
+/* Stop reading and routing to c at once; what is queued still goes out (up to
+ * shutdown_timeout), then the reaper closes it. */
 static void begin_close(hub_client *c)
 {
     hub *h = c->h;

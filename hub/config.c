@@ -48,19 +48,14 @@ static const char *const outbuf_choices[] = {"close", "drop", NULL};
 static const char *const unicast_choices[] = {"first", "round_robin", NULL};
 
 #define GiB (1024LL * 1024 * 1024)
-#define NUM(sec, key, kind, field, lo, hi)                                                         \
+#define KEY(sec, key, kind, field, lo, hi, choices)                                                \
     {                                                                                              \
         sec, key, kind, offsetof(hub_config, field), sizeof(((hub_config *)0)->field), lo, hi,     \
-            NULL                                                                                   \
+            choices                                                                                \
     }
-#define STR(sec, key, kind, field)                                                                 \
-    {                                                                                              \
-        sec, key, kind, offsetof(hub_config, field), sizeof(((hub_config *)0)->field), 0, 0, NULL  \
-    }
-#define ENUM(sec, key, field, choices)                                                             \
-    {                                                                                              \
-        sec, key, K_ENUM, offsetof(hub_config, field), sizeof(int), 0, 0, choices                  \
-    }
+#define NUM(sec, key, kind, field, lo, hi) KEY(sec, key, kind, field, lo, hi, NULL)
+#define STR(sec, key, kind, field)         KEY(sec, key, kind, field, 0, 0, NULL)
+#define ENUM(sec, key, field, choices)     KEY(sec, key, K_ENUM, field, 0, 0, choices)
 
 static const key_spec keys[] = {
     STR("evapi", "bind_addr", K_ADDR, bind_addr),

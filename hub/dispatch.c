@@ -8,8 +8,7 @@
 /* Build the frame once; every recipient shares it. */
 static int frame_for(hub *h, const char *data, size_t len, hub_frame **out)
 {
-    /* A frame that alone fills a queue could never be sent to anyone. */
-    if (hub__frame_len(h, len) > h->cfg.max_outbuf)
+    if (hub__frame_too_big(h, len))
         return -EMSGSIZE;
     *out = hub__frame_new(h, data, len);
     return *out ? 0 : -ENOMEM;
@@ -177,14 +176,12 @@ const hub_api hub__loop_api = {
 
 void hub__tag_changed(hub *h, hub_client *c)
 {
-    const char *tag = c->tag ? c->tag->name : "";
-    size_t len = c->tag ? c->tag->len : 0;
     if (!h->ops->on_tag || !(c->flags & HUB_CLIENT_CONNECTED))
         return;
-    if (!h->nworkers)
-        h->ops->on_tag(h->script, c->id, tag, len);
-    else
+    if (h->nworkers)
         hub__worker_queue_item(h, c->worker, HUB_EV_TAG, c, NULL, 0); /* it reads the tag then */
+    else
+        h->ops->on_tag(h->script, c->id, c->tag ? c->tag->name : "", c->tag ? c->tag->len : 0);
 }
 
 void hub__event_connect(hub *h, hub_client *c)

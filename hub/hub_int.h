@@ -39,7 +39,7 @@ typedef struct hub_list_job hub_list_job;
 enum {
     HUB_CLIENT_CLOSING = 1u << 0,     /* no more reads, routing or new frames */
     HUB_CLIENT_DRAINING = 1u << 1,    /* closing, still writing what was queued */
-    HUB_CLIENT_REAP = 1u << 7,        /* on the reaper's list to be freed */
+    HUB_CLIENT_REAP = 1u << 7,        /* done: the reaper frees it */
     HUB_CLIENT_CLOSE_EVENT = 1u << 8, /* the script was told it closed */
     HUB_CLIENT_ON_LIST = 1u << 9,     /* on the reaper's list */
     HUB_CLIENT_PENDING = 1u << 2,     /* on the pending-write list */
@@ -141,7 +141,6 @@ struct hub {
     int workers_done;
 
     int stopping;
-    int exit_code;
     hub_stats stats;
 
     /* control socket and what it reports (control.c, control_cmds.c) */
@@ -150,8 +149,7 @@ struct hub {
     double started;        /* wall-clock seconds at start */
     double script_loaded;  /* wall-clock seconds the running script was loaded */
     char *reload_error;    /* the last failed reload's reason, or NULL */
-    int reload_busy;       /* a reload round is under way */
-    int checking;          /* check_thread is checking the script for it */
+    int checking;          /* check_thread is checking the script for a reload round */
     pthread_t check_thread;
     int reload_waiting;       /* workers that have not yet answered a reload */
     int reload_failed;        /* one of them failed */
@@ -169,11 +167,16 @@ struct hub {
 
 /* listener (listener.c): bind and log the address; 0 or <0 with err set */
 int hub__listen(hub *h, char *err, size_t errlen);
+/* The numeric host of sa (AF_INET or AF_INET6) into ip, and its port. */
+void hub__addr_str(const struct sockaddr *sa, char *ip, size_t iplen, uint16_t *port);
 void hub__accept_cb(struct ev_loop *loop, ev_io *w, int revents);
 
 /* frames and queues (client.c) */
 hub_frame *hub__frame_new(hub *h, const char *data, size_t len);
 void hub__frame_unref(hub_frame *f);
+/* 1 when a payload of len would take more than max_outbuf on the wire: a frame that alone
+ * fills a queue could never be sent to anyone. */
+int hub__frame_too_big(const hub *h, size_t len);
 /* Queue f (a reference is taken). 0, -EPIPE if closing, -ENOBUFS if over max_outbuf (the
  * client is then closed or the frame dropped, per outbuf_policy). */
 int hub__client_enqueue(hub_client *c, hub_frame *f);
@@ -295,8 +298,5 @@ int hub__ctl_register_core(hub *h);
 void hub__ctl_jobs_free(hub *h);
 /* What a successful reload answers (control_cmds.c). */
 struct json_object *hub__reload_result(hub *h);
-
-/* Bytes a payload of len takes on the wire (netstring or raw). */
-size_t hub__frame_len(const hub *h, size_t len);
 
 #endif

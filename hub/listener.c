@@ -13,9 +13,22 @@
 #include "hub/hub_int.h"
 #include "hub/log.h"
 
+void hub__addr_str(const struct sockaddr *sa, char *ip, size_t iplen, uint16_t *port)
+{
+    if (sa->sa_family == AF_INET6) {
+        const struct sockaddr_in6 *s6 = (const struct sockaddr_in6 *)sa;
+        inet_ntop(AF_INET6, &s6->sin6_addr, ip, iplen);
+        *port = ntohs(s6->sin6_port);
+    } else {
+        const struct sockaddr_in *s4 = (const struct sockaddr_in *)sa;
+        inet_ntop(AF_INET, &s4->sin_addr, ip, iplen);
+        *port = ntohs(s4->sin_port);
+    }
+}
+
 int hub__listen(hub *h, char *err, size_t errlen)
 {
-    char host[256], port[16], shown[300];
+    char host[256], port[16];
     struct addrinfo hints = {.ai_family = AF_UNSPEC,
                              .ai_socktype = SOCK_STREAM,
                              .ai_flags = AI_PASSIVE | AI_NUMERICSERV};
@@ -47,28 +60,20 @@ int hub__listen(hub *h, char *err, size_t errlen)
     struct sockaddr_storage ss;
     socklen_t sl = sizeof(ss);
     char ip[INET6_ADDRSTRLEN] = "?";
-    unsigned lport = 0;
+    uint16_t lport = 0;
     getsockname(fd, (struct sockaddr *)&ss, &sl);
-    if (ss.ss_family == AF_INET6) {
-        struct sockaddr_in6 *s6 = (struct sockaddr_in6 *)&ss;
-        inet_ntop(AF_INET6, &s6->sin6_addr, ip, sizeof(ip));
-        lport = ntohs(s6->sin6_port);
-        snprintf(shown, sizeof(shown), "[%s]:%u", ip, lport);
-    } else {
-        struct sockaddr_in *s4 = (struct sockaddr_in *)&ss;
-        inet_ntop(AF_INET, &s4->sin_addr, ip, sizeof(ip));
-        lport = ntohs(s4->sin_port);
-        snprintf(shown, sizeof(shown), "%s:%u", ip, lport);
-    }
+    hub__addr_str((struct sockaddr *)&ss, ip, sizeof(ip), &lport);
+    int v6 = ss.ss_family == AF_INET6;
+    snprintf(h->listen_addr, sizeof(h->listen_addr), "%s%s%s:%u", v6 ? "[" : "", ip, v6 ? "]" : "",
+             lport);
     h->lfd = fd;
-    snprintf(h->listen_addr, sizeof(h->listen_addr), "%s", shown);
     /* A spare descriptor, given up to accept-and-close when the process runs out (EMFILE),
      * so a full table does not leave the listener readable forever. */
     h->spare_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
     ev_io_init(&h->accept_w, hub__accept_cb, fd, EV_READ);
     h->accept_w.data = h;
     hub_log(HUB_LOG_NOTICE, "listening on %s (max_clients=%d, netstring_format=%d, workers=%d)",
-            shown, h->cfg.max_clients, h->cfg.netstring_format, h->cfg.workers);
+            h->listen_addr, h->cfg.max_clients, h->cfg.netstring_format, h->cfg.workers);
     return 0;
 syserr:
     snprintf(err, errlen, "cannot listen on %s: %s", h->cfg.bind_addr, strerror(errno));
@@ -82,16 +87,8 @@ syserr:
 static void refuse(hub *h, int fd, const struct sockaddr_storage *ss)
 {
     char ip[INET6_ADDRSTRLEN] = "?", why[96];
-    unsigned port = 0;
-    if (ss->ss_family == AF_INET6) {
-        const struct sockaddr_in6 *s6 = (const struct sockaddr_in6 *)ss;
-        inet_ntop(AF_INET6, &s6->sin6_addr, ip, sizeof(ip));
-        port = ntohs(s6->sin6_port);
-    } else {
-        const struct sockaddr_in *s4 = (const struct sockaddr_in *)ss;
-        inet_ntop(AF_INET, &s4->sin_addr, ip, sizeof(ip));
-        port = ntohs(s4->sin_port);
-    }
+    uint16_t port = 0;
+    hub__addr_str((const struct sockaddr *)ss, ip, sizeof(ip), &port);
     snprintf(why, sizeof(why), "too many clients (max_clients=%d)", h->cfg.max_clients);
     hub_log(HUB_LOG_WARN, "refused connection from %s:%u: max_clients (%d) reached", ip, port,
             h->cfg.max_clients);

@@ -12,17 +12,24 @@
 #include "hub/hub_int.h"
 #include "hub/log.h"
 
+static hub_script_conf script_conf(const hub_config *cfg, int worker, const char *source,
+                                   size_t len, atomic_int *cancel)
+{
+    return (hub_script_conf){.path = cfg->script,
+                             .event_callback = cfg->event_callback,
+                             .max_instructions = cfg->max_instructions,
+                             .max_memory = cfg->max_memory,
+                             .worker = worker,
+                             .source = source,
+                             .source_len = len,
+                             .cancel = cancel};
+}
+
 hub_script_conf hub__script_conf(const hub *h, int worker)
 {
     /* During a reload round, every state loads the text read once, and may be cancelled. */
-    return (hub_script_conf){.path = h->cfg.script,
-                             .event_callback = h->cfg.event_callback,
-                             .max_instructions = h->cfg.max_instructions,
-                             .max_memory = h->cfg.max_memory,
-                             .worker = worker,
-                             .source = h->reload_source,
-                             .source_len = h->reload_source_len,
-                             .cancel = h->reload_source ? (atomic_int *)&h->reload_cancel : NULL};
+    return script_conf(&h->cfg, worker, h->reload_source, h->reload_source_len,
+                       h->reload_source ? (atomic_int *)&h->reload_cancel : NULL);
 }
 
 /* A script being checked must not reach a hub: every call fails. */
@@ -59,14 +66,7 @@ static const hub_api no_api = {noapi_data,    noapi_tagged, noapi_tagged, noapi_
 static int check_source(const hub_config *cfg, const hub_script_ops *ops, const char *source,
                         size_t len, atomic_int *cancel, char *err, size_t errlen)
 {
-    hub_script_conf sc = {.path = cfg->script,
-                          .event_callback = cfg->event_callback,
-                          .max_instructions = cfg->max_instructions,
-                          .max_memory = cfg->max_memory,
-                          .worker = -1,
-                          .source = source,
-                          .source_len = len,
-                          .cancel = cancel};
+    hub_script_conf sc = script_conf(cfg, -1, source, len, cancel);
     if (!cfg->script[0]) {
         snprintf(err, errlen, "no script configured ([lua] script)");
         return -EINVAL;
@@ -196,11 +196,23 @@ static int calls_add(hub_ctl_call ***list, size_t *n, hub_ctl_call *call)
     return 0;
 }
 
+/* Answer every call of a list with "the hub is stopping", and empty it. */
+static void calls_stop(hub_ctl_call ***list, size_t *n)
+{
+    for (size_t i = 0; i < *n; i++)
+        hub_ctl_fail((*list)[i], HUB_CTL_STOPPING, "the hub is stopping");
+    hub_free(*list);
+    *list = NULL;
+    *n = 0;
+}
+
+/* A round is under way from its check to the workers' last answer. */
+static int reload_busy(const hub *h) { return h->checking || h->reload_waiting > 0; }
+
 /* The end of a reload round, good or bad: counters, the log, the callers' answers, and the
  * next round if more reloads were asked for meanwhile. */
 static void reload_done(hub *h, const char *why)
 {
-    h->reload_busy = 0;
     hub_free(h->reload_source);
     h->reload_source = NULL;
     hub_free(h->reload_error);
@@ -239,14 +251,9 @@ static void reload_done(hub *h, const char *why)
 /* A round cut short by shutdown: neither a reload nor a failure; the callers are told. */
 static void reload_stopped(hub *h)
 {
-    h->reload_busy = 0;
     hub_free(h->reload_source);
     h->reload_source = NULL;
-    for (size_t i = 0; i < h->nreload_calls; i++)
-        hub_ctl_fail(h->reload_calls[i], HUB_CTL_STOPPING, "the hub is stopping");
-    hub_free(h->reload_calls);
-    h->reload_calls = NULL;
-    h->nreload_calls = 0;
+    calls_stop(&h->reload_calls, &h->nreload_calls);
 }
 
 /* The check of a reload reads the file once (every state of the round loads that same
@@ -270,7 +277,6 @@ static void reload_round(hub *h)
 {
     sigset_t all, old;
     hub_log(HUB_LOG_NOTICE, "reloading %s", h->cfg.script);
-    h->reload_busy = 1;
     /* Check in a scratch state first, so a broken script never reaches the workers. */
     sigfillset(&all);
     pthread_sigmask(SIG_BLOCK, &all, &old); /* signals stay with the loop thread */
@@ -321,7 +327,7 @@ void hub__reload_checked(hub *h, const char *why)
 
 void hub__reload(hub *h, hub_ctl_call *call)
 {
-    if (h->reload_busy) {
+    if (reload_busy(h)) {
         /* Workers are still loading an earlier request's file: this one gets a round of its
          * own once they finish (requests arriving meanwhile share it). */
         if (!call || calls_add(&h->reload_next, &h->nreload_next, call) == 0)
@@ -475,7 +481,7 @@ int hub_run(hub *h)
     ev_io_start(h->loop, &h->accept_w);
     ev_run(h->loop, 0);
     finish_shutdown(h);
-    return h->exit_code;
+    return 0;
 }
 
 void hub_destroy(hub *h)
@@ -495,16 +501,13 @@ void hub_destroy(hub *h)
     hub__commands_free(h); /* the check's verdict among them, if the loop never ran it */
     /* A reload still waiting for workers will not finish now: tell whoever asked. */
     reload_stopped(h);
-    for (size_t i = 0; i < h->nreload_next; i++)
-        hub_ctl_fail(h->reload_next[i], HUB_CTL_STOPPING, "the hub is stopping");
-    hub_free(h->reload_next);
+    calls_stop(&h->reload_next, &h->nreload_next);
     hub__ctl_jobs_free(h);
     hub_free(h->reload_error);
     hub_ctl_free(h->ctl);
     hub__client_free_all(h);
     hub__tags_free(h);
-    if (h->script)
-        h->ops->free(h->script);
+    h->ops->free(h->script); /* NULL-safe */
     if (h->lfd >= 0)
         close(h->lfd);
     if (h->spare_fd >= 0)

@@ -98,15 +98,17 @@ static void tag_maybe_free(hub *h, hub_tag *t)
     h->ntags--;
 }
 
+/* The tag, or NULL (a lock held). */
+static hub_tag *tag_lookup(hub *h, const char *tag, size_t len)
+{
+    return len <= HUB_TAG_MAX && h->tagtab ? *tag_slot(h, tag, len) : NULL;
+}
+
 hub_tag *hub__tag_find(hub *h, const char *tag, size_t len)
 {
-    hub_tag *t = NULL;
-    if (len > HUB_TAG_MAX)
-        return NULL;
     /* Workers may insert (and grow the table) concurrently; they never free. */
     pthread_rwlock_rdlock(&h->tags_lock);
-    if (h->tagtab)
-        t = *tag_slot(h, tag, len);
+    hub_tag *t = tag_lookup(h, tag, len);
     pthread_rwlock_unlock(&h->tags_lock);
     return t;
 }
@@ -127,26 +129,11 @@ size_t hub__tag_intended(hub *h, uint64_t id, char out[HUB_TAG_MAX + 1])
 
 uint32_t hub__tag_count(hub *h, const char *tag, size_t len)
 {
-    uint32_t n = 0;
-    if (len > HUB_TAG_MAX)
-        return 0;
     pthread_rwlock_rdlock(&h->tags_lock);
-    hub_tag *t = h->tagtab ? *tag_slot(h, tag, len) : NULL;
-    if (t)
-        n = t->intended;
+    hub_tag *t = tag_lookup(h, tag, len);
+    uint32_t n = t ? t->intended : 0;
     pthread_rwlock_unlock(&h->tags_lock);
     return n;
-}
-
-/* A worker may leave a tag with neither members nor intents; only the loop frees tags, so
- * the worker lists it for hub__tags_sweep (write lock held). */
-static void tag_gc_add(hub *h, hub_tag *t)
-{
-    if (t->nmembers || t->intended || t->gc_listed)
-        return;
-    t->gc_listed = 1;
-    t->gc_next = h->tag_gc;
-    h->tag_gc = t;
 }
 
 void hub__tags_sweep(hub *h)
@@ -164,13 +151,16 @@ void hub__tags_sweep(hub *h)
     pthread_rwlock_unlock(&h->tags_lock);
 }
 
-/* Drop a tag nobody uses any more: now from the loop, later (swept) from a worker. */
+/* Drop a tag nobody uses any more (write lock held): now from the loop; from a worker, listed
+ * for hub__tags_sweep, since only the loop frees tags. */
 static void tag_release(hub *h, hub_tag *t, int loop_thread)
 {
     if (loop_thread) {
         tag_maybe_free(h, t);
-    } else if (!t->nmembers && !t->intended) {
-        tag_gc_add(h, t);
+    } else if (!t->nmembers && !t->intended && !t->gc_listed) {
+        t->gc_listed = 1;
+        t->gc_next = h->tag_gc;
+        h->tag_gc = t;
         atomic_store(&h->tag_gc_pending, 1);
     }
 }
@@ -191,10 +181,10 @@ int hub__tag_intent(hub *h, uint64_t id, const char *tag, size_t len, int loop_t
         if (t && hub_idmap_put(&h->intents, id, t) < 0) {
             rc = -ENOMEM;
         } else {
-            if (!t)
-                hub_idmap_del(&h->intents, id);
             if (t)
                 t->intended++;
+            else
+                hub_idmap_del(&h->intents, id);
             if (old) {
                 old->intended--;
                 tag_release(h, old, loop_thread);

@@ -44,7 +44,7 @@ typedef struct hub_cmd {
     uint64_t id;
     size_t taglen, len;
     char tag[HUB_TAG_MAX + 1];
-    char data[];
+    char data[]; /* len bytes and a NUL */
 } hub_cmd;
 
 struct hub_worker {
@@ -92,7 +92,7 @@ static void cmd_push_list(hub *h, hub_cmd *head, hub_cmd *tail)
 static hub_cmd *cmd_new(int type, int worker, uint64_t id, const char *tag, size_t taglen,
                         const char *data, size_t len)
 {
-    hub_cmd *c = hub_malloc(sizeof(*c) + len);
+    hub_cmd *c = hub_malloc(sizeof(*c) + len + 1);
     if (!c)
         return NULL;
     c->next = NULL;
@@ -106,6 +106,20 @@ static hub_cmd *cmd_new(int type, int worker, uint64_t id, const char *tag, size
     c->tag[taglen] = '\0';
     if (len)
         memcpy(c->data, data, len);
+    c->data[len] = '\0';
+    return c;
+}
+
+/* A command the loop waits for (a reload's answer or check): it must get through, so the
+ * calling thread waits for memory if it must. why may be NULL. */
+static hub_cmd *cmd_new_retry(int type, int worker, const char *why)
+{
+    size_t len = why ? strlen(why) : 0;
+    hub_cmd *c;
+    while (!(c = cmd_new(type, worker, 0, NULL, 0, why, len))) {
+        struct timespec ts = {0, 10 * 1000 * 1000};
+        nanosleep(&ts, NULL);
+    }
     return c;
 }
 
@@ -141,7 +155,7 @@ static int worker_cmd(hub_worker *w, int type, uint64_t id, const char *tag, siz
 static int wapi_relay(void *ud, const char *data, size_t len)
 {
     hub_worker *w = ud;
-    if (hub__frame_len(w->h, len) > w->h->cfg.max_outbuf)
+    if (hub__frame_too_big(w->h, len))
         return -EMSGSIZE;
     if (atomic_load(&w->h->nclients) == 0)
         return 0;
@@ -154,7 +168,7 @@ static int wapi_tagged(hub_worker *w, int type, const char *tag, size_t taglen, 
 {
     if (!hub__tag_valid(tag, taglen))
         return -EINVAL;
-    if (hub__frame_len(w->h, len) > w->h->cfg.max_outbuf)
+    if (hub__frame_too_big(w->h, len))
         return -EMSGSIZE;
     /* The command goes even when the count is 0: a set_tag queued just before it by this
      * same script is applied first. */
@@ -178,7 +192,7 @@ static int wapi_unicast(void *ud, const char *tag, size_t taglen, const char *da
 static int wapi_send(void *ud, uint64_t id, const char *data, size_t len)
 {
     hub_worker *w = ud;
-    if (hub__frame_len(w->h, len) > w->h->cfg.max_outbuf)
+    if (hub__frame_too_big(w->h, len))
         return -EMSGSIZE;
     int rc = worker_cmd(w, CMD_SEND, id, NULL, 0, data, len);
     return rc < 0 ? rc : 1;
@@ -205,7 +219,8 @@ static int wapi_set_tag(void *ud, uint64_t id, const char *tag, size_t taglen)
 static int wapi_close(void *ud, uint64_t id, const char *reason)
 {
     hub_worker *w = ud;
-    size_t rl = reason ? strlen(reason) : 0;
+    /* The reason is cut at 255 bytes: it only goes to a log line and an error frame. */
+    size_t rl = reason ? strnlen(reason, 255) : 0;
     hub_cmd *c = cmd_new(CMD_CLOSE, w->index, id, NULL, 0, reason, rl);
     if (!c)
         return -ENOMEM;
@@ -247,15 +262,10 @@ static const hub_api worker_api = {
 
 /* ---- the worker thread ---- */
 
-/* Tell the loop how loading went (why NULL: loaded). The loop waits for every worker's
- * answer, so this one must get through: the worker waits for memory if it must. */
+/* Tell the loop how loading went (why NULL: loaded); it waits for every worker's answer. */
 static void reload_answer(hub_worker *w, const char *why)
 {
-    size_t len = why ? strlen(why) : 0;
-    while (worker_cmd(w, CMD_RELOADED, 0, NULL, 0, why, len) < 0) {
-        struct timespec ts = {0, 10 * 1000 * 1000};
-        nanosleep(&ts, NULL);
-    }
+    cmd_append(w, cmd_new_retry(CMD_RELOADED, w->index, why));
     worker_flush_cmds(w);
 }
 
@@ -445,6 +455,24 @@ static hub_item *item_new(int type, uint64_t id, const void *data, size_t len)
     return it;
 }
 
+static void items_free(hub_item *it)
+{
+    for (size_t bound = 0; it && bound < SIZE_MAX; bound++) {
+        hub_item *n = it->next;
+        hub_free(it);
+        it = n;
+    }
+}
+
+static void cmds_free(hub_cmd *c)
+{
+    for (size_t bound = 0; c && bound < SIZE_MAX; bound++) {
+        hub_cmd *n = c->next;
+        hub_free(c);
+        c = n;
+    }
+}
+
 static void outbox_add(hub_worker *w, hub_item *it)
 {
     if (w->ob_tail)
@@ -462,14 +490,8 @@ int hub__worker_full(hub *h, int w)
 
 void hub__post_checked(hub *h, const char *why)
 {
-    size_t len = why ? strlen(why) : 0;
-    hub_cmd *c;
-    /* The verdict must reach the loop or the reload never ends: this thread may wait for
-     * memory, the loop does not wait for it. */
-    while (!(c = cmd_new(CMD_CHECKED, -1, 0, NULL, 0, why, len))) {
-        struct timespec ts = {0, 10 * 1000 * 1000};
-        nanosleep(&ts, NULL);
-    }
+    /* The verdict must reach the loop or the reload never ends. */
+    hub_cmd *c = cmd_new_retry(CMD_CHECKED, -1, why);
     cmd_push_list(h, c, c);
 }
 
@@ -588,14 +610,9 @@ static void run_cmd(hub *h, hub_cmd *c)
             (cl = hub__client_by_id(h, c->id)) && cl->worker != c->worker)
             hub__tag_changed(h, cl);
         break;
-    case CMD_CLOSE: {
-        char reason[256];
-        size_t n = c->len < sizeof(reason) - 1 ? c->len : sizeof(reason) - 1;
-        memcpy(reason, c->data, n);
-        reason[n] = '\0';
-        hub__close_id(h, c->id, reason);
+    case CMD_CLOSE:
+        hub__close_id(h, c->id, c->data);
         break;
-    }
     case CMD_START_READ:
         if ((cl = hub__client_by_id(h, c->id)))
             hub__client_start_reading(cl);
@@ -604,17 +621,11 @@ static void run_cmd(hub *h, hub_cmd *c)
         resume_worker_clients(h, c->worker);
         break;
     case CMD_RELOADED:
-    case CMD_CHECKED: {
-        char why[1024];
-        size_t n = c->len < sizeof(why) - 1 ? c->len : sizeof(why) - 1;
-        memcpy(why, c->data, n);
-        why[n] = '\0';
-        if (c->type == CMD_CHECKED)
-            hub__reload_checked(h, c->len ? why : NULL);
-        else
-            hub__reload_answered(h, c->worker, c->len ? why : NULL);
+        hub__reload_answered(h, c->worker, c->len ? c->data : NULL);
         break;
-    }
+    case CMD_CHECKED:
+        hub__reload_checked(h, c->len ? c->data : NULL);
+        break;
     case CMD_DONE:
         h->workers_done++;
         break;
@@ -682,26 +693,9 @@ int hub__workers_start(hub *h, char *err, size_t errlen)
     return 0;
 }
 
-static void post_control(hub *h, int type)
-{
-    for (int i = 0; i < h->nworkers; i++) {
-        hub_item *it = item_new(type, 0, NULL, 0);
-        if (!it) {
-            hub_log(HUB_LOG_ERR, "worker %d: out of memory posting a control event", i);
-            continue;
-        }
-        outbox_add(&h->workers[i], it);
-        push_outbox(&h->workers[i]);
-    }
-}
-
 void hub__commands_free(hub *h)
 {
-    for (hub_cmd *c = h->cmd_head; c;) {
-        hub_cmd *n = c->next;
-        hub_free(c);
-        c = n;
-    }
+    cmds_free(h->cmd_head);
     h->cmd_head = h->cmd_tail = NULL;
 }
 
@@ -743,35 +737,30 @@ void hub__workers_decide(hub *h, int commit)
     }
 }
 
-void hub__workers_stop(hub *h) { post_control(h, HUB_EV_STOP); }
+void hub__workers_stop(hub *h)
+{
+    for (int i = 0; i < h->nworkers; i++) {
+        hub_item *it = item_new(HUB_EV_STOP, 0, NULL, 0);
+        if (!it) {
+            hub_log(HUB_LOG_ERR, "worker %d: out of memory posting a control event", i);
+            continue;
+        }
+        outbox_add(&h->workers[i], it);
+        push_outbox(&h->workers[i]);
+    }
+}
 
 void hub__workers_join(hub *h)
 {
     for (int i = 0; i < h->nworkers; i++) {
-        hub_worker *w = &h->workers[i];
-        if (w->started) {
-            pthread_mutex_lock(&w->mu);
-            pthread_mutex_unlock(&w->mu);
-            pthread_join(w->thread, NULL);
-        }
+        if (h->workers[i].started)
+            pthread_join(h->workers[i].thread, NULL);
     }
     for (int i = 0; i < h->nworkers; i++) {
         hub_worker *w = &h->workers[i];
-        for (hub_item *it = w->head; it;) {
-            hub_item *n = it->next;
-            hub_free(it);
-            it = n;
-        }
-        for (hub_item *it = w->ob_head; it;) {
-            hub_item *n = it->next;
-            hub_free(it);
-            it = n;
-        }
-        for (hub_cmd *c = w->cmd_head; c;) {
-            hub_cmd *n = c->next;
-            hub_free(c);
-            c = n;
-        }
+        items_free(w->head);
+        items_free(w->ob_head);
+        cmds_free(w->cmd_head);
         h->ops->free(w->script);
         hub_free(w->decision);
         hub_free(w->paused);
