@@ -54,10 +54,9 @@ struct ctl_conn {
     ev_io rio, wio;
     hub_ctl *ctl;
     ctl_conn *prev, *next;
-    int fd;
+    int fd;   /* -1 once closed: pending calls' answers are dropped */
     int refs; /* the connection itself, plus each call not yet answered */
     int eof;  /* the peer will send nothing more (or reading was given up) */
-    int dead; /* closed: pending calls' answers are dropped */
     size_t doc_bytes;
     json_tokener *tok;
     char *out;
@@ -80,6 +79,13 @@ struct hub_ctl {
 
 static void conn_close(ctl_conn *c);
 static void conn_unref(ctl_conn *c);
+
+/* The peer said all it had to say and has every answer: done. */
+static void conn_close_if_done(ctl_conn *c)
+{
+    if (c->fd >= 0 && c->eof && c->refs == 1 && c->out_len == 0)
+        conn_close(c);
+}
 
 static void count_request(hub_ctl *ctl)
 {
@@ -109,15 +115,13 @@ static void conn_flush(ctl_conn *c)
     }
     c->out_off = c->out_len = 0;
     ev_io_stop(c->ctl->loop, &c->wio);
-    /* The peer said all it had to say and has every answer: done. */
-    if (c->eof && c->refs == 1)
-        conn_close(c);
+    conn_close_if_done(c);
 }
 
 static void conn_write_json(ctl_conn *c, json_object *o)
 {
     size_t len;
-    if (c->dead)
+    if (c->fd < 0)
         return; /* nobody to read it: not even built */
     const char *s = json_object_to_json_string_length(
         o, JSON_C_TO_STRING_PLAIN | JSON_C_TO_STRING_NOSLASHESCAPE, &len);
@@ -152,23 +156,38 @@ static void conn_write_json(ctl_conn *c, json_object *o)
     conn_flush(c);
 }
 
+/* Write answer (owned, may be NULL) to c. */
+static void conn_answer(ctl_conn *c, json_object *answer)
+{
+    if (answer) {
+        conn_write_json(c, answer);
+        json_object_put(answer);
+    }
+}
+
 /* ---- answers ---- */
 
-static json_object *make_answer(json_object *id)
+/* {"jsonrpc":"2.0","id":id,key:val}; val's reference passes to the answer. */
+static json_object *make_answer(json_object *id, const char *key, json_object *val)
 {
     json_object *a = json_object_new_object();
     json_object_object_add(a, "jsonrpc", json_object_new_string("2.0"));
-    json_object_object_add(a, "id", id ? json_object_get(id) : NULL);
+    json_object_object_add(a, "id", json_object_get(id));
+    json_object_object_add(a, key, val);
     return a;
+}
+
+static json_object *error_object(int code, const char *msg)
+{
+    json_object *e = json_object_new_object();
+    json_object_object_add(e, "code", json_object_new_int(code));
+    json_object_object_add(e, "message", json_object_new_string(msg));
+    return e;
 }
 
 static json_object *make_error(json_object *id, int code, const char *msg)
 {
-    json_object *a = make_answer(id), *e = json_object_new_object();
-    json_object_object_add(e, "code", json_object_new_int(code));
-    json_object_object_add(e, "message", json_object_new_string(msg));
-    json_object_object_add(a, "error", e);
-    return a;
+    return make_answer(id, "error", error_object(code, msg));
 }
 
 /* Add answer (owned, may be NULL) to b; the last one in sends them all. */
@@ -184,32 +203,26 @@ static void batch_add(ctl_batch *b, json_object *answer)
     hub_free(b);
 }
 
-/* Deliver answer (owned, NULL for none) for call and end the call. */
-static void call_finish(hub_ctl_call *call, json_object *answer)
+/* Answer call with key:val (val owned; dropped for a notification or a closed connection)
+ * and end the call. */
+static void call_finish(hub_ctl_call *call, const char *key, json_object *val)
 {
     ctl_conn *c = call->conn;
-    if (call->batch) {
+    json_object *answer = NULL;
+    if (call->has_id && c->fd >= 0)
+        answer = make_answer(call->id, key, val);
+    else
+        json_object_put(val);
+    if (call->batch)
         batch_add(call->batch, answer);
-    } else if (answer) {
-        conn_write_json(c, answer);
-        json_object_put(answer);
-    }
+    else
+        conn_answer(c, answer);
     json_object_put(call->id);
     hub_free(call);
     conn_unref(c);
 }
 
-void hub_ctl_reply(hub_ctl_call *call, json_object *result)
-{
-    json_object *a = NULL;
-    if (call->has_id && !call->conn->dead) {
-        a = make_answer(call->id);
-        json_object_object_add(a, "result", result);
-    } else {
-        json_object_put(result);
-    }
-    call_finish(call, a);
-}
+void hub_ctl_reply(hub_ctl_call *call, json_object *result) { call_finish(call, "result", result); }
 
 void hub_ctl_fail(hub_ctl_call *call, int code, const char *fmt, ...)
 {
@@ -219,7 +232,7 @@ void hub_ctl_fail(hub_ctl_call *call, int code, const char *fmt, ...)
     vsnprintf(msg, sizeof(msg), fmt, ap);
     va_end(ap);
     hub_log(HUB_LOG_DEBUG, "control: %s failed: %s", call->method, msg);
-    call_finish(call, call->has_id && !call->conn->dead ? make_error(call->id, code, msg) : NULL);
+    call_finish(call, "error", error_object(code, msg));
 }
 
 /* ---- requests ---- */
@@ -365,19 +378,13 @@ static json_object *run_request(ctl_conn *c, json_object *req, ctl_batch *batch)
 static void run_document(ctl_conn *c, json_object *doc)
 {
     if (!json_object_is_type(doc, json_type_array)) {
-        json_object *err = run_request(c, doc, NULL);
-        if (err) {
-            conn_write_json(c, err);
-            json_object_put(err);
-        }
+        conn_answer(c, run_request(c, doc, NULL));
         return;
     }
     size_t n = json_object_array_length(doc);
     if (n == 0) {
         count_request(c->ctl);
-        json_object *err = make_error(NULL, HUB_CTL_INVALID_REQUEST, "empty batch");
-        conn_write_json(c, err);
-        json_object_put(err);
+        conn_answer(c, make_error(NULL, HUB_CTL_INVALID_REQUEST, "empty batch"));
         return;
     }
     ctl_batch *b = hub_calloc(1, sizeof(*b));
@@ -387,7 +394,7 @@ static void run_document(ctl_conn *c, json_object *doc)
     b->answers = json_object_new_array();
     b->remaining = 1; /* held until every element has started */
     c->refs++;
-    for (size_t i = 0; i < n && !c->dead; i++) {
+    for (size_t i = 0; i < n && c->fd >= 0; i++) {
         json_object *err = run_request(c, json_object_array_get_idx(doc, i), b);
         if (err)
             json_object_array_add(b->answers, err);
@@ -405,11 +412,10 @@ static void parse_failed(ctl_conn *c, const char *why)
     snprintf(msg, sizeof(msg), "parse error: %s", why);
     count_request(c->ctl);
     hub_log(HUB_LOG_DEBUG, "control: %s; closing the connection", msg);
-    json_object *err = make_error(NULL, HUB_CTL_PARSE_ERROR, msg);
     c->eof = 1;
     ev_io_stop(c->ctl->loop, &c->rio);
-    conn_write_json(c, err); /* closes c once written, if nothing else is pending */
-    json_object_put(err);
+    /* closes c once written, if nothing else is pending */
+    conn_answer(c, make_error(NULL, HUB_CTL_PARSE_ERROR, msg));
 }
 
 static int is_space(char ch) { return ch == ' ' || ch == '\t' || ch == '\r' || ch == '\n'; }
@@ -417,7 +423,7 @@ static int is_space(char ch) { return ch == ' ' || ch == '\t' || ch == '\r' || c
 /* Feed bytes to the tokener; run each complete document. */
 static void conn_feed(ctl_conn *c, const char *buf, size_t len)
 {
-    while (len > 0 && !c->dead && !c->eof) {
+    while (len > 0 && c->fd >= 0 && !c->eof) {
         if (c->doc_bytes == 0) {
             /* Whitespace between documents is not part of any. */
             while (len && is_space(*buf))
@@ -480,8 +486,7 @@ static void conn_read_cb(struct ev_loop *loop, ev_io *w, int revents)
         /* The peer is done sending; it may still be waiting for answers. */
         c->eof = 1;
         ev_io_stop(c->ctl->loop, &c->rio);
-        if (c->refs == 1 && c->out_len == 0)
-            conn_close(c);
+        conn_close_if_done(c);
         return;
     }
     c->refs++; /* a handler may close c; keep it until feeding returns */
@@ -497,9 +502,8 @@ static void conn_write_cb(struct ev_loop *loop, ev_io *w, int revents)
 
 static void conn_close(ctl_conn *c)
 {
-    if (c->dead)
+    if (c->fd < 0)
         return;
-    c->dead = 1;
     ev_io_stop(c->ctl->loop, &c->rio);
     ev_io_stop(c->ctl->loop, &c->wio);
     close(c->fd);
@@ -517,8 +521,7 @@ static void conn_close(ctl_conn *c)
 static void conn_unref(ctl_conn *c)
 {
     if (--c->refs > 0) {
-        if (!c->dead && c->eof && c->refs == 1 && c->out_len == 0)
-            conn_close(c);
+        conn_close_if_done(c);
         return;
     }
     json_tokener_free(c->tok);
@@ -536,15 +539,6 @@ static void accept_resume_cb(struct ev_loop *loop, ev_timer *w, int revents)
         ev_io_start(loop, &ctl->tw);
 }
 
-static void accept_pause(hub_ctl *ctl)
-{
-    ev_io_stop(ctl->loop, &ctl->uw);
-    ev_io_stop(ctl->loop, &ctl->tw);
-    ev_timer_init(&ctl->pause_w, accept_resume_cb, 1.0, 0.);
-    ctl->pause_w.data = ctl;
-    ev_timer_start(ctl->loop, &ctl->pause_w);
-}
-
 static void accept_cb(struct ev_loop *loop, ev_io *w, int revents)
 {
     hub_ctl *ctl = w->data;
@@ -557,7 +551,10 @@ static void accept_cb(struct ev_loop *loop, ev_io *w, int revents)
                  * stop listening for a second rather than spin (libev's advice). */
                 hub_log(HUB_LOG_WARN, "control: accept failed: %s; not accepting for 1 s",
                         strerror(errno));
-                accept_pause(ctl);
+                ev_io_stop(loop, &ctl->uw);
+                ev_io_stop(loop, &ctl->tw);
+                ev_timer_set(&ctl->pause_w, 1.0, 0.); /* a fired timer keeps no delay */
+                ev_timer_start(loop, &ctl->pause_w);
             } else if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR &&
                        errno != ECONNABORTED) {
                 hub_log(HUB_LOG_WARN, "control: accept failed: %s", strerror(errno));
@@ -734,6 +731,13 @@ static int listen_tcp(hub_ctl *ctl, const char *addr, char *err, size_t errlen)
     return 0;
 }
 
+static void watch_listener(hub_ctl *ctl, ev_io *w, int fd)
+{
+    ev_io_init(w, accept_cb, fd, EV_READ);
+    w->data = ctl;
+    ev_io_start(ctl->loop, w);
+}
+
 hub_ctl *hub_ctl_new(struct ev_loop *loop, const char *path, const char *tcp, char *err,
                      size_t errlen)
 {
@@ -744,20 +748,18 @@ hub_ctl *hub_ctl_new(struct ev_loop *loop, const char *path, const char *tcp, ch
     }
     ctl->loop = loop;
     ctl->ufd = ctl->tfd = -1;
+    ev_timer_init(&ctl->pause_w, accept_resume_cb, 1.0, 0.);
+    ctl->pause_w.data = ctl;
     if (path && path[0] && listen_unix(ctl, path, err, errlen) < 0)
         goto fail;
     if (tcp && tcp[0] && listen_tcp(ctl, tcp, err, errlen) < 0)
         goto fail;
     if (ctl->ufd >= 0) {
-        ev_io_init(&ctl->uw, accept_cb, ctl->ufd, EV_READ);
-        ctl->uw.data = ctl;
-        ev_io_start(loop, &ctl->uw);
+        watch_listener(ctl, &ctl->uw, ctl->ufd);
         hub_log(HUB_LOG_INFO, "control socket %s", ctl->path);
     }
     if (ctl->tfd >= 0) {
-        ev_io_init(&ctl->tw, accept_cb, ctl->tfd, EV_READ);
-        ctl->tw.data = ctl;
-        ev_io_start(loop, &ctl->tw);
+        watch_listener(ctl, &ctl->tw, ctl->tfd);
         hub_log(HUB_LOG_INFO, "control tcp on port %d", ctl->tcp_port);
     }
     return ctl;

@@ -14,16 +14,20 @@
 #include "hub/hub_int.h"
 #include "hub/log.h"
 
-static const char *str_param(json_object *params, const char *name)
+/* A string parameter and its length (*len may be NULL), or NULL (and 0) when absent. */
+static const char *str_param(json_object *params, const char *name, size_t *len)
 {
-    json_object *v;
-    return json_object_object_get_ex(params, name, &v) ? json_object_get_string(v) : NULL;
+    json_object *v = NULL;
+    json_object_object_get_ex(params, name, &v);
+    if (len)
+        *len = v ? (size_t)json_object_get_string_len(v) : 0;
+    return v ? json_object_get_string(v) : NULL;
 }
 
-static size_t str_len_param(json_object *params, const char *name)
+static void invalid_tag(hub_ctl_call *call)
 {
-    json_object *v;
-    return json_object_object_get_ex(params, name, &v) ? (size_t)json_object_get_string_len(v) : 0;
+    hub_ctl_fail(call, HUB_CTL_INVALID_PARAMS,
+                 "invalid tag (1..%d printable characters, no spaces)", HUB_TAG_MAX);
 }
 
 static json_object *u64(uint64_t v) { return json_object_new_uint64(v); }
@@ -147,8 +151,8 @@ struct hub_list_job {
     struct printbuf *pb; /* the "clients" array's text so far */
 };
 
-/* Append s as a JSON string; addresses and tags are printable ASCII, so only '"' and '\\'
- * need escaping. */
+/* Append s as a JSON string. Addresses and tags are ASCII, so escaping '"', '\\' and control
+ * characters (as \u00XX) is all JSON asks for. */
 static void put_str(struct printbuf *pb, const char *s, size_t len)
 {
     printbuf_memappend(pb, "\"", 1);
@@ -201,9 +205,10 @@ static void listing_free(json_object *o, void *ud)
 
 static void job_free(hub_list_job *j)
 {
+    if (!j)
+        return;
     hub_free(j->ids);
-    if (j->pb)
-        printbuf_free(j->pb);
+    printbuf_free(j->pb); /* NULL-safe */
     hub_free(j);
 }
 
@@ -245,14 +250,12 @@ static void list_step_cb(struct ev_loop *loop, ev_timer *w, int revents)
 static void cmd_clients(hub_ctl_call *call, json_object *params, void *ud)
 {
     hub *h = ud;
-    const char *tag = str_param(params, "tag");
-    size_t taglen = str_len_param(params, "tag"), n = 0;
+    size_t taglen, n = 0;
+    const char *tag = str_param(params, "tag", &taglen);
     hub_list_job *j = hub_calloc(1, sizeof(*j));
-    if (j)
-        j->ids = hub_malloc(((size_t)atomic_load(&h->nclients) + 1) * sizeof(*j->ids));
-    if (!j || !j->ids || !(j->pb = printbuf_new())) {
-        if (j)
-            job_free(j);
+    if (!j || !(j->ids = hub_malloc(((size_t)atomic_load(&h->nclients) + 1) * sizeof(*j->ids))) ||
+        !(j->pb = printbuf_new())) {
+        job_free(j);
         hub_ctl_fail(call, HUB_CTL_INTERNAL_ERROR, "out of memory");
         return;
     }
@@ -303,7 +306,7 @@ static void cmd_close(hub_ctl_call *call, json_object *params, void *ud)
 {
     hub *h = ud;
     int64_t id = id_param(params);
-    const char *reason = str_param(params, "reason");
+    const char *reason = str_param(params, "reason", NULL);
     if (id <= 0 ||
         hub__close_id(h, (uint64_t)id, reason && *reason ? reason : "closed by the operator") < 0) {
         no_such_client(call, id);
@@ -320,11 +323,10 @@ static void cmd_tag(hub_ctl_call *call, json_object *params, void *ud)
 {
     hub *h = ud;
     int64_t id = id_param(params);
-    const char *tag = str_param(params, "tag");
-    size_t len = str_len_param(params, "tag");
+    size_t len;
+    const char *tag = str_param(params, "tag", &len);
     if (len && !hub__tag_valid(tag, len)) {
-        hub_ctl_fail(call, HUB_CTL_INVALID_PARAMS,
-                     "invalid tag (1..%d printable characters, no spaces)", HUB_TAG_MAX);
+        invalid_tag(call);
         return;
     }
     int rc = id > 0 ? hub__set_tag_id(h, (uint64_t)id, tag, len, 0) : -ENOENT;
@@ -343,12 +345,15 @@ static void cmd_tag(hub_ctl_call *call, json_object *params, void *ud)
     hub_ctl_reply(call, r);
 }
 
-/* The answer of relay / multicast / unicast, from the number of recipients or an error. */
-static void route_answer(hub_ctl_call *call, hub *h, int n, const char *tag)
+/* relay (route NULL), multicast or unicast, answered with the number of recipients. */
+static void cmd_route(hub_ctl_call *call, json_object *params, hub *h,
+                      int (*route)(hub *, const char *, size_t, const char *, size_t))
 {
+    size_t taglen, len;
+    const char *tag = str_param(params, "tag", &taglen), *data = str_param(params, "data", &len);
+    int n = route ? route(h, tag, taglen, data, len) : hub__relay(h, data, len);
     if (n == -EINVAL) {
-        hub_ctl_fail(call, HUB_CTL_INVALID_PARAMS,
-                     "invalid tag (1..%d printable characters, no spaces)", HUB_TAG_MAX);
+        invalid_tag(call);
     } else if (n == -EMSGSIZE) {
         hub_ctl_fail(call, HUB_CTL_FAILED, "the frame is larger than max_outbuf (%zu bytes)",
                      h->cfg.max_outbuf);
@@ -368,27 +373,17 @@ static void route_answer(hub_ctl_call *call, hub *h, int n, const char *tag)
 
 static void cmd_relay(hub_ctl_call *call, json_object *params, void *ud)
 {
-    hub *h = ud;
-    const char *data = str_param(params, "data");
-    route_answer(call, h, hub__relay(h, data, str_len_param(params, "data")), NULL);
-}
-
-static void cmd_tagged(hub_ctl_call *call, json_object *params, hub *h,
-                       int (*route)(hub *, const char *, size_t, const char *, size_t))
-{
-    const char *tag = str_param(params, "tag"), *data = str_param(params, "data");
-    int n = route(h, tag, str_len_param(params, "tag"), data, str_len_param(params, "data"));
-    route_answer(call, h, n, tag);
+    cmd_route(call, params, ud, NULL);
 }
 
 static void cmd_multicast(hub_ctl_call *call, json_object *params, void *ud)
 {
-    cmd_tagged(call, params, ud, hub__multicast);
+    cmd_route(call, params, ud, hub__multicast);
 }
 
 static void cmd_unicast(hub_ctl_call *call, json_object *params, void *ud)
 {
-    cmd_tagged(call, params, ud, hub__unicast);
+    cmd_route(call, params, ud, hub__unicast);
 }
 
 static int same_metric(const hub_stat *a, const hub_stat *b)
@@ -453,17 +448,16 @@ static json_object *stats_json(const hub_stat *st, size_t n, int nworkers)
 static void cmd_stats(hub_ctl_call *call, json_object *params, void *ud)
 {
     hub *h = ud;
-    json_object *v;
-    size_t n = hub__stats_collect(h, NULL, 0);
-    hub_stat *st = hub_calloc(n ? n : 1, sizeof(*st));
-    if (!st) {
-        hub_ctl_fail(call, HUB_CTL_INTERNAL_ERROR, "out of memory");
-        return;
-    }
-    n = hub__stats_collect(h, st, n); /* the loop is the only writer: same length */
+    json_object *v, *r = NULL;
+    hub_stat buf[64], *st = buf;
+    size_t n = hub__stats_collect(h, buf, 64);
+    if (n > 64 && (st = hub_calloc(n, sizeof(*st))))
+        n = hub__stats_collect(h, st, n); /* many workers; the list's length is fixed */
     int prom = json_object_object_get_ex(params, "prometheus", &v) && json_object_get_boolean(v);
-    json_object *r = prom ? prometheus_text(st, n) : stats_json(st, n, h->nworkers);
-    hub_free(st);
+    if (st)
+        r = prom ? prometheus_text(st, n) : stats_json(st, n, h->nworkers);
+    if (st != buf)
+        hub_free(st);
     if (!r) {
         hub_ctl_fail(call, HUB_CTL_INTERNAL_ERROR, "out of memory");
         return;
@@ -494,7 +488,7 @@ static void cmd_reload(hub_ctl_call *call, json_object *params, void *ud)
 
 static void cmd_log_level(hub_ctl_call *call, json_object *params, void *ud)
 {
-    const char *s = str_param(params, "level");
+    const char *s = str_param(params, "level", NULL);
     int prev = atomic_load(&hub_log_level), level = prev;
     (void)ud;
     if (s) {

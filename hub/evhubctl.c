@@ -310,10 +310,12 @@ static int remote_spec_find(json_object *res, json_object *list, const char *nam
             const char *type = member_string(p, "type"), *help = member_string(p, "help");
             if (!(rs->params[np].name = member_string(p, "name")))
                 continue; /* nothing evhubctl could send */
-            rs->params[np].type = !type                          ? HUB_CTL_STRING
-                                  : strcmp(type, "integer") == 0 ? HUB_CTL_INT
-                                  : strcmp(type, "boolean") == 0 ? HUB_CTL_BOOL
-                                                                 : HUB_CTL_STRING;
+            /* A type evhubctl does not know is taken as a string. */
+            rs->params[np].type = HUB_CTL_STRING;
+            for (hub_ctl_type t = HUB_CTL_STRING; type && t <= HUB_CTL_BOOL; t++) {
+                if (strcmp(type, hub_ctl_type_name(t)) == 0)
+                    rs->params[np].type = t;
+            }
             rs->params[np].required = json_object_get_boolean(member(p, "required"));
             rs->params[np++].help = help ? help : "";
         }
@@ -326,7 +328,7 @@ static int remote_spec_find(json_object *res, json_object *list, const char *nam
 }
 
 /* The spec of a core command, or else the hub's. Returns CTL_EXIT_OK with *out (valid while
- * rs is), or another CTL_EXIT_* after saying why. */
+ * rs is), or another CTL_EXIT_* after saying why, with rs left empty. */
 static int lookup_spec(const ctl_opts *o, const char *name, remote_spec *rs,
                        const hub_ctl_spec **out)
 {
@@ -368,23 +370,19 @@ static const char *metavar(char *buf, size_t len, const char *name)
     return buf;
 }
 
+static const hub_ctl_param *find_param(const hub_ctl_spec *s, long nth, const char *name,
+                                       size_t namelen);
+
 static void print_cmd_usage(FILE *f, const hub_ctl_spec *s)
 {
+    const hub_ctl_param *p;
     char mv[64];
     fprintf(f, "usage: evhubctl [OPTIONS] %s", s->name);
-    for (size_t i = 0; i < s->nparams; i++) { /* required ones first, in spec order */
-        if (s->params[i].required)
-            fprintf(f, " %s", metavar(mv, sizeof(mv), s->params[i].name));
-    }
+    for (long i = 0; (p = find_param(s, i, NULL, 0)); i++) /* positional ones, in their order */
+        fprintf(f, p->required ? " %s" : " [%s]", metavar(mv, sizeof(mv), p->name));
     for (size_t i = 0; i < s->nparams; i++) {
-        const hub_ctl_param *p = &s->params[i];
-        if (!p->required && p->type != HUB_CTL_BOOL)
-            fprintf(f, " [%s]", metavar(mv, sizeof(mv), p->name));
-    }
-    for (size_t i = 0; i < s->nparams; i++) {
-        const hub_ctl_param *p = &s->params[i];
-        if (!p->required && p->type == HUB_CTL_BOOL)
-            fprintf(f, " [--%s]", p->name);
+        if (!s->params[i].required && s->params[i].type == HUB_CTL_BOOL)
+            fprintf(f, " [--%s]", s->params[i].name);
     }
     fputc('\n', f);
 }
@@ -565,21 +563,18 @@ static int take_arg(const hub_ctl_spec *s, int argc, char **argv, int *i, int *o
 static int build_params(const hub_ctl_spec *s, int argc, char **argv, json_object **out)
 {
     json_object *params = json_object_new_object();
-    const hub_ctl_param *missing;
     int opts_done = 0, rc = 0;
     long npos = 0;
     char mv[64];
     for (int i = 0; i < argc && rc == 0; i++)
         rc = take_arg(s, argc, argv, &i, &opts_done, &npos, params);
-    missing = NULL;
-    for (size_t i = 0; i < s->nparams && !missing; i++) {
-        if (s->params[i].required && !json_object_object_get_ex(params, s->params[i].name, NULL))
-            missing = &s->params[i];
-    }
-    if (rc == 0 && missing) {
-        fprintf(stderr, "evhubctl: %s: missing %s\n", s->name,
-                metavar(mv, sizeof(mv), missing->name));
-        rc = -1;
+    for (size_t i = 0; i < s->nparams && rc == 0; i++) {
+        const hub_ctl_param *p = &s->params[i];
+        if (p->required && !json_object_object_get_ex(params, p->name, NULL)) {
+            fprintf(stderr, "evhubctl: %s: missing %s\n", s->name,
+                    metavar(mv, sizeof(mv), p->name));
+            rc = -1;
+        }
     }
     if (rc == 0)
         *out = params;
@@ -735,15 +730,16 @@ static int run_command(const ctl_opts *o, const char *name, int argc, char **arg
     remote_spec rs = {0};
     const hub_ctl_spec *s = NULL;
     json_object *params = NULL, *result = NULL;
-    int rc = lookup_spec(o, name, &rs, &s), b = 0;
-    if (rc == CTL_EXIT_OK)
-        b = help ? 1 : build_params(s, argc, argv, &params);
-    if (rc == CTL_EXIT_OK && b == 1) {
+    int rc = lookup_spec(o, name, &rs, &s);
+    if (rc != CTL_EXIT_OK)
+        return rc; /* lookup_spec said why; rs holds nothing */
+    int b = help ? 1 : build_params(s, argc, argv, &params);
+    if (b == 1) {
         print_cmd_help(s);
-    } else if (rc == CTL_EXIT_OK && b < 0) {
+    } else if (b < 0) {
         print_cmd_usage(stderr, s);
         rc = CTL_EXIT_USAGE;
-    } else if (rc == CTL_EXIT_OK && (rc = rpc_call(o, s->name, params, 0, &result)) == 0) {
+    } else if ((rc = rpc_call(o, s->name, params, 0, &result)) == CTL_EXIT_OK) {
         if (o->json)
             printf("%s\n", json_object_to_json_string_ext(
                                result, JSON_C_TO_STRING_PRETTY | JSON_C_TO_STRING_NOSLASHESCAPE));

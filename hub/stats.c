@@ -35,16 +35,8 @@ double hub__wall_now(void)
 size_t hub__stats_collect(hub *h, hub_stat *out, size_t cap)
 {
     collector c = {out, cap, 0};
-    uint64_t script[HUB_SCRIPT_NCOUNTS];
     hub_worker_view wv;
 
-    for (int i = 0; i < HUB_SCRIPT_NCOUNTS; i++)
-        script[i] = HUB_STAT_GET(h, script[i]);
-    for (int w = 0; w < h->nworkers; w++) {
-        hub__worker_view(h, w, &wv);
-        for (int i = 0; i < HUB_SCRIPT_NCOUNTS; i++)
-            script[i] += wv.script[i];
-    }
     pthread_rwlock_rdlock(&h->tags_lock);
     uint64_t ntags = h->ntags;
     pthread_rwlock_unlock(&h->tags_lock);
@@ -67,8 +59,9 @@ size_t hub__stats_collect(hub *h, hub_stat *out, size_t cap)
         HUB_STAT_GET(h, slow_closes));
     put(&c, "dropped_frames", "frames dropped for a full write queue (outbuf_policy drop)", 0, -1,
         HUB_STAT_GET(h, dropped_frames));
+    size_t totals = c.n; /* the loop's script counts, plus the workers' added below */
     for (int i = 0; i < HUB_SCRIPT_NCOUNTS; i++)
-        put(&c, script_names[i], script_help[i], 0, -1, script[i]);
+        put(&c, script_names[i], script_help[i], 0, -1, HUB_STAT_GET(h, script[i]));
     put(&c, "reloads", "script reloads that succeeded", 0, -1, HUB_STAT_GET(h, reloads));
     put(&c, "reload_failures", "script reloads that failed (the old script kept running)", 0, -1,
         HUB_STAT_GET(h, reload_failures));
@@ -82,8 +75,11 @@ size_t hub__stats_collect(hub *h, hub_stat *out, size_t cap)
         put(&c, "queued_bytes", "payload bytes waiting in the worker's queue", 1, w,
             wv.queued_bytes);
         put(&c, "events", "events the worker has run", 0, w, wv.events);
-        for (int i = 0; i < HUB_SCRIPT_NCOUNTS; i++)
+        for (int i = 0; i < HUB_SCRIPT_NCOUNTS; i++) {
             put(&c, script_names[i], script_help[i], 0, w, wv.script[i]);
+            if (totals + (size_t)i < cap)
+                out[totals + i].value += wv.script[i];
+        }
     }
     return c.n;
 }
