@@ -31,7 +31,6 @@ struct hub_script {
     lua_State *L;
     const hub_api *api;
     void *ud;
-    int worker;
     long max_instructions;          /* 0: unlimited */
     size_t max_memory;              /* 0: unlimited */
     size_t mem_used;                /* bytes currently allocated by L */
@@ -39,17 +38,15 @@ struct hub_script {
     double deadline;                /* CLOCK_MONOTONIC seconds the current callback may run to */
     int budget_hit;                 /* the current callback ran out of budget */
     atomic_int *cancel;             /* while loading: non-zero stops the load */
-    int kemi;                       /* event_callback is set: events go to the ksr.lua dispatcher */
     int handler[HLUA_EV_COUNT + 1]; /* evapi.on() registry refs, LUA_NOREF when unset */
     int conns_ref;                  /* registry ref: id -> conn userdata */
-    int dispatch_ref;               /* KEMI dispatcher from ksr.lua, or LUA_NOREF */
+    int dispatch_ref;               /* ksr.lua's KEMI dispatcher, which then gets every event
+                                     * instead of handler[]; LUA_NOREF without event_callback */
     int reset_ref;                  /* KEMI context reset from ksr.lua, or LUA_NOREF */
     /* Arguments handed to the protected trampolines (no allocation on the hot path). */
-    uint64_t arg_id;
     const char *arg_data;
     size_t arg_len;
     const hub_conn_info *arg_ci;
-    hlua_conn *arg_conn;
     char warn[256]; /* pieces of a lua_warning() being assembled */
     size_t warnlen;
 };
@@ -60,15 +57,11 @@ static inline hub_script *hlua__script(lua_State *L)
     return *(hub_script **)lua_getextraspace(L);
 }
 
-/* Check the current callback's budget from C code that starts Lua work the count hook does
- * not see (resuming a coroutine); raises when it is spent. */
-void hlua__budget_check(lua_State *L);
-
 /* Unique value raised by KSR.x.exit(); the protected call ends the callback silently. */
 extern const char hlua__exit_sentinel;
 
-/* Define the evapi and log globals and the "evhub.client" metatable. */
-void hlua__open_evapi(lua_State *L);
+/* Define the evapi and log globals (evapi.worker = worker) and the "evhub.client" metatable. */
+void hlua__open_evapi(lua_State *L, int worker);
 /* Define the json global. */
 void hlua__open_json(lua_State *L);
 /* Push the helpers table that ksr.lua receives as its first argument. */

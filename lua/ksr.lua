@@ -83,10 +83,7 @@ function E.set_tag(tag)
     if c == nil or type(tag) ~= "string" then
         return -1
     end
-    if c:set_tag(tag) then
-        return 1
-    end
-    return -1
+    return rc(c:set_tag(tag))
 end
 
 -- Functions Kamailio scripts call that need parts evhub does not have yet: they log why
@@ -110,28 +107,23 @@ RABBITMQ.publish_consume = unavailable("KSR.rabbitmq.publish_consume", not_built
 
 -- KSR.pv: the read-only $evapi(...) variables; any other variable is $null (nil).
 
+-- A getter for a field of the current connection; nil outside an event.
+local function conn_field(k)
+    return function()
+        local c = cur_conn
+        if c then
+            return c[k]
+        end
+    end
+end
+
 local pv_getters = {
     ["$evapi(msg)"] = function()
         return cur_msg
     end,
-    ["$evapi(srcaddr)"] = function()
-        local c = cur_conn
-        if c then
-            return c.addr
-        end
-    end,
-    ["$evapi(srcport)"] = function()
-        local c = cur_conn
-        if c then
-            return c.port
-        end
-    end,
-    ["$evapi(conidx)"] = function()
-        local c = cur_conn
-        if c then
-            return c.conidx
-        end
-    end,
+    ["$evapi(srcaddr)"] = conn_field("addr"),
+    ["$evapi(srcport)"] = conn_field("port"),
+    ["$evapi(conidx)"] = conn_field("conidx"),
 }
 
 local function pv_get(name)
@@ -143,21 +135,18 @@ local function pv_get(name)
 end
 P.get = pv_get
 
-function P.gete(name)
-    local v = pv_get(name)
-    if v == nil then
-        return ""
+-- KSR.pv.gete / getw: the value, or what Kamailio prints for $null.
+local function pv_get_or(null)
+    return function(name)
+        local v = pv_get(name)
+        if v == nil then
+            return null
+        end
+        return v
     end
-    return v
 end
-
-function P.getw(name)
-    local v = pv_get(name)
-    if v == nil then
-        return "<<null>>"
-    end
-    return v
-end
+P.gete = pv_get_or("")
+P.getw = pv_get_or("<<null>>")
 
 function P.is_null(name)
     return pv_get(name) == nil

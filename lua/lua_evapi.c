@@ -195,49 +195,28 @@ static int client_tostring(lua_State *L)
 static int client_index(lua_State *L)
 {
     hlua_conn *c = check_client(L, 1);
-    size_t len;
-    const char *k = lua_type(L, 2) == LUA_TSTRING ? lua_tolstring(L, 2, &len) : NULL;
+    size_t len = 0;
+    const char *k = lua_type(L, 2) == LUA_TSTRING ? lua_tolstring(L, 2, &len) : "";
+#define KEY_IS(lit) (len == sizeof(lit) - 1 && memcmp(k, lit, sizeof(lit) - 1) == 0)
 
-    if (k != NULL) {
-        switch (len) {
-        case 2:
-            if (memcmp(k, "id", 2) == 0) {
-                lua_pushinteger(L, (lua_Integer)c->id);
-                return 1;
-            }
-            break;
-        case 3:
-            if (memcmp(k, "tag", 3) == 0) {
-                if (c->taglen)
-                    lua_pushlstring(L, c->tag, c->taglen);
-                else
-                    lua_pushnil(L);
-                return 1;
-            }
-            break;
-        case 4:
-            if (memcmp(k, "addr", 4) == 0) {
-                lua_pushstring(L, c->addr);
-                return 1;
-            }
-            if (memcmp(k, "port", 4) == 0) {
-                lua_pushinteger(L, c->port);
-                return 1;
-            }
-            break;
-        case 6:
-            if (memcmp(k, "conidx", 6) == 0) {
-                lua_pushinteger(L, c->conidx);
-                return 1;
-            }
-            break;
-        default:
-            break;
-        }
+    if (KEY_IS("id"))
+        lua_pushinteger(L, (lua_Integer)c->id);
+    else if (KEY_IS("tag") && c->taglen)
+        lua_pushlstring(L, c->tag, c->taglen);
+    else if (KEY_IS("tag"))
+        lua_pushnil(L);
+    else if (KEY_IS("addr"))
+        lua_pushstring(L, c->addr);
+    else if (KEY_IS("port"))
+        lua_pushinteger(L, c->port);
+    else if (KEY_IS("conidx"))
+        lua_pushinteger(L, c->conidx);
+    else {
+        lua_pushvalue(L, 2);                /* [conn, k, k] */
+        lua_rawget(L, lua_upvalueindex(1)); /* [conn, k, method] */
     }
-    lua_pushvalue(L, 2);                /* [conn, k, k] */
-    lua_rawget(L, lua_upvalueindex(1)); /* [conn, k, method] */
     return 1;
+#undef KEY_IS
 }
 
 static int client_newindex(lua_State *L)
@@ -414,12 +393,11 @@ static void push_log_table(lua_State *L, int prefix)
     }
 }
 
-void hlua__open_evapi(lua_State *L)
+void hlua__open_evapi(lua_State *L, int worker)
 {
-    hub_script *s = hlua__script(L);
     open_client(L);
     luaL_newlib(L, evapi_funcs);   /* [evapi] */
-    lua_pushinteger(L, s->worker); /* [evapi, worker] */
+    lua_pushinteger(L, worker);    /* [evapi, worker] */
     lua_setfield(L, -2, "worker"); /* [evapi] */
     lua_setglobal(L, "evapi");     /* [] */
     push_log_table(L, 1);          /* [log] */

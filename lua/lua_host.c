@@ -81,10 +81,19 @@ static long hook_chunk(const hub_script *s)
     return s->cancel ? HLUA_CANCEL_CHUNK : HLUA_HOOK_CHUNK;
 }
 
-static void set_budget_hook(lua_State *L, long count)
+/* Set L's count hook for what the current callback has left of its budget, at most a chunk;
+ * without a budget, only while a load may be cancelled, to look at the flag; else remove it. */
+static void set_hook(lua_State *L, const hub_script *s)
 {
-    long chunk = hook_chunk(hlua__script(L));
-    lua_sethook(L, budget_hook, LUA_MASKCOUNT, (int)(count > chunk ? chunk : count));
+    long chunk = hook_chunk(s);
+
+    if (s->max_instructions > 0)
+        lua_sethook(L, budget_hook, LUA_MASKCOUNT,
+                    (int)(s->budget_left > chunk ? chunk : s->budget_left));
+    else if (s->cancel)
+        lua_sethook(L, budget_hook, LUA_MASKCOUNT, (int)chunk);
+    else
+        lua_sethook(L, NULL, 0, 0);
 }
 
 static double now_mono(void)
@@ -94,19 +103,34 @@ static double now_mono(void)
     return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
 }
 
-/* Fire on every instruction from now on, in this thread and the main one, so a script that
- * catches the error with pcall() cannot keep running; then raise, naming the script line. */
-static void budget_exceeded(lua_State *L, hub_script *s)
+/* Fire on every instruction from now on, in this thread and the main one (new coroutines
+ * inherit its hook), so neither pcall() nor a fresh coroutine can swallow the error the
+ * caller raises next. */
+static void hook_every_instruction(lua_State *L, const hub_script *s)
 {
-    s->budget_hit = 1;
     lua_sethook(L, budget_hook, LUA_MASKCOUNT, 1);
     if (L != s->L)
         lua_sethook(s->L, budget_hook, LUA_MASKCOUNT, 1);
-    luaL_where(L, 0);
-    lua_pushfstring(L, "instruction budget exceeded (%I instructions)",
-                    (lua_Integer)s->max_instructions);
-    lua_concat(L, 2);
-    lua_error(L);
+}
+
+/* Raise if the load was cancelled, or if the callback is past its budget: spent (the count
+ * ran out, seen by the hook) or past its deadline (see arm_budget). The budget error names
+ * the running line: from the hook, the script's; from a C function, none. */
+static void check_limits(lua_State *L, hub_script *s, int spent)
+{
+    if (s->cancel && atomic_load(s->cancel)) {
+        hook_every_instruction(L, s);
+        luaL_error(L, "loading cancelled: the hub is stopping");
+    }
+    if (s->max_instructions > 0 && (spent || now_mono() > s->deadline)) {
+        s->budget_hit = 1;
+        hook_every_instruction(L, s);
+        luaL_where(L, 0);
+        lua_pushfstring(L, "instruction budget exceeded (%I instructions)",
+                        (lua_Integer)s->max_instructions);
+        lua_concat(L, 2);
+        lua_error(L);
+    }
 }
 
 static void budget_hook(lua_State *L, lua_Debug *ar)
@@ -114,31 +138,13 @@ static void budget_hook(lua_State *L, lua_Debug *ar)
     hub_script *s = hlua__script(L);
     (void)ar;
 
-    if (s->cancel && atomic_load(s->cancel)) {
-        /* Fire on every instruction here and in the main thread (new coroutines inherit
-         * its hook), so neither pcall() nor a fresh coroutine can swallow it. */
-        lua_sethook(L, budget_hook, LUA_MASKCOUNT, 1);
-        if (L != s->L)
-            lua_sethook(s->L, budget_hook, LUA_MASKCOUNT, 1);
-        luaL_error(L, "loading cancelled: the hub is stopping");
-    }
-    if (s->max_instructions <= 0) {
-        set_budget_hook(L, HLUA_HOOK_CHUNK); /* only watching for a cancel */
-        return;
-    }
-    if (s->budget_left > hook_chunk(s) && now_mono() <= s->deadline) {
+    if (s->max_instructions > 0) {
+        check_limits(L, s, s->budget_left <= hook_chunk(s));
         s->budget_left -= hook_chunk(s);
-        set_budget_hook(L, s->budget_left);
-        return;
+    } else {
+        check_limits(L, s, 0);
     }
-    budget_exceeded(L, s);
-}
-
-void hlua__budget_check(lua_State *L)
-{
-    hub_script *s = hlua__script(L);
-    if (s->max_instructions > 0 && now_mono() > s->deadline)
-        budget_exceeded(L, s);
+    set_hook(L, s);
 }
 
 /* Reset the budget before each entry into Lua. Each coroutine counts its instructions on its
@@ -147,14 +153,11 @@ void hlua__budget_check(lua_State *L)
  * budget takes at HLUA_MIN_IPS instructions a second, far slower than any machine runs. */
 static void arm_budget(hub_script *s)
 {
-    if (s->max_instructions <= 0) {
-        if (s->cancel) /* a load that may be cancelled: watch, even without a budget */
-            set_budget_hook(s->L, HLUA_HOOK_CHUNK);
-        return;
+    if (s->max_instructions > 0) {
+        s->budget_left = s->max_instructions;
+        s->deadline = now_mono() + (double)s->max_instructions / HLUA_MIN_IPS + 0.05;
     }
-    s->budget_left = s->max_instructions;
-    s->deadline = now_mono() + (double)s->max_instructions / HLUA_MIN_IPS + 0.05;
-    set_budget_hook(s->L, s->budget_left);
+    set_hook(s->L, s);
 }
 
 static int is_exit(lua_State *L, int idx)
@@ -210,31 +213,37 @@ static int hlua_pcall(hub_script *s, int nargs, const char *what)
                 s->api->count(s->ud, HUB_SCRIPT_MEMORY);
         }
         lua_pop(L, 1); /* [traceback_cb] */
-        if (s->kemi)
-            kemi_reset(s);
+        kemi_reset(s);
     }
     lua_pop(L, 1); /* [] */
     return rc == LUA_OK ? 0 : -1;
 }
 
-/* Push the handler for ev and the leading arguments; returns the count pushed (0: none).
- * Stack on entry: [conn] at index 1. */
-static int push_handler(lua_State *L, hub_script *s, int ev)
+/* Call ev's handler, or the KEMI dispatcher, with the conn at index 1 and, for a message,
+ * the frame. Runs inside the protected call, so allocations may raise safely. */
+static int call_handler(lua_State *L, hub_script *s, int ev)
 {
-    if (s->kemi) {
+    int nargs = 1;
+    if (s->dispatch_ref != LUA_NOREF) {
         lua_rawgeti(L, LUA_REGISTRYINDEX, s->dispatch_ref); /* [conn, dispatch] */
         lua_pushinteger(L, ev);                             /* [conn, dispatch, ev] */
-        lua_pushvalue(L, 1);                                /* [conn, dispatch, ev, conn] */
-        return 3;
-    }
-    if (s->handler[ev] == LUA_NOREF)
+        nargs = 2;
+    } else if (s->handler[ev] != LUA_NOREF) {
+        lua_rawgeti(L, LUA_REGISTRYINDEX, s->handler[ev]); /* [conn, fn] */
+    } else {
         return 0;
-    lua_rawgeti(L, LUA_REGISTRYINDEX, s->handler[ev]); /* [conn, fn] */
-    lua_pushvalue(L, 1);                               /* [conn, fn, conn] */
-    return 2;
+    }
+    lua_pushvalue(L, 1); /* [conn, fn, (ev,) conn] */
+    if (ev == HLUA_EV_MESSAGE) {
+        lua_pushlstring(L, s->arg_data, s->arg_len); /* [conn, fn, (ev,) conn, msg] */
+        nargs++;
+    }
+    lua_call(L, nargs, 0);
+    return 0;
 }
 
-/* Trampolines run inside the protected call, so allocations may raise safely. */
+/* Trampolines for the protected call; each sees the conn at index 1 but connect's, which
+ * registers it first. */
 static int connect_tramp(lua_State *L)
 {
     hub_script *s = hlua__script(L);
@@ -245,31 +254,12 @@ static int connect_tramp(lua_State *L)
     lua_pushvalue(L, -1);                            /* [conns, conn, conn] */
     lua_rawseti(L, -3, (lua_Integer)ci->id);         /* [conns, conn] */
     lua_remove(L, 1);                                /* [conn] */
-    int n = push_handler(L, s, HLUA_EV_CONNECT);
-    if (n > 0)
-        lua_call(L, n - 1, 0);
-    return 0;
+    return call_handler(L, s, HLUA_EV_CONNECT);
 }
 
-static int message_tramp(lua_State *L)
-{
-    hub_script *s = hlua__script(L);
-    int n = push_handler(L, s, HLUA_EV_MESSAGE); /* [conn, fn, args...] */
-    if (n == 0)
-        return 0;
-    lua_pushlstring(L, s->arg_data, s->arg_len); /* [conn, fn, args..., msg] */
-    lua_call(L, n, 0);
-    return 0;
-}
+static int message_tramp(lua_State *L) { return call_handler(L, hlua__script(L), HLUA_EV_MESSAGE); }
 
-static int close_tramp(lua_State *L)
-{
-    hub_script *s = hlua__script(L);
-    int n = push_handler(L, s, HLUA_EV_CLOSE);
-    if (n > 0)
-        lua_call(L, n - 1, 0);
-    return 0;
-}
+static int close_tramp(lua_State *L) { return call_handler(L, hlua__script(L), HLUA_EV_CLOSE); }
 
 /* Push the conn for id (no allocation). Returns it, or NULL with nothing pushed. */
 static hlua_conn *find_conn(hub_script *s, uint64_t id)
@@ -298,7 +288,7 @@ static void hlua_on_message(hub_script *s, uint64_t id, const char *data, size_t
 {
     lua_State *L = s->L;
 
-    if (!s->kemi && s->handler[HLUA_EV_MESSAGE] == LUA_NOREF)
+    if (s->dispatch_ref == LUA_NOREF && s->handler[HLUA_EV_MESSAGE] == LUA_NOREF)
         return;
     lua_pushcfunction(L, traceback_cb);  /* [tb] */
     lua_pushcfunction(L, message_tramp); /* [tb, tramp] */
@@ -378,21 +368,17 @@ static int call_original(lua_State *L)
     return lua_gettop(L);
 }
 
-/* coroutine.resume with the callback's deadline checked first (see arm_budget).
+/* coroutine.resume with the callback's deadline and a cancel checked first (see arm_budget).
  * Upvalue 1: the original coroutine.resume. */
 static int co_resume(lua_State *L)
 {
     hub_script *s = hlua__script(L);
     lua_State *co = lua_tothread(L, 1);
-    hlua__budget_check(L);
-    if (s->cancel && atomic_load(s->cancel))
-        luaL_error(L, "loading cancelled: the hub is stopping");
+    check_limits(L, s, 0);
     /* A fresh count for this resume: a coroutine living across callbacks must not carry
      * what an earlier callback left of its count into this one. */
-    if (co && s->max_instructions > 0)
-        set_budget_hook(co, s->budget_left);
-    else if (co && s->cancel)
-        set_budget_hook(co, HLUA_HOOK_CHUNK);
+    if (co)
+        set_hook(co, s);
     return call_original(L);
 }
 
@@ -460,23 +446,20 @@ static int init_state(lua_State *L)
 {
     hub_script *s = hlua__script(L);
     const hub_script_conf *conf = lua_touserdata(L, 1);
-    const char *cb = s->kemi ? conf->event_callback : NULL;
+    const char *cb = conf->event_callback && conf->event_callback[0] ? conf->event_callback : NULL;
 
     luaL_openlibs(L);
     open_sandbox(L);
     lua_newtable(L); /* [conf, conns] */
     s->conns_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-    hlua__open_evapi(L);
+    hlua__open_evapi(L, conf->worker);
     hlua__open_json(L);
 
     if (luaL_loadbufferx(L, hlua_ksr_source, hlua_ksr_source_len, "=ksr.lua", "t") != LUA_OK)
         return lua_error(L);
     hlua__push_ksr_helpers(L); /* [conf, ksr, helpers] */
-    if (cb)
-        lua_pushstring(L, cb);
-    else
-        lua_pushnil(L); /* [conf, ksr, helpers, cb] */
-    lua_call(L, 2, 2);  /* [conf, dispatch, reset] */
+    lua_pushstring(L, cb);     /* [conf, ksr, helpers, cb or nil] */
+    lua_call(L, 2, 2);         /* [conf, dispatch, reset] */
     if (cb) {
         s->reset_ref = luaL_ref(L, LUA_REGISTRYINDEX);    /* [conf, dispatch] */
         s->dispatch_ref = luaL_ref(L, LUA_REGISTRYINDEX); /* [conf] */
@@ -544,10 +527,8 @@ static hub_script *hlua_load(const hub_script_conf *conf, const hub_api *api, vo
     }
     s->api = api;
     s->ud = ud;
-    s->worker = conf->worker;
     s->max_instructions = conf->max_instructions > 0 ? conf->max_instructions : 0;
     s->max_memory = conf->max_memory;
-    s->kemi = conf->event_callback && conf->event_callback[0];
     for (int ev = 0; ev <= HLUA_EV_COUNT; ev++)
         s->handler[ev] = LUA_NOREF;
     s->conns_ref = s->dispatch_ref = s->reset_ref = LUA_NOREF;
@@ -597,12 +578,9 @@ static int copy_conns(lua_State *L)
     while (lua_next(OL, -2)) {                          /* OL: [oconns, id, oconn] */
         const hlua_conn *oc = lua_touserdata(OL, -1);
         if (oc != NULL) {
-            hub_conn_info ci = {.id = oc->id, .conidx = oc->conidx, .port = oc->port};
-            memcpy(ci.addr, oc->addr, sizeof(ci.addr));
-            hlua_conn *c = hlua__push_conn(L, &ci); /* L: [old, conns, conn] */
-            c->closed = oc->closed;
-            c->taglen = oc->taglen;
-            memcpy(c->tag, oc->tag, sizeof(c->tag));
+            hub_conn_info ci = {0};
+            hlua_conn *c = hlua__push_conn(L, &ci);  /* L: [old, conns, conn] */
+            *c = *oc;                                /* every field, the tag and closed too */
             lua_rawseti(L, -2, (lua_Integer)oc->id); /* L: [old, conns] */
         }
         lua_pop(OL, 1); /* OL: [oconns, id] */

@@ -280,6 +280,15 @@ static const char *push_json(lua_State *L, json_object *o)
     return err;
 }
 
+/* json.decode's failure: the box's objects freed, nil and the message on top of the stack. */
+static int decode_fail(lua_State *L, jbox *b)
+{
+    box_release(b);
+    lua_pushnil(L);    /* [.., msg, nil] */
+    lua_insert(L, -2); /* [.., nil, msg] */
+    return 2;
+}
+
 static int json_decode(lua_State *L)
 {
     size_t len;
@@ -297,30 +306,25 @@ static int json_decode(lua_State *L)
     enum json_tokener_error e = json_tokener_get_error(b->tok);
     size_t end = json_tokener_get_parse_end(b->tok);
     if (e != json_tokener_success) {
-        box_release(b);
-        lua_pushnil(L);
         if (e == json_tokener_continue || (end >= len && e == json_tokener_error_parse_eof))
             lua_pushliteral(L, "json.decode: unexpected end of input");
         else
             lua_pushfstring(L, "json.decode: %s at offset %d", json_tokener_error_desc(e),
                             (int)end);
-        return 2;
+        return decode_fail(L, b);
     }
     for (size_t i = end; i < len; i++) {
         if (strchr(" \t\r\n", s[i]) == NULL || s[i] == '\0') {
-            box_release(b);
-            lua_pushnil(L);
             lua_pushfstring(L, "json.decode: unexpected data at offset %d", (int)i);
-            return 2;
+            return decode_fail(L, b);
         }
     }
     const char *err = push_json(L, b->obj); /* [s, box, v] */
-    box_release(b);
     if (err) {
-        lua_pushnil(L);
         lua_pushstring(L, err);
-        return 2;
+        return decode_fail(L, b);
     }
+    box_release(b);
     return 1;
 }
 
