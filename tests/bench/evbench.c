@@ -433,28 +433,13 @@ static long proc_rss_kb(pid_t pid)
     return kb;
 }
 
-/* utime + stime in clock ticks, or -1. */
-static long proc_cpu_ticks(pid_t pid)
-{
-    char path[64], buf[2048];
-    snprintf(path, sizeof(path), "/proc/%d/stat", (int)pid);
-    FILE *f = fopen(path, "r");
-    if (!f)
-        return -1;
-    size_t n = fread(buf, 1, sizeof(buf) - 1, f);
-    fclose(f);
-    buf[n] = '\0';
-    char *p = strrchr(buf, ')');
-    unsigned long ut, st;
-    if (!p || sscanf(p + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %lu %lu", &ut, &st) != 2)
-        return -1;
-    return (long)(ut + st);
-}
-
 /* The hub's CPU time in clock ticks (all of Kamailio's processes), or -1. */
 static long hub_cpu_ticks(const struct hub *h)
 {
-    return h->kam.pid > 0 ? kam_cpu_ticks(&h->kam) : proc_cpu_ticks(h->pid);
+    long ticks;
+    if (h->kam.pid > 0)
+        return kam_cpu_ticks(&h->kam);
+    return bench_proc_stat(h->pid, NULL, NULL, &ticks) == 0 ? ticks : -1;
 }
 
 static const char *hub_kind(const struct variant *v) { return v->kamailio ? "kamailio" : "evhub"; }

@@ -72,28 +72,6 @@ static int free_port(int type)
     return port;
 }
 
-/* State, process group and utime + stime (ticks) of pid from /proc. Returns 0 or -1. */
-static int proc_stat(pid_t pid, char *state, pid_t *pgrp, long *ticks)
-{
-    char path[64], buf[2048];
-    unsigned long ut, st;
-    int pg;
-    snprintf(path, sizeof(path), "/proc/%d/stat", (int)pid);
-    FILE *f = fopen(path, "r");
-    if (!f)
-        return -1;
-    size_t n = fread(buf, 1, sizeof(buf) - 1, f);
-    fclose(f);
-    buf[n] = '\0';
-    char *p = strrchr(buf, ')'); /* the command name may hold spaces and parentheses */
-    if (!p || sscanf(p + 2, "%c %*d %d %*d %*d %*d %*u %*u %*u %*u %*u %lu %lu", state, &pg, &ut,
-                     &st) != 4)
-        return -1;
-    *pgrp = (pid_t)pg;
-    *ticks = (long)(ut + st);
-    return 0;
-}
-
 /* The live (not zombie) processes of group pgid: up to max pids into pids (may be NULL), and
  * the sum of their CPU ticks into *ticks (may be NULL). Returns how many there are. */
 static int group_scan(pid_t pgid, pid_t *pids, int max, long *ticks)
@@ -110,7 +88,7 @@ static int group_scan(pid_t pgid, pid_t *pids, int max, long *ticks)
         pid_t pg;
         long t;
         pid_t pid = (pid_t)atoi(e->d_name);
-        if (pid <= 0 || proc_stat(pid, &state, &pg, &t) < 0 || pg != pgid || state == 'Z')
+        if (pid <= 0 || bench_proc_stat(pid, &state, &pg, &t) < 0 || pg != pgid || state == 'Z')
             continue;
         if (pids && n < max)
             pids[n] = pid;

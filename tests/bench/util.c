@@ -4,6 +4,7 @@
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <time.h>
 
 void bench_sleep_ms(long ms)
@@ -29,4 +30,29 @@ void bench_log_tail(const char *path)
     fprintf(stderr, "evbench: last lines of %s:\n", path);
     if (system(cmd) != 0)
         fprintf(stderr, "(no log)\n");
+}
+
+int bench_proc_stat(pid_t pid, char *state, pid_t *pgrp, long *ticks)
+{
+    char path[64], buf[2048], st_c;
+    unsigned long ut, st;
+    int pg;
+    snprintf(path, sizeof(path), "/proc/%d/stat", (int)pid);
+    FILE *f = fopen(path, "r");
+    if (!f)
+        return -1;
+    size_t n = fread(buf, 1, sizeof(buf) - 1, f);
+    fclose(f);
+    buf[n] = '\0';
+    char *p = strrchr(buf, ')'); /* the command name may hold spaces and parentheses */
+    if (!p || sscanf(p + 2, "%c %*d %d %*d %*d %*d %*u %*u %*u %*u %*u %lu %lu", &st_c, &pg, &ut,
+                     &st) != 4)
+        return -1;
+    if (state)
+        *state = st_c;
+    if (pgrp)
+        *pgrp = (pid_t)pg;
+    if (ticks)
+        *ticks = (long)(ut + st);
+    return 0;
 }

@@ -253,8 +253,8 @@ def pump(clients, until=None, timeout=None, what="condition"):
             return all(not c.out for c in clients if not c.eof and not c.err)
     timeout = TIMEOUT if timeout is None else timeout
     deadline = time.monotonic() + timeout
-    # Every open client takes part, so nobody's queued output is forgotten.
-    clients = list(clients) + [c for c in _registry_clients if c not in clients]
+    # Every open client takes part (once), so nobody's queued output is forgotten.
+    clients = list(dict.fromkeys(list(clients) + _registry_clients))
     sel = selectors.DefaultSelector()
     try:
         while True:
@@ -303,6 +303,15 @@ def take_until(clients, marker, what):
     return out
 
 
+def fence(sender, clients, label):
+    """sender relays a marker (CMD_SCRIPT's "relay:") and each client waits for it: anything
+    the hub produced before is then already in its frames (per-connection order). Returns,
+    for each client, the frames before the marker."""
+    marker = ("fence-" + label).encode()
+    sender.send(b"relay:" + marker)
+    return take_until(clients, marker, "fence " + label)
+
+
 def wait_frames(clients, counts, timeout=None, others=()):
     """Pump until each client in clients has at least the given number of frames."""
     if isinstance(counts, int):
@@ -324,6 +333,19 @@ def request(client, payload, others=(), timeout=None):
     client.send(payload)
     wait_frames([client], n + 1, timeout, others)
     return client.frames.pop(n)
+
+
+def wait_for(fetch, pred, what, timeout=None, interval=0.02):
+    """Poll fetch() until pred(value) holds; returns the value. For state only a query shows
+    (the control socket, files a script makes); frames and log lines have their own waits."""
+    deadline = time.monotonic() + (TIMEOUT if timeout is None else timeout)
+    while True:
+        v = fetch()
+        if pred(v):
+            return v
+        if time.monotonic() > deadline:
+            raise TestFailure("timed out waiting for %s; last value %r" % (what, v))
+        time.sleep(interval)
 
 
 def parse_error_frame(frame):
@@ -507,6 +529,12 @@ class Hub:
                     return int(line.split()[1])
         raise TestFailure("no VmRSS for pid %d" % self.proc.pid)
 
+    def cpu_seconds(self):
+        """User + system CPU time of the hub (all its threads), from /proc."""
+        with open("/proc/%d/stat" % self.proc.pid) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def kill(self):
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
@@ -572,6 +600,13 @@ class Suite:
     def case(self, fn):
         self.cases.append(fn)
         return fn
+
+    def case_with(self, name, fn, *args, **kw):
+        """Add case name: fn(*args, **kw) (one variant of a parameterised case)."""
+        def variant():
+            return fn(*args, **kw)
+        variant.__name__ = name
+        self.cases.append(variant)
 
     def run(self):
         if not os.access(BIN, os.X_OK):

@@ -16,7 +16,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from evhub_harness import (TIMEOUT, Hub, Suite, TestFailure, check, check_eq, ns, scaled,  # noqa: E402
-                           pump, run_ctl, run_once, take_until, wait_eof, wait_frames)
+                           pump, request, run_ctl, run_once, take_until, wait_eof, wait_for,
+                           wait_frames)
 
 suite = Suite("control")
 
@@ -116,19 +117,21 @@ def start(workers=0, version="v1", evapi=None, **kw):
     return up(Hub(script(version), evapi=ev, **kw))
 
 
-def tx(c, payload):
-    """Send one frame and count it (frames and wire bytes) on the client."""
+def counted(c, payload):
+    """Count one frame about to be sent (frames and wire bytes) on the client."""
     c.tx_frames = getattr(c, "tx_frames", 0) + 1
     c.tx_bytes = getattr(c, "tx_bytes", 0) + len(ns(payload))
-    c.send(payload)
+    return payload
+
+
+def tx(c, payload):
+    """Send one frame and count it."""
+    c.send(counted(c, payload))
 
 
 def ask(c, payload, others=()):
-    """tx() one frame and return the one frame that answers it."""
-    n = len(c.frames)
-    tx(c, payload)
-    wait_frames([c], n + 1, others=[o for o in others if o is not c])
-    return c.frames.pop(n)
+    """tx() one frame and return the one frame that answers it (harness request())."""
+    return request(c, counted(c, payload), others)
 
 
 def cid(c, others=()):
@@ -156,16 +159,14 @@ def ctl_fails(h, args, rc, code=None, what=""):
     return err
 
 
-def wait_for(fetch, pred, what):
-    """Poll fetch() until pred(value) holds; returns the value."""
-    deadline = time.monotonic() + TIMEOUT
-    while True:
-        v = fetch()
-        if pred(v):
-            return v
-        if time.monotonic() > deadline:
-            raise TestFailure("timed out waiting for %s; last value %r" % (what, v))
-        time.sleep(0.02)
+def wait_file(path, what):
+    """Wait until path exists (a script makes it to say where it has got to)."""
+    wait_for(lambda: os.path.exists(path), bool, what)
+
+
+def wait_queued(h, worker, what):
+    """Wait until the worker holds exactly one event (the one it is busy with)."""
+    wait_for(lambda: cj(h, "status")["workers"][worker]["queued_events"], lambda q: q == 1, what)
 
 
 def wait_stats(h, **want):
@@ -281,14 +282,8 @@ def status_case(workers):
     prometheus_check(h)  # with two workers, each per-worker metric has two samples
 
 
-@suite.case
-def status_workers0():
-    status_case(0)
-
-
-@suite.case
-def status_workers2():
-    status_case(2)
+suite.case_with("status_workers0", status_case, 0)
+suite.case_with("status_workers2", status_case, 2)
 
 
 @suite.case
@@ -338,14 +333,8 @@ def clients_case(workers):
     check_eq((rc, out.strip()), (0, "(none)"), "plain clients with no match")
 
 
-@suite.case
-def clients_workers0():
-    clients_case(0)
-
-
-@suite.case
-def clients_workers1():
-    clients_case(1)
+suite.case_with("clients_workers0", clients_case, 0)
+suite.case_with("clients_workers1", clients_case, 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -409,14 +398,8 @@ def clients_many():
              list(range(1, 101)) + list(range(151, 301)), "after the closes")
 
 
-@suite.case
-def close_workers0():
-    close_case(0)
-
-
-@suite.case
-def close_workers1():
-    close_case(1)
+suite.case_with("close_workers0", close_case, 0)
+suite.case_with("close_workers1", close_case, 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -452,19 +435,9 @@ def tag_case(workers):
     check_eq(ask(b, "whoami", [a]), ("v1 %d theirs" % idb).encode(), "control overrides")
 
 
-@suite.case
-def tag_workers0():
-    tag_case(0)
-
-
-@suite.case
-def tag_workers1():
-    tag_case(1)
-
-
-@suite.case
-def tag_workers2():
-    tag_case(2)
+suite.case_with("tag_workers0", tag_case, 0)
+suite.case_with("tag_workers1", tag_case, 1)
+suite.case_with("tag_workers2", tag_case, 2)
 
 
 @suite.case
@@ -484,8 +457,7 @@ def tag_race_script_and_control():
         n = len(a.frames)
         a.send_now(ns("gated:%s:%s" % (gate, mine)))
         worker = ida % 2
-        wait_for(lambda: cj(h, "status")["workers"][worker]["queued_events"], lambda q: q == 1,
-                 "the message in the worker's hands")
+        wait_queued(h, worker, "the message in the worker's hands")
         got = r.call(req("tag", id=i) | {"params": [ida, theirs]})
         check_eq(got.get("result"), {"id": ida, "tag": theirs}, "control tag %d" % i)
         open(gate, "w").close()
@@ -505,7 +477,7 @@ def tag_race_script_and_control():
         ack, gate = (os.path.join(h.dir, "%s%d" % (x, i)) for x in ("ack", "gate2-"))
         n = len(a.frames)
         a.send_now(ns("tagwait:%s:%s:%s" % (ack, gate, mine)))
-        wait_for(lambda: os.path.exists(ack), lambda x: x, "the script's set_tag")
+        wait_file(ack, "the script's set_tag")
         check_eq(r.call(req("tag", id=i) | {"params": [ida, theirs]}).get("result"),
                  {"id": ida, "tag": theirs}, "control tag after the script's")
         open(gate, "w").close()
@@ -660,14 +632,8 @@ def prometheus_check(h):
             check_eq(values.get((name, str(w["worker"]))), v, "%s{worker=%d}" % (name, w["worker"]))
 
 
-@suite.case
-def stats_workers0():
-    stats_case(0)
-
-
-@suite.case
-def stats_workers1():
-    stats_case(1)
+suite.case_with("stats_workers0", stats_case, 0)
+suite.case_with("stats_workers1", stats_case, 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -699,14 +665,8 @@ def lua_stats_case(workers):
         check_eq(got["worker0"], None, "no worker entry with workers = 0")
 
 
-@suite.case
-def lua_stats_workers0():
-    lua_stats_case(0)
-
-
-@suite.case
-def lua_stats_workers1():
-    lua_stats_case(1)
+suite.case_with("lua_stats_workers0", lua_stats_case, 0)
+suite.case_with("lua_stats_workers1", lua_stats_case, 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -749,14 +709,8 @@ def reload_case(workers):
     check(not (a.eof or b.eof), "a reload dropped a connection")
 
 
-@suite.case
-def reload_workers0():
-    reload_case(0)
-
-
-@suite.case
-def reload_workers2():
-    reload_case(2)
+suite.case_with("reload_workers0", reload_case, 0)
+suite.case_with("reload_workers2", reload_case, 2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -927,7 +881,7 @@ def reload_is_all_or_nothing():
     h.write_script(slow + script("v3"))
     r = Raw(h.ctl_path)
     r.send(json.dumps(req("reload", id=1)) + "\n")
-    wait_for(lambda: os.path.exists(marker), lambda x: x, "the check running the new text")
+    wait_file(marker, "the check running the new text")
     h.write_script("this is not Lua\n")
     got = r.answer()
     check_eq(got.get("result", {}).get("reloads"), 1, "the reload of the text read: %r" % got)
@@ -973,7 +927,7 @@ def stop_cancels_a_reload_in_progress():
         h.write_script('io.open(%r, "w"):close()\n' % marker + loop)
         r = Raw(h.ctl_path)
         r.send(json.dumps(req("reload", id=5)) + "\n")
-        wait_for(lambda: os.path.exists(marker), lambda x: x, "the new top level running")
+        wait_file(marker, "the new top level running")
         h.stop()  # requires exit 0 within the timeout
         got = r.answer()
         check_eq(got.get("error", {}).get("code"), -32003, "workers=%d: %r" % (workers, got))
@@ -986,8 +940,7 @@ def stop_cancels_a_reload_in_progress():
     check_eq(ida % 2, 1, "a runs on worker 1")
     h.write_script(script("v2"))
     a.send_now(ns("busy:3"))
-    wait_for(lambda: cj(h, "status")["workers"][1]["queued_events"], lambda q: q == 1,
-             "worker 1 busy")
+    wait_queued(h, 1, "worker 1 busy")
     r = Raw(h.ctl_path)
     r.send(json.dumps(req("reload", id=6)) + "\n")
     h.wait_log("checked; the workers load it")
@@ -1097,6 +1050,13 @@ def socket_file_lifecycle():
     st = os.lstat(h.ctl_path)
     check(stat.S_ISSOCK(st.st_mode), "%s is not a socket" % h.ctl_path)
     check_eq(oct(stat.S_IMODE(st.st_mode)), oct(0o600), "socket mode")
+    # The socket's own directory is made when missing (as /run/evhub for the default).
+    sub = os.path.join(h.dir, "run-evhub", "ctl.sock")
+    hd = Hub(script("v1"), control={"socket": sub})
+    hd.ctl_path = sub
+    up(hd)
+    check_eq(cj(hd, "status")["control"], sub, "served from a new directory")
+    hd.stop()
     h.stop(signal.SIGTERM)
     check(not os.path.exists(h.ctl_path), "the socket is removed at exit")
     # A hub killed with SIGKILL leaves its socket; the next one replaces it.

@@ -10,7 +10,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from evhub_harness import (CMD_SCRIPT, SLOW, VALGRIND, Hub, Suite, check, check_eq,  # noqa: E402
-                           parse_error_frame, pump, request)
+                           parse_error_frame, pump, request, wait_for)
 
 suite = Suite("emfile")
 
@@ -24,16 +24,13 @@ class LimitedHub(Hub):
         return ["prlimit", "--nofile=%d:%d" % (NOFILE, NOFILE), "--"] + super().command(*extra)
 
 
-def cpu_seconds(pid):
-    """User + system CPU time of a process (and its threads), from /proc."""
-    with open("/proc/%d/stat" % pid) as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def hub_pid(h):
-    """The evhub process itself (prlimit execs it, a valgrind wrapper too)."""
-    return h.pid
+def idle_cpu_share(h):
+    """The share of a core the hub uses over two quiet seconds (prlimit execs evhub, so
+    h.pid is the hub itself), and the span measured."""
+    t0, c0 = time.monotonic(), h.cpu_seconds()
+    time.sleep(2.0)  # the measuring window, not a wait
+    span = time.monotonic() - t0
+    return (h.cpu_seconds() - c0) / span, span
 
 
 @suite.case
@@ -49,10 +46,7 @@ def emfile_refuses_without_spinning():
     # Let every connect reach the hub, then measure its CPU while nothing else happens.
     time.sleep(0.5)
     pump(held, until=lambda: all(not c.out for c in held), what="settle")
-    pid = hub_pid(h)
-    t0, c0 = time.monotonic(), cpu_seconds(pid)
-    time.sleep(2.0)
-    used = (cpu_seconds(pid) - c0) / (time.monotonic() - t0)
+    used = idle_cpu_share(h)[0]
     check(used < 0.3, "evhub used %.0f%% of a core while idle at its descriptor limit" %
           (used * 100))
     alive = [c for c in held if not c.eof]
@@ -75,18 +69,18 @@ def emfile_refuses_without_spinning():
     # The hub notices those closes asynchronously: until it has, a new client may still be
     # refused, so retry (each try ends at the first frame or EOF).
     others = alive[NOFILE // 4:]
-    deadline = time.monotonic() + (20 if not SLOW else 60)
-    while True:
+
+    def try_late():
         n = h.client(name="late")
         n.send("echo:late")
         pump([n] + others, until=lambda: n.frames or n.eof, what="a late client's answer")
         if n.frames and n.frames[0] != b"late":
             parse_error_frame(n.frames[0])  # only a refusal may come instead
-        if n.frames == [b"late"]:
-            break
-        check(time.monotonic() < deadline, "no new client accepted after descriptors were freed")
-        n.close()
-        time.sleep(0.2)
+            n.close()
+        return n.frames
+    wait_for(try_late, lambda frames: frames == [b"late"],
+             "a new client accepted after descriptors were freed",
+             timeout=20 if not SLOW else 60, interval=0.2)
 
 
 @suite.case
@@ -103,11 +97,7 @@ def control_socket_at_the_limit_does_not_spin():
     ctl.connect(h.ctl_path)  # queued by the kernel; the hub's accept fails
     h.wait_log("control: accept failed")
     time.sleep(0.5)
-    pid = hub_pid(h)
-    t0, c0 = time.monotonic(), cpu_seconds(pid)
-    time.sleep(2.0)
-    span = time.monotonic() - t0
-    used = (cpu_seconds(pid) - c0) / span
+    used, span = idle_cpu_share(h)
     check(used < 0.3, "evhub used %.0f%% of a core with a control connection it cannot accept"
           % (used * 100))
     fails = h.count_log("control: accept failed")
@@ -115,13 +105,8 @@ def control_socket_at_the_limit_does_not_spin():
     ctl.close()
     for c in held[: NOFILE // 2]:
         c.close()
-    deadline = time.monotonic() + (20 if not SLOW else 60)
-    while True:
-        rc, out, err = h.ctl("status")
-        if rc == 0:
-            break
-        check(time.monotonic() < deadline, "the control socket never served again: %s" % err)
-        time.sleep(0.2)
+    wait_for(lambda: h.ctl("status"), lambda r: r[0] == 0, "the control socket serving again",
+             timeout=20 if not SLOW else 60, interval=0.2)
 
 
 suite.run()

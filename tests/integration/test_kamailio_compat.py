@@ -561,21 +561,16 @@ def scenario_routing(r):
         r.connect(n)
     r.step("g1", "join grp")
     r.step("g2", "join grp")
-    r.step("alice", "pv")
-    r.step("alice", "relay hello everyone")
-    r.step("alice", "relay ")
-    r.step("alice", "mc grp to the group")
-    r.step("alice", "mc monitor to the monitor")
-    r.step("alice", "mc nobody lost")
-    r.step("bob", "uc grp to one member")
-    r.step("bob", "uc nobody lost")
-    r.step("bob", "echo h\u00e9llo w\u00f6rld \u2713 : , 12:x, \t{\"json\":[1,2]}")
-    r.step("bob", "big 100000")
-    r.step("bob", "tag " + TAG65)
-    r.step("bob", "tag " + TAG63)
-    r.step("bob", "tag " + r.tag("bob"))
-    r.step("alice", "exit")
-    r.step("alice", "no such command")
+    # One command per step: each gets its own barrier.
+    for cmd in ("pv", "relay hello everyone", "relay ", "mc grp to the group",
+                "mc monitor to the monitor", "mc nobody lost"):
+        r.step("alice", cmd)
+    for cmd in ("uc grp to one member", "uc nobody lost",
+                "echo h\u00e9llo w\u00f6rld \u2713 : , 12:x, \t{\"json\":[1,2]}", "big 100000",
+                "tag " + TAG65, "tag " + TAG63, "tag " + r.tag("bob")):
+        r.step("bob", cmd)
+    for cmd in ("exit", "no such command"):
+        r.step("alice", cmd)
     # Several frames in one write, with the whitespace evapi skips between frames.
     r.peers["alice"].send_raw(ns("pv") + b"\r\n" + ns("echo second") + b" \t" + ns("echo third"))
     r.sync("alice")

@@ -162,19 +162,9 @@ def kemi_script_runs_unchanged(workers):
     check("===== evapi message:" not in log, "KSR.dbg printed at level info")
 
 
-@suite.case
-def kamailio_script_workers1():
-    kemi_script_runs_unchanged(1)
-
-
-@suite.case
-def kamailio_script_workers0():
-    kemi_script_runs_unchanged(0)
-
-
-@suite.case
-def kamailio_script_workers4():
-    kemi_script_runs_unchanged(4)
+suite.case_with("kamailio_script_workers1", kemi_script_runs_unchanged, 1)
+suite.case_with("kamailio_script_workers0", kemi_script_runs_unchanged, 0)
+suite.case_with("kamailio_script_workers4", kemi_script_runs_unchanged, 4)
 
 
 @suite.case

@@ -59,14 +59,8 @@ def runtime_error(workers):
     check_eq(a.frames + b.frames, [], "no reply from the failed callbacks")
 
 
-@suite.case
-def runtime_error_workers0():
-    runtime_error(0)
-
-
-@suite.case
-def runtime_error_workers2():
-    runtime_error(2)
+suite.case_with("runtime_error_workers0", runtime_error, 0)
+suite.case_with("runtime_error_workers2", runtime_error, 2)
 
 
 def runaway(workers, budget):
@@ -83,14 +77,8 @@ def runaway(workers, budget):
     check_eq(a.frames + b.frames, [], "no reply from the runaway callbacks")
 
 
-@suite.case
-def runaway_workers0():
-    runaway(0, 1000000)
-
-
-@suite.case
-def runaway_workers1():
-    runaway(1, 1000000)
+suite.case_with("runaway_workers0", runaway, 0, 1000000)
+suite.case_with("runaway_workers1", runaway, 1, 1000000)
 
 
 @suite.case

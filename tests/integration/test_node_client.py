@@ -24,7 +24,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from evhub_harness import (TIMEOUT, Hub, Suite, TestFailure, check, check_eq,  # noqa: E402
-                           parse_error_frame, pump, request, wait_frames)
+                           fence, parse_error_frame, pump, request, wait_frames)
 
 NODE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "node")
 CLIENT_JS = os.path.join(NODE_DIR, "client.mjs")
@@ -355,18 +355,11 @@ def ready_node(hub, lib, name=None):
     return n
 
 
-def fence(sender, pys, nodes, label):
-    """sender (a Python client) relays a marker; wait until every client got it and return the
-    frames each received before it (Python clients first, then node clients)."""
+def fence_all(sender, pys, nodes, label):
+    """harness fence() over Python clients pys, then wait for the marker on node clients too;
+    returns the frames each received before it (Python clients first, then node clients)."""
+    out = fence(sender, pys, label)
     marker = ("fence-" + label).encode()
-    sender.send(b"relay:" + marker)
-    pump([sender])
-    pump(pys, lambda: all(marker in c.frames for c in pys), what="fence " + label)
-    out = []
-    for c in pys:
-        i = c.frames.index(marker)
-        out.append(c.frames[:i])
-        c.frames = c.frames[i + 1:]
     for n in nodes:
         n.wait(lambda: marker in n.frames, "fence " + label)
         i = n.frames.index(marker)
@@ -464,7 +457,7 @@ def relay_both_ways(lib):
     check_eq(p.take(), [BIG], "Python got its own 200 KiB relay")
     n.finish()
     check_eq(n.frames, [], "node frames after the test")
-    check_eq(fence(p, [p], [], "end"), [[]], "Python frames after the test")
+    check_eq(fence_all(p, [p], [], "end"), [[]], "Python frames after the test")
 
 
 @case
@@ -506,7 +499,7 @@ def multicast_by_tag_across_libraries():
     # A tag nobody has.
     check_eq(lg.request(b"mc:nobody:x"), b"error:multicast:no client", "multicast to nobody")
     # Nothing else arrived anywhere; the untagged Python client got none of it.
-    got = fence(p2, [p1, p2], [e, lg], "mc")
+    got = fence_all(p2, [p1, p2], [e, lg], "mc")
     check_eq(got, [[], [], [], []], "frames before the fence (py, py-untagged, endo, legacy)")
     e.finish()
     lg.finish()

@@ -67,14 +67,8 @@ def reload_keeps_connections(workers):
     check_eq(request(d, "ver"), b"v3 nil", "a new connection after reloads")
 
 
-@suite.case
-def reload_keeps_connections_workers0():
-    reload_keeps_connections(0)
-
-
-@suite.case
-def reload_keeps_connections_workers2():
-    reload_keeps_connections(2)
+suite.case_with("reload_keeps_connections_workers0", reload_keeps_connections, 0)
+suite.case_with("reload_keeps_connections_workers2", reload_keeps_connections, 2)
 
 
 def failed_reload(workers, bad_script):

@@ -119,14 +119,8 @@ def close_case(workers, extra=None):
     pump(fast + [pub], lambda: all(c.frames == [b"after"] for c in fast), what="after")
 
 
-@suite.case
-def close_policy_closes_the_slow_consumer():
-    close_case(0)
-
-
-@suite.case
-def close_policy_with_a_worker():
-    close_case(1, {"worker_queue": 16})
+suite.case_with("close_policy_closes_the_slow_consumer", close_case, 0)
+suite.case_with("close_policy_with_a_worker", close_case, 1, {"worker_queue": 16})
 
 
 def drop_case(workers):
@@ -163,14 +157,8 @@ def drop_case(workers):
     pump(fast + [slow, pub], lambda: payload(7) in slow.frames, what="a frame after draining")
 
 
-@suite.case
-def drop_policy_keeps_the_slow_consumer():
-    drop_case(0)
-
-
-@suite.case
-def drop_policy_with_a_worker():
-    drop_case(1)
+suite.case_with("drop_policy_keeps_the_slow_consumer", drop_case, 0)
+suite.case_with("drop_policy_with_a_worker", drop_case, 1)
 
 
 suite.run()

@@ -32,14 +32,8 @@ def replies_in_order(workers):
             check(False, "%s: reply %d is %r, want %r" % (c.name, bad, got[bad], want[bad]))
 
 
-@suite.case
-def replies_in_order_workers0():
-    replies_in_order(0)
-
-
-@suite.case
-def replies_in_order_workers4():
-    replies_in_order(4)
+suite.case_with("replies_in_order_workers0", replies_in_order, 0)
+suite.case_with("replies_in_order_workers4", replies_in_order, 4)
 
 
 def no_frames_after_close(workers):
@@ -60,14 +54,8 @@ def no_frames_after_close(workers):
     check_eq(len(got), 1, "one close event (%r)" % got)
 
 
-@suite.case
-def no_frames_after_close_workers0():
-    no_frames_after_close(0)
-
-
-@suite.case
-def no_frames_after_close_workers2():
-    no_frames_after_close(2)
+suite.case_with("no_frames_after_close_workers0", no_frames_after_close, 0)
+suite.case_with("no_frames_after_close_workers2", no_frames_after_close, 2)
 
 
 REFUSE_SCRIPT = r'''
@@ -96,14 +84,8 @@ def close_in_connect(workers):
     check_eq(w.take(), [b"seen:fence"], "frames of the refused connection reached the script")
 
 
-@suite.case
-def close_in_connect_workers0():
-    close_in_connect(0)
-
-
-@suite.case
-def close_in_connect_workers2():
-    close_in_connect(2)
+suite.case_with("close_in_connect_workers0", close_in_connect, 0)
+suite.case_with("close_in_connect_workers2", close_in_connect, 2)
 
 
 SLOW_SCRIPT = r'''
@@ -154,14 +136,8 @@ def relays_in_order(workers):
                      "%s: relays from c%d in order" % (c.name, origin))
 
 
-@suite.case
-def relays_in_order_workers0():
-    relays_in_order(0)
-
-
-@suite.case
-def relays_in_order_workers4():
-    relays_in_order(4)
+suite.case_with("relays_in_order_workers0", relays_in_order, 0)
+suite.case_with("relays_in_order_workers4", relays_in_order, 4)
 
 
 STATE_SCRIPT = r'''
@@ -206,14 +182,8 @@ def events_in_order(workers):
     check_eq(h.count_log("ORDER:"), 0, "order violations:\n%s" % h.log())
 
 
-@suite.case
-def connection_events_in_order_workers0():
-    events_in_order(0)
-
-
-@suite.case
-def connection_events_in_order_workers4():
-    events_in_order(4)
+suite.case_with("connection_events_in_order_workers0", events_in_order, 0)
+suite.case_with("connection_events_in_order_workers4", events_in_order, 4)
 
 
 @suite.case
