@@ -7,6 +7,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <json-c/json.h>
+
 #include "hub/alloc.h"
 #include "hub/control.h"
 #include "hub/hub_int.h"
@@ -59,8 +61,45 @@ static size_t noapi_stats(void *ud, hub_stat *out, size_t cap)
     return 0;
 }
 static void noapi_count(void *ud, int what) { (void)ud, (void)what; }
-static const hub_api no_api = {noapi_data,    noapi_tagged, noapi_tagged, noapi_id_data,
-                               noapi_id_data, noapi_close,  noapi_stats,  noapi_count};
+static uint64_t noapi_token(void *ud)
+{
+    (void)ud;
+    return 1; /* never completed: a checked state runs no events */
+}
+static int noapi_raise(void *ud, const char *event, struct json_object *params, uint64_t token,
+                       char *err, size_t errlen)
+{
+    (void)ud, (void)event, (void)token;
+    json_object_put(params);
+    snprintf(err, errlen, "not while the script is being checked");
+    return -EAGAIN;
+}
+static int noapi_subscribe(void *ud, const char *event, const char *socket, long expire_s,
+                           char *err, size_t errlen)
+{
+    (void)ud, (void)event, (void)socket, (void)expire_s;
+    snprintf(err, errlen, "not while the script is being checked");
+    return -EAGAIN;
+}
+static int noapi_unsubscribe(void *ud, const char *event, const char *socket, char *err,
+                             size_t errlen)
+{
+    return noapi_subscribe(ud, event, socket, 0, err, errlen);
+}
+static const hub_api no_api = {
+    .relay = noapi_data,
+    .multicast = noapi_tagged,
+    .unicast = noapi_tagged,
+    .send = noapi_id_data,
+    .set_tag = noapi_id_data,
+    .close = noapi_close,
+    .stats = noapi_stats,
+    .count = noapi_count,
+    .token = noapi_token,
+    .raise = noapi_raise,
+    .subscribe = noapi_subscribe,
+    .unsubscribe = noapi_unsubscribe,
+};
 
 /* Load the script (source, or the file when source is NULL) in a scratch state. */
 static int check_source(const hub_config *cfg, const hub_script_ops *ops, const char *source,

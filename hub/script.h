@@ -7,6 +7,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+struct json_object;
+
 #define HUB_TAG_MAX  64 /* bytes in a tag, without NUL */
 #define HUB_ADDR_MAX 46 /* INET6_ADDRSTRLEN */
 
@@ -25,6 +27,9 @@ typedef struct hub_stat {
     int gauge;        /* 0: a counter (only grows), 1: a gauge */
     int worker;       /* -1: hub-wide, else the worker index it belongs to */
     uint64_t value;
+    /* "" or one Prometheus label pair set without braces, e.g. socket="tcp:1.2.3.4:80"
+     * (copied, so a list outlives what it describes) */
+    char label[160];
 } hub_stat;
 
 /* Script events the engine reports through hub_api.count. */
@@ -52,6 +57,19 @@ typedef struct hub_api {
     size_t (*stats)(void *ud, hub_stat *out, size_t cap);
     /* Count a script event (HUB_SCRIPT_*). */
     void (*count)(void *ud, int what);
+    /* A new completion token bound to the calling state: the result of the work it is given
+     * to comes back through hub_script_ops.on_complete, in that state. Never 0. */
+    uint64_t (*token)(void *ud);
+    /* The event interface. raise: params' reference passes (may be NULL); token 0 or from
+     * .token (one completion per subscriber). subscribe: expire_s 0 never expires.
+     * Return 1 when done or queued, <0 with err set (-EINVAL bad name or socket URI,
+     * -ENOSYS no events module, -ENOMEM). */
+    int (*raise)(void *ud, const char *event, struct json_object *params, uint64_t token,
+                 char *err, size_t errlen);
+    int (*subscribe)(void *ud, const char *event, const char *socket, long expire_s, char *err,
+                     size_t errlen);
+    int (*unsubscribe)(void *ud, const char *event, const char *socket, char *err,
+                       size_t errlen);
 } hub_api;
 
 typedef struct hub_script_conf {
@@ -89,6 +107,10 @@ typedef struct hub_script_ops {
     /* Someone other than this state changed id's tag (another worker, the control socket);
      * len 0: no tag. Keeps the state's own view of the connection current. */
     void (*on_tag)(hub_script *s, uint64_t id, const char *tag, size_t len);
+    /* The result of the work token was given to (hub_api.token), result borrowed. 0 when
+     * the state knew the token, -ENOENT when not (it was started by a state since
+     * replaced): the hub counts and logs those. */
+    int (*on_complete)(hub_script *s, uint64_t token, struct json_object *result);
 } hub_script_ops;
 
 #endif

@@ -14,7 +14,8 @@ static void put(collector *c, const char *name, const char *help, int gauge, int
                 uint64_t value)
 {
     if (c->n < c->cap)
-        c->out[c->n] = (hub_stat){name, help, gauge, worker, value};
+        c->out[c->n] = (hub_stat){
+            .name = name, .help = help, .gauge = gauge, .worker = worker, .value = value};
     c->n++;
 }
 

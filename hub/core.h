@@ -1,0 +1,114 @@
+/* What a module may use of the hub: the loop, the mailbox, config sections, the control
+ * registry, counters, completions and the event interface's seam. Code in transports/
+ * includes this (and hub/control.h, hub/log.h, hub/alloc.h), never hub_int.h or lua/. */
+#ifndef HUB_CORE_H
+#define HUB_CORE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "hub/config.h"
+#include "hub/control.h"
+#include "hub/script.h"
+
+struct ev_loop;
+struct json_object;
+typedef struct hub hub;
+
+/* ---- the loop and its mailbox ---- */
+
+/* The loop every socket of the hub is watched by. Loop thread only. */
+struct ev_loop *hub_loop(hub *h);
+/* 1 when called on the loop thread. */
+int hub_on_loop(const hub *h);
+/* 1 once SIGTERM/SIGINT started the shutdown. Loop thread. */
+int hub_stopping(const hub *h);
+
+/* A closure for the loop thread. fn gets the hub and arg; it owns arg from then on. */
+typedef void (*hub_post_fn)(hub *h, void *arg);
+
+/* Any thread: run fn(h, arg) on the loop thread, after everything this thread posted before.
+ * 0, or -ENOMEM (fn never runs; arg stays the caller's). Posts made after the loop stopped
+ * are run by hub_destroy, with hub_stopping() true. */
+int hub_loop_post(hub *h, hub_post_fn fn, void *arg);
+/* As hub_loop_post for what must get through (an answer the loop waits for): waits for
+ * memory rather than fail. */
+void hub_loop_post_retry(hub *h, hub_post_fn fn, void *arg);
+
+/* ---- modules ---- */
+
+/* A module: one table, registered by CMake (HUB_MODULE in transports/CMakeLists.txt). Every
+ * callback may be NULL. state is the module's own, made by init. */
+typedef struct hub_module {
+    const char *name;
+    const hub_conf_section *sections; /* ends with a NULL name; may be NULL */
+    /* Before the loop runs (config read, control registry ready): parse the module's
+     * sections, register control commands. 0, or <0 with err "file:line: reason" or a
+     * reason; start-up stops. */
+    int (*init)(hub *h, void **state, char *err, size_t errlen);
+    /* After daemonizing, before the first event: start threads (the hub blocks signals in
+     * them for you when they are created from here). 0 or <0 with err set. */
+    int (*start)(void *state, char *err, size_t errlen);
+    /* Shutdown began: take no new work; returns how many deliveries are still in flight.
+     * Called again each loop iteration until 0 or shutdown_timeout. */
+    size_t (*drain)(void *state);
+    /* Drained or out of time: report whatever is left as failed, close sockets, join
+     * threads. The loop still runs completions posted from here. */
+    void (*stop)(void *state);
+    void (*free)(void *state); /* NULL-safe on a half-built state */
+    /* Its counters and gauges, as hub_api.stats. Any thread. */
+    size_t (*stats)(void *state, hub_stat *out, size_t cap);
+} hub_module;
+
+/* The modules CMake registered, in order, NULL-terminated (generated modules.c). */
+extern const hub_module *const hub_modules[];
+
+/* The state init made for the module called name, or NULL. */
+void *hub_module_state(hub *h, const char *name);
+/* The hub's config (module sections included). */
+const hub_config *hub_get_config(const hub *h);
+
+/* ---- the control registry: present even when no control socket is configured ---- */
+hub_ctl *hub_get_ctl(hub *h);
+
+/* ---- connections (loop thread) ---- */
+
+/* Multicast data to every client carrying tag (framed as the hub frames). Recipients, 0 for
+ * none, or <0 (-EINVAL bad tag, -EMSGSIZE too large). */
+int hub_multicast(hub *h, const char *tag, size_t taglen, const char *data, size_t len);
+
+/* ---- completions ---- */
+
+/* Any thread: deliver the result of the work token stands for to the state that started it,
+ * in order with that state's other events (its on_complete). result's reference passes to
+ * the hub. A token whose state is gone (reloaded, stopped) is counted as undelivered. */
+void hub_complete(hub *h, uint64_t token, struct json_object *result);
+
+/* ---- the event interface seam: one module (events) is the sink ---- */
+
+typedef struct hub_event_sink {
+    /* Loop thread. Raise event (params' reference passes; may be NULL); token (0: none)
+     * gets one completion per subscriber. 0, or <0 with err set. */
+    int (*raise)(void *ud, const char *event, struct json_object *params, uint64_t token,
+                 char *err, size_t errlen);
+    /* Loop thread: 1 when event has at least one subscriber (hub events cost nothing
+     * otherwise). */
+    int (*wanted)(void *ud, const char *event);
+    /* Loop thread. expire_s 0: never. 0 or <0 with err set. */
+    int (*subscribe)(void *ud, const char *event, const char *socket, long expire_s, char *err,
+                     size_t errlen);
+    int (*unsubscribe)(void *ud, const char *event, const char *socket, char *err,
+                       size_t errlen);
+    /* Any thread: 0 when event is a valid name and socket a valid URI, else <0 with err. */
+    int (*check)(void *ud, const char *event, const char *socket, char *err, size_t errlen);
+} hub_event_sink;
+
+/* Loop thread, from a module's init: the one sink (a second is -EEXIST). */
+int hub_set_event_sink(hub *h, const hub_event_sink *sink, void *ud);
+/* Loop thread: as sink->raise; -ENOSYS when no events module is built in. */
+int hub_raise(hub *h, const char *event, struct json_object *params, uint64_t token, char *err,
+              size_t errlen);
+/* Loop thread: 1 when the event has a subscriber. */
+int hub_event_wanted(hub *h, const char *event);
+
+#endif
