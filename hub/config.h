@@ -67,7 +67,7 @@ typedef struct hub_conf_instance {
     const hub_conf_section *section;
     char name[64]; /* "" for [name], INSTANCE for [name:INSTANCE] */
     const char *file;
-    int line; /* of the section header, 0 if built from defaults only */
+    int line;   /* of the section header, 0 if built from defaults only */
     void *data; /* section->size bytes, the row types at their offsets */
 } hub_conf_instance;
 
@@ -75,7 +75,6 @@ typedef struct hub_conf_instance {
  * A section absent from the file has no instance. */
 const hub_conf_instance *hub_conf_next(const struct hub_config *cfg, const char *section,
                                        const hub_conf_instance *prev);
-
 
 typedef struct hub_config {
     /* [evapi] */

@@ -89,16 +89,15 @@ void hub_complete(hub *h, uint64_t token, struct json_object *result);
 typedef struct hub_event_sink {
     /* Loop thread. Raise event (params' reference passes; may be NULL); token (0: none)
      * gets one completion per subscriber. 0, or <0 with err set. */
-    int (*raise)(void *ud, const char *event, struct json_object *params, uint64_t token,
-                 char *err, size_t errlen);
+    int (*raise)(void *ud, const char *event, struct json_object *params, uint64_t token, char *err,
+                 size_t errlen);
     /* Loop thread: 1 when event has at least one subscriber (hub events cost nothing
      * otherwise). */
     int (*wanted)(void *ud, const char *event);
     /* Loop thread. expire_s 0: never. 0 or <0 with err set. */
     int (*subscribe)(void *ud, const char *event, const char *socket, long expire_s, char *err,
                      size_t errlen);
-    int (*unsubscribe)(void *ud, const char *event, const char *socket, char *err,
-                       size_t errlen);
+    int (*unsubscribe)(void *ud, const char *event, const char *socket, char *err, size_t errlen);
     /* Any thread: 0 when event is a valid name and socket a valid URI, else <0 with err. */
     int (*check)(void *ud, const char *event, const char *socket, char *err, size_t errlen);
 } hub_event_sink;

@@ -64,12 +64,11 @@ typedef struct hub_api {
      * .token (one completion per subscriber). subscribe: expire_s 0 never expires.
      * Return 1 when done or queued, <0 with err set (-EINVAL bad name or socket URI,
      * -ENOSYS no events module, -ENOMEM). */
-    int (*raise)(void *ud, const char *event, struct json_object *params, uint64_t token,
-                 char *err, size_t errlen);
+    int (*raise)(void *ud, const char *event, struct json_object *params, uint64_t token, char *err,
+                 size_t errlen);
     int (*subscribe)(void *ud, const char *event, const char *socket, long expire_s, char *err,
                      size_t errlen);
-    int (*unsubscribe)(void *ud, const char *event, const char *socket, char *err,
-                       size_t errlen);
+    int (*unsubscribe)(void *ud, const char *event, const char *socket, char *err, size_t errlen);
 } hub_api;
 
 typedef struct hub_script_conf {

@@ -117,10 +117,13 @@ static int fake_close(void *ud, uint64_t id, const char *reason)
 
 /* What the fake hub reports as its counters: hub-wide ones and two workers. */
 static const hub_stat fake_stats[] = {
-    {"frames_in", "h", 0, -1, 42},        {"clients", "h", 1, -1, 3},
-    {"queued_events", "h", 1, 0, 5},      {"events", "h", 0, 0, 7},
-    {"queued_events", "h", 1, 1, 6},      {"events", "h", 0, 1, 8},
-    {"bytes_in", "h", 0, -1, 1ull << 40},
+    {.name = "frames_in", .help = "h", .gauge = 0, .worker = -1, .value = 42},
+    {.name = "clients", .help = "h", .gauge = 1, .worker = -1, .value = 3},
+    {.name = "queued_events", .help = "h", .gauge = 1, .worker = 0, .value = 5},
+    {.name = "events", .help = "h", .gauge = 0, .worker = 0, .value = 7},
+    {.name = "queued_events", .help = "h", .gauge = 1, .worker = 1, .value = 6},
+    {.name = "events", .help = "h", .gauge = 0, .worker = 1, .value = 8},
+    {.name = "bytes_in", .help = "h", .gauge = 0, .worker = -1, .value = 1ull << 40},
 };
 
 static size_t fake_stats_fn(void *ud, hub_stat *out, size_t cap)
