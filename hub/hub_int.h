@@ -12,6 +12,7 @@
 
 #include "hub/config.h"
 #include "hub/control.h"
+#include "hub/core.h"
 #include "hub/hub.h"
 #include "hub/idmap.h"
 #include "hub/netstring.h"
@@ -30,6 +31,13 @@ typedef struct hub_frame {
     size_t len;
     char data[];
 } hub_frame;
+
+/* A mailbox node (mailbox.c): run gets the node and owns it from then on. Embedded in what
+ * it carries, so a worker's command is one allocation. */
+typedef struct hub_post {
+    struct hub_post *next;
+    void (*run)(hub *h, struct hub_post *p);
+} hub_post;
 
 typedef struct hub_tag hub_tag;
 typedef struct hub_client hub_client;
@@ -111,7 +119,7 @@ struct hub {
     ev_prepare prepare_w;
     ev_idle idle_w;
     ev_signal sigterm_w, sigint_w, sighup_w;
-    ev_async cmd_w;
+    ev_async mbox_w;
     ev_timer shutdown_w;
     ev_timer drain_w; /* checks DRAINING clients' deadlines, once a second */
     int ndraining;
@@ -136,8 +144,8 @@ struct hub {
 
     hub_worker *workers;
     int nworkers;
-    pthread_mutex_t cmd_mu;              /* guards the workers' commands to the loop */
-    struct hub_cmd *cmd_head, *cmd_tail; /* run by hub__commands_cb */
+    pthread_mutex_t mbox_mu;         /* guards the mailbox (mailbox.c) */
+    hub_post *mbox_head, *mbox_tail; /* posted closures, run by the loop in order */
     int workers_done;
 
     int stopping;
@@ -256,9 +264,17 @@ void hub__workers_stop(hub *h);
 void hub__workers_join(hub *h);
 int hub__worker_full(hub *h, int w);
 void hub__worker_pause(hub *h, int w, hub_client *c);
-void hub__commands_cb(struct ev_loop *loop, ev_async *w, int revents);
-/* Free the commands never run (at exit, once no thread can post more). */
-void hub__commands_free(hub *h);
+
+/* mailbox (mailbox.c) */
+void hub__mailbox_init(hub *h);
+/* Any thread: append a chain of nodes (linked through next, ending at tail) and wake the
+ * loop once. */
+void hub__post_chain(hub *h, hub_post *head, hub_post *tail);
+/* At exit, once no other thread can post: run what is left (h->stopping is set). */
+void hub__mailbox_drain(hub *h);
+void hub__mailbox_free(hub *h);
+/* hub_malloc that waits for memory instead of failing (for what must get through). */
+void *hub__malloc_retry(size_t size);
 int hub__worker_queue_item(hub *h, int w, int type, hub_client *c, const char *data, size_t len);
 
 /* A worker's queue and counters, readable from any thread. */

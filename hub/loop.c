@@ -331,7 +331,8 @@ static void reload_round(hub *h)
 void hub__reload_checked(hub *h, const char *why)
 {
     char err[1024];
-    pthread_join(h->check_thread, NULL); /* it has posted its last word */
+    if (h->checking)
+        pthread_join(h->check_thread, NULL); /* it has posted its last word */
     h->checking = 0;
     if (h->stopping) {
         reload_stopped(h); /* whatever the check said, perhaps that it was cancelled */
@@ -446,12 +447,12 @@ hub *hub_new(const hub_config *cfg, const hub_script_ops *ops, char *err, size_t
     h->next_id = 1;
     h->started = h->script_loaded = hub__wall_now();
     pthread_rwlock_init(&h->tags_lock, NULL);
-    pthread_mutex_init(&h->cmd_mu, NULL);
     h->loop = ev_default_loop(EVFLAG_AUTO);
     if (!h->loop) {
         snprintf(err, errlen, "cannot create the event loop");
         goto fail;
     }
+    hub__mailbox_init(h);
     signal(SIGPIPE, SIG_IGN);
     if (setup_slots(h) < 0) {
         snprintf(err, errlen, "out of memory for %d client slots", cfg->max_clients);
@@ -471,9 +472,6 @@ hub *hub_new(const hub_config *cfg, const hub_script_ops *ops, char *err, size_t
             goto fail;
         }
     }
-    ev_async_init(&h->cmd_w, hub__commands_cb);
-    h->cmd_w.data = h;
-    ev_async_start(h->loop, &h->cmd_w);
     if (cfg->workers > 0) {
         if (hub__workers_start(h, err, errlen) < 0)
             goto fail;
@@ -537,7 +535,8 @@ void hub_destroy(hub *h)
         pthread_join(h->check_thread, NULL);
         h->checking = 0;
     }
-    hub__commands_free(h); /* the check's verdict among them, if the loop never ran it */
+    h->stopping = 1;
+    hub__mailbox_drain(h); /* the check's verdict among them, if the loop never ran it */
     /* A reload still waiting for workers will not finish now: tell whoever asked. */
     reload_stopped(h);
     calls_stop(&h->reload_next, &h->nreload_next);
@@ -555,8 +554,9 @@ void hub_destroy(hub *h)
     hub_free(h->slots);
     hub_free(h->free_slots);
     pthread_rwlock_destroy(&h->tags_lock);
-    pthread_mutex_destroy(&h->cmd_mu);
-    if (h->loop)
+    if (h->loop) {
+        hub__mailbox_free(h);
         ev_loop_destroy(h->loop);
+    }
     hub_free(h);
 }

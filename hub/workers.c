@@ -11,20 +11,6 @@
 #include "hub/hub_int.h"
 #include "hub/log.h"
 
-enum {
-    CMD_RELAY,
-    CMD_MULTICAST,
-    CMD_UNICAST,
-    CMD_SEND,
-    CMD_SET_TAG,
-    CMD_CLOSE,
-    CMD_START_READ,
-    CMD_RESUME,
-    CMD_RELOADED,
-    CMD_CHECKED,
-    CMD_DONE
-};
-
 #define CMD_FLUSH_EVERY 64 /* events between command hand-offs while a batch runs */
 /* Payload bytes queued per worker before reading pauses, whatever worker_queue says. */
 #define WORKER_QUEUE_BYTES (64u * 1024 * 1024)
@@ -37,9 +23,10 @@ typedef struct hub_item {
     char data[]; /* the message, or a hub_conn_info for HUB_EV_CONNECT */
 } hub_item;
 
+/* A worker's command to the loop: a mailbox node whose run function does the work and
+ * frees it. */
 typedef struct hub_cmd {
-    struct hub_cmd *next;
-    int type;
+    hub_post node;
     int worker;
     uint64_t id;
     size_t taglen, len;
@@ -77,26 +64,14 @@ struct hub_worker {
 
 /* ---- worker -> loop commands ---- */
 
-static void cmd_push_list(hub *h, hub_cmd *head, hub_cmd *tail)
-{
-    pthread_mutex_lock(&h->cmd_mu);
-    if (h->cmd_tail)
-        h->cmd_tail->next = head;
-    else
-        h->cmd_head = head;
-    h->cmd_tail = tail;
-    pthread_mutex_unlock(&h->cmd_mu);
-    ev_async_send(h->loop, &h->cmd_w);
-}
-
-static hub_cmd *cmd_new(int type, int worker, uint64_t id, const char *tag, size_t taglen,
-                        const char *data, size_t len)
+static hub_cmd *cmd_new(void (*run)(hub *, hub_post *), int worker, uint64_t id, const char *tag,
+                        size_t taglen, const char *data, size_t len)
 {
     hub_cmd *c = hub_malloc(sizeof(*c) + len + 1);
     if (!c)
         return NULL;
-    c->next = NULL;
-    c->type = type;
+    c->node.next = NULL;
+    c->node.run = run;
     c->worker = worker;
     c->id = id;
     c->taglen = taglen;
@@ -110,16 +85,103 @@ static hub_cmd *cmd_new(int type, int worker, uint64_t id, const char *tag, size
     return c;
 }
 
+#define CMD(p) ((hub_cmd *)(void *)(p))
+
+static void run_relay(hub *h, hub_post *p)
+{
+    hub__relay(h, CMD(p)->data, CMD(p)->len);
+    hub_free(p);
+}
+
+static void run_multicast(hub *h, hub_post *p)
+{
+    hub__multicast(h, CMD(p)->tag, CMD(p)->taglen, CMD(p)->data, CMD(p)->len);
+    hub_free(p);
+}
+
+static void run_unicast(hub *h, hub_post *p)
+{
+    hub__unicast(h, CMD(p)->tag, CMD(p)->taglen, CMD(p)->data, CMD(p)->len);
+    hub_free(p);
+}
+
+static void run_send(hub *h, hub_post *p)
+{
+    hub_cmd *c = CMD(p);
+    if (hub__send(h, c->id, c->data, c->len) == -ENOENT)
+        hub_log(HUB_LOG_DEBUG, "send to client id=%llu: no such connection",
+                (unsigned long long)c->id);
+    hub_free(c);
+}
+
+static void run_set_tag(hub *h, hub_post *p)
+{
+    hub_cmd *c = CMD(p);
+    hub_client *cl;
+    /* The owner's state learns of a tag another worker set. */
+    if (hub__set_tag_id(h, c->id, c->tag, c->taglen, 1) > 0 && (cl = hub__client_by_id(h, c->id)) &&
+        cl->worker != c->worker)
+        hub__tag_changed(h, cl);
+    hub_free(c);
+}
+
+static void run_close(hub *h, hub_post *p)
+{
+    hub__close_id(h, CMD(p)->id, CMD(p)->data);
+    hub_free(p);
+}
+
+static void run_start_read(hub *h, hub_post *p)
+{
+    hub_client *cl = hub__client_by_id(h, CMD(p)->id);
+    if (cl)
+        hub__client_start_reading(cl);
+    hub_free(p);
+}
+
+static void resume_worker_clients(hub *h, int wi);
+
+static void run_resume(hub *h, hub_post *p)
+{
+    if (h->workers)
+        resume_worker_clients(h, CMD(p)->worker);
+    hub_free(p);
+}
+
+static void run_reloaded(hub *h, hub_post *p)
+{
+    hub__reload_answered(h, CMD(p)->worker, CMD(p)->len ? CMD(p)->data : NULL);
+    hub_free(p);
+}
+
+static void run_checked(hub *h, hub_post *p)
+{
+    hub__reload_checked(h, CMD(p)->len ? CMD(p)->data : NULL);
+    hub_free(p);
+}
+
+static void run_done(hub *h, hub_post *p)
+{
+    h->workers_done++;
+    hub_free(p);
+}
+
 /* A command the loop waits for (a reload's answer or check): it must get through, so the
  * calling thread waits for memory if it must. why may be NULL. */
-static hub_cmd *cmd_new_retry(int type, int worker, const char *why)
+static hub_cmd *cmd_new_retry(void (*run)(hub *, hub_post *), int worker, const char *why)
 {
     size_t len = why ? strlen(why) : 0;
-    hub_cmd *c;
-    while (!(c = cmd_new(type, worker, 0, NULL, 0, why, len))) {
-        struct timespec ts = {0, 10 * 1000 * 1000};
-        nanosleep(&ts, NULL);
-    }
+    hub_cmd *c = hub__malloc_retry(sizeof(*c) + len + 1);
+    c->node.next = NULL;
+    c->node.run = run;
+    c->worker = worker;
+    c->id = 0;
+    c->taglen = 0;
+    c->tag[0] = '\0';
+    c->len = len;
+    if (len)
+        memcpy(c->data, why, len);
+    c->data[len] = '\0';
     return c;
 }
 
@@ -127,21 +189,21 @@ static void worker_flush_cmds(hub_worker *w)
 {
     if (!w->cmd_head)
         return;
-    cmd_push_list(w->h, w->cmd_head, w->cmd_tail);
+    hub__post_chain(w->h, &w->cmd_head->node, &w->cmd_tail->node);
     w->cmd_head = w->cmd_tail = NULL;
 }
 
 static void cmd_append(hub_worker *w, hub_cmd *c)
 {
     if (w->cmd_tail)
-        w->cmd_tail->next = c;
+        w->cmd_tail->node.next = &c->node;
     else
         w->cmd_head = c;
     w->cmd_tail = c;
 }
 
-static int worker_cmd(hub_worker *w, int type, uint64_t id, const char *tag, size_t taglen,
-                      const char *data, size_t len)
+static int worker_cmd(hub_worker *w, void (*type)(hub *, hub_post *), uint64_t id, const char *tag,
+                      size_t taglen, const char *data, size_t len)
 {
     hub_cmd *c = cmd_new(type, w->index, id, tag, taglen, data, len);
     if (!c)
@@ -159,12 +221,12 @@ static int wapi_relay(void *ud, const char *data, size_t len)
         return -EMSGSIZE;
     if (atomic_load(&w->h->nclients) == 0)
         return 0;
-    int rc = worker_cmd(w, CMD_RELAY, 0, NULL, 0, data, len);
+    int rc = worker_cmd(w, run_relay, 0, NULL, 0, data, len);
     return rc < 0 ? rc : 1;
 }
 
-static int wapi_tagged(hub_worker *w, int type, const char *tag, size_t taglen, const char *data,
-                       size_t len)
+static int wapi_tagged(hub_worker *w, void (*type)(hub *, hub_post *), const char *tag,
+                       size_t taglen, const char *data, size_t len)
 {
     if (!hub__tag_valid(tag, taglen))
         return -EINVAL;
@@ -181,12 +243,12 @@ static int wapi_tagged(hub_worker *w, int type, const char *tag, size_t taglen, 
 
 static int wapi_multicast(void *ud, const char *tag, size_t taglen, const char *data, size_t len)
 {
-    return wapi_tagged(ud, CMD_MULTICAST, tag, taglen, data, len);
+    return wapi_tagged(ud, run_multicast, tag, taglen, data, len);
 }
 
 static int wapi_unicast(void *ud, const char *tag, size_t taglen, const char *data, size_t len)
 {
-    return wapi_tagged(ud, CMD_UNICAST, tag, taglen, data, len);
+    return wapi_tagged(ud, run_unicast, tag, taglen, data, len);
 }
 
 static int wapi_send(void *ud, uint64_t id, const char *data, size_t len)
@@ -194,7 +256,7 @@ static int wapi_send(void *ud, uint64_t id, const char *data, size_t len)
     hub_worker *w = ud;
     if (hub__frame_too_big(w->h, len))
         return -EMSGSIZE;
-    int rc = worker_cmd(w, CMD_SEND, id, NULL, 0, data, len);
+    int rc = worker_cmd(w, run_send, id, NULL, 0, data, len);
     return rc < 0 ? rc : 1;
 }
 
@@ -203,7 +265,7 @@ static int wapi_set_tag(void *ud, uint64_t id, const char *tag, size_t taglen)
     hub_worker *w = ud;
     /* The command first: an intent recorded with no command behind it would never be
      * applied. */
-    hub_cmd *c = cmd_new(CMD_SET_TAG, w->index, id, tag, taglen, NULL, 0);
+    hub_cmd *c = cmd_new(run_set_tag, w->index, id, tag, taglen, NULL, 0);
     if (!c)
         return -ENOMEM;
     /* Recorded now, so a multicast right behind it in this script sees the tag. */
@@ -221,7 +283,7 @@ static int wapi_close(void *ud, uint64_t id, const char *reason)
     hub_worker *w = ud;
     /* The reason is cut at 255 bytes: it only goes to a log line and an error frame. */
     size_t rl = reason ? strnlen(reason, 255) : 0;
-    hub_cmd *c = cmd_new(CMD_CLOSE, w->index, id, NULL, 0, reason, rl);
+    hub_cmd *c = cmd_new(run_close, w->index, id, NULL, 0, reason, rl);
     if (!c)
         return -ENOMEM;
     /* Untagged at once, so a unicast right behind it in this script finds no one. */
@@ -265,7 +327,7 @@ static const hub_api worker_api = {
 /* Tell the loop how loading went (why NULL: loaded); it waits for every worker's answer. */
 static void reload_answer(hub_worker *w, const char *why)
 {
-    cmd_append(w, cmd_new_retry(CMD_RELOADED, w->index, why));
+    cmd_append(w, cmd_new_retry(run_reloaded, w->index, why));
     worker_flush_cmds(w);
 }
 
@@ -345,7 +407,7 @@ static int worker_run(hub_worker *w, hub_item *it)
     switch (it->type) {
     case HUB_EV_CONNECT:
         h->ops->on_connect(w->script, (const hub_conn_info *)(void *)it->data);
-        worker_cmd(w, CMD_START_READ, it->id, NULL, 0, NULL, 0);
+        worker_cmd(w, run_start_read, it->id, NULL, 0, NULL, 0);
         break;
     case HUB_EV_MESSAGE:
         h->ops->on_message(w->script, it->id, it->data, it->len);
@@ -377,7 +439,7 @@ static int worker_run(hub_worker *w, hub_item *it)
     /* Paired with the loop's store-then-check in hub__worker_pause. */
     if (atomic_load(&w->resume_wanted) && below_low_water(w) &&
         atomic_exchange(&w->resume_wanted, 0))
-        worker_cmd(w, CMD_RESUME, 0, NULL, 0, NULL, 0);
+        worker_cmd(w, run_resume, 0, NULL, 0, NULL, 0);
     return 0;
 }
 
@@ -434,7 +496,7 @@ static void *worker_main(void *arg)
         pthread_mutex_lock(&w->mu);
     }
     pthread_mutex_unlock(&w->mu);
-    worker_cmd(w, CMD_DONE, 0, NULL, 0, NULL, 0);
+    worker_cmd(w, run_done, 0, NULL, 0, NULL, 0);
     worker_flush_cmds(w);
     return NULL;
 }
@@ -467,7 +529,7 @@ static void items_free(hub_item *it)
 static void cmds_free(hub_cmd *c)
 {
     for (size_t bound = 0; c && bound < SIZE_MAX; bound++) {
-        hub_cmd *n = c->next;
+        hub_cmd *n = CMD(c->node.next);
         hub_free(c);
         c = n;
     }
@@ -491,8 +553,8 @@ int hub__worker_full(hub *h, int w)
 void hub__post_checked(hub *h, const char *why)
 {
     /* The verdict must reach the loop or the reload never ends. */
-    hub_cmd *c = cmd_new_retry(CMD_CHECKED, -1, why);
-    cmd_push_list(h, c, c);
+    hub_cmd *c = cmd_new_retry(run_checked, -1, why);
+    hub__post_chain(h, &c->node, &c->node);
 }
 
 void hub__worker_view(hub *h, int wi, hub_worker_view *out)
@@ -565,9 +627,9 @@ void hub__worker_pause(hub *h, int wi, hub_client *c)
     atomic_store(&w->resume_wanted, 1);
     /* The worker may have drained the queue before it could see resume_wanted. */
     if (below_low_water(w) && atomic_exchange(&w->resume_wanted, 0)) {
-        hub_cmd *cmd = cmd_new(CMD_RESUME, wi, 0, NULL, 0, NULL, 0);
+        hub_cmd *cmd = cmd_new(run_resume, wi, 0, NULL, 0, NULL, 0);
         if (cmd)
-            cmd_push_list(h, cmd, cmd);
+            hub__post_chain(h, &cmd->node, &cmd->node);
     }
 }
 
@@ -584,70 +646,6 @@ static void resume_worker_clients(hub *h, int wi)
             hub__client_resume(c);
     }
     hub_free(ids);
-}
-
-static void run_cmd(hub *h, hub_cmd *c)
-{
-    hub_client *cl;
-    switch (c->type) {
-    case CMD_RELAY:
-        hub__relay(h, c->data, c->len);
-        break;
-    case CMD_MULTICAST:
-        hub__multicast(h, c->tag, c->taglen, c->data, c->len);
-        break;
-    case CMD_UNICAST:
-        hub__unicast(h, c->tag, c->taglen, c->data, c->len);
-        break;
-    case CMD_SEND:
-        if (hub__send(h, c->id, c->data, c->len) == -ENOENT)
-            hub_log(HUB_LOG_DEBUG, "send to client id=%llu: no such connection",
-                    (unsigned long long)c->id);
-        break;
-    case CMD_SET_TAG:
-        /* The owner's state learns of a tag another worker set. */
-        if (hub__set_tag_id(h, c->id, c->tag, c->taglen, 1) > 0 &&
-            (cl = hub__client_by_id(h, c->id)) && cl->worker != c->worker)
-            hub__tag_changed(h, cl);
-        break;
-    case CMD_CLOSE:
-        hub__close_id(h, c->id, c->data);
-        break;
-    case CMD_START_READ:
-        if ((cl = hub__client_by_id(h, c->id)))
-            hub__client_start_reading(cl);
-        break;
-    case CMD_RESUME:
-        resume_worker_clients(h, c->worker);
-        break;
-    case CMD_RELOADED:
-        hub__reload_answered(h, c->worker, c->len ? c->data : NULL);
-        break;
-    case CMD_CHECKED:
-        hub__reload_checked(h, c->len ? c->data : NULL);
-        break;
-    case CMD_DONE:
-        h->workers_done++;
-        break;
-    }
-}
-
-void hub__commands_cb(struct ev_loop *loop, ev_async *aw, int revents)
-{
-    hub *h = aw->data;
-    (void)loop;
-    (void)revents;
-    pthread_mutex_lock(&h->cmd_mu);
-    hub_cmd *list = h->cmd_head;
-    h->cmd_head = h->cmd_tail = NULL;
-    pthread_mutex_unlock(&h->cmd_mu);
-    for (size_t bound = 0; list && bound < SIZE_MAX; bound++) {
-        hub_cmd *c = list;
-        list = c->next;
-        run_cmd(h, c);
-        hub_free(c);
-    }
-    hub__tags_sweep(h);
 }
 
 int hub__workers_start(hub *h, char *err, size_t errlen)
@@ -691,12 +689,6 @@ int hub__workers_start(hub *h, char *err, size_t errlen)
     }
     pthread_sigmask(SIG_SETMASK, &old, NULL);
     return 0;
-}
-
-void hub__commands_free(hub *h)
-{
-    cmds_free(h->cmd_head);
-    h->cmd_head = h->cmd_tail = NULL;
 }
 
 int hub__workers_reload(hub *h)
