@@ -10,6 +10,8 @@
 
 #include "hub/script.h"
 
+struct json_object;
+
 #define HLUA_CLIENT_MT "evhub.client"
 
 /* Events, also the codes passed to the KEMI dispatcher in ksr.lua. */
@@ -43,13 +45,34 @@ struct hub_script {
     int dispatch_ref;               /* ksr.lua's KEMI dispatcher, which then gets every event
                                      * instead of handler[]; LUA_NOREF without event_callback */
     int reset_ref;                  /* KEMI context reset from ksr.lua, or LUA_NOREF */
+    int completions_ref;            /* registry ref: token -> report function (see below) */
     /* Arguments handed to the protected trampolines (no allocation on the hot path). */
     const char *arg_data;
     size_t arg_len;
     const hub_conn_info *arg_ci;
+    struct json_object *arg_result;
     char warn[256]; /* pieces of a lua_warning() being assembled */
     size_t warnlen;
 };
+
+/* Completions. evapi.raise(event, params, fn) takes a token from hub_api.token and keeps fn
+ * in the completions table under it before the hub sees the work (and removes it again if
+ * the hub refuses). hub_script_ops.on_complete(s, token, result):
+ * - a token not in the table (never given, already done, or given by a state a reload
+ *   replaced: tokens are the hub's, never reused) is -ENOENT and runs nothing;
+ * - else fn runs once, through the protected call with the budget and traceback as any
+ *   callback (logged as "lua: report: ..." and counted as a script error if it fails), with
+ *   the result as json.decode would give it: objects are tables with string keys, arrays
+ *   sequences, integral numbers integers, strings binary-safe, and JSON null json.null (so
+ *   a key with a null value stays visible and arrays keep their length);
+ * - the token is then done, unless result is an object with "more": true (boolean true,
+ *   nothing else): the event interface reports once per subscriber of one raise, and marks
+ *   every report but the last so. The entry is removed before fn runs, so a failing fn does
+ *   not keep it either.
+ * A token whose last result never comes keeps its fn until the state is freed. A reload
+ * cannot carry report functions over (they are closures of the old state); adopt logs at
+ * notice how many will not run. on_complete must be called as an event of its own, never
+ * from inside a hub_api call the script made. */
 
 /* The hub_script that owns L (kept in lua_getextraspace, inherited by coroutines). */
 static inline hub_script *hlua__script(lua_State *L)
@@ -70,5 +93,18 @@ void hlua__push_ksr_helpers(lua_State *L);
 hlua_conn *hlua__push_conn(lua_State *L, const hub_conn_info *ci);
 /* Push the usual result of a hub_api call: true, or nil + message (+ code). */
 int hlua__push_result(lua_State *L, int n);
+
+/* Convert the value at idx to JSON as json.encode does (same rules and nesting limit; an
+ * empty table is {}), into a box pushed on the stack that owns the result: raises on what
+ * json.encode refuses, with who ("evapi.raise") naming the caller, and the box frees what
+ * was built. nil and json.null give a box holding NULL. */
+void hlua__json_push_box(lua_State *L, int idx, const char *who);
+/* Take the object out of the box at idx: its reference is the caller's (NULL for null), the
+ * box is left empty. Never raises. */
+struct json_object *hlua__json_take(lua_State *L, int idx);
+/* Push o (borrowed) as json.decode would; NULL is JSON null (json.null). NULL, or a reason
+ * with nothing pushed (a number with no exact Lua value, nesting past the limit). Raises
+ * only for memory. */
+const char *hlua__json_push(lua_State *L, struct json_object *o);
 
 #endif

@@ -19,7 +19,7 @@ static const struct {
 } errors[] = {
     {EINVAL, "EINVAL", "invalid tag"},           {ENOENT, "ENOENT", "no such connection"},
     {EMSGSIZE, "EMSGSIZE", "message too large"}, {ENOMEM, "ENOMEM", "out of memory"},
-    {EPIPE, "EPIPE", "connection closing"},
+    {EPIPE, "EPIPE", "connection closing"},      {ENOSYS, "ENOSYS", "no events module"},
 };
 
 static int push_error(lua_State *L, const char *msg, const char *code)
@@ -297,8 +297,25 @@ static int evapi_close(lua_State *L)
     return do_close(L, c, id, 2);
 }
 
+/* Push the key of a stat: its name, or name{label} (Prometheus' form) when it has a label,
+ * so entries that differ only by label stay apart and unlabelled keys are as before. */
+static void push_stat_key(lua_State *L, const hub_stat *st)
+{
+    size_t n = strnlen(st->label, sizeof(st->label));
+    if (n == 0) {
+        lua_pushstring(L, st->name); /* [.., name] */
+        return;
+    }
+    lua_pushstring(L, st->name);      /* [.., name] */
+    lua_pushliteral(L, "{");          /* [.., name, {] */
+    lua_pushlstring(L, st->label, n); /* [.., name, {, label] */
+    lua_pushliteral(L, "}");          /* [.., name, {, label, }] */
+    lua_concat(L, 4);                 /* [.., key] */
+}
+
 /* evapi.stats(): the hub's counters as a table; per-worker ones in .workers[i] (1-based,
- * each with its .worker index), as the control socket's stats command reports them. */
+ * each with its .worker index), as the control socket's stats command reports them. An
+ * entry with a label is keyed name{label}, e.g. t['events_delivered{socket="tcp:h:80"}']. */
 static int evapi_stats(lua_State *L)
 {
     hub_script *s = hlua__script(L);
@@ -314,8 +331,9 @@ static int evapi_stats(lua_State *L)
     lua_newtable(L);               /* [.., t, workers] */
     for (size_t i = 0; i < n; i++) {
         if (st[i].worker < 0) {
-            lua_pushinteger(L, (lua_Integer)st[i].value); /* [.., t, workers, v] */
-            lua_setfield(L, -3, st[i].name);              /* [.., t, workers] */
+            push_stat_key(L, &st[i]);                     /* [.., t, workers, k] */
+            lua_pushinteger(L, (lua_Integer)st[i].value); /* [.., t, workers, k, v] */
+            lua_rawset(L, -4);                            /* [.., t, workers] */
             continue;
         }
         if (lua_rawgeti(L, -1, st[i].worker + 1) != LUA_TTABLE) { /* [.., t, workers, w] */
@@ -326,12 +344,119 @@ static int evapi_stats(lua_State *L)
             lua_pushvalue(L, -1);
             lua_rawseti(L, -3, st[i].worker + 1);
         }
-        lua_pushinteger(L, (lua_Integer)st[i].value); /* [.., t, workers, w, v] */
-        lua_setfield(L, -2, st[i].name);              /* [.., t, workers, w] */
+        push_stat_key(L, &st[i]);                     /* [.., t, workers, w, k] */
+        lua_pushinteger(L, (lua_Integer)st[i].value); /* [.., t, workers, w, k, v] */
+        lua_rawset(L, -3);                            /* [.., t, workers, w] */
         lua_pop(L, 1);                                /* [.., t, workers] */
     }
     lua_setfield(L, -2, "workers"); /* [.., t] */
     return 1;
+}
+
+/* ---- the event interface ---- */
+
+#define HLUA_EVENT_MAX 64 /* bytes in an event name */
+
+/* Argument i is an event name: 1..HLUA_EVENT_MAX letters, digits, '_', '.' or '-'. */
+static const char *check_event(lua_State *L, int i)
+{
+    size_t len;
+    const char *ev = luaL_checklstring(L, i, &len);
+    int ok = len >= 1 && len <= HLUA_EVENT_MAX;
+    for (size_t k = 0; ok && k < len; k++) {
+        unsigned char c = (unsigned char)ev[k];
+        ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+             c == '_' || c == '.' || c == '-';
+    }
+    if (!ok)
+        luaL_argerror(L, i, "event name must be 1..64 letters, digits, '_', '.' or '-'");
+    return ev;
+}
+
+/* Argument i is a socket URI: a string without NUL bytes; the hub checks the rest. */
+static const char *check_socket(lua_State *L, int i)
+{
+    size_t len;
+    const char *uri = luaL_checklstring(L, i, &len);
+    luaL_argcheck(L, strlen(uri) == len, i, "socket URI contains a NUL byte");
+    return uri;
+}
+
+/* The result of an event call: true, or nil, reason, code (reason: the hub's err, else the
+ * code's text). With raise_einval, -EINVAL (a bad name or socket URI) raises instead, with
+ * the reason, at the script's line that gave it. */
+static int push_event_result(lua_State *L, const char *who, int rc, const char *err,
+                             int raise_einval)
+{
+    if (rc >= 0) {
+        lua_pushboolean(L, 1);
+        return 1;
+    }
+    if (raise_einval && rc == -EINVAL)
+        return luaL_error(L, "%s: %s", who, err[0] ? err : "invalid event name or socket URI");
+    int n = hlua__push_result(L, rc); /* [nil, msg, code] */
+    if (err[0]) {
+        lua_pushstring(L, err); /* [nil, msg, code, err] */
+        lua_replace(L, -3);     /* [nil, err, code] */
+    }
+    return n;
+}
+
+/* evapi.raise(event[, params[, report_fn]]): params a table (object or sequence) or nil;
+ * report_fn gets each result the hub reports for this raise (see hlua_int.h). */
+static int evapi_raise(lua_State *L)
+{
+    hub_script *s = hlua__script(L);
+    const char *event = check_event(L, 1);
+    int t = lua_type(L, 2);
+    luaL_argexpected(L, t == LUA_TNIL || t == LUA_TNONE || t == LUA_TTABLE, 2, "table or nil");
+    int has_fn = !lua_isnoneornil(L, 3);
+    if (has_fn)
+        luaL_checktype(L, 3, LUA_TFUNCTION);
+    lua_settop(L, 3);
+    hlua__json_push_box(L, 2, "evapi.raise"); /* [ev, params, fn, box]: raises on bad params */
+
+    uint64_t token = 0;
+    if (has_fn) {
+        /* Kept before the hub sees the work, so no result can come before its function. */
+        token = s->api->token(s->ud);
+        lua_rawgeti(L, LUA_REGISTRYINDEX, s->completions_ref); /* [.., box, done] */
+        lua_pushvalue(L, 3);                                   /* [.., box, done, fn] */
+        lua_rawseti(L, -2, (lua_Integer)token);                /* [.., box, done] */
+    }
+    /* Nothing raises from here on: params' reference passes from the box to the hub. */
+    struct json_object *params = hlua__json_take(L, 4);
+    char err[256] = "";
+    int rc = s->api->raise(s->ud, event, params, token, err, sizeof(err));
+    if (rc < 0 && has_fn) {
+        lua_pushnil(L);                         /* [.., box, done, nil] */
+        lua_rawseti(L, -2, (lua_Integer)token); /* [.., box, done]: a failed call never reports */
+    }
+    return push_event_result(L, "evapi.raise", rc, err, 0);
+}
+
+/* evapi.subscribe(event, socket[, expire_s]): expire_s 0 or absent never expires. */
+static int evapi_subscribe(lua_State *L)
+{
+    hub_script *s = hlua__script(L);
+    const char *event = check_event(L, 1);
+    const char *socket = check_socket(L, 2);
+    lua_Integer expire = luaL_optinteger(L, 3, 0);
+    luaL_argcheck(L, expire >= 0, 3, "expire_s must not be negative");
+    char err[256] = "";
+    int rc = s->api->subscribe(s->ud, event, socket, (long)expire, err, sizeof(err));
+    return push_event_result(L, "evapi.subscribe", rc, err, 1);
+}
+
+/* evapi.unsubscribe(event, socket) */
+static int evapi_unsubscribe(lua_State *L)
+{
+    hub_script *s = hlua__script(L);
+    const char *event = check_event(L, 1);
+    const char *socket = check_socket(L, 2);
+    char err[256] = "";
+    int rc = s->api->unsubscribe(s->ud, event, socket, err, sizeof(err));
+    return push_event_result(L, "evapi.unsubscribe", rc, err, 1);
 }
 
 /* evapi.on(event, fn|nil): keep fn in the registry; the old handler is released first. */
@@ -352,9 +477,18 @@ static int evapi_on(lua_State *L)
 }
 
 static const luaL_Reg evapi_funcs[] = {
-    {"relay", evapi_relay}, {"multicast", evapi_multicast}, {"unicast", evapi_unicast},
-    {"send", evapi_send},   {"set_tag", evapi_set_tag},     {"close", evapi_close},
-    {"on", evapi_on},       {"stats", evapi_stats},         {NULL, NULL},
+    {"relay", evapi_relay},
+    {"multicast", evapi_multicast},
+    {"unicast", evapi_unicast},
+    {"send", evapi_send},
+    {"set_tag", evapi_set_tag},
+    {"close", evapi_close},
+    {"on", evapi_on},
+    {"stats", evapi_stats},
+    {"raise", evapi_raise},
+    {"subscribe", evapi_subscribe},
+    {"unsubscribe", evapi_unsubscribe},
+    {NULL, NULL},
 };
 
 /* ---- log module ---- */

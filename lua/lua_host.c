@@ -11,6 +11,7 @@
 #include <string.h>
 #include <time.h>
 
+#include <json-c/json.h>
 #include <lauxlib.h>
 #include <lualib.h>
 
@@ -329,6 +330,52 @@ static void hlua_on_close(hub_script *s, uint64_t id)
     lua_pop(L, 1);                                   /* [] */
 }
 
+/* Trampoline for a report function: [fn] -> fn(result). */
+static int complete_tramp(lua_State *L)
+{
+    hub_script *s = hlua__script(L);
+    const char *err = hlua__json_push(L, s->arg_result); /* [fn, result] */
+    if (err)
+        return luaL_error(L, "the result cannot be given to Lua: %s", err);
+    lua_call(L, 1, 0);
+    return 0;
+}
+
+/* 1 when result says more results will follow for its token ("more": true). */
+static int result_has_more(struct json_object *result)
+{
+    struct json_object *more;
+    return json_object_is_type(result, json_type_object) &&
+           json_object_object_get_ex(result, "more", &more) &&
+           json_object_is_type(more, json_type_boolean) && json_object_get_boolean(more);
+}
+
+/* See hlua_int.h, "Completions". Nothing here allocates before the protected call: an
+ * unknown token costs a lookup, and clearing an existing key does not allocate. */
+static int hlua_on_complete(hub_script *s, uint64_t token, struct json_object *result)
+{
+    lua_State *L = s->L;
+
+    lua_pushcfunction(L, traceback_cb);                    /* [tb] */
+    lua_pushcfunction(L, complete_tramp);                  /* [tb, tramp] */
+    lua_rawgeti(L, LUA_REGISTRYINDEX, s->completions_ref); /* [tb, tramp, done] */
+    if (lua_rawgeti(L, -1, (lua_Integer)token) != LUA_TFUNCTION) {
+        lua_pop(L, 4); /* [] */
+        hub_log(HUB_LOG_DEBUG, "lua: result for unknown token %llu", (unsigned long long)token);
+        return -ENOENT;
+    }
+    lua_insert(L, -2); /* [tb, tramp, fn, done] */
+    if (!result_has_more(result)) {
+        lua_pushnil(L);                         /* [tb, tramp, fn, done, nil] */
+        lua_rawseti(L, -2, (lua_Integer)token); /* [tb, tramp, fn, done] */
+    }
+    lua_pop(L, 1); /* [tb, tramp, fn] */
+    s->arg_result = result;
+    hlua_pcall(s, 1, "report");
+    s->arg_result = NULL;
+    return 0;
+}
+
 /* The hub changed a tag behind this state's back: keep conn.tag current. */
 static void hlua_on_tag(hub_script *s, uint64_t id, const char *tag, size_t len)
 {
@@ -452,6 +499,8 @@ static int init_state(lua_State *L)
     open_sandbox(L);
     lua_newtable(L); /* [conf, conns] */
     s->conns_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    lua_newtable(L); /* [conf, completions] */
+    s->completions_ref = luaL_ref(L, LUA_REGISTRYINDEX);
     hlua__open_evapi(L, conf->worker);
     hlua__open_json(L);
 
@@ -531,7 +580,7 @@ static hub_script *hlua_load(const hub_script_conf *conf, const hub_api *api, vo
     s->max_memory = conf->max_memory;
     for (int ev = 0; ev <= HLUA_EV_COUNT; ev++)
         s->handler[ev] = LUA_NOREF;
-    s->conns_ref = s->dispatch_ref = s->reset_ref = LUA_NOREF;
+    s->conns_ref = s->dispatch_ref = s->reset_ref = s->completions_ref = LUA_NOREF;
 
     s->L = lua_newstate(counting_alloc, s);
     if (s->L == NULL) {
@@ -589,6 +638,20 @@ static int copy_conns(lua_State *L)
     return 0;
 }
 
+/* Entries of the registry table ref (no allocation; a bounded walk of the table). */
+static size_t count_entries(lua_State *L, int ref)
+{
+    size_t n = 0;
+    lua_rawgeti(L, LUA_REGISTRYINDEX, ref); /* [t] */
+    lua_pushnil(L);                         /* [t, nil] */
+    while (lua_next(L, -2)) {               /* [t, k, v] */
+        lua_pop(L, 1);                      /* [t, k] */
+        n++;
+    }
+    lua_pop(L, 1); /* [] */
+    return n;
+}
+
 static int hlua_adopt(hub_script *s, hub_script *old, char *err, size_t errlen)
 {
     int otop = lua_gettop(old->L);
@@ -601,6 +664,12 @@ static int hlua_adopt(hub_script *s, hub_script *old, char *err, size_t errlen)
                  rc == LUA_ERRMEM ? "not enough memory" : lua_tostring(s->L, -1));
         return -1;
     }
+    /* Report functions are closures of the old state: they cannot move. Their results will
+     * reach the new state, which does not know the tokens (-ENOENT): the hub counts them. */
+    size_t pending = count_entries(old->L, old->completions_ref);
+    if (pending > 0)
+        hub_log(HUB_LOG_NOTICE,
+                "lua: reload: %zu report function(s) of the old script will not run", pending);
     return 0;
 }
 
@@ -628,4 +697,5 @@ const hub_script_ops hlua_script_ops = {
     .on_close = hlua_on_close,
     .idle = hlua_idle,
     .on_tag = hlua_on_tag,
+    .on_complete = hlua_on_complete,
 };

@@ -17,10 +17,12 @@
 /* The address is json.null. */
 static const char json_null = 0;
 
-/* Owns json-c objects while Lua code that may raise (out of memory) runs; __gc frees them. */
+/* Owns json-c objects while Lua code that may raise (out of memory) runs; __gc frees them.
+ * who names the Lua function in encoding errors ("json.encode", "evapi.raise"). */
 typedef struct jbox {
     json_object *obj;
     json_tokener *tok;
+    const char *who;
 } jbox;
 
 static void box_release(jbox *b)
@@ -43,6 +45,7 @@ static jbox *push_box(lua_State *L)
     jbox *b = lua_newuserdatauv(L, sizeof(*b), 0);
     b->obj = NULL;
     b->tok = NULL;
+    b->who = "json.encode";
     luaL_setmetatable(L, HLUA_JSON_BOX);
     return b;
 }
@@ -99,13 +102,13 @@ static void encode_table(lua_State *L, jbox *b, int idx, int depth, json_object 
                          const char *key)
 {
     if (depth >= HLUA_JSON_MAX_DEPTH)
-        luaL_error(L, "json.encode: nesting deeper than %d (a cycle?)", HLUA_JSON_MAX_DEPTH);
-    luaL_checkstack(L, 4, "json.encode");
+        luaL_error(L, "%s: nesting deeper than %d (a cycle?)", b->who, HLUA_JSON_MAX_DEPTH);
+    luaL_checkstack(L, 4, b->who);
     lua_Integer n = array_length(L, idx);
     if (n > 0) {
         json_object *arr = json_object_new_array_ext((int)(n < 1024 ? n : 1024));
         if (arr == NULL)
-            luaL_error(L, "json.encode: out of memory");
+            luaL_error(L, "%s: out of memory", b->who);
         attach(b, parent, key, arr);
         for (lua_Integer i = 1; i <= n; i++) {
             lua_rawgeti(L, idx, i); /* [.., v] */
@@ -116,7 +119,7 @@ static void encode_table(lua_State *L, jbox *b, int idx, int depth, json_object 
     }
     json_object *obj = json_object_new_object();
     if (obj == NULL)
-        luaL_error(L, "json.encode: out of memory");
+        luaL_error(L, "%s: out of memory", b->who);
     attach(b, parent, key, obj);
     lua_pushnil(L);            /* [.., nil] */
     while (lua_next(L, idx)) { /* [.., k, v] */
@@ -127,7 +130,7 @@ static void encode_table(lua_State *L, jbox *b, int idx, int depth, json_object 
             size_t klen;
             k = lua_tolstring(L, -2, &klen);
             if (strlen(k) != klen)
-                luaL_error(L, "json.encode: an object key contains a NUL byte");
+                luaL_error(L, "%s: an object key contains a NUL byte", b->who);
             break;
         }
         case LUA_TNUMBER: /* formatted by hand: lua_tostring would change the key for lua_next */
@@ -138,13 +141,13 @@ static void encode_table(lua_State *L, jbox *b, int idx, int depth, json_object 
             k = num;
             break;
         default:
-            luaL_error(L, "json.encode: table key must be a string or a number, not a %s",
+            luaL_error(L, "%s: table key must be a string or a number, not a %s", b->who,
                        luaL_typename(L, -2));
             return;
         }
         /* 1 and "1" would both become "1": refuse rather than drop one silently. */
         if (json_object_object_get_ex(obj, k, NULL))
-            luaL_error(L, "json.encode: duplicate object key \"%s\"", k);
+            luaL_error(L, "%s: duplicate object key \"%s\"", b->who, k);
         encode_value(L, b, lua_gettop(L), depth + 1, obj, k);
         lua_pop(L, 1); /* [.., k] */
     }
@@ -167,7 +170,7 @@ static void encode_value(lua_State *L, jbox *b, int idx, int depth, json_object 
             double d = lua_tonumber(L, idx);
             char buf[64];
             if (!isfinite(d))
-                luaL_error(L, "json.encode: cannot encode NaN or infinity");
+                luaL_error(L, "%s: cannot encode NaN or infinity", b->who);
             format_double(d, buf, sizeof(buf));
             o = json_object_new_double_s(d, buf);
         }
@@ -176,7 +179,7 @@ static void encode_value(lua_State *L, jbox *b, int idx, int depth, json_object 
         size_t len;
         const char *s = lua_tolstring(L, idx, &len);
         if (len > INT32_MAX)
-            luaL_error(L, "json.encode: string too long");
+            luaL_error(L, "%s: string too long", b->who);
         o = json_object_new_string_len(s, (int)len);
         break;
     }
@@ -188,11 +191,11 @@ static void encode_value(lua_State *L, jbox *b, int idx, int depth, json_object 
             break;
         /* fall through */
     default:
-        luaL_error(L, "json.encode: cannot encode a %s", luaL_typename(L, idx));
+        luaL_error(L, "%s: cannot encode a %s", b->who, luaL_typename(L, idx));
         return;
     }
     if (o == NULL && lua_type(L, idx) != LUA_TNIL && lua_type(L, idx) != LUA_TLIGHTUSERDATA)
-        luaL_error(L, "json.encode: out of memory");
+        luaL_error(L, "%s: out of memory", b->who);
     attach(b, parent, key, o);
 }
 
@@ -206,19 +209,39 @@ static int json_encode(lua_State *L)
     const char *out = json_object_to_json_string_length(
         b->obj, JSON_C_TO_STRING_PLAIN | JSON_C_TO_STRING_NOSLASHESCAPE, &len);
     if (out == NULL)
-        return luaL_error(L, "json.encode: out of memory");
+        return luaL_error(L, "%s: out of memory", b->who);
     lua_pushlstring(L, out, len); /* [v, box, json] */
     box_release(b);
     return 1;
 }
 
+void hlua__json_push_box(lua_State *L, int idx, const char *who)
+{
+    idx = lua_absindex(L, idx);
+    jbox *b = push_box(L); /* [.., box] */
+    b->who = who;
+    encode_value(L, b, idx, 0, NULL, NULL);
+}
+
+struct json_object *hlua__json_take(lua_State *L, int idx)
+{
+    jbox *b = lua_touserdata(L, idx);
+    json_object *o = b->obj;
+    b->obj = NULL; /* the reference is the caller's now */
+    return o;
+}
+
 /* ---- decode ---- */
 
 /* Push o as a Lua value. NULL, or a reason (with nothing pushed) for a number that has no
- * exact Lua value: json-c clamps integers out of range and accepts inf/nan as doubles. */
-static const char *push_json(lua_State *L, json_object *o)
+ * exact Lua value (json-c clamps integers out of range and accepts inf/nan as doubles) or
+ * nesting past the limit (the tokener stops it in text, but o may be built in C). */
+static const char *push_json(lua_State *L, json_object *o, int depth)
 {
     const char *err = NULL;
+    if (depth >= HLUA_JSON_MAX_DEPTH &&
+        (json_object_is_type(o, json_type_array) || json_object_is_type(o, json_type_object)))
+        return "json.decode: nesting too deep";
     luaL_checkstack(L, 3, "json.decode");
     switch (json_object_get_type(o)) {
     case json_type_null:
@@ -252,7 +275,7 @@ static const char *push_json(lua_State *L, json_object *o)
         size_t n = json_object_array_length(o);
         lua_createtable(L, n > INT32_MAX ? INT32_MAX : (int)n, 0); /* [.., arr] */
         for (size_t i = 0; i < n && !err; i++) {
-            err = push_json(L, json_object_array_get_idx(o, i)); /* [.., arr, v] */
+            err = push_json(L, json_object_array_get_idx(o, i), depth + 1); /* [.., arr, v] */
             if (!err)
                 lua_rawseti(L, -2, (lua_Integer)i + 1); /* [.., arr] */
         }
@@ -264,8 +287,8 @@ static const char *push_json(lua_State *L, json_object *o)
         struct json_object_iterator it = json_object_iter_begin(o);
         struct json_object_iterator end = json_object_iter_end(o);
         while (!err && !json_object_iter_equal(&it, &end)) {
-            lua_pushstring(L, json_object_iter_peek_name(&it));   /* [.., obj, k] */
-            err = push_json(L, json_object_iter_peek_value(&it)); /* [.., obj, k, v] */
+            lua_pushstring(L, json_object_iter_peek_name(&it));              /* [.., obj, k] */
+            err = push_json(L, json_object_iter_peek_value(&it), depth + 1); /* [.., obj, k, v] */
             if (err)
                 lua_pop(L, 1); /* [.., obj] */
             else
@@ -279,6 +302,8 @@ static const char *push_json(lua_State *L, json_object *o)
         lua_pop(L, 1); /* the unfinished container */
     return err;
 }
+
+const char *hlua__json_push(lua_State *L, struct json_object *o) { return push_json(L, o, 0); }
 
 /* json.decode's failure: the box's objects freed, nil and the message on top of the stack. */
 static int decode_fail(lua_State *L, jbox *b)
@@ -319,7 +344,7 @@ static int json_decode(lua_State *L)
             return decode_fail(L, b);
         }
     }
-    const char *err = push_json(L, b->obj); /* [s, box, v] */
+    const char *err = push_json(L, b->obj, 0); /* [s, box, v] */
     if (err) {
         lua_pushstring(L, err);
         return decode_fail(L, b);
