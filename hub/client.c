@@ -446,6 +446,7 @@ void hub__client_accepted(hub *h, int fd, const struct sockaddr *sa)
     atomic_fetch_add(&h->nclients, 1);
     HUB_STAT_ADD(h, accepted, 1);
     CLOG(HUB_LOG_INFO, c, "connected (conidx=%d)", c->info.conidx);
+    hub__raise_conn_event(h, "E_EVAPI_CONNECTION_NEW", &c->info, NULL, NULL);
     hub__event_connect(h, c);
     return;
 fail:
@@ -529,6 +530,7 @@ void hub__client_close(hub_client *c, const char *code, const char *reason)
 {
     if (c->flags & HUB_CLIENT_CLOSING)
         return;
+    snprintf(c->close_reason, sizeof(c->close_reason), "%s", reason);
     if (code) {
         CLOG(HUB_LOG_WARN, c, "%s error: %s, closing", code, reason);
         queue_error_frame(c, code, reason);
@@ -542,6 +544,7 @@ void hub__client_abort(hub_client *c, const char *reason)
 {
     if (c->flags & HUB_CLIENT_CLOSING)
         return;
+    snprintf(c->close_reason, sizeof(c->close_reason), "%s", reason);
     CLOG(HUB_LOG_WARN, c, "%s, closing", reason);
     /* Drop the queue but finish a frame already begun: the peer never sees half a frame. */
     uint32_t keep = c->wq_off ? 1 : 0;
@@ -607,6 +610,9 @@ void hub__reap_closing(hub *h)
         if ((c->flags & HUB_CLIENT_CONNECTED) && !(c->flags & HUB_CLIENT_CLOSE_EVENT)) {
             c->flags |= HUB_CLIENT_CLOSE_EVENT;
             HUB_STAT_ADD(h, closed, 1);
+            hub__raise_conn_event(h, "E_EVAPI_CONNECTION_CLOSED", &c->info,
+                                  c->tag ? c->tag->name : NULL,
+                                  c->close_reason[0] ? c->close_reason : "closed");
             hub__event_close(h, c);
         }
         if (c->flags & HUB_CLIENT_REAP)

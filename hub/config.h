@@ -1,4 +1,5 @@
-/* evhub configuration: an INI file parsed with libinih, every key with a default. */
+/* evhub configuration: an INI file read line by line, each section a table of rows that carry
+ * their own defaults; the core's sections and those of the modules share one engine. */
 #ifndef HUB_CONFIG_H
 #define HUB_CONFIG_H
 
@@ -10,6 +11,11 @@
 #define HUB_UNICAST_RROBIN 1 /* rotate over the connections with the tag */
 
 #define HUB_PATH_MAX 1024
+/* The longest line of a config file, in bytes, its line ending excluded. A longer line is an
+ * error naming it ("file:line: line is too long (max 4096 bytes)"), never cut. */
+#define HUB_CONF_LINE_MAX 4096
+/* The longest INSTANCE in [name:INSTANCE], in bytes (letters, digits, '_' and '-'). */
+#define HUB_CONF_INSTANCE_MAX 63
 
 struct hub_config;
 
@@ -26,23 +32,35 @@ typedef enum hub_conf_kind {
     HUB_CONF_IDENT,    /* char[size]: a Lua identifier, or empty */
     HUB_CONF_PATH,     /* char[size]: relative paths resolved against the file's directory */
     HUB_CONF_LEVEL,    /* int: a hub_log_level_parse() name */
-    HUB_CONF_STRING,   /* char[size]: any text that fits */
-    HUB_CONF_LIST,     /* hub_conf_list: the key may repeat; each value is kept, in order */
+    HUB_CONF_STRING,   /* char[size]: any text that fits (a longer one is an error) */
+    HUB_CONF_LIST,     /* hub_conf_list: the key may repeat; each value is kept, in order.
+                        * No default (def must be NULL); module sections only. */
 } hub_conf_kind;
 
 /* One key of a section: where it is stored in the section's struct, how it is parsed, and
- * its default written as it would be in the file (NULL: zero / empty). */
+ * its default written as it would be in the file (NULL: zero / empty), parsed by the same
+ * code as the file. A key given twice keeps the last value, except a LIST, which appends. */
 typedef struct hub_conf_row {
     const char *name; /* NULL ends a table */
     hub_conf_kind kind;
     size_t off;  /* offsetof(struct, field) */
-    size_t size; /* sizeof the field, for strings */
+    size_t size; /* sizeof the field (checked against the kind when a file is loaded) */
     long long min, max;
     const char *const *choices; /* ENUM: NULL-terminated, index = stored value */
     const char *def;
 } hub_conf_row;
 
-/* A repeated key's values, each with the line it came from (for file:line errors). */
+/* A row of a table for struct type: HUB_CONF_ROW(kafka_conf, "brokers", HUB_CONF_STRING,
+ * brokers, 0, 0, NULL, "localhost:9092"). */
+#define HUB_CONF_ROW(type, key, kind_, field, lo, hi, choices_, def_)                              \
+    {                                                                                              \
+        .name = (key), .kind = (kind_), .off = offsetof(type, field),                              \
+        .size = sizeof(((type *)0)->field), .min = (lo), .max = (hi), .choices = (choices_),       \
+        .def = (def_)                                                                              \
+    }
+
+/* A repeated key's values, each with the line it came from (for file:line errors). value is
+ * owned by the config (hub_strndup'd; freed by hub_config_free). */
 typedef struct hub_conf_item {
     char *value;
     int line;
@@ -53,21 +71,24 @@ typedef struct hub_conf_list {
 } hub_conf_list;
 
 /* A section a module owns: [name], and with named set also [name:INSTANCE] (each its own
- * instance, built from the rows' defaults). */
+ * instance, built from the rows' defaults). name holds no ':', ']' or blank. */
 typedef struct hub_conf_section {
-    const char *name;
+    const char *name; /* NULL ends a table */
     int named;
     size_t size; /* bytes of one instance's struct */
     const hub_conf_row *rows;
 } hub_conf_section;
 
-/* One instance of a module's section as read from the file. */
+/* One instance of a module's section as read from the file. Owned by the hub_config whose
+ * modules list holds it (hub_config_free). */
 typedef struct hub_conf_instance {
     struct hub_conf_instance *next;
     const hub_conf_section *section;
-    char name[64]; /* "" for [name], INSTANCE for [name:INSTANCE] */
-    const char *file;
-    int line;   /* of the section header, 0 if built from defaults only */
+    char name[HUB_CONF_INSTANCE_MAX + 1]; /* "" for [name], INSTANCE for [name:INSTANCE] */
+    /* The file read, for "file:line: reason" errors: the instance's own copy, because the
+     * hub_config is copied by value into the hub and the loader's copy may be gone. */
+    char *file;
+    int line;   /* of the section's first header */
     void *data; /* section->size bytes, the row types at their offsets */
 } hub_conf_instance;
 
@@ -102,17 +123,29 @@ typedef struct hub_config {
     /* [log] */
     int log_level;  /* HUB_LOG_*; default info */
     int log_syslog; /* default 0 */
-    /* modules' sections, in file order (owned: hub_config_free) */
+    /* Modules' sections, in file order. Owned: hub_config_free. Copying the struct (as
+     * hub_new does) moves this ownership with it; free exactly one of the copies. */
     hub_conf_instance *modules;
-    char file[HUB_PATH_MAX]; /* the file read, for "file:line" in modules' errors */
+    char file[HUB_PATH_MAX]; /* the file last loaded ("" if none), for "file:line" errors */
 } hub_config;
 
+/* Zero c and apply the core rows' defaults. It does not free: call hub_config_free first on
+ * a config that holds module instances. */
 void hub_config_defaults(hub_config *c);
-/* Parse path over the current values. Returns 0, or -EINVAL / -ENOENT with err set to
- * "file:line: reason" (line 0 when the file cannot be read). */
+/* Parse path over the current values of the core's sections; the module instances become
+ * this file's (the previous ones are freed). Returns 0, or -EINVAL / -ENOENT / -ENOMEM with
+ * err set to "file:line: reason" (line 0 when the file cannot be read); c is then unchanged.
+ * The sections are the core's and those of hub_modules. */
 int hub_config_load(hub_config *c, const char *path, char *err, size_t errlen);
-/* Set one key as if read from the file (used for command-line overrides).
- * Returns 0 or -EINVAL with err set to the reason. */
+/* As hub_config_load, with sections (a NULL-terminated array of tables, each ending with a
+ * NULL name) instead of the modules' (for tests). */
+int hub_config_load_sections(hub_config *c, const char *path,
+                             const hub_conf_section *const *sections, char *err, size_t errlen);
+/* Free the module instances and their lists; the core's values stay. NULL-safe, and safe to
+ * call twice. */
+void hub_config_free(hub_config *c);
+/* Set one key of a core section as if read from the file (used for command-line overrides).
+ * Returns 0 or -EINVAL with err set to the reason; c is then unchanged. */
 int hub_config_set(hub_config *c, const char *section, const char *key, const char *value,
                    char *err, size_t errlen);
 /* Split "host:port" / "[v6]:port" into host and port. Returns 0 or -EINVAL. */

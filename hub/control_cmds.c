@@ -416,6 +416,8 @@ static json_object *prometheus_text(const hub_stat *st, size_t n)
             if (s->worker >= 0)
                 sprintbuf(pb, "%s{worker=\"%d\"} %llu\n", name, st[k].worker,
                           (unsigned long long)st[k].value);
+            else if (st[k].label[0])
+                sprintbuf(pb, "%s{%s} %llu\n", name, st[k].label, (unsigned long long)st[k].value);
             else
                 sprintbuf(pb, "%s %llu\n", name, (unsigned long long)st[k].value);
         }
@@ -423,6 +425,25 @@ static json_object *prometheus_text(const hub_stat *st, size_t n)
     json_object *r = json_object_new_string_len(pb->buf, pb->bpos);
     printbuf_free(pb);
     return r;
+}
+
+/* A labelled sample (a module's, per socket say) goes in an object under its name, keyed by
+ * the label's value: "events_delivered": {"tcp:127.0.0.1:8080": 3}. */
+static void add_labelled(json_object *r, const hub_stat *s)
+{
+    json_object *o;
+    if (!json_object_object_get_ex(r, s->name, &o) || !json_object_is_type(o, json_type_object)) {
+        o = json_object_new_object();
+        json_object_object_add(r, s->name, o);
+    }
+    const char *v = strstr(s->label, "=\"");
+    size_t vl = v ? strlen(v + 2) : 0;
+    char key[sizeof(s->label)];
+    if (v && vl && v[1 + vl] == '"') {
+        snprintf(key, sizeof(key), "%.*s", (int)(vl - 1), v + 2);
+        json_object_object_add(o, key, u64(s->value));
+    } else
+        json_object_object_add(o, s->label, u64(s->value));
 }
 
 /* The counters as one object, with the per-worker ones in "workers". */
@@ -435,7 +456,9 @@ static json_object *stats_json(const hub_stat *st, size_t n, int nworkers)
         json_object_array_add(ws, o);
     }
     for (size_t i = 0; i < n; i++) {
-        if (st[i].worker < 0)
+        if (st[i].worker < 0 && st[i].label[0])
+            add_labelled(r, &st[i]);
+        else if (st[i].worker < 0)
             json_object_object_add(r, st[i].name, u64(st[i].value));
         else if (st[i].worker < nworkers)
             json_object_object_add(json_object_array_get_idx(ws, (size_t)st[i].worker), st[i].name,

@@ -86,6 +86,11 @@ void hub_complete(hub *h, uint64_t token, struct json_object *result);
 
 /* ---- the event interface seam: one module (events) is the sink ---- */
 
+#define HUB_EVENT_MAX 64 /* bytes in an event name */
+
+/* 1 when name is 1..HUB_EVENT_MAX letters, digits, '_', '.' or '-'. Any thread. */
+int hub_event_name_valid(const char *name);
+
 typedef struct hub_event_sink {
     /* Loop thread. Raise event (params' reference passes; may be NULL); token (0: none)
      * gets one completion per subscriber. 0, or <0 with err set. */

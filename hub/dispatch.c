@@ -163,7 +163,34 @@ static void api_count(void *ud, int what)
         HUB_STAT_ADD(h, script[what], 1);
 }
 
+static uint64_t api_token(void *ud) { return hub__token_new(ud, -1); }
+
+static int api_raise(void *ud, const char *event, struct json_object *params, uint64_t token,
+                     char *err, size_t errlen)
+{
+    int rc = hub_raise(ud, event, params, token, err, errlen);
+    return rc < 0 ? rc : 1;
+}
+
+static int api_subscribe(void *ud, const char *event, const char *socket, long expire_s, char *err,
+                         size_t errlen)
+{
+    int rc = hub__event_subscribe(ud, event, socket, expire_s < 0 ? 0 : expire_s, err, errlen);
+    return rc < 0 ? rc : 1;
+}
+
+static int api_unsubscribe(void *ud, const char *event, const char *socket, char *err,
+                           size_t errlen)
+{
+    int rc = hub__event_unsubscribe(ud, event, socket, err, errlen);
+    return rc < 0 ? rc : 1;
+}
+
 const hub_api hub__loop_api = {
+    .token = api_token,
+    .raise = api_raise,
+    .subscribe = api_subscribe,
+    .unsubscribe = api_unsubscribe,
     .relay = api_relay,
     .multicast = api_multicast,
     .unicast = api_unicast,

@@ -77,6 +77,7 @@ struct hub_client {
     hub_client *close_next;          /* in the reaper's list */
     ev_tstamp drain_deadline;        /* when DRAINING gives up */
     hub_conn_info info;
+    char close_reason[96]; /* why it is closing, for E_EVAPI_CONNECTION_CLOSED */
     uint64_t frames_in, frames_out, bytes_in, bytes_out;
 };
 
@@ -149,7 +150,19 @@ struct hub {
     int workers_done;
 
     int stopping;
+    int workers_stopped; /* their STOP is posted: completions can no longer reach them */
     hub_stats stats;
+    pthread_t loop_thread;
+
+    /* modules (module.c): hub_modules[i]'s state is mod_state[i] */
+    void **mod_state;
+    size_t nmods;      /* states made (a failed init's included: free sees it) */
+    size_t mods_ready; /* modules whose init succeeded: they start, drain, stop, count */
+    int mods_stopped;
+    const hub_event_sink *sink;
+    void *sink_ud;
+    atomic_uint_fast64_t next_token;
+    atomic_uint_fast64_t completions_undelivered;
 
     /* control socket and what it reports (control.c, control_cmds.c) */
     hub_ctl *ctl;
@@ -241,7 +254,8 @@ enum {
     HUB_EV_RELOAD, /* load the new script beside the running one, and say how it went */
     HUB_EV_COMMIT, /* switch to it */
     HUB_EV_ABORT,  /* drop it */
-    HUB_EV_STOP
+    HUB_EV_STOP,
+    HUB_EV_COMPLETE /* a completion for the worker's state: id is the token */
 };
 
 /* script events from the loop: inline when workers == 0, else queued to the worker */
@@ -302,6 +316,32 @@ void hub__reload_checked(hub *h, const char *why);
 void hub__post_checked(hub *h, const char *why);
 /* A worker finished its part of a reload; why is NULL on success. */
 void hub__reload_answered(hub *h, int worker, const char *why);
+
+/* modules (module.c) */
+int hub__modules_init(hub *h, char *err, size_t errlen);
+int hub__modules_start(hub *h, char *err, size_t errlen);
+/* Shutdown: how many deliveries the modules still have in flight (each is asked to drain). */
+size_t hub__modules_in_flight(hub *h);
+/* Stop every module once (they fail what is left), in reverse order. */
+void hub__modules_stop(hub *h);
+void hub__modules_free(hub *h);
+size_t hub__modules_stats(hub *h, hub_stat *out, size_t cap);
+/* A completion token for the state of worker (-1: the loop's). */
+uint64_t hub__token_new(hub *h, int worker);
+/* Count (and log at debug) a completion that found no state to run in. Any thread. */
+void hub__complete_undelivered(hub *h, uint64_t token, const char *why);
+/* Queue a completion to worker w's state; result is owned by the queue from here. */
+void hub__worker_queue_complete(hub *h, int w, uint64_t token, struct json_object *result);
+/* The sink's calls, -ENOSYS with err set when no events module is built in. */
+int hub__event_check(hub *h, const char *event, const char *socket, char *err, size_t errlen);
+int hub__event_subscribe(hub *h, const char *event, const char *socket, long expire_s, char *err,
+                         size_t errlen);
+int hub__event_unsubscribe(hub *h, const char *event, const char *socket, char *err, size_t errlen);
+/* A failed delivery's report, {event, socket, status = -1, error} (NULL on OOM). */
+struct json_object *hub__event_report(const char *event, const char *socket, const char *error);
+/* E_EVAPI_CONNECTION_NEW / _CLOSED about ci, only when the event has a subscriber. */
+void hub__raise_conn_event(hub *h, const char *event, const hub_conn_info *ci, const char *tag,
+                           const char *reason);
 
 /* statistics (stats.c): the counters and gauges as a list (see hub_api.stats); any thread.
  * Returns how many there are, which may be more than cap. */

@@ -160,6 +160,14 @@ fail:
     return NULL;
 }
 
+/* Modules fail what they still hold (reports reach the scripts), then the workers stop. */
+static void stop_modules(hub *h)
+{
+    hub__modules_stop(h);
+    if (h->nworkers && !h->workers_stopped)
+        hub__workers_stop(h);
+}
+
 static void prepare_cb(struct ev_loop *loop, ev_prepare *w, int revents)
 {
     hub *h = w->data;
@@ -172,9 +180,13 @@ static void prepare_cb(struct ev_loop *loop, ev_prepare *w, int revents)
     /* Whatever is left (the round bound was hit) must not wait for the next event. */
     if ((h->closing || h->pending) && !ev_is_active(&h->idle_w))
         ev_idle_start(loop, &h->idle_w);
+    /* Shutdown, first step: modules deliver what they have in flight (the scripts still run
+     * its reports); then they fail what is left and the workers stop behind it. */
+    if (h->stopping && !h->mods_stopped && hub__modules_in_flight(h) == 0)
+        stop_modules(h);
     if (h->nworkers)
         hub__workers_flush(h);
-    if (h->stopping && h->workers_done >= h->nworkers && !h->pending) {
+    if (h->stopping && h->mods_stopped && h->workers_done >= h->nworkers && !h->pending) {
         int busy = 0;
         for (hub_client *c = h->clients; c && !busy; c = c->next)
             busy = c->wq_count != 0;
@@ -193,8 +205,13 @@ static void shutdown_timeout_cb(struct ev_loop *loop, ev_timer *w, int revents)
 {
     hub *h = w->data;
     (void)revents;
-    hub_log(HUB_LOG_WARN, "shutdown: %d ms passed with output still queued; closing anyway",
-            h->cfg.shutdown_timeout);
+    if (!h->mods_stopped)
+        hub_log(HUB_LOG_WARN, "shutdown: %d ms passed with %zu deliveries in flight; failing them",
+                h->cfg.shutdown_timeout, hub__modules_in_flight(h));
+    else
+        hub_log(HUB_LOG_WARN, "shutdown: %d ms passed with output still queued; closing anyway",
+                h->cfg.shutdown_timeout);
+    stop_modules(h);
     ev_break(loop, EVBREAK_ALL);
 }
 
@@ -213,8 +230,6 @@ static void start_shutdown(hub *h, const char *why)
         ev_io_stop(h->loop, &c->rio);
         c->flags &= ~HUB_CLIENT_READING;
     }
-    if (h->nworkers)
-        hub__workers_stop(h);
     ev_timer_init(&h->shutdown_w, shutdown_timeout_cb, h->cfg.shutdown_timeout / 1000.0, 0);
     h->shutdown_w.data = h;
     ev_timer_start(h->loop, &h->shutdown_w);
@@ -444,6 +459,8 @@ hub *hub_new(const hub_config *cfg, const hub_script_ops *ops, char *err, size_t
     h->cfg = *cfg;
     h->ops = ops;
     h->lfd = h->spare_fd = -1;
+    h->loop_thread = pthread_self();
+    atomic_init(&h->next_token, 1);
     h->next_id = 1;
     h->started = h->script_loaded = hub__wall_now();
     pthread_rwlock_init(&h->tags_lock, NULL);
@@ -463,15 +480,17 @@ hub *hub_new(const hub_config *cfg, const hub_script_ops *ops, char *err, size_t
         goto fail;
     }
     /* The control socket exists before anything is logged as listening, and before the
-     * worker threads (its mode is set through the process-wide umask). */
-    if (cfg->control_socket[0] || cfg->control_tcp[0]) {
-        h->ctl = hub_ctl_new(h->loop, cfg->control_socket, cfg->control_tcp, err, errlen);
-        if (!h->ctl || hub__ctl_register_core(h) < 0) {
-            if (h->ctl)
-                snprintf(err, errlen, "out of memory registering control commands");
-            goto fail;
-        }
+     * worker threads (its mode is set through the process-wide umask). Its registry exists
+     * even with no socket configured, so modules register commands either way. */
+    h->ctl = hub_ctl_new(h->loop, cfg->control_socket, cfg->control_tcp, err, errlen);
+    if (!h->ctl || hub__ctl_register_core(h) < 0) {
+        if (h->ctl)
+            snprintf(err, errlen, "out of memory registering control commands");
+        goto fail;
     }
+    /* Modules before any script loads: a script's top level may subscribe or raise. */
+    if (hub__modules_init(h, err, errlen) < 0)
+        goto fail;
     if (cfg->workers > 0) {
         if (hub__workers_start(h, err, errlen) < 0)
             goto fail;
@@ -515,6 +534,11 @@ static void finish_shutdown(hub *h)
 
 int hub_run(hub *h)
 {
+    char err[1024];
+    if (hub__modules_start(h, err, sizeof(err)) < 0) {
+        hub_log(HUB_LOG_CRIT, "%s", err);
+        return 1;
+    }
     ev_io_start(h->loop, &h->accept_w);
     ev_run(h->loop, 0);
     finish_shutdown(h);
@@ -526,8 +550,9 @@ void hub_destroy(hub *h)
     if (!h)
         return;
     atomic_store(&h->reload_cancel, 1);
+    hub__modules_stop(h); /* (if the loop did not) their threads end here */
     if (h->workers) {
-        if (!h->stopping)
+        if (!h->workers_stopped)
             hub__workers_stop(h);
         hub__workers_join(h);
     }
@@ -542,6 +567,8 @@ void hub_destroy(hub *h)
     calls_stop(&h->reload_next, &h->nreload_next);
     hub__ctl_jobs_free(h);
     hub_free(h->reload_error);
+    h->sink = NULL;
+    hub__modules_free(h); /* after the mailbox ran their closures, before their commands go */
     hub_ctl_free(h->ctl);
     hub__client_free_all(h);
     hub__tags_free(h);

@@ -68,6 +68,9 @@ size_t hub__stats_collect(hub *h, hub_stat *out, size_t cap)
         HUB_STAT_GET(h, reload_failures));
     put(&c, "control_requests", "requests received on the control socket", 0, -1,
         h->ctl ? hub_ctl_requests(h->ctl) : 0);
+    put(&c, "completions_undelivered",
+        "results of work started by a script that found no state to run in (reloaded, stopped)", 0,
+        -1, atomic_load(&h->completions_undelivered));
     put(&c, "uptime_seconds", "seconds since the hub started", 1, -1,
         up > 0 ? (uint64_t)floor(up) : 0);
     for (int w = 0; w < h->nworkers; w++) {
@@ -82,5 +85,7 @@ size_t hub__stats_collect(hub *h, hub_stat *out, size_t cap)
                 out[totals + i].value += wv.script[i];
         }
     }
+    /* The modules' own, after the hub's: an entry they add never moves the hub's. */
+    c.n += hub__modules_stats(h, c.n < cap ? out + c.n : NULL, c.n < cap ? cap - c.n : 0);
     return c.n;
 }

@@ -7,6 +7,8 @@
 #include <string.h>
 #include <time.h>
 
+#include <json-c/json.h>
+
 #include "hub/alloc.h"
 #include "hub/hub_int.h"
 #include "hub/log.h"
@@ -59,7 +61,7 @@ struct hub_worker {
     size_t npaused, paused_cap;
 
     /* worker side: commands not yet handed to the loop */
-    hub_cmd *cmd_head, *cmd_tail;
+    hub_post *cmd_head, *cmd_tail;
 };
 
 /* ---- worker -> loop commands ---- */
@@ -189,18 +191,20 @@ static void worker_flush_cmds(hub_worker *w)
 {
     if (!w->cmd_head)
         return;
-    hub__post_chain(w->h, &w->cmd_head->node, &w->cmd_tail->node);
+    hub__post_chain(w->h, w->cmd_head, w->cmd_tail);
     w->cmd_head = w->cmd_tail = NULL;
 }
 
-static void cmd_append(hub_worker *w, hub_cmd *c)
+static void post_append(hub_worker *w, hub_post *p)
 {
     if (w->cmd_tail)
-        w->cmd_tail->node.next = &c->node;
+        w->cmd_tail->next = p;
     else
-        w->cmd_head = c;
-    w->cmd_tail = c;
+        w->cmd_head = p;
+    w->cmd_tail = p;
 }
+
+static void cmd_append(hub_worker *w, hub_cmd *c) { post_append(w, &c->node); }
 
 static int worker_cmd(hub_worker *w, void (*type)(hub *, hub_post *), uint64_t id, const char *tag,
                       size_t taglen, const char *data, size_t len)
@@ -311,7 +315,123 @@ static void wapi_count(void *ud, int what)
         bump(&w->counts[what]);
 }
 
+static uint64_t wapi_token(void *ud)
+{
+    hub_worker *w = ud;
+    return hub__token_new(w->h, w->index);
+}
+
+/* A raise handed to the loop, in order with the worker's other commands. */
+typedef struct raise_cmd {
+    hub_post node;
+    uint64_t token;
+    json_object *params;
+    char event[HUB_EVENT_MAX + 1];
+} raise_cmd;
+
+static void run_raise(hub *h, hub_post *p)
+{
+    raise_cmd *rc = (raise_cmd *)(void *)p;
+    char err[256];
+    if (hub_raise(h, rc->event, rc->params, rc->token, err, sizeof(err)) < 0) {
+        hub_log(HUB_LOG_WARN, "raise %s: %s", rc->event, err);
+        /* The script was told "queued": its report function hears of the failure. */
+        if (rc->token)
+            hub_complete(h, rc->token, hub__event_report(rc->event, "", err));
+    }
+    hub_free(rc);
+}
+
+static int wapi_raise(void *ud, const char *event, json_object *params, uint64_t token, char *err,
+                      size_t errlen)
+{
+    hub_worker *w = ud;
+    int rc = 0;
+    raise_cmd *c = NULL;
+    if (!hub_event_name_valid(event)) {
+        snprintf(err, errlen, "bad event name (letters, digits, _ . -, at most %d bytes)",
+                 HUB_EVENT_MAX);
+        rc = -EINVAL;
+    } else if (!w->h->sink) {
+        snprintf(err, errlen, "no event interface is built in");
+        rc = -ENOSYS;
+    } else if (!(c = hub_malloc(sizeof(*c)))) {
+        snprintf(err, errlen, "out of memory");
+        rc = -ENOMEM;
+    }
+    if (rc < 0) {
+        json_object_put(params);
+        return rc;
+    }
+    c->node.next = NULL;
+    c->node.run = run_raise;
+    c->token = token;
+    c->params = params; /* owned by the command from here */
+    snprintf(c->event, sizeof(c->event), "%s", event);
+    post_append(w, &c->node);
+    return 1;
+}
+
+/* A subscribe or unsubscribe handed to the loop (checked already). */
+typedef struct sub_cmd {
+    hub_post node;
+    long expire_s; /* -1: unsubscribe */
+    char event[HUB_EVENT_MAX + 1];
+    char socket[];
+} sub_cmd;
+
+static void run_sub(hub *h, hub_post *p)
+{
+    sub_cmd *c = (sub_cmd *)(void *)p;
+    char err[256];
+    int rc = c->expire_s < 0
+                 ? hub__event_unsubscribe(h, c->event, c->socket, err, sizeof(err))
+                 : hub__event_subscribe(h, c->event, c->socket, c->expire_s, err, sizeof(err));
+    if (rc < 0)
+        hub_log(HUB_LOG_WARN, "%s %s %s: %s", c->expire_s < 0 ? "unsubscribe" : "subscribe",
+                c->event, c->socket, err);
+    hub_free(c);
+}
+
+static int post_sub(hub_worker *w, const char *event, const char *socket, long expire_s, char *err,
+                    size_t errlen)
+{
+    /* Checked here, so a bad URI is an error at the script line that gave it. */
+    int rc = hub__event_check(w->h, event, socket, err, errlen);
+    if (rc < 0)
+        return rc;
+    size_t sl = strlen(socket);
+    sub_cmd *c = hub_malloc(sizeof(*c) + sl + 1);
+    if (!c) {
+        snprintf(err, errlen, "out of memory");
+        return -ENOMEM;
+    }
+    c->node.next = NULL;
+    c->node.run = run_sub;
+    c->expire_s = expire_s;
+    snprintf(c->event, sizeof(c->event), "%s", event);
+    memcpy(c->socket, socket, sl + 1);
+    post_append(w, &c->node);
+    return 1;
+}
+
+static int wapi_subscribe(void *ud, const char *event, const char *socket, long expire_s, char *err,
+                          size_t errlen)
+{
+    return post_sub(ud, event, socket, expire_s < 0 ? 0 : expire_s, err, errlen);
+}
+
+static int wapi_unsubscribe(void *ud, const char *event, const char *socket, char *err,
+                            size_t errlen)
+{
+    return post_sub(ud, event, socket, -1, err, errlen);
+}
+
 static const hub_api worker_api = {
+    .token = wapi_token,
+    .raise = wapi_raise,
+    .subscribe = wapi_subscribe,
+    .unsubscribe = wapi_unsubscribe,
     .relay = wapi_relay,
     .multicast = wapi_multicast,
     .unicast = wapi_unicast,
@@ -432,6 +552,15 @@ static int worker_run(hub_worker *w, hub_item *it)
         return 0; /* a decision nobody waits for (the round ended at shutdown) */
     case HUB_EV_STOP:
         return 1;
+    case HUB_EV_COMPLETE: {
+        json_object *res;
+        memcpy(&res, it->data, sizeof(res));
+        if (!h->ops->on_complete || h->ops->on_complete(w->script, it->id, res) < 0)
+            hub__complete_undelivered(h, it->id, "its state is gone");
+        json_object_put(res);
+        it->len = 0; /* counted as no payload bytes when queued */
+        break;
+    }
     }
     bump(&w->events);
     atomic_fetch_sub(&w->queued_bytes, it->len);
@@ -452,6 +581,18 @@ static void deadline_after(struct timespec *ts, long usec)
         ts->tv_sec++;
         ts->tv_nsec -= 1000000000;
     }
+}
+
+/* Release what an item never run carries (a completion's result, counted as undelivered). */
+static void item_drop(hub *h, hub_item *it)
+{
+    if (it->type != HUB_EV_COMPLETE)
+        return;
+    json_object *res;
+    memcpy(&res, it->data, sizeof(res));
+    hub__complete_undelivered(h, it->id, "its worker stopped first");
+    json_object_put(res);
+    it->type = HUB_EV_STOP; /* released */
 }
 
 static void *worker_main(void *arg)
@@ -488,6 +629,8 @@ static void *worker_main(void *arg)
             list = it->next;
             if (!stop)
                 stop = worker_run(w, it);
+            else
+                item_drop(h, it);
             hub_free(it);
             if (n % CMD_FLUSH_EVERY == 0)
                 worker_flush_cmds(w);
@@ -517,19 +660,21 @@ static hub_item *item_new(int type, uint64_t id, const void *data, size_t len)
     return it;
 }
 
-static void items_free(hub_item *it)
+static void items_free(hub *h, hub_item *it)
 {
     for (size_t bound = 0; it && bound < SIZE_MAX; bound++) {
         hub_item *n = it->next;
+        item_drop(h, it);
         hub_free(it);
         it = n;
     }
 }
 
-static void cmds_free(hub_cmd *c)
+/* Commands a worker never handed over (it never ran): none carries anything to release. */
+static void cmds_free(hub_post *c)
 {
     for (size_t bound = 0; c && bound < SIZE_MAX; bound++) {
-        hub_cmd *n = CMD(c->node.next);
+        hub_post *n = c->next;
         hub_free(c);
         c = n;
     }
@@ -584,6 +729,20 @@ int hub__worker_queue_item(hub *h, int wi, int type, hub_client *c, const char *
     atomic_fetch_add(&w->queued_bytes, it->len);
     outbox_add(w, it);
     return 0;
+}
+
+void hub__worker_queue_complete(hub *h, int wi, uint64_t token, json_object *result)
+{
+    hub_worker *w = &h->workers[wi];
+    hub_item *it = item_new(HUB_EV_COMPLETE, token, &result, sizeof(result));
+    if (!it) {
+        hub__complete_undelivered(h, token, "out of memory");
+        json_object_put(result);
+        return;
+    }
+    it->len = 0; /* no payload bytes toward the queue's byte bound */
+    atomic_fetch_add(&w->queued, 1);
+    outbox_add(w, it);
 }
 
 static void push_outbox(hub_worker *w)
@@ -731,6 +890,7 @@ void hub__workers_decide(hub *h, int commit)
 
 void hub__workers_stop(hub *h)
 {
+    h->workers_stopped = 1;
     for (int i = 0; i < h->nworkers; i++) {
         hub_item *it = item_new(HUB_EV_STOP, 0, NULL, 0);
         if (!it) {
@@ -750,8 +910,8 @@ void hub__workers_join(hub *h)
     }
     for (int i = 0; i < h->nworkers; i++) {
         hub_worker *w = &h->workers[i];
-        items_free(w->head);
-        items_free(w->ob_head);
+        items_free(h, w->head);
+        items_free(h, w->ob_head);
         cmds_free(w->cmd_head);
         h->ops->free(w->script);
         hub_free(w->decision);

@@ -1,0 +1,288 @@
+/* The core side of hub/core.h: the modules' life (init, start, drain, stop, free, counters),
+ * completions routed back to the state that started the work, and the event interface's
+ * seam (one sink, which the events module provides). */
+#include <errno.h>
+#include <json-c/json.h>
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "hub/alloc.h"
+#include "hub/hub_int.h"
+#include "hub/log.h"
+
+struct ev_loop *hub_loop(hub *h) { return h->loop; }
+
+int hub_on_loop(const hub *h) { return pthread_equal(pthread_self(), h->loop_thread); }
+
+int hub_stopping(const hub *h) { return h->stopping; }
+
+hub_ctl *hub_get_ctl(hub *h) { return h->ctl; }
+
+const hub_config *hub_get_config(const hub *h) { return &h->cfg; }
+
+static size_t nmodules(void)
+{
+    size_t n = 0;
+    while (hub_modules[n])
+        n++;
+    return n;
+}
+
+void *hub_module_state(hub *h, const char *name)
+{
+    for (size_t i = 0; i < h->nmods; i++) {
+        if (strcmp(hub_modules[i]->name, name) == 0)
+            return h->mod_state[i];
+    }
+    return NULL;
+}
+
+int hub__modules_init(hub *h, char *err, size_t errlen)
+{
+    size_t n = nmodules();
+    h->mod_state = hub_calloc(n ? n : 1, sizeof(*h->mod_state));
+    if (!h->mod_state) {
+        snprintf(err, errlen, "out of memory");
+        return -ENOMEM;
+    }
+    for (size_t i = 0; i < n; i++) {
+        const hub_module *m = hub_modules[i];
+        h->nmods = i + 1; /* a failed init's half-built state is freed too */
+        if (m->init && m->init(h, &h->mod_state[i], err, errlen) < 0) {
+            hub_log(HUB_LOG_DEBUG, "module %s: init failed", m->name);
+            return -EINVAL;
+        }
+        h->mods_ready = i + 1;
+    }
+    return 0;
+}
+
+int hub__modules_start(hub *h, char *err, size_t errlen)
+{
+    sigset_t all, old;
+    int rc = 0;
+    /* Threads a module starts here inherit a mask with every signal blocked: signals belong
+     * to the loop thread. */
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, &old);
+    for (size_t i = 0; i < h->mods_ready && rc == 0; i++) {
+        const hub_module *m = hub_modules[i];
+        if (m->start && (rc = m->start(h->mod_state[i], err, errlen)) < 0)
+            hub_log(HUB_LOG_DEBUG, "module %s: start failed", m->name);
+    }
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    return rc;
+}
+
+size_t hub__modules_in_flight(hub *h)
+{
+    size_t n = 0;
+    for (size_t i = 0; i < h->mods_ready; i++) {
+        if (hub_modules[i]->drain)
+            n += hub_modules[i]->drain(h->mod_state[i]);
+    }
+    return n;
+}
+
+void hub__modules_stop(hub *h)
+{
+    if (h->mods_stopped)
+        return;
+    h->mods_stopped = 1;
+    /* In reverse order: a module stops before those it was built on. */
+    for (size_t i = h->mods_ready; i-- > 0;) {
+        if (hub_modules[i]->stop)
+            hub_modules[i]->stop(h->mod_state[i]);
+    }
+}
+
+void hub__modules_free(hub *h)
+{
+    if (!h->mod_state)
+        return;
+    for (size_t i = h->nmods; i-- > 0;) {
+        if (hub_modules[i]->free)
+            hub_modules[i]->free(h->mod_state[i]);
+    }
+    hub_free(h->mod_state);
+    h->mod_state = NULL;
+    h->nmods = h->mods_ready = 0;
+}
+
+size_t hub__modules_stats(hub *h, hub_stat *out, size_t cap)
+{
+    size_t n = 0;
+    for (size_t i = 0; i < h->mods_ready; i++) {
+        const hub_module *m = hub_modules[i];
+        if (m->stats)
+            n += m->stats(h->mod_state[i], n < cap ? out + n : NULL, n < cap ? cap - n : 0);
+    }
+    return n;
+}
+
+/* ---- completions ---- */
+
+/* A token holds the executor that started the work in its top 16 bits (0: the loop, w + 1:
+ * worker w) and a hub-wide sequence number below, so a token is never reused and a state
+ * loaded later cannot mistake an older one for its own. */
+#define TOKEN_EXEC_SHIFT 48
+
+uint64_t hub__token_new(hub *h, int worker)
+{
+    uint64_t seq = atomic_fetch_add(&h->next_token, 1) & ((1ull << TOKEN_EXEC_SHIFT) - 1);
+    return ((uint64_t)(worker + 1) << TOKEN_EXEC_SHIFT) | seq;
+}
+
+void hub__complete_undelivered(hub *h, uint64_t token, const char *why)
+{
+    atomic_fetch_add(&h->completions_undelivered, 1);
+    hub_log(HUB_LOG_DEBUG, "completion %llx not delivered: %s", (unsigned long long)token, why);
+}
+
+/* Loop thread: run the completion in the loop's state, or queue it to its worker. */
+static void deliver(hub *h, uint64_t token, json_object *result)
+{
+    int exec = (int)(token >> TOKEN_EXEC_SHIFT) - 1;
+    if (exec < 0) {
+        if (!h->script || !h->ops->on_complete || h->ops->on_complete(h->script, token, result) < 0)
+            hub__complete_undelivered(h, token, "its state is gone");
+        json_object_put(result);
+        return;
+    }
+    if (exec >= h->nworkers || h->workers_stopped) {
+        hub__complete_undelivered(h, token, "its worker has stopped");
+        json_object_put(result);
+        return;
+    }
+    hub__worker_queue_complete(h, exec, token, result); /* result now owned by the item */
+}
+
+typedef struct completion {
+    uint64_t token;
+    json_object *result;
+} completion;
+
+static void run_completion(hub *h, void *arg)
+{
+    completion *c = arg;
+    deliver(h, c->token, c->result);
+    hub_free(c);
+}
+
+void hub_complete(hub *h, uint64_t token, struct json_object *result)
+{
+    if (hub_on_loop(h)) {
+        deliver(h, token, result);
+        return;
+    }
+    completion *c = hub__malloc_retry(sizeof(*c));
+    c->token = token;
+    c->result = result;
+    hub_loop_post_retry(h, run_completion, c);
+}
+
+/* ---- the event interface's seam ---- */
+
+int hub_set_event_sink(hub *h, const hub_event_sink *sink, void *ud)
+{
+    if (h->sink)
+        return -EEXIST;
+    h->sink = sink;
+    h->sink_ud = ud;
+    return 0;
+}
+
+int hub_raise(hub *h, const char *event, struct json_object *params, uint64_t token, char *err,
+              size_t errlen)
+{
+    if (!hub_event_name_valid(event)) {
+        json_object_put(params);
+        snprintf(err, errlen, "bad event name (letters, digits, _ . -, at most %d bytes)",
+                 HUB_EVENT_MAX);
+        return -EINVAL;
+    }
+    if (!h->sink) {
+        json_object_put(params);
+        snprintf(err, errlen, "no event interface is built in");
+        return -ENOSYS;
+    }
+    return h->sink->raise(h->sink_ud, event, params, token, err, errlen);
+}
+
+int hub_event_wanted(hub *h, const char *event)
+{
+    return h->sink && h->sink->wanted(h->sink_ud, event);
+}
+
+int hub__event_check(hub *h, const char *event, const char *socket, char *err, size_t errlen)
+{
+    if (!h->sink) {
+        snprintf(err, errlen, "no event interface is built in");
+        return -ENOSYS;
+    }
+    return h->sink->check(h->sink_ud, event, socket, err, errlen);
+}
+
+int hub__event_subscribe(hub *h, const char *event, const char *socket, long expire_s, char *err,
+                         size_t errlen)
+{
+    if (!h->sink) {
+        snprintf(err, errlen, "no event interface is built in");
+        return -ENOSYS;
+    }
+    return h->sink->subscribe(h->sink_ud, event, socket, expire_s, err, errlen);
+}
+
+int hub__event_unsubscribe(hub *h, const char *event, const char *socket, char *err, size_t errlen)
+{
+    if (!h->sink) {
+        snprintf(err, errlen, "no event interface is built in");
+        return -ENOSYS;
+    }
+    return h->sink->unsubscribe(h->sink_ud, event, socket, err, errlen);
+}
+
+int hub_event_name_valid(const char *name)
+{
+    size_t n = 0;
+    for (; name[n] && n <= HUB_EVENT_MAX; n++) {
+        char ch = name[n];
+        if (!((ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') ||
+              ch == '_' || ch == '.' || ch == '-'))
+            return 0;
+    }
+    return n >= 1 && n <= HUB_EVENT_MAX;
+}
+
+json_object *hub__event_report(const char *event, const char *socket, const char *error)
+{
+    json_object *r = json_object_new_object();
+    if (!r)
+        return NULL;
+    json_object_object_add(r, "event", json_object_new_string(event));
+    json_object_object_add(r, "socket", json_object_new_string(socket));
+    json_object_object_add(r, "status", json_object_new_int(-1));
+    json_object_object_add(r, "error", json_object_new_string(error));
+    return r;
+}
+
+/* A hub event about c (E_EVAPI_CONNECTION_NEW / _CLOSED), raised only when someone listens. */
+void hub__raise_conn_event(hub *h, const char *event, const hub_conn_info *ci, const char *tag,
+                           const char *reason)
+{
+    char err[256];
+    if (!hub_event_wanted(h, event))
+        return;
+    json_object *p = json_object_new_object();
+    if (!p)
+        return;
+    json_object_object_add(p, "id", json_object_new_uint64(ci->id));
+    json_object_object_add(p, "addr", json_object_new_string(ci->addr));
+    json_object_object_add(p, "port", json_object_new_int(ci->port));
+    json_object_object_add(p, "tag", tag && *tag ? json_object_new_string(tag) : NULL);
+    if (reason)
+        json_object_object_add(p, "reason", json_object_new_string(reason));
+    if (hub_raise(h, event, p, 0, err, sizeof(err)) < 0)
+        hub_log(HUB_LOG_WARN, "%s: %s", event, err);
+}
