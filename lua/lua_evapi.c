@@ -58,6 +58,14 @@ static int push_closed(lua_State *L)
     return 2;
 }
 
+/* Argument i is a string, not a number converted to one. */
+static const char *check_string(lua_State *L, int i, size_t *len)
+{
+    if (lua_type(L, i) != LUA_TSTRING)
+        luaL_typeerror(L, i, "string");
+    return lua_tolstring(L, i, len);
+}
+
 /* A tag is 1..HUB_TAG_MAX bytes of printable ASCII without spaces. */
 static int tag_valid(const char *t, size_t len)
 {
@@ -130,9 +138,7 @@ static int do_set_tag(lua_State *L, hlua_conn *c, uint64_t id, int ti)
 {
     hub_script *s = hlua__script(L);
     size_t len;
-    if (lua_type(L, ti) != LUA_TSTRING)
-        return luaL_typeerror(L, ti, "string");
-    const char *tag = lua_tolstring(L, ti, &len);
+    const char *tag = check_string(L, ti, &len);
     if (c && c->closed)
         return push_closed(L);
     if (!tag_valid(tag, len))
@@ -361,7 +367,7 @@ static int evapi_stats(lua_State *L)
 static const char *check_event(lua_State *L, int i)
 {
     size_t len;
-    const char *ev = luaL_checklstring(L, i, &len);
+    const char *ev = check_string(L, i, &len);
     int ok = len >= 1 && len <= HLUA_EVENT_MAX;
     for (size_t k = 0; ok && k < len; k++) {
         unsigned char c = (unsigned char)ev[k];
@@ -377,7 +383,7 @@ static const char *check_event(lua_State *L, int i)
 static const char *check_socket(lua_State *L, int i)
 {
     size_t len;
-    const char *uri = luaL_checklstring(L, i, &len);
+    const char *uri = check_string(L, i, &len);
     luaL_argcheck(L, strlen(uri) == len, i, "socket URI contains a NUL byte");
     return uri;
 }

@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include <cmocka.h>
+#include <json-c/json.h>
 #include <lauxlib.h>
 #include <lua.h>
 
@@ -30,6 +31,13 @@ typedef struct fake_call {
     size_t len;
     char reason[64];
     int has_reason;
+    /* the event interface: data holds raise's params as JSON text (has_params 0: NULL) */
+    char event[80];
+    char socket[128];
+    long expire;
+    uint64_t token;
+    int has_params;
+    int fn_kept; /* raise: the state held a function under token when the hub was called */
 } fake_call;
 
 #define FAKE_MAX_CALLS 64
@@ -40,6 +48,9 @@ typedef struct fake_hub {
     fake_call calls[FAKE_MAX_CALLS];
     int counts[HUB_SCRIPT_NCOUNTS]; /* what the engine reported through count() */
     size_t nstats;                  /* entries stats() reports, from fake_stats below */
+    uint64_t last_token;            /* the last token handed out */
+    const char *errtext;            /* the err text set by an event call failing with ret */
+    hub_script *s;                  /* the state under test, when a fake looks into it */
 } fake_hub;
 
 static fake_call *record(void *ud, const char *op)
@@ -115,6 +126,81 @@ static int fake_close(void *ud, uint64_t id, const char *reason)
     return ((fake_hub *)ud)->ret;
 }
 
+/* The function the state keeps for token, pushed, or nothing when none (tests look into the
+ * state's completions table directly). */
+static int pending_fn(hub_script *s, uint64_t token)
+{
+    lua_rawgeti(s->L, LUA_REGISTRYINDEX, s->completions_ref);
+    int t = lua_rawgeti(s->L, -1, (lua_Integer)token);
+    lua_pop(s->L, 2);
+    return t == LUA_TFUNCTION;
+}
+
+static size_t pending_count(hub_script *s)
+{
+    size_t n = 0;
+    lua_rawgeti(s->L, LUA_REGISTRYINDEX, s->completions_ref);
+    lua_pushnil(s->L);
+    while (lua_next(s->L, -2)) {
+        lua_pop(s->L, 1);
+        n++;
+    }
+    lua_pop(s->L, 1);
+    return n;
+}
+
+static uint64_t fake_token(void *ud)
+{
+    fake_hub *h = ud;
+    return h->last_token = h->last_token ? h->last_token + 1 : 1000;
+}
+
+/* ret and err as the hub gives them for the event interface. */
+static int fake_event_ret(fake_hub *h, char *err, size_t errlen)
+{
+    if (h->ret < 0 && h->errtext)
+        snprintf(err, errlen, "%s", h->errtext);
+    return h->ret;
+}
+
+static int fake_raise(void *ud, const char *event, struct json_object *params, uint64_t token,
+                      char *err, size_t errlen)
+{
+    fake_hub *h = ud;
+    fake_call *c = record(ud, "raise");
+    snprintf(c->event, sizeof(c->event), "%s", event);
+    c->token = token;
+    c->fn_kept = token && h->s && pending_fn(h->s, token);
+    if (params) {
+        size_t len;
+        const char *text = json_object_to_json_string_length(
+            params, JSON_C_TO_STRING_PLAIN | JSON_C_TO_STRING_NOSLASHESCAPE, &len);
+        c->has_params = 1;
+        copy_data(c, text, len);
+    }
+    json_object_put(params); /* the reference passed to the hub */
+    return fake_event_ret(h, err, errlen);
+}
+
+static int fake_subscribe(void *ud, const char *event, const char *socket, long expire_s, char *err,
+                          size_t errlen)
+{
+    fake_call *c = record(ud, "subscribe");
+    snprintf(c->event, sizeof(c->event), "%s", event);
+    snprintf(c->socket, sizeof(c->socket), "%s", socket);
+    c->expire = expire_s;
+    return fake_event_ret(ud, err, errlen);
+}
+
+static int fake_unsubscribe(void *ud, const char *event, const char *socket, char *err,
+                            size_t errlen)
+{
+    fake_call *c = record(ud, "unsubscribe");
+    snprintf(c->event, sizeof(c->event), "%s", event);
+    snprintf(c->socket, sizeof(c->socket), "%s", socket);
+    return fake_event_ret(ud, err, errlen);
+}
+
 /* What the fake hub reports as its counters: hub-wide ones and two workers. */
 static const hub_stat fake_stats[] = {
     {.name = "frames_in", .help = "h", .gauge = 0, .worker = -1, .value = 42},
@@ -124,6 +210,13 @@ static const hub_stat fake_stats[] = {
     {.name = "queued_events", .help = "h", .gauge = 1, .worker = 1, .value = 6},
     {.name = "events", .help = "h", .gauge = 0, .worker = 1, .value = 8},
     {.name = "bytes_in", .help = "h", .gauge = 0, .worker = -1, .value = 1ull << 40},
+    {.name = "events_delivered",
+     .help = "h",
+     .worker = -1,
+     .value = 9,
+     .label = "socket=\"tcp:1.2.3.4:80\""},
+    {.name = "events_delivered", .help = "h", .worker = -1, .value = 4, .label = "socket=\"u:9\""},
+    {.name = "events", .help = "h", .worker = 1, .value = 2, .label = "kind=\"x\""},
 };
 
 static size_t fake_stats_fn(void *ud, hub_stat *out, size_t cap)
@@ -151,6 +244,10 @@ static const hub_api fake_api = {
     .close = fake_close,
     .stats = fake_stats_fn,
     .count = fake_count,
+    .token = fake_token,
+    .raise = fake_raise,
+    .subscribe = fake_subscribe,
+    .unsubscribe = fake_unsubscribe,
 };
 
 /* ---- fixture: a fake hub, a script file, captured logs ---- */
@@ -874,6 +971,11 @@ static void test_stats_table(void **state)
               "assert(t.workers[1].worker == 0 and t.workers[1].queued_events == 5)\n"
               "assert(t.workers[1].events == 7 and t.workers[2].worker == 1)\n"
               "assert(t.workers[2].queued_events == 6 and t.workers[2].events == 8)\n");
+    /* an entry with a label is keyed name{label}; the unlabelled keys are as before */
+    lua_ok(s, "local t = evapi.stats()\n"
+              "assert(t['events_delivered{socket=\"tcp:1.2.3.4:80\"}'] == 9)\n"
+              "assert(t['events_delivered{socket=\"u:9\"}'] == 4 and t.events_delivered == nil)\n"
+              "assert(t.workers[2]['events{kind=\"x\"}'] == 2 and t.workers[2].events == 8)\n");
     /* more entries than the engine's first guess: it asks again with room for all */
     f->hub.nstats = 700;
     lua_ok(s, "local t = evapi.stats() assert(t.frames_in == 42 and #t.workers == 2)");
@@ -1156,6 +1258,351 @@ static void test_example_native_protocol(void **state)
     assert_null(strstr(log, "err:"));
 }
 
+/* ---- the event interface and completions ---- */
+
+/* on_complete with the result given as JSON text (NULL: a NULL result). */
+static int complete(hub_script *s, uint64_t token, const char *json)
+{
+    struct json_object *r = json ? json_tokener_parse(json) : NULL;
+    assert_true(json == NULL || r != NULL);
+    int rc = hlua_script_ops.on_complete(s, token, r);
+    json_object_put(r);
+    return rc;
+}
+
+/* The JSON the fake hub got as raise's params, parsed (the caller puts it). */
+static struct json_object *raised_params(fixture *f, int i)
+{
+    fake_call *c = &f->hub.calls[i];
+    assert_string_equal(c->op, "raise");
+    assert_int_equal(c->has_params, 1);
+    c->data[c->len] = '\0';
+    struct json_object *o = json_tokener_parse(c->data);
+    assert_non_null(o);
+    return o;
+}
+
+static void test_raise_passes_object_array_and_no_params(void **state)
+{
+    fixture *f = *state;
+    hub_script *s = load_ok(f, native_script, "");
+    lua_ok(s, "assert(evapi.raise('call.start-1', {id = 7, who = 'a\\0b', nested = {1, 2.5, "
+              "{x = json.null}}}) == true)\n"
+              "assert(evapi.raise('list', {1, 'two', true}) == true)\n"
+              "assert(evapi.raise('bare') == true)\n"
+              "assert(evapi.raise('bare', nil) == true)\n"
+              "assert(evapi.raise('empty', {}) == true)\n"
+              "assert(evapi.raise('sparse', {[1] = 'a', [3] = 'c'}) == true)\n");
+    assert_int_equal(f->hub.ncalls, 6);
+    struct json_object *o = raised_params(f, 0), *v;
+    assert_string_equal(f->hub.calls[0].event, "call.start-1");
+    assert_int_equal(f->hub.calls[0].token, 0); /* no report function, no token */
+    assert_true(json_object_is_type(o, json_type_object));
+    assert_int_equal(json_object_object_length(o), 3);
+    assert_true(json_object_object_get_ex(o, "id", &v) && json_object_get_int64(v) == 7);
+    assert_true(json_object_object_get_ex(o, "who", &v));
+    assert_int_equal(json_object_get_string_len(v), 3);
+    assert_memory_equal(json_object_get_string(v), "a\0b", 3);
+    assert_true(json_object_object_get_ex(o, "nested", &v));
+    assert_string_equal(json_object_to_json_string_ext(v, JSON_C_TO_STRING_PLAIN),
+                        "[1,2.5,{\"x\":null}]");
+    json_object_put(o);
+    o = raised_params(f, 1);
+    assert_string_equal(json_object_to_json_string_ext(o, JSON_C_TO_STRING_PLAIN),
+                        "[1,\"two\",true]");
+    json_object_put(o);
+    assert_string_equal(f->hub.calls[2].op, "raise");
+    assert_int_equal(f->hub.calls[2].has_params, 0); /* nil params: NULL, not {} */
+    assert_int_equal(f->hub.calls[3].has_params, 0);
+    assert_memory_equal(f->hub.calls[4].data, "{}", 3); /* an empty table is an object */
+    o = raised_params(f, 5);
+    assert_true(json_object_is_type(o, json_type_object)); /* not a sequence: as json.encode */
+    json_object_put(o);
+}
+
+static void test_raise_misuse_raises_and_reaches_no_hub(void **state)
+{
+    fixture *f = *state;
+    hub_script *s = load_ok(f, native_script, "");
+    lua_ok(s, "local function raises(fn, pat)\n"
+              "  local ok, err = pcall(fn)\n"
+              "  assert(not ok, 'did not raise: ' .. pat)\n"
+              "  assert(tostring(err):find(pat, 1, true), err)\n"
+              "end\n"
+              "local rule = \"event name must be 1..64 letters, digits, '_', '.' or '-'\"\n"
+              "raises(function() evapi.raise('') end, rule)\n"
+              "raises(function() evapi.raise(('x'):rep(65)) end, rule)\n"
+              "raises(function() evapi.raise('a b') end, rule)\n"
+              "raises(function() evapi.raise('a/b') end, rule)\n"
+              "raises(function() evapi.raise('a\\0b') end, rule)\n"
+              "raises(function() evapi.raise('caf\\xc3\\xa9') end, rule)\n"
+              "raises(function() evapi.raise(5) end, 'bad argument #1')\n"
+              "raises(function() evapi.raise() end, 'bad argument #1')\n"
+              "raises(function() evapi.raise('e', 'x') end, 'bad argument #2')\n"
+              "raises(function() evapi.raise('e', 5) end, 'table or nil expected')\n"
+              "raises(function() evapi.raise('e', json.null) end, 'bad argument #2')\n"
+              "raises(function() evapi.raise('e', {}, 'fn') end, 'bad argument #3')\n"
+              "raises(function() evapi.raise('e', {f = print}) end,\n"
+              "  'evapi.raise: cannot encode a function')\n"
+              "local t = {} t.self = t\n"
+              "raises(function() evapi.raise('e', t) end, 'evapi.raise: nesting deeper than')\n"
+              "raises(function() evapi.subscribe('a b', 'tcp:h:1') end, rule)\n"
+              "raises(function() evapi.subscribe('e', 5) end, 'bad argument #2')\n"
+              "raises(function() evapi.subscribe('e', 'tcp:h\\0:1') end, 'NUL byte')\n"
+              "raises(function() evapi.subscribe('e', 'tcp:h:1', -1) end, 'must not be negative')\n"
+              "raises(function() evapi.subscribe('e', 'tcp:h:1', 1.5) end, 'bad argument #3')\n"
+              "raises(function() evapi.unsubscribe(('x'):rep(65), 'tcp:h:1') end, rule)\n"
+              "raises(function() evapi.unsubscribe('e') end, 'bad argument #2')\n"
+              "assert(evapi.raise(('x'):rep(64)) == true)\n");
+    assert_int_equal(f->hub.ncalls, 1);
+    assert_int_equal(f->hub.last_token, 0); /* no token was taken for a refused call */
+    assert_int_equal(pending_count(s), 0);
+}
+
+static const char report_script[] = "evapi.on('message', function() end)\n"
+                                    "REPORTS = {}\n"
+                                    "function report(r) REPORTS[#REPORTS + 1] = r end\n";
+
+static void test_report_runs_once_with_the_result_table(void **state)
+{
+    fixture *f = *state;
+    hub_script *s = load_ok(f, report_script, "");
+    f->hub.s = s;
+    lua_ok(s, "assert(evapi.raise('call.end', {id = 1}, report) == true)");
+    fake_call *c = last_call(f);
+    assert_true(c->token != 0);
+    assert_int_equal(c->token, f->hub.last_token);
+    assert_int_equal(c->fn_kept, 1); /* kept before the hub was called */
+    assert_int_equal(pending_count(s), 1);
+    assert_int_equal(complete(s, c->token,
+                              "{\"event\":\"call.end\",\"socket\":\"tcp:1.2.3.4:80\",\"status\":0,"
+                              "\"error\":null,\"n\":1.5,\"list\":[1,null,\"x\"]}"),
+                     0);
+    lua_ok(s, "assert(#REPORTS == 1)\n"
+              "local r = REPORTS[1]\n"
+              "assert(r.event == 'call.end' and r.socket == 'tcp:1.2.3.4:80')\n"
+              "assert(r.status == 0 and math.type(r.status) == 'integer')\n"
+              "assert(r.n == 1.5 and math.type(r.n) == 'float')\n"
+              "assert(r.error == json.null)\n"
+              "assert(#r.list == 3 and r.list[2] == json.null and r.list[3] == 'x')\n");
+    /* done: a second result for the token is not delivered */
+    assert_int_equal(complete(s, c->token, "{\"status\":-1}"), -ENOENT);
+    lua_ok(s, "assert(#REPORTS == 1)");
+    assert_int_equal(pending_count(s), 0);
+}
+
+static void test_report_runs_for_each_result_while_more(void **state)
+{
+    fixture *f = *state;
+    hub_script *s = load_ok(f, report_script, "");
+    lua_ok(s, "assert(evapi.raise('e', nil, report))");
+    uint64_t tok = last_call(f)->token;
+    assert_int_equal(complete(s, tok, "{\"socket\":\"a\",\"status\":0,\"more\":true}"), 0);
+    assert_int_equal(complete(s, tok,
+                              "{\"socket\":\"b\",\"status\":-1,\"error\":\"refused\","
+                              "\"more\":true}"),
+                     0);
+    assert_int_equal(pending_count(s), 1);
+    /* only boolean true means more */
+    assert_int_equal(complete(s, tok, "{\"socket\":\"c\",\"status\":0,\"more\":1}"), 0);
+    assert_int_equal(complete(s, tok, "{\"socket\":\"d\",\"status\":0}"), -ENOENT);
+    lua_ok(s, "assert(#REPORTS == 3)\n"
+              "assert(REPORTS[1].socket == 'a' and REPORTS[1].more == true)\n"
+              "assert(REPORTS[2].socket == 'b' and REPORTS[2].error == 'refused')\n"
+              "assert(REPORTS[3].socket == 'c')\n");
+    assert_int_equal(pending_count(s), 0);
+}
+
+static void test_report_gets_json_null_and_binary_strings(void **state)
+{
+    fixture *f = *state;
+    hub_script *s = load_ok(f, report_script, "");
+    lua_ok(s, "evapi.raise('e', nil, report) evapi.raise('e', nil, report)");
+    assert_int_equal(complete(s, f->hub.last_token - 1, NULL), 0);
+    struct json_object *r = json_object_new_object();
+    json_object_object_add(r, "s", json_object_new_string_len("a\0b\xff", 4));
+    assert_int_equal(hlua_script_ops.on_complete(s, f->hub.last_token, r), 0);
+    json_object_put(r);
+    lua_ok(s, "assert(REPORTS[1] == json.null)\n"
+              "assert(REPORTS[2].s == 'a\\0b\\xff' and #REPORTS[2].s == 4)\n");
+}
+
+static void test_on_complete_of_unknown_token_is_enoent(void **state)
+{
+    fixture *f = *state;
+    hub_script *s = load_ok(f, report_script, "");
+    assert_int_equal(complete(s, 1, "{}"), -ENOENT);
+    assert_int_equal(complete(s, UINT64_MAX, NULL), -ENOENT);
+    lua_ok(s, "evapi.raise('e', nil, report)");
+    assert_int_equal(complete(s, f->hub.last_token + 1, "{}"), -ENOENT);
+    lua_ok(s, "assert(#REPORTS == 0)");
+    assert_int_equal(lua_gettop(s->L), 0);
+    assert_int_equal(f->hub.counts[HUB_SCRIPT_ERROR], 0);
+}
+
+static void test_failing_report_is_a_counted_error_and_state_goes_on(void **state)
+{
+    fixture *f = *state;
+    f->s = load_full(f, native_script, "", 100000, 0);
+    assert_non_null(f->s);
+    hub_script *s = f->s;
+    lua_ok(s, "evapi.raise('e', nil, function(r) error('report failed: ' .. r.status) end)\n"
+              "evapi.raise('e', nil, function(r) while true do end end)\n");
+    uint64_t tok = f->hub.last_token;
+    capture_begin(f);
+    assert_int_equal(complete(s, tok - 1, "{\"status\":-1,\"more\":true}"), 0);
+    assert_int_equal(complete(s, tok, "{\"status\":0}"), 0);
+    const char *log = capture_end(f);
+    assert_non_null(strstr(log, "lua: report: "));
+    assert_non_null(strstr(log, "report failed: -1"));
+    assert_non_null(strstr(log, "stack traceback:"));
+    assert_non_null(strstr(log, "instruction budget exceeded (100000 instructions)"));
+    assert_int_equal(f->hub.counts[HUB_SCRIPT_ERROR], 2);
+    assert_int_equal(f->hub.counts[HUB_SCRIPT_BUDGET], 1);
+    /* the failing function is kept while more results come, and the state serves on */
+    capture_begin(f);
+    assert_int_equal(complete(s, tok - 1, "{\"status\":-2}"), 0);
+    capture_end(f);
+    assert_int_equal(f->hub.counts[HUB_SCRIPT_ERROR], 3);
+    assert_int_equal(complete(s, tok - 1, "{}"), -ENOENT);
+    assert_int_equal(complete(s, tok, "{}"), -ENOENT);
+    connect(s, 1, 0, "127.0.0.1", 1);
+    message(s, 1, "after");
+    assert_memory_equal(last_call(f)->data, "after", 5);
+}
+
+static void test_raise_failure_returns_nil_reason_and_forgets_the_function(void **state)
+{
+    fixture *f = *state;
+    hub_script *s = load_ok(f, report_script, "");
+    f->hub.ret = -ENOSYS;
+    f->hub.errtext = "no events module in this build";
+    lua_ok(s, "local ok, msg, code = evapi.raise('e', {a = 1}, report)\n"
+              "assert(ok == nil and msg == 'no events module in this build' and code == 'ENOSYS',"
+              " msg)\n");
+    uint64_t tok = last_call(f)->token;
+    assert_true(tok != 0);
+    assert_int_equal(pending_count(s), 0);
+    assert_int_equal(complete(s, tok, "{}"), -ENOENT);
+    /* without an err text the reason is the code's; a bad name the hub finds is not raised */
+    f->hub.errtext = NULL;
+    f->hub.ret = -EINVAL;
+    lua_ok(s, "local ok, msg, code = evapi.raise('e')\n"
+              "assert(ok == nil and type(msg) == 'string' and code == 'EINVAL', msg)\n");
+    f->hub.ret = -ENOMEM;
+    lua_ok(s, "local ok, msg, code = evapi.raise('e', nil, report)\n"
+              "assert(ok == nil and msg == 'out of memory' and code == 'ENOMEM')\n");
+    assert_int_equal(pending_count(s), 0);
+    lua_ok(s, "assert(#REPORTS == 0)");
+}
+
+static void test_subscribe_and_unsubscribe(void **state)
+{
+    fixture *f = *state;
+    hub_script *s = load_ok(f, native_script, "");
+    lua_ok(s, "assert(evapi.subscribe('call.start', 'tcp:10.0.0.1:8080', 30) == true)\n"
+              "assert(evapi.subscribe('call.start', 'tcp:10.0.0.2:8080') == true)\n"
+              "assert(evapi.unsubscribe('call.start', 'tcp:10.0.0.1:8080') == true)\n");
+    assert_int_equal(f->hub.ncalls, 3);
+    assert_string_equal(f->hub.calls[0].op, "subscribe");
+    assert_string_equal(f->hub.calls[0].event, "call.start");
+    assert_string_equal(f->hub.calls[0].socket, "tcp:10.0.0.1:8080");
+    assert_int_equal(f->hub.calls[0].expire, 30);
+    assert_int_equal(f->hub.calls[1].expire, 0); /* absent: never expires */
+    assert_string_equal(f->hub.calls[2].op, "unsubscribe");
+    assert_string_equal(f->hub.calls[2].socket, "tcp:10.0.0.1:8080");
+}
+
+static void test_subscribe_bad_uri_raises_with_the_reason(void **state)
+{
+    fixture *f = *state;
+    hub_script *s = load_ok(f, native_script, "");
+    f->hub.ret = -EINVAL;
+    f->hub.errtext = "bad socket URI 'tcp:nowhere': no port";
+    lua_ok(s, "local ok, err = pcall(evapi.subscribe, 'e', 'tcp:nowhere')\n"
+              "assert(not ok and err:find(\"evapi.subscribe: bad socket URI 'tcp:nowhere': no "
+              "port\", 1, true), err)\n"
+              "ok, err = pcall(evapi.unsubscribe, 'e', 'tcp:nowhere')\n"
+              "assert(not ok and err:find(\"evapi.unsubscribe: bad socket URI\", 1, true), err)\n"
+              "-- the error is at the script's line that gave the URI\n"
+              "ok, err = pcall(function()\n"
+              "  evapi.subscribe('e', 'tcp:nowhere')\n"
+              "end)\n"
+              "assert(err:find(']:7: evapi.subscribe: ', 1, true), err)\n");
+    /* other failures are answers, not errors */
+    f->hub.ret = -ENOMEM;
+    f->hub.errtext = "too many subscriptions";
+    lua_ok(s, "local ok, msg, code = evapi.subscribe('e', 'tcp:h:1')\n"
+              "assert(ok == nil and msg == 'too many subscriptions' and code == 'ENOMEM')\n"
+              "ok, msg, code = evapi.unsubscribe('e', 'tcp:h:1')\n"
+              "assert(ok == nil and msg == 'too many subscriptions' and code == 'ENOMEM')\n");
+    f->hub.ret = -ENOSYS;
+    f->hub.errtext = NULL;
+    lua_ok(s, "local ok, msg, code = evapi.subscribe('e', 'tcp:h:1')\n"
+              "assert(ok == nil and msg == 'no events module' and code == 'ENOSYS')\n");
+}
+
+static void test_kemi_script_uses_the_event_interface(void **state)
+{
+    fixture *f = *state;
+    hub_script *s = load_ok(f,
+                            "function ksr_evapi_event(ev)\n"
+                            "  if ev ~= 'evapi:message-received' then return end\n"
+                            "  local msg = KSR.pv.get('$evapi(msg)')\n"
+                            "  assert(evapi.subscribe('evapi.msg', 'tcp:127.0.0.1:9000', 60))\n"
+                            "  assert(evapi.raise('evapi.msg', {msg = msg}, function(r)\n"
+                            "    REPORT = r KSR.info('report ' .. r.status)\n"
+                            "  end))\n"
+                            "  assert(evapi.unsubscribe('evapi.msg', 'tcp:127.0.0.1:9000'))\n"
+                            "end\n",
+                            CB);
+    connect(s, 1, 0, "127.0.0.1", 1);
+    message(s, 1, "hi");
+    assert_int_equal(f->hub.ncalls, 3);
+    expect_call(f, 0, "subscribe", NULL, NULL);
+    assert_int_equal(f->hub.calls[0].expire, 60);
+    expect_call(f, 1, "raise", NULL, "{\"msg\":\"hi\"}");
+    assert_string_equal(f->hub.calls[1].event, "evapi.msg");
+    expect_call(f, 2, "unsubscribe", NULL, NULL);
+    capture_begin(f);
+    assert_int_equal(complete(s, f->hub.calls[1].token, "{\"status\":0}"), 0);
+    const char *log = capture_end(f);
+    assert_non_null(strstr(log, "report 0"));
+    lua_ok(s, "assert(REPORT.status == 0)");
+    assert_int_equal(f->hub.counts[HUB_SCRIPT_ERROR], 0);
+}
+
+static void test_reload_logs_pending_reports_that_will_not_run(void **state)
+{
+    fixture *f = *state;
+    hub_script *old = load_ok(f, report_script, "");
+    lua_ok(old, "evapi.raise('a', nil, report) evapi.raise('b', nil, report)\n"
+                "evapi.raise('c', nil, report)\n");
+    uint64_t tok = f->hub.last_token;
+    assert_int_equal(complete(old, tok, "{}"), 0);
+    hub_script_conf conf = {.path = f->path, .event_callback = "", .worker = 0};
+    capture_begin(f);
+    hub_script *s = hlua_script_ops.reload(old, &conf, f->err, sizeof(f->err));
+    const char *log = capture_end(f);
+    if (s == NULL)
+        fail_msg("reload failed: %s", f->err);
+    assert_non_null(strstr(log, "notice: lua: reload: 2 report function(s) of the old script "
+                                "will not run"));
+    hlua_script_ops.free(old);
+    f->s = s;
+    /* the new state does not know the old tokens: the hub counts those results */
+    assert_int_equal(complete(s, tok - 1, "{}"), -ENOENT);
+    assert_int_equal(complete(s, tok - 2, "{}"), -ENOENT);
+    lua_ok(s, "assert(#REPORTS == 0)");
+    /* nothing pending, nothing logged */
+    capture_begin(f);
+    hub_script *s2 = hlua_script_ops.reload(s, &conf, f->err, sizeof(f->err));
+    log = capture_end(f);
+    assert_non_null(s2);
+    assert_null(strstr(log, "report function"));
+    hlua_script_ops.free(s2);
+}
+
 /* ---- housekeeping ---- */
 
 static void test_idle_and_free_are_safe(void **state)
@@ -1223,6 +1670,18 @@ int main(void)
         T(test_memory_limit_at_load),
         T(test_reload_carries_connections_and_tags),
         T(test_reload_native_sees_tag),
+        T(test_reload_logs_pending_reports_that_will_not_run),
+        T(test_raise_passes_object_array_and_no_params),
+        T(test_raise_misuse_raises_and_reaches_no_hub),
+        T(test_report_runs_once_with_the_result_table),
+        T(test_report_runs_for_each_result_while_more),
+        T(test_report_gets_json_null_and_binary_strings),
+        T(test_on_complete_of_unknown_token_is_enoent),
+        T(test_failing_report_is_a_counted_error_and_state_goes_on),
+        T(test_raise_failure_returns_nil_reason_and_forgets_the_function),
+        T(test_subscribe_and_unsubscribe),
+        T(test_subscribe_bad_uri_raises_with_the_reason),
+        T(test_kemi_script_uses_the_event_interface),
         T(test_json_round_trip),
         T(test_json_errors),
         T(test_example_kemi_protocol),
