@@ -327,10 +327,8 @@ static int client_process(hub_client *c)
     hub_slice s;
     int r;
     while (!(c->flags & HUB_CLIENT_CLOSING)) {
-        if (h->nworkers && hub__worker_full(h, c->worker)) {
-            hub__worker_pause(h, c->worker, c);
+        if (hub__event_admit(h, c) < 0)
             return -EAGAIN;
-        }
         r = hub_ns_reader_next(c->reader, &s);
         if (r == 0)
             return 0;
@@ -341,7 +339,8 @@ static int client_process(hub_client *c)
         }
         c->frames_in++;
         HUB_STAT_ADD(h, frames_in, 1);
-        hub__event_message(h, c, s.data, s.len);
+        if (hub__event_message(h, c, s.data, s.len) < 0)
+            return -EPIPE; /* not taken: the connection is closed, with its reason */
     }
     return -EPIPE;
 }
@@ -377,13 +376,10 @@ static void read_cb(struct ev_loop *loop, ev_io *w, int revents)
             /* Raw mode, as Kamailio: each read is one message. */
             c->frames_in++;
             HUB_STAT_ADD(h, frames_in, 1);
-            hub__event_message(h, c, p, (size_t)n);
-            if (c->flags & HUB_CLIENT_CLOSING)
+            if (hub__event_message(h, c, p, (size_t)n) < 0 || (c->flags & HUB_CLIENT_CLOSING))
                 return;
-            if (h->nworkers && hub__worker_full(h, c->worker)) {
-                hub__worker_pause(h, c->worker, c);
+            if (hub__event_admit(h, c) < 0)
                 return;
-            }
             continue;
         }
         hub_ns_reader_commit(c->reader, (size_t)n);

@@ -1,12 +1,15 @@
-/* INI configuration: defaults, strict per-key parsing, and file loading via libinih. */
+/* INI configuration: the core's sections as tables of rows with their defaults, strict per-key
+ * parsing, the sections modules own ([name] and [name:INSTANCE]), and the file reader. */
 #include "hub/config.h"
 
+#include "hub/alloc.h"
+#include "hub/core.h"
 #include "hub/log.h"
 
 #include <arpa/inet.h>
+#include <ctype.h>
 #include <errno.h>
 #include <netinet/in.h>
-#include <ini.h>
 #include <limits.h>
 #include <stdarg.h>
 #include <stdint.h>
@@ -14,96 +17,75 @@
 #include <string.h>
 #include <strings.h>
 
-/* How a key's value is parsed and stored. */
-enum key_kind {
-    K_INT,      /* int, decimal, within [min, max] */
-    K_LONG,     /* long, decimal, within [min, max] */
-    K_SIZE,     /* size_t, bytes with an optional k/m/g suffix, within [min, max] */
-    K_BOOL,     /* int 0/1 from yes/no, true/false, on/off, 1/0 */
-    K_ENUM,     /* int: the index of the value in choices */
-    K_ADDR,     /* char[size]: "host:port" or "[v6]:port" */
-    K_LOOPBACK, /* char[size]: as K_ADDR with a numeric loopback host, or empty */
-    K_IDENT,    /* char[size]: a Lua identifier, or empty */
-    K_PATH,     /* char[size]: relative paths resolved against the config file's directory */
-    K_LEVEL,    /* int: a hub_log_level_parse() name */
-};
-
-typedef struct key_spec {
-    const char *section;
-    const char *name;
-    enum key_kind kind;
-    size_t off;  /* offsetof(hub_config, field) */
-    size_t size; /* sizeof the field, for strings */
-    long long min, max;
-    const char *const *choices; /* K_ENUM: NULL-terminated, index = stored value */
-} key_spec;
-
 /* Reasons shared by several keys; each is prefixed with "key: 'value' ". */
-#define MSG_BOOL  "is not a boolean (yes/no, true/false, on/off, 1/0)"
-#define MSG_LEVEL "must be crit, err, warn, notice, info or debug"
-#define MSG_SIZE  "is not a size (bytes, or a number with k, m or g)"
-#define MSG_ADDR  "is not host:port or [v6]:port with a port in 0..65535"
+#define MSG_BOOL   "is not a boolean (yes/no, true/false, on/off, 1/0)"
+#define MSG_LEVEL  "must be crit, err, warn, notice, info or debug"
+#define MSG_SIZE   "is not a size (bytes, or a number with k, m or g)"
+#define MSG_ADDR   "is not host:port or [v6]:port with a port in 0..65535"
+#define MSG_SYNTAX "syntax error (expected [section] or key = value)"
+
+/* ---- the core's sections: each row carries its default, written as in the file ------------ */
 
 static const char *const outbuf_choices[] = {"close", "drop", NULL};
 static const char *const unicast_choices[] = {"first", "round_robin", NULL};
 
 #define GiB (1024LL * 1024 * 1024)
-#define KEY(sec, key, kind, field, lo, hi, choices)                                                \
+#define ROW(key, kind, field, lo, hi, choices, def)                                                \
+    HUB_CONF_ROW(hub_config, key, kind, field, lo, hi, choices, def)
+#define NUM(key, kind, field, lo, hi, def) ROW(key, kind, field, lo, hi, NULL, def)
+#define STR(key, kind, field, def)         ROW(key, kind, field, 0, 0, NULL, def)
+#define ENUM(key, field, choices, def)     ROW(key, HUB_CONF_ENUM, field, 0, 0, choices, def)
+#define END_ROWS                                                                                   \
     {                                                                                              \
-        sec, key, kind, offsetof(hub_config, field), sizeof(((hub_config *)0)->field), lo, hi,     \
-            choices                                                                                \
+        .name = NULL                                                                               \
     }
-#define NUM(sec, key, kind, field, lo, hi) KEY(sec, key, kind, field, lo, hi, NULL)
-#define STR(sec, key, kind, field)         KEY(sec, key, kind, field, 0, 0, NULL)
-#define ENUM(sec, key, field, choices)     KEY(sec, key, K_ENUM, field, 0, 0, choices)
 
-static const key_spec keys[] = {
-    STR("evapi", "bind_addr", K_ADDR, bind_addr),
-    NUM("evapi", "backlog", K_INT, backlog, 1, 65535),
-    NUM("evapi", "workers", K_INT, workers, 0, 64),
-    NUM("evapi", "netstring_format", K_INT, netstring_format, 0, 1),
-    NUM("evapi", "max_clients", K_INT, max_clients, 1, 1000000),
-    NUM("evapi", "max_frame_size", K_SIZE, max_frame_size, 1, GiB),
-    NUM("evapi", "max_outbuf", K_SIZE, max_outbuf, 1024, GiB),
-    ENUM("evapi", "outbuf_policy", outbuf_policy, outbuf_choices),
-    ENUM("evapi", "unicast", unicast_policy, unicast_choices),
-    STR("evapi", "event_callback", K_IDENT, event_callback),
-    NUM("evapi", "wait_idle", K_LONG, wait_idle, 1, 60000000),
-    NUM("evapi", "wait_increase", K_INT, wait_increase, 1, 100),
-    NUM("evapi", "worker_queue", K_INT, worker_queue, 1, 10000000),
-    NUM("evapi", "shutdown_timeout", K_INT, shutdown_timeout, 0, 600000),
-    STR("lua", "script", K_PATH, script),
-    NUM("lua", "max_instructions", K_LONG, max_instructions, 0, LONG_MAX),
-    NUM("lua", "max_memory", K_SIZE, max_memory, 0, LLONG_MAX),
-    STR("control", "socket", K_PATH, control_socket),
-    STR("control", "tcp", K_LOOPBACK, control_tcp),
-    STR("log", "level", K_LEVEL, log_level),
-    NUM("log", "syslog", K_BOOL, log_syslog, 0, 1),
+static const hub_conf_row evapi_rows[] = {
+    STR("bind_addr", HUB_CONF_ADDR, bind_addr, "127.0.0.1:8448"),
+    NUM("backlog", HUB_CONF_INT, backlog, 1, 65535, "128"),
+    NUM("workers", HUB_CONF_INT, workers, 0, 64, "1"),
+    NUM("netstring_format", HUB_CONF_INT, netstring_format, 0, 1, "1"),
+    NUM("max_clients", HUB_CONF_INT, max_clients, 1, 1000000, "1024"),
+    NUM("max_frame_size", HUB_CONF_SIZE, max_frame_size, 1, GiB, "1m"),
+    NUM("max_outbuf", HUB_CONF_SIZE, max_outbuf, 1024, GiB, "8m"),
+    ENUM("outbuf_policy", outbuf_policy, outbuf_choices, "close"),
+    ENUM("unicast", unicast_policy, unicast_choices, "first"),
+    STR("event_callback", HUB_CONF_IDENT, event_callback, NULL),
+    NUM("wait_idle", HUB_CONF_LONG, wait_idle, 1, 60000000, "500000"),
+    NUM("wait_increase", HUB_CONF_INT, wait_increase, 1, 100, "3"),
+    NUM("worker_queue", HUB_CONF_INT, worker_queue, 1, 10000000, "4096"),
+    NUM("shutdown_timeout", HUB_CONF_INT, shutdown_timeout, 0, 600000, "5000"),
+    END_ROWS,
 };
-#define NKEYS (sizeof(keys) / sizeof(keys[0]))
 
-void hub_config_defaults(hub_config *c)
-{
-    memset(c, 0, sizeof(*c));
-    snprintf(c->bind_addr, sizeof(c->bind_addr), "%s", "127.0.0.1:8448");
-    c->backlog = 128;
-    c->workers = 1;
-    c->netstring_format = 1;
-    c->max_clients = 1024;
-    c->max_frame_size = 1024 * 1024;
-    c->max_outbuf = 8 * 1024 * 1024;
-    c->outbuf_policy = HUB_OUTBUF_CLOSE;
-    c->unicast_policy = HUB_UNICAST_FIRST;
-    c->wait_idle = 500000;
-    c->wait_increase = 3;
-    c->worker_queue = 4096;
-    c->shutdown_timeout = 5000;
-    c->max_instructions = 100000000;
-    c->max_memory = 0;
-    snprintf(c->control_socket, sizeof(c->control_socket), "%s", "/run/evhub/evhub.sock");
-    c->log_level = HUB_LOG_INFO;
-    c->log_syslog = 0;
-}
+static const hub_conf_row lua_rows[] = {
+    STR("script", HUB_CONF_PATH, script, NULL),
+    NUM("max_instructions", HUB_CONF_LONG, max_instructions, 0, LONG_MAX, "100000000"),
+    NUM("max_memory", HUB_CONF_SIZE, max_memory, 0, LLONG_MAX, "0"),
+    END_ROWS,
+};
+
+static const hub_conf_row control_rows[] = {
+    STR("socket", HUB_CONF_PATH, control_socket, "/run/evhub/evhub.sock"),
+    STR("tcp", HUB_CONF_LOOPBACK, control_tcp, NULL),
+    END_ROWS,
+};
+
+static const hub_conf_row log_rows[] = {
+    STR("level", HUB_CONF_LEVEL, log_level, "info"),
+    NUM("syslog", HUB_CONF_BOOL, log_syslog, 0, 1, "no"),
+    END_ROWS,
+};
+
+/* Their data is the hub_config itself; they have no LIST rows, so that a hub_config copied by
+ * value (hub_config_set, hub_new) never shares a list with its original. */
+static const hub_conf_section core_sections[] = {
+    {.name = "evapi", .size = sizeof(hub_config), .rows = evapi_rows},
+    {.name = "lua", .size = sizeof(hub_config), .rows = lua_rows},
+    {.name = "control", .size = sizeof(hub_config), .rows = control_rows},
+    {.name = "log", .size = sizeof(hub_config), .rows = log_rows},
+    {.name = NULL},
+};
 
 static int set_err(char *err, size_t errlen, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
@@ -269,87 +251,94 @@ static int is_loopback_host(const char *host)
 
 /* ---- one key ------------------------------------------------------------------------ */
 
-static const key_spec *find_key(const char *section, const char *name)
+static const hub_conf_row *find_row(const hub_conf_section *s, const char *name)
 {
-    for (size_t i = 0; i < NKEYS; i++) {
-        if (strcmp(keys[i].section, section) == 0 && strcmp(keys[i].name, name) == 0)
-            return &keys[i];
+    for (const hub_conf_row *k = s->rows; k && k->name; k++) {
+        if (strcmp(k->name, name) == 0)
+            return k;
     }
     return NULL;
-}
-
-static int section_known(const char *section)
-{
-    for (size_t i = 0; i < NKEYS; i++) {
-        if (strcmp(keys[i].section, section) == 0)
-            return 1;
-    }
-    return 0;
 }
 
 /* Index of v in a NULL-terminated list, or -1. */
 static int find_choice(const char *const *choices, const char *v)
 {
-    for (int i = 0; i < 8 && choices[i]; i++) {
+    for (int i = 0; choices[i]; i++) {
         if (strcmp(choices[i], v) == 0)
             return i;
     }
     return -1;
 }
 
-/* K_INT, K_LONG, K_SIZE, K_BOOL, K_ENUM, K_LEVEL: parse to a number, range-check, store. */
-static int set_number(hub_config *c, const key_spec *k, const char *v, char *err, size_t errlen)
+/* "a, b or c" into buf, cut to fit. */
+static void join_choices(const char *const *choices, char *buf, size_t len)
 {
-    char *field = (char *)c + k->off;
+    size_t used = 0;
+    buf[0] = '\0';
+    for (size_t i = 0; choices[i] && used < len; i++) {
+        const char *sep = i == 0 ? "" : choices[i + 1] ? ", " : " or ";
+        int n = snprintf(buf + used, len - used, "%s%s", sep, choices[i]);
+        if (n < 0)
+            return;
+        used += (size_t)n;
+    }
+}
+
+/* INT, LONG, SIZE, BOOL, ENUM, LEVEL: parse to a number, range-check, store. */
+static int set_number(void *data, const hub_conf_row *k, const char *v, char *err, size_t errlen)
+{
+    char *field = (char *)data + k->off;
     long long n = 0;
     int rc = 0;
-    if (k->kind == K_BOOL) {
+    if (k->kind == HUB_CONF_BOOL) {
         if ((n = parse_bool(v)) < 0)
             return set_err(err, errlen, "%s: '%.64s' " MSG_BOOL, k->name, v);
-    } else if (k->kind == K_LEVEL) {
+    } else if (k->kind == HUB_CONF_LEVEL) {
         if ((n = hub_log_level_parse(v)) < 0)
             return set_err(err, errlen, "%s: '%.64s' " MSG_LEVEL, k->name, v);
-    } else if (k->kind == K_ENUM) {
-        if ((n = find_choice(k->choices, v)) < 0)
-            return set_err(err, errlen, "%s: '%.64s' must be %s or %s", k->name, v, k->choices[0],
-                           k->choices[1]);
+    } else if (k->kind == HUB_CONF_ENUM) {
+        if ((n = find_choice(k->choices, v)) < 0) {
+            char all[192];
+            join_choices(k->choices, all, sizeof(all));
+            return set_err(err, errlen, "%s: '%.64s' must be %s", k->name, v, all);
+        }
     } else {
-        rc = k->kind == K_SIZE ? parse_size(v, &n) : parse_ll(v, &n);
+        rc = k->kind == HUB_CONF_SIZE ? parse_size(v, &n) : parse_ll(v, &n);
         if (rc == -EINVAL)
             return set_err(err, errlen, "%s: '%.64s' %s", k->name, v,
-                           k->kind == K_SIZE ? MSG_SIZE : "is not an integer");
+                           k->kind == HUB_CONF_SIZE ? MSG_SIZE : "is not an integer");
         if (rc == -ERANGE || n < k->min || n > k->max)
             return set_err(err, errlen, "%s: '%.64s' is out of range %lld..%lld", k->name, v,
                            k->min, k->max);
     }
-    if (k->kind == K_LONG)
+    if (k->kind == HUB_CONF_LONG)
         *(long *)field = (long)n;
-    else if (k->kind == K_SIZE)
+    else if (k->kind == HUB_CONF_SIZE)
         *(size_t *)field = (size_t)n;
     else
         *(int *)field = (int)n;
     return 0;
 }
 
-/* K_ADDR, K_IDENT, K_PATH: validate and copy. base is prepended to relative paths. */
-static int set_string(hub_config *c, const key_spec *k, const char *v, const char *base, char *err,
+/* ADDR, LOOPBACK, IDENT, PATH, STRING: validate and copy. base is prepended to relative paths. */
+static int set_string(void *data, const hub_conf_row *k, const char *v, const char *base, char *err,
                       size_t errlen)
 {
-    char *field = (char *)c + k->off;
+    char *field = (char *)data + k->off;
     char host[256], port[16];
     if (strlen(v) >= k->size)
         return set_err(err, errlen, "%s: value is too long (max %zu bytes)", k->name, k->size - 1);
-    if ((k->kind == K_ADDR || (k->kind == K_LOOPBACK && v[0])) &&
+    if ((k->kind == HUB_CONF_ADDR || (k->kind == HUB_CONF_LOOPBACK && v[0])) &&
         hub_config_split_addr(v, host, sizeof(host), port, sizeof(port)) < 0)
         return set_err(err, errlen, "%s: '%.64s' " MSG_ADDR, k->name, v);
-    if (k->kind == K_LOOPBACK && v[0] && !is_loopback_host(host))
+    if (k->kind == HUB_CONF_LOOPBACK && v[0] && !is_loopback_host(host))
         return set_err(err, errlen,
                        "%s: '%.64s' is not a numeric loopback address (127.x.x.x or [::1]); the "
                        "control socket has no authentication",
                        k->name, v);
-    if (k->kind == K_IDENT && v[0] && !is_lua_ident(v))
+    if (k->kind == HUB_CONF_IDENT && v[0] && !is_lua_ident(v))
         return set_err(err, errlen, "%s: '%.64s' is not a Lua identifier", k->name, v);
-    if (k->kind != K_PATH || !base || !base[0] || v[0] == '/' || v[0] == '\0')
+    if (k->kind != HUB_CONF_PATH || !base || !base[0] || v[0] == '/' || v[0] == '\0')
         base = "";
     int n = snprintf(field, k->size, "%s%s", base, v);
     if (n < 0 || (size_t)n >= k->size) {
@@ -359,127 +348,397 @@ static int set_string(hub_config *c, const key_spec *k, const char *v, const cha
     return 0;
 }
 
-/* The shared per-key entry point of the file loader and command-line overrides. */
-static int apply(hub_config *c, const char *section, const char *name, const char *value,
-                 const char *base, char *err, size_t errlen)
+/* LIST: append a copy of v. The array grows to the next power of two, so that n alone tells
+ * when it is full. -ENOMEM leaves the list as it was. */
+static int list_append(void *data, const hub_conf_row *k, const char *v, int line, char *err,
+                       size_t errlen)
 {
-    const key_spec *k = find_key(section, name);
-    if (!k) {
-        if (section[0] == '\0')
-            return set_err(err, errlen, "key '%.64s' is outside any section", name);
-        if (!section_known(section))
-            return set_err(err, errlen, "unknown section [%.64s] (not supported by this build)",
-                           section);
-        return set_err(err, errlen, "unknown key '%.64s' in section [%s]", name, section);
+    hub_conf_list *l = (hub_conf_list *)((char *)data + k->off);
+    if ((l->n & (l->n - 1)) == 0) {
+        size_t cap = l->n ? l->n * 2 : 1;
+        hub_conf_item *items = hub_realloc(l->items, cap * sizeof(*items));
+        if (!items)
+            goto oom;
+        l->items = items;
     }
-    if (!value)
-        return set_err(err, errlen, "%s: missing value", name);
+    char *copy = hub_strndup(v, strlen(v));
+    if (!copy)
+        goto oom;
+    l->items[l->n].value = copy;
+    l->items[l->n].line = line;
+    l->n++;
+    return 0;
+oom:
+    set_err(err, errlen, "%s: out of memory", k->name);
+    return -ENOMEM;
+}
+
+/* One value for row k of the struct at data, from the file's line (0: not from a file). */
+static int set_row(void *data, const hub_conf_row *k, const char *v, const char *base, int line,
+                   char *err, size_t errlen)
+{
     switch (k->kind) {
-    case K_ADDR:
-    case K_LOOPBACK:
-    case K_IDENT:
-    case K_PATH:
-        return set_string(c, k, value, base, err, errlen);
+    case HUB_CONF_ADDR:
+    case HUB_CONF_LOOPBACK:
+    case HUB_CONF_IDENT:
+    case HUB_CONF_PATH:
+    case HUB_CONF_STRING:
+        return set_string(data, k, v, base, err, errlen);
+    case HUB_CONF_LIST:
+        return list_append(data, k, v, line, err, errlen);
     default:
-        return set_number(c, k, value, err, errlen);
+        return set_number(data, k, v, err, errlen);
     }
+}
+
+/* The rows' defaults over data (zeroed by the caller). Relative PATH defaults stay relative to
+ * the working directory: a default belongs to no file. */
+static int apply_defaults(const hub_conf_section *s, void *data, char *err, size_t errlen)
+{
+    char reason[256];
+    for (const hub_conf_row *k = s->rows; k && k->name; k++) {
+        if (k->def && set_row(data, k, k->def, NULL, 0, reason, sizeof(reason)) < 0)
+            return set_err(err, errlen, "[%s] bad default: %s", s->name, reason);
+    }
+    return 0;
+}
+
+void hub_config_defaults(hub_config *c)
+{
+    memset(c, 0, sizeof(*c));
+    /* The core's defaults are literals of this file; test_config checks each of them. */
+    for (const hub_conf_section *s = core_sections; s->name; s++)
+        (void)apply_defaults(s, c, NULL, 0);
+}
+
+static const hub_conf_section *find_core_section(const char *name)
+{
+    for (const hub_conf_section *s = core_sections; s->name; s++) {
+        if (strcmp(s->name, name) == 0)
+            return s;
+    }
+    return NULL;
 }
 
 int hub_config_set(hub_config *c, const char *section, const char *key, const char *value,
                    char *err, size_t errlen)
 {
+    const hub_conf_section *s = find_core_section(section);
+    const hub_conf_row *k = s ? find_row(s, key) : NULL;
+    if (!k) {
+        if (section[0] == '\0')
+            return set_err(err, errlen, "key '%.64s' is outside any section", key);
+        if (!s)
+            return set_err(err, errlen, "unknown section [%.64s] (not supported by this build)",
+                           section);
+        return set_err(err, errlen, "unknown key '%.64s' in section [%s]", key, section);
+    }
+    if (!value)
+        return set_err(err, errlen, "%s: missing value", key);
     /* Validate into a copy so that a rejected value leaves c untouched. */
     hub_config tmp = *c;
-    int rc = apply(&tmp, section, key, value, NULL, err, errlen);
+    int rc = set_row(&tmp, k, value, NULL, 0, err, errlen);
     if (rc == 0)
         *c = tmp;
     return rc;
 }
 
+/* ---- module instances ------------------------------------------------------------------- */
+
+const hub_conf_instance *hub_conf_next(const hub_config *cfg, const char *section,
+                                       const hub_conf_instance *prev)
+{
+    const hub_conf_instance *i = prev ? prev->next : cfg->modules;
+    while (i && strcmp(i->section->name, section) != 0)
+        i = i->next;
+    return i;
+}
+
+/* NULL-safe on an instance whose data or file could not be allocated. */
+static void instance_free(hub_conf_instance *i)
+{
+    for (const hub_conf_row *k = i->section->rows; i->data && k && k->name; k++) {
+        if (k->kind != HUB_CONF_LIST)
+            continue;
+        hub_conf_list *l = (hub_conf_list *)((char *)i->data + k->off);
+        for (size_t j = 0; j < l->n; j++)
+            hub_free(l->items[j].value);
+        hub_free(l->items);
+    }
+    hub_free(i->data);
+    hub_free(i->file);
+    hub_free(i);
+}
+
+void hub_config_free(hub_config *c)
+{
+    if (!c)
+        return;
+    hub_conf_instance *i = c->modules, *next;
+    c->modules = NULL;
+    for (; i; i = next) {
+        next = i->next;
+        instance_free(i);
+    }
+}
+
+/* The size a row of this kind must have (0 for strings, which need at least 1 byte). */
+static size_t kind_size(hub_conf_kind kind)
+{
+    switch (kind) {
+    case HUB_CONF_INT:
+    case HUB_CONF_BOOL:
+    case HUB_CONF_ENUM:
+    case HUB_CONF_LEVEL:
+        return sizeof(int);
+    case HUB_CONF_LONG:
+        return sizeof(long);
+    case HUB_CONF_SIZE:
+        return sizeof(size_t);
+    case HUB_CONF_LIST:
+        return sizeof(hub_conf_list);
+    default:
+        return 0;
+    }
+}
+
+/* A module's table is checked before it is trusted with offsets into memory: a row that does not
+ * fit its struct would otherwise write past an instance. Returns 0 or -EINVAL with the reason. */
+static int check_section(const hub_conf_section *s, char *err, size_t errlen)
+{
+    if (!s->name[0] || strpbrk(s->name, ":[]; \t") || find_core_section(s->name) || !s->size)
+        return set_err(err, errlen, "section [%.64s]: bad name or size", s->name);
+    for (const hub_conf_row *k = s->rows; k && k->name; k++) {
+        size_t want = kind_size(k->kind);
+        int bad = k->kind < HUB_CONF_INT || k->kind > HUB_CONF_LIST;
+        bad |= want ? k->size != want : k->size == 0;
+        bad |= k->off > s->size || k->size > s->size - k->off;
+        bad |= k->kind == HUB_CONF_ENUM && (!k->choices || !k->choices[0]);
+        bad |= k->kind == HUB_CONF_LIST && k->def != NULL;
+        if (bad)
+            return set_err(err, errlen, "section [%s] key '%.64s': row does not fit its kind",
+                           s->name, k->name);
+    }
+    return 0;
+}
+
 /* ---- the file ------------------------------------------------------------------------- */
 
-/* inih numbers the lines it reads, and a line longer than its buffer is read in several pieces
- * and miscounted; it also only reports the first error's line, not its reason. So we read the
- * lines ourselves, count physical lines, and record the first error with its own line. */
+/* We read the lines ourselves rather than through libinih: Debian builds it with 200-byte lines
+ * (a longer one is cut into pieces and miscounted), 50-byte section names (cut silently, and
+ * [name:INSTANCE] needs more) and no call for a section without keys (an instance needs one).
+ * The dialect is inih's, as the core has always read it: ';' or '#' starts a comment line,
+ * ';' after a blank starts an inline comment, '=' or ':' ends the key, blanks around keys and
+ * values are dropped, a UTF-8 BOM is skipped, and text after "[section]" is ignored. inih reads
+ * an indented line after a key as more of its value; we refuse that instead. */
 typedef struct load_ctx {
-    hub_config *c;
+    hub_config *c; /* the copy being filled */
+    const hub_conf_section *const *tables;
+    const char *path;
     FILE *f;
-    int lineno;     /* physical line of the text last read */
-    int reads;      /* reader calls that returned text: inih's own line count */
-    int at_bol;     /* the next read starts a new physical line */
-    int indented;   /* the current physical line starts with a blank */
+    int lineno;
     int read_errno; /* errno of a failed read, 0 if none */
-    int err_reads;  /* inih's line count at the first recorded error, 0 = none */
-    int err_line;   /* physical line of the first recorded error */
-    char prev_section[64];
-    char prev_name[64];
+    /* The section being read: secname as written (cut to fit, for messages); sec NULL when
+     * secname names no known section; data where sec's rows are stored. */
+    int in_section;
+    char secname[128];
+    const hub_conf_section *sec;
+    void *data;
+    char prev_name[65];      /* the last key since the header, "" if none */
     char base[HUB_PATH_MAX]; /* the config file's directory with a trailing '/', or "" */
     char reason[256];
+    char line[HUB_CONF_LINE_MAX + 1];
 } load_ctx;
 
-static void record(load_ctx *x, const char *reason)
+static char *lskip(char *s)
 {
-    if (x->err_reads)
-        return;
-    x->err_reads = x->reads;
-    x->err_line = x->lineno;
-    snprintf(x->reason, sizeof(x->reason), "%s", reason);
+    while (*s && isspace((unsigned char)*s))
+        s++;
+    return s;
 }
 
-static char *count_reader(char *str, int num, void *stream)
+static char *rstrip(char *s)
 {
-    load_ctx *x = stream;
-    if (!fgets(str, num, x->f)) {
-        if (ferror(x->f))
-            x->read_errno = errno ? errno : EIO;
-        return NULL;
-    }
-    size_t n = strlen(str);
-    x->reads++;
-    if (x->at_bol) {
-        x->lineno++;
-        x->indented = str[0] == ' ' || str[0] == '\t';
-        /* inih forgets the previous key at a section header; so do we. */
-        if (str[strspn(str, " \t")] == '[')
-            x->prev_name[0] = '\0';
-        /* A piece that fills the buffer without a newline (and is not the last) is cut. */
-        if (n == (size_t)num - 1 && str[n - 1] != '\n') {
-            int next = getc(x->f);
-            if (next != EOF) {
-                ungetc(next, x->f);
-                char msg[64];
-                snprintf(msg, sizeof(msg), "line is too long (max %d characters)", num - 2);
-                record(x, msg);
-            }
-        }
-    }
-    x->at_bol = n > 0 && str[n - 1] == '\n';
-    return str;
+    char *p = s + strlen(s);
+    while (p > s && isspace((unsigned char)p[-1]))
+        *--p = '\0';
+    return s;
 }
 
-static int load_handler(void *user, const char *section, const char *name, const char *value)
+/* The first of chars (NULL: none) or of an inline comment (';' after a blank) in s, else its
+ * end. */
+static char *find_chars_or_comment(char *s, const char *chars)
 {
-    load_ctx *x = user;
-    char reason[256];
-    if (!name)
-        name = ""; /* inih built to announce each new section: nothing to set yet */
-    /* inih reads an indented line after a key as more of that key's value (multi-line values);
-     * refuse that rather than silently mangle an indented config. */
-    if (x->indented && strcmp(section, x->prev_section) == 0 && strcmp(name, x->prev_name) == 0) {
-        snprintf(reason, sizeof(reason),
-                 "indented line continues the value of '%.64s'; remove the indentation", name);
-        record(x, reason);
-        return 0;
+    int was_space = 0;
+    while (*s && (!chars || !strchr(chars, *s)) && !(was_space && *s == ';')) {
+        was_space = isspace((unsigned char)*s);
+        s++;
     }
-    snprintf(x->prev_section, sizeof(x->prev_section), "%s", section);
-    snprintf(x->prev_name, sizeof(x->prev_name), "%s", name);
-    if (!name[0] && section_known(section))
-        return 1;
-    if (apply(x->c, section, name, value, x->base, reason, sizeof(reason)) < 0) {
-        record(x, reason);
+    return s;
+}
+
+/* One physical line into x->line without its '\n'. 1 when a line was read, 0 at the end of the
+ * file, -EIO with read_errno set on a read error, -EINVAL for a line too long or with a NUL. */
+static int read_line(load_ctx *x)
+{
+    size_t n = 0;
+    int ch = getc(x->f);
+    if (ch == EOF) {
+        x->read_errno = ferror(x->f) ? (errno ? errno : EIO) : 0;
+        return x->read_errno ? -EIO : 0;
+    }
+    x->lineno++;
+    /* Bounded by the file: each pass consumes a byte. */
+    for (; ch != EOF && ch != '\n'; ch = getc(x->f)) {
+        if (n == HUB_CONF_LINE_MAX)
+            return set_err(x->reason, sizeof(x->reason), "line is too long (max %d bytes)",
+                           HUB_CONF_LINE_MAX);
+        if (ch == '\0')
+            return set_err(x->reason, sizeof(x->reason), "line holds a NUL byte");
+        x->line[n++] = (char)ch;
+    }
+    if (ch == EOF && ferror(x->f)) {
+        x->read_errno = errno ? errno : EIO;
+        return -EIO;
+    }
+    x->line[n] = '\0';
+    return 1;
+}
+
+static const hub_conf_section *find_section(const load_ctx *x, const char *name)
+{
+    const hub_conf_section *s = find_core_section(name);
+    for (size_t t = 0; !s && x->tables[t]; t++) {
+        for (s = x->tables[t]; s->name && strcmp(s->name, name) != 0; s++)
+            ;
+        if (!s->name)
+            s = NULL;
+    }
+    return s;
+}
+
+static int valid_instance_name(const char *s)
+{
+    size_t n = strlen(s);
+    if (n == 0 || n > HUB_CONF_INSTANCE_MAX)
         return 0;
+    for (size_t i = 0; i < n; i++) {
+        if (!isalnum((unsigned char)s[i]) && s[i] != '_' && s[i] != '-')
+            return 0;
     }
     return 1;
+}
+
+/* The instance [s->name:inst] of this file, made from the rows' defaults when it is new. A
+ * repeated header continues its instance; a name differing from another only in case would be
+ * a second instance nobody meant, so it is an error. */
+static int open_instance(load_ctx *x, const hub_conf_section *s, const char *inst)
+{
+    hub_conf_instance **tail = &x->c->modules, *i;
+    for (; (i = *tail); tail = &i->next) {
+        if (i->section != s)
+            continue;
+        if (strcmp(i->name, inst) == 0) {
+            x->data = i->data;
+            return 0;
+        }
+        if (strcasecmp(i->name, inst) == 0)
+            return set_err(x->reason, sizeof(x->reason),
+                           "duplicate instance name: [%s:%s] differs from [%s:%s] (line %d) only "
+                           "in case",
+                           s->name, inst, s->name, i->name, i->line);
+    }
+    if (!(i = hub_calloc(1, sizeof(*i))))
+        goto oom;
+    /* Appended at once, so that hub_config_free frees it whatever fails next. */
+    *tail = i;
+    i->section = s;
+    snprintf(i->name, sizeof(i->name), "%s", inst);
+    i->line = x->lineno;
+    if (!(i->file = hub_strndup(x->path, strlen(x->path))) || !(i->data = hub_calloc(1, s->size)))
+        goto oom;
+    x->data = i->data;
+    return apply_defaults(s, i->data, x->reason, sizeof(x->reason));
+oom:
+    set_err(x->reason, sizeof(x->reason), "out of memory");
+    return -ENOMEM;
+}
+
+/* A "[...]" line: name is the text between the brackets. An unknown section is reported at its
+ * first key, as it always was, so that the error shows what would have been set. */
+static int open_section(load_ctx *x, char *name)
+{
+    snprintf(x->secname, sizeof(x->secname), "%s", name);
+    x->in_section = name[0] != '\0'; /* "[]": keys after it are outside any section */
+    x->prev_name[0] = '\0';
+    x->sec = NULL;
+    x->data = NULL;
+    char *inst = strchr(name, ':');
+    if (inst)
+        *inst++ = '\0';
+    const hub_conf_section *s = find_section(x, name);
+    if (!s)
+        return 0;
+    if (inst && !s->named)
+        return set_err(x->reason, sizeof(x->reason),
+                       "section [%s] takes no instance name ('%.64s')", s->name, inst);
+    if (inst && !valid_instance_name(inst))
+        return set_err(x->reason, sizeof(x->reason),
+                       "bad instance name '%.64s' in [%s:...] (letters, digits, '_' and '-', at "
+                       "most %d bytes)",
+                       inst, s->name, HUB_CONF_INSTANCE_MAX);
+    x->sec = s;
+    if (find_core_section(s->name)) {
+        x->data = x->c;
+        return 0;
+    }
+    return open_instance(x, s, inst ? inst : "");
+}
+
+static int set_key(load_ctx *x, const char *name, const char *value)
+{
+    char *r = x->reason;
+    size_t rlen = sizeof(x->reason);
+    if (!x->in_section)
+        return set_err(r, rlen, "key '%.64s' is outside any section", name);
+    if (!x->sec)
+        return set_err(r, rlen, "unknown section [%.64s] (not supported by this build)",
+                       x->secname);
+    const hub_conf_row *k = find_row(x->sec, name);
+    if (!k)
+        return set_err(r, rlen, "unknown key '%.64s' in section [%s]", name, x->secname);
+    return set_row(x->data, k, value, x->base, x->lineno, r, rlen);
+}
+
+/* One line of x->line: 0, or <0 with x->reason set. */
+static int parse_line(load_ctx *x)
+{
+    char *line = x->line, *start = line, *end;
+    if (x->lineno == 1 && strncmp(start, "\xEF\xBB\xBF", 3) == 0)
+        start += 3;
+    start = lskip(rstrip(start));
+    if (*start == '\0' || *start == ';' || *start == '#')
+        return 0;
+    if (x->prev_name[0] && start > line)
+        return set_err(x->reason, sizeof(x->reason),
+                       "indented line continues the value of '%.64s'; remove the indentation",
+                       x->prev_name);
+    if (*start == '[') {
+        end = find_chars_or_comment(start + 1, "]");
+        if (*end != ']')
+            return set_err(x->reason, sizeof(x->reason), MSG_SYNTAX);
+        *end = '\0';
+        return open_section(x, start + 1);
+    }
+    end = find_chars_or_comment(start, "=:");
+    if (*end != '=' && *end != ':')
+        return set_err(x->reason, sizeof(x->reason), MSG_SYNTAX);
+    *end = '\0';
+    char *name = rstrip(start), *value = end + 1;
+    *find_chars_or_comment(value, NULL) = '\0';
+    value = rstrip(lskip(value));
+    snprintf(x->prev_name, sizeof(x->prev_name), "%s", name);
+    return set_key(x, name, value);
 }
 
 /* The directory part of path, with its trailing '/', or "" when path has none. */
@@ -494,40 +753,95 @@ static int dir_of(const char *path, char *out, size_t outlen)
     return 0;
 }
 
-int hub_config_load(hub_config *c, const char *path, char *err, size_t errlen)
+/* Each module table checked, and no section name claimed twice. */
+static int check_tables(const hub_conf_section *const *tables, char *err, size_t errlen)
 {
-    load_ctx ctx = {0}, *x = &ctx;
-    /* Parse into a copy so that a file with an error leaves c untouched. */
-    hub_config tmp = *c;
-    x->c = &tmp;
-    x->at_bol = 1;
-    if (dir_of(path, x->base, sizeof(x->base)) < 0) {
-        set_err(err, errlen, "%s:0: path is too long", path);
-        return -ENAMETOOLONG;
+    for (size_t t = 0; tables[t]; t++) {
+        for (const hub_conf_section *s = tables[t]; s->name; s++) {
+            int rc = check_section(s, err, errlen);
+            for (size_t u = 0; rc == 0 && u <= t; u++) {
+                for (const hub_conf_section *o = tables[u]; o->name && o != s; o++) {
+                    if (strcmp(o->name, s->name) == 0)
+                        rc = set_err(err, errlen, "section [%s] is claimed twice", s->name);
+                }
+            }
+            if (rc < 0)
+                return rc;
+        }
     }
-    x->f = fopen(path, "r");
+    return 0;
+}
+
+static int load_file(load_ctx *x)
+{
+    int rc;
+    x->f = fopen(x->path, "r");
     if (!x->f) {
-        int e = errno;
-        set_err(err, errlen, "%s:0: cannot open: %s", path, strerror(e));
-        return -e;
-    }
-    int rc = ini_parse_stream(count_reader, x, load_handler, x);
-    fclose(x->f);
-    if (x->read_errno) {
-        set_err(err, errlen, "%s:0: cannot read: %s", path, strerror(x->read_errno));
+        x->read_errno = errno;
+        snprintf(x->reason, sizeof(x->reason), "cannot open: %s", strerror(errno));
         return -x->read_errno;
     }
-    if (rc < 0) {
+    /* Bounded by the file: each pass reads a line, and the first error stops. */
+    while ((rc = read_line(x)) > 0 && (rc = parse_line(x)) == 0)
+        ;
+    fclose(x->f);
+    if (x->read_errno) {
+        x->lineno = 0;
+        snprintf(x->reason, sizeof(x->reason), "cannot read: %s", strerror(x->read_errno));
+        return -x->read_errno;
+    }
+    return rc;
+}
+
+int hub_config_load_sections(hub_config *c, const char *path,
+                             const hub_conf_section *const *sections, char *err, size_t errlen)
+{
+    static const hub_conf_section *const none[] = {NULL};
+    load_ctx *x = hub_calloc(1, sizeof(*x));
+    if (!x) {
         set_err(err, errlen, "%s:0: out of memory", path);
         return -ENOMEM;
     }
-    /* inih reports the first bad line; it is a syntax error unless we recorded it ourselves.
-     * Up to our first error, inih's count and ours agree (only a long line splits them). */
-    if (rc > 0 && (!x->err_reads || rc < x->err_reads))
-        return set_err(err, errlen, "%s:%d: syntax error (expected [section] or key = value)", path,
-                       rc);
-    if (x->err_reads)
-        return set_err(err, errlen, "%s:%d: %s", path, x->err_line, x->reason);
-    *c = tmp;
-    return 0;
+    /* Parse into a copy so that a file with an error leaves c untouched. */
+    hub_config tmp = *c;
+    tmp.modules = NULL;
+    x->c = &tmp;
+    x->path = path;
+    x->tables = sections ? sections : none;
+    int rc = check_tables(x->tables, x->reason, sizeof(x->reason));
+    if (rc == 0 && (strlen(path) >= sizeof(tmp.file) || dir_of(path, x->base, sizeof(x->base)) < 0))
+        rc = set_err(x->reason, sizeof(x->reason), "path is too long");
+    if (rc == 0)
+        rc = load_file(x);
+    if (rc < 0) {
+        set_err(err, errlen, "%s:%d: %s", path, x->lineno, x->reason);
+        hub_config_free(&tmp);
+    } else {
+        snprintf(tmp.file, sizeof(tmp.file), "%s", path);
+        /* The new instances replace the old: this file's modules are the config's. */
+        hub_config_free(c);
+        *c = tmp;
+        rc = 0;
+    }
+    hub_free(x);
+    return rc;
+}
+
+int hub_config_load(hub_config *c, const char *path, char *err, size_t errlen)
+{
+    size_t n = 0, t = 0;
+    while (hub_modules[n])
+        n++;
+    const hub_conf_section **tables = hub_calloc(n + 1, sizeof(*tables));
+    if (!tables) {
+        set_err(err, errlen, "%s:0: out of memory", path);
+        return -ENOMEM;
+    }
+    for (size_t i = 0; i < n; i++) {
+        if (hub_modules[i]->sections)
+            tables[t++] = hub_modules[i]->sections;
+    }
+    int rc = hub_config_load_sections(c, path, tables, err, errlen);
+    hub_free(tables);
+    return rc;
 }

@@ -224,13 +224,25 @@ void hub__event_connect(hub *h, hub_client *c)
     hub__worker_queue_item(h, c->worker, HUB_EV_CONNECT, c, NULL, 0);
 }
 
+int hub__event_admit(hub *h, hub_client *c)
+{
+    if (!h->nworkers || !hub__worker_full(h, c->worker))
+        return 0;
+    hub__worker_pause(h, c->worker, c);
+    return -EAGAIN;
+}
+
 int hub__event_message(hub *h, hub_client *c, const char *data, size_t len)
 {
     if (!h->nworkers) {
         h->ops->on_message(h->script, c->id, data, len);
         return 0;
     }
-    return hub__worker_queue_item(h, c->worker, HUB_EV_MESSAGE, c, data, len);
+    if (hub__worker_queue_item(h, c->worker, HUB_EV_MESSAGE, c, data, len) == 0)
+        return 0;
+    HUB_STAT_ADD(h, frames_lost, 1);
+    hub__client_close(c, "internal", "out of memory queueing a frame for the script");
+    return -ENOMEM;
 }
 
 void hub__event_close(hub *h, hub_client *c)

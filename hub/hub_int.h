@@ -98,7 +98,7 @@ struct hub_tag {
 typedef struct hub_stats {
     _Atomic uint64_t accepted, refused, closed;
     _Atomic uint64_t frames_in, bytes_in, frames_out, bytes_out;
-    _Atomic uint64_t decode_errors, slow_closes, dropped_frames;
+    _Atomic uint64_t decode_errors, slow_closes, dropped_frames, frames_lost;
     _Atomic uint64_t reloads, reload_failures;
     _Atomic uint64_t script[HUB_SCRIPT_NCOUNTS]; /* the loop's own state (workers == 0) */
 } hub_stats;
@@ -260,7 +260,11 @@ enum {
 
 /* script events from the loop: inline when workers == 0, else queued to the worker */
 void hub__event_connect(hub *h, hub_client *c);
-/* Returns 0, or -EAGAIN when the worker's queue is full (the frame was not taken). */
+/* Backpressure, decided here only: 0 when c's executor can take another frame, or -EAGAIN
+ * when its queue is full (reading from c is then paused until it drains). */
+int hub__event_admit(hub *h, hub_client *c);
+/* Hand a frame to c's executor. 0, or -ENOMEM: the frame could not be queued, so c is
+ * closed with that reason and counted (frames_lost) — never silently lost. */
 int hub__event_message(hub *h, hub_client *c, const char *data, size_t len);
 void hub__event_close(hub *h, hub_client *c);
 

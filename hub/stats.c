@@ -58,6 +58,10 @@ size_t hub__stats_collect(hub *h, hub_stat *out, size_t cap)
         HUB_STAT_GET(h, decode_errors));
     put(&c, "slow_consumer_closes", "connections closed for a write queue over max_outbuf", 0, -1,
         HUB_STAT_GET(h, slow_closes));
+    put(&c, "frames_lost",
+        "frames that could not be queued for the script (out of memory); each closed its "
+        "connection",
+        0, -1, HUB_STAT_GET(h, frames_lost));
     put(&c, "dropped_frames", "frames dropped for a full write queue (outbuf_policy drop)", 0, -1,
         HUB_STAT_GET(h, dropped_frames));
     size_t totals = c.n; /* the loop's script counts, plus the workers' added below */
