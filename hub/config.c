@@ -760,7 +760,7 @@ static int check_tables(const hub_conf_section *const *tables, char *err, size_t
         for (const hub_conf_section *s = tables[t]; s->name; s++) {
             int rc = check_section(s, err, errlen);
             for (size_t u = 0; rc == 0 && u <= t; u++) {
-                for (const hub_conf_section *o = tables[u]; o->name && o != s; o++) {
+                for (const hub_conf_section *o = tables[u]; o->name && (u < t || o < s); o++) {
                     if (strcmp(o->name, s->name) == 0)
                         rc = set_err(err, errlen, "section [%s] is claimed twice", s->name);
                 }

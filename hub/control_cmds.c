@@ -104,7 +104,7 @@ static void cmd_status(hub_ctl_call *call, json_object *params, void *ud)
     json_object_object_add(sc, "reloads", u64(HUB_STAT_GET(h, reloads)));
     json_object_object_add(sc, "reload_failures", u64(HUB_STAT_GET(h, reload_failures)));
     json_object_object_add(sc, "last_error",
-                           h->reload_error ? json_object_new_string(h->reload_error) : NULL);
+                           h->rl.error ? json_object_new_string(h->rl.error) : NULL);
     json_object_object_add(r, "script", sc);
     for (int i = 0; i < h->nworkers; i++) {
         hub_worker_view wv;

@@ -107,6 +107,23 @@ typedef struct hub_stats {
 #define HUB_STAT_ADD(h, f, n)                                                                      \
     atomic_store_explicit(&(h)->stats.f, HUB_STAT_GET(h, f) + (uint64_t)(n), memory_order_relaxed)
 
+/* A reload round's state (reload.c). */
+typedef struct hub_reload {
+    char *error;  /* the last failed reload's reason, or NULL */
+    int checking; /* check_thread is checking the script for a reload round */
+    pthread_t check_thread;
+    int waiting;       /* workers that have not yet answered a reload */
+    int failed;        /* one of them failed */
+    atomic_int cancel; /* set at shutdown: a reload's loads stop where they are */
+    char *source;      /* the text of the script a reload round loads, read once */
+    size_t source_len;
+    hub_ctl_call **calls; /* control calls waiting for the reload under way */
+    size_t ncalls;
+    hub_ctl_call **next; /* ...and for the one asked for while it runs */
+    size_t nnext;
+    int again; /* a reload was asked for while one ran */
+} hub_reload;
+
 struct hub {
     struct ev_loop *loop;
     hub_config cfg;
@@ -166,24 +183,12 @@ struct hub {
 
     /* control socket and what it reports (control.c, control_cmds.c) */
     hub_ctl *ctl;
-    char listen_addr[320]; /* the address actually bound, as logged */
-    double started;        /* wall-clock seconds at start */
-    double script_loaded;  /* wall-clock seconds the running script was loaded */
-    char *reload_error;    /* the last failed reload's reason, or NULL */
-    int checking;          /* check_thread is checking the script for a reload round */
-    pthread_t check_thread;
-    int reload_waiting;       /* workers that have not yet answered a reload */
-    int reload_failed;        /* one of them failed */
-    hub_list_job *list_jobs;  /* client listings under way (control_cmds.c) */
-    ev_timer list_w;          /* writes their next slices */
-    atomic_int reload_cancel; /* set at shutdown: a reload's loads stop where they are */
-    char *reload_source;      /* the text of the script a reload round loads, read once */
-    size_t reload_source_len;
-    hub_ctl_call **reload_calls; /* control calls waiting for the reload under way */
-    size_t nreload_calls;
-    hub_ctl_call **reload_next; /* ...and for the one asked for while it runs */
-    size_t nreload_next;
-    int reload_again; /* a reload was asked for while one ran */
+    char listen_addr[320];   /* the address actually bound, as logged */
+    double started;          /* wall-clock seconds at start */
+    double script_loaded;    /* wall-clock seconds the running script was loaded */
+    hub_list_job *list_jobs; /* client listings under way (control_cmds.c) */
+    ev_timer list_w;         /* writes their next slices */
+    hub_reload rl;           /* reload.c */
 };
 
 /* listener (listener.c): bind and log the address; 0 or <0 with err set */
@@ -311,7 +316,11 @@ void hub__tag_changed(hub *h, hub_client *c);
 /* What a state of worker (-1: the loop's) loads: the configured script, or during a reload
  * round the text read once for it, cancelled at shutdown (loop.c). */
 hub_script_conf hub__script_conf(const hub *h, int worker);
-/* reload (loop.c): check the script, then reload every state. call (may be NULL) is answered
+/* At exit: wait for the check thread (reload_cancel is set), then answer and free what a
+ * round left (after the mailbox ran its verdict). */
+void hub__reload_join(hub *h);
+void hub__reload_free(hub *h);
+/* reload (reload.c): check the script, then reload every state. call (may be NULL) is answered
  * once every state runs the new script, or with the reason it failed. */
 void hub__reload(hub *h, hub_ctl_call *call);
 /* The check thread's verdict on the script (why is NULL when it loads), in the loop. */

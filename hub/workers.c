@@ -474,7 +474,7 @@ static int wait_decision(hub_worker *w)
         }
         /* STOP came first, or the hub is stopping: its STOP may already be in this worker's
          * batch, behind the reload, where this scan cannot see it. */
-        if (it || atomic_load(&w->h->reload_cancel))
+        if (it || atomic_load(&w->h->rl.cancel))
             break;
         w->sleeping = 1;
         pthread_cond_wait(&w->cv, &w->mu);
