@@ -1,5 +1,6 @@
-/* Unit tests for the INI configuration: defaults, each key, strict values, error messages with
- * file:line, relative script paths, and host:port splitting. */
+/* Unit tests for the INI configuration: defaults from the rows, each key, strict values, error
+ * messages with file:line, relative script paths, host:port splitting, and the sections modules
+ * own (lists, named instances, freeing). */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -13,6 +14,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "hub/alloc.h"
 #include "hub/config.h"
 #include "hub/log.h"
 
@@ -139,6 +141,9 @@ static void test_config_empty_file_keeps_defaults(void **state)
     hub_config_defaults(&c);
     hub_config_defaults(&d);
     assert_int_equal(load_text(&c, "", path, sizeof(path), err, sizeof(err)), 0);
+    /* Only the name of the file read changes. */
+    assert_string_equal(c.file, path);
+    snprintf(d.file, sizeof(d.file), "%s", path);
     assert_memory_equal(&c, &d, sizeof(c));
 }
 
@@ -383,11 +388,12 @@ static void test_config_indented_continuation_is_an_error(void **state)
 static void test_config_long_line_reports_its_own_line(void **state)
 {
     (void)state;
-    char text[1024];
+    char text[HUB_CONF_LINE_MAX + 128];
     int n = snprintf(text, sizeof(text), "[lua]\n; ok\nscript = /");
-    memset(text + n, 'x', 400);
-    snprintf(text + n + 400, sizeof(text) - (size_t)n - 400, ".lua\n[evapi]\nbacklog = 0\n");
-    expect_error(text, 3, "line is too long (max 198 characters)");
+    memset(text + n, 'x', HUB_CONF_LINE_MAX);
+    snprintf(text + n + HUB_CONF_LINE_MAX, sizeof(text) - (size_t)n - HUB_CONF_LINE_MAX,
+             ".lua\n[evapi]\nbacklog = 0\n");
+    expect_error(text, 3, "line is too long (max 4096 bytes)");
 }
 
 static void test_config_error_leaves_config_untouched(void **state)
@@ -513,6 +519,474 @@ static void test_config_relative_script_resolves_against_config_dir(void **state
     rmdir(dir);
 }
 
+/* ---- sections owned by modules ------------------------------------------------------------ */
+
+/* A module's section for the tests, with the kinds a module is likely to use. */
+typedef struct demo_conf {
+    int port;
+    char host[32];
+    hub_conf_list topics;
+    int mode;
+    int verbose;
+    char dir[64];
+} demo_conf;
+
+static const char *const ten_modes[] = {"m0", "m1", "m2", "m3", "m4", "m5",
+                                        "m6", "m7", "m8", "m9", NULL};
+
+static const hub_conf_row demo_rows[] = {
+    HUB_CONF_ROW(demo_conf, "port", HUB_CONF_INT, port, 1, 65535, NULL, "9000"),
+    HUB_CONF_ROW(demo_conf, "host", HUB_CONF_STRING, host, 0, 0, NULL, "localhost"),
+    HUB_CONF_ROW(demo_conf, "topic", HUB_CONF_LIST, topics, 0, 0, NULL, NULL),
+    HUB_CONF_ROW(demo_conf, "mode", HUB_CONF_ENUM, mode, 0, 0, ten_modes, "m0"),
+    HUB_CONF_ROW(demo_conf, "verbose", HUB_CONF_BOOL, verbose, 0, 1, NULL, "yes"),
+    HUB_CONF_ROW(demo_conf, "dir", HUB_CONF_PATH, dir, 0, 0, NULL, NULL),
+    {.name = NULL},
+};
+
+static const hub_conf_section demo_sections[] = {
+    {.name = "demo", .named = 1, .size = sizeof(demo_conf), .rows = demo_rows},
+    {.name = "single", .size = sizeof(demo_conf), .rows = demo_rows},
+    {.name = NULL},
+};
+static const hub_conf_section *const demo_tables[] = {demo_sections, NULL};
+
+/* Load text with the demo sections; the caller frees c. */
+static int load_demo(hub_config *c, const char *text, char *path, size_t pathlen, char *err,
+                     size_t errlen)
+{
+    write_conf(path, pathlen, text);
+    int rc = hub_config_load_sections(c, path, demo_tables, err, errlen);
+    unlink(path);
+    return rc;
+}
+
+/* As expect_error, with the demo sections. */
+static void expect_demo_error(const char *text, int line, const char *reason)
+{
+    hub_config c;
+    char path[64], err[512], want[512];
+    hub_config_defaults(&c);
+    int rc = load_demo(&c, text, path, sizeof(path), err, sizeof(err));
+    snprintf(want, sizeof(want), "%s:%d: %s", path, line, reason);
+    assert_int_equal(rc, -EINVAL);
+    assert_string_equal(err, want);
+    assert_null(c.modules);
+    hub_config_free(&c);
+}
+
+static const demo_conf *demo_of(const hub_conf_instance *i)
+{
+    assert_non_null(i);
+    return i->data;
+}
+
+static void test_config_defaults_ignore_what_the_memory_held(void **state)
+{
+    (void)state;
+    hub_config c;
+    memset(&c, 0xa5, sizeof(c));
+    hub_config_defaults(&c);
+    assert_null(c.modules);
+    assert_string_equal(c.file, "");
+    assert_string_equal(c.bind_addr, "127.0.0.1:8448");
+    assert_string_equal(c.event_callback, "");
+    assert_string_equal(c.script, "");
+    assert_string_equal(c.control_tcp, "");
+    assert_int_equal(c.max_memory, 0);
+    assert_int_equal(c.log_syslog, 0);
+}
+
+static void test_config_list_key_keeps_every_value_with_its_line(void **state)
+{
+    (void)state;
+    hub_config c;
+    char path[64], err[512];
+    hub_config_defaults(&c);
+    assert_int_equal(load_demo(&c,
+                               "[single]\n"
+                               "topic = a\n"
+                               "port = 1\n"
+                               "topic = b ; a comment\n"
+                               "\n"
+                               "topic = c d\n",
+                               path, sizeof(path), err, sizeof(err)),
+                     0);
+    const demo_conf *d = demo_of(hub_conf_next(&c, "single", NULL));
+    assert_int_equal(d->topics.n, 3);
+    assert_string_equal(d->topics.items[0].value, "a");
+    assert_int_equal(d->topics.items[0].line, 2);
+    assert_string_equal(d->topics.items[1].value, "b");
+    assert_int_equal(d->topics.items[1].line, 4);
+    assert_string_equal(d->topics.items[2].value, "c d");
+    assert_int_equal(d->topics.items[2].line, 6);
+    assert_int_equal(d->port, 1);
+    hub_config_free(&c);
+}
+
+static void test_config_module_key_given_twice_keeps_the_last(void **state)
+{
+    (void)state;
+    hub_config c;
+    char path[64], err[512];
+    hub_config_defaults(&c);
+    assert_int_equal(load_demo(&c, "[single]\nport = 1\n[evapi]\nbacklog = 3\n[single]\nport = 2\n",
+                               path, sizeof(path), err, sizeof(err)),
+                     0);
+    const hub_conf_instance *i = hub_conf_next(&c, "single", NULL);
+    assert_int_equal(demo_of(i)->port, 2);
+    /* The second [single] continued the first: one instance, from line 1. */
+    assert_int_equal(i->line, 1);
+    assert_null(hub_conf_next(&c, "single", i));
+    assert_int_equal(c.backlog, 3);
+    hub_config_free(&c);
+}
+
+static void test_config_named_instances_get_defaults_and_their_own_values(void **state)
+{
+    (void)state;
+    hub_config c;
+    char path[64], err[512], want[128];
+    hub_config_defaults(&c);
+    assert_int_equal(load_demo(&c,
+                               "[demo:a]\n"
+                               "port = 1\n"
+                               "dir = spool\n"
+                               "[demo:b]\n"
+                               "host = h\n"
+                               "[single]\n"
+                               "[demo:a]\n"
+                               "topic = x\n"
+                               "[demo]\n"
+                               "[demo:c-2_Z]\n",
+                               path, sizeof(path), err, sizeof(err)),
+                     0);
+    assert_string_equal(c.file, path);
+
+    const hub_conf_instance *a = hub_conf_next(&c, "demo", NULL);
+    assert_string_equal(a->name, "a");
+    assert_int_equal(a->line, 1);
+    assert_string_equal(a->file, path);
+    assert_int_equal(demo_of(a)->port, 1);
+    assert_string_equal(demo_of(a)->host, "localhost");
+    assert_int_equal(demo_of(a)->verbose, 1);
+    assert_int_equal(demo_of(a)->topics.n, 1);
+    assert_int_equal(demo_of(a)->topics.items[0].line, 8);
+    /* A relative path in a module's section resolves against the file's directory too. */
+    snprintf(want, sizeof(want), "/tmp/spool");
+    assert_string_equal(demo_of(a)->dir, want);
+
+    const hub_conf_instance *b = hub_conf_next(&c, "demo", a);
+    assert_string_equal(b->name, "b");
+    assert_int_equal(b->line, 4);
+    assert_int_equal(demo_of(b)->port, 9000);
+    assert_string_equal(demo_of(b)->host, "h");
+    assert_int_equal(demo_of(b)->topics.n, 0);
+    assert_string_equal(demo_of(b)->dir, "");
+
+    /* [single] sits between them in the file but not in the walk; [demo] is the instance "". */
+    const hub_conf_instance *bare = hub_conf_next(&c, "demo", b);
+    assert_string_equal(bare->name, "");
+    assert_int_equal(bare->line, 9);
+    const hub_conf_instance *last = hub_conf_next(&c, "demo", bare);
+    assert_string_equal(last->name, "c-2_Z");
+    assert_int_equal(demo_of(last)->port, 9000);
+    assert_null(hub_conf_next(&c, "demo", last));
+
+    const hub_conf_instance *single = hub_conf_next(&c, "single", NULL);
+    assert_int_equal(single->line, 6);
+    assert_null(hub_conf_next(&c, "single", single));
+    assert_null(hub_conf_next(&c, "absent", NULL));
+    hub_config_free(&c);
+}
+
+static void test_config_bad_instance_name_reports_its_line(void **state)
+{
+    (void)state;
+    char text[256], name[80];
+    expect_demo_error("[demo:a]\n\n[demo:bad name]\nport = 1\n", 3,
+                      "bad instance name 'bad name' in [demo:...] (letters, digits, '_' and '-', "
+                      "at most 63 bytes)");
+    expect_demo_error("[demo:]\n", 1,
+                      "bad instance name '' in [demo:...] (letters, digits, '_' and '-', at most "
+                      "63 bytes)");
+    expect_demo_error("[demo:a.b]\n", 1,
+                      "bad instance name 'a.b' in [demo:...] (letters, digits, '_' and '-', at "
+                      "most 63 bytes)");
+    /* 63 bytes is a name; 64 is not. */
+    memset(name, 'n', 63);
+    name[63] = '\0';
+    snprintf(text, sizeof(text), "[demo:%s]\nport = 2\n", name);
+    hub_config c;
+    char path[64], err[512];
+    hub_config_defaults(&c);
+    assert_int_equal(load_demo(&c, text, path, sizeof(path), err, sizeof(err)), 0);
+    assert_string_equal(hub_conf_next(&c, "demo", NULL)->name, name);
+    hub_config_free(&c);
+    snprintf(text, sizeof(text), "[evapi]\n[demo:%sn]\n", name);
+    char want[256];
+    snprintf(want, sizeof(want),
+             "bad instance name '%sn' in [demo:...] (letters, digits, '_' and '-', at most 63 "
+             "bytes)",
+             name);
+    expect_demo_error(text, 2, want);
+}
+
+static void test_config_instance_of_a_section_without_instances_is_an_error(void **state)
+{
+    (void)state;
+    expect_demo_error("[single]\nport = 1\n[single:x]\nport = 2\n", 3,
+                      "section [single] takes no instance name ('x')");
+    expect_demo_error("[evapi:main]\nbacklog = 1\n", 1,
+                      "section [evapi] takes no instance name ('main')");
+}
+
+static void test_config_instance_names_differing_only_in_case_are_an_error(void **state)
+{
+    (void)state;
+    expect_demo_error("[demo:main]\nport = 1\n[demo:Main]\n", 3,
+                      "duplicate instance name: [demo:Main] differs from [demo:main] (line 1) "
+                      "only in case");
+}
+
+static void test_config_unknown_key_in_module_section_reports_its_line(void **state)
+{
+    (void)state;
+    expect_demo_error("[demo:a]\nport = 1\n\nbrokers = x\n", 4,
+                      "unknown key 'brokers' in section [demo:a]");
+    expect_demo_error("[single]\nport = 0\n", 2, "port: '0' is out of range 1..65535");
+}
+
+static void test_config_module_section_is_unknown_without_its_module(void **state)
+{
+    (void)state;
+    /* hub_config_load knows only the modules built in; none of them is "demo". */
+    expect_error("[demo:a]\nport = 1\n", 2,
+                 "unknown section [demo:a] (not supported by this build)");
+}
+
+static void test_config_line_of_the_limit_is_read_and_a_longer_one_is_an_error(void **state)
+{
+    (void)state;
+    size_t len = 5000 + 64;
+    char *text = malloc(len);
+    assert_non_null(text);
+    /* A comment of exactly HUB_CONF_LINE_MAX bytes is read as one line. */
+    int n = snprintf(text, len, "[single]\n;");
+    memset(text + n, 'c', HUB_CONF_LINE_MAX - 1);
+    n += HUB_CONF_LINE_MAX - 1;
+    n += snprintf(text + n, len - (size_t)n, "\nport = 7\n");
+    hub_config c;
+    char path[64], err[512];
+    hub_config_defaults(&c);
+    assert_int_equal(load_demo(&c, text, path, sizeof(path), err, sizeof(err)), 0);
+    assert_int_equal(demo_of(hub_conf_next(&c, "single", NULL))->port, 7);
+    hub_config_free(&c);
+
+    /* A 5000-byte value on line 4 is refused there, not cut into pieces read as more lines. */
+    n = snprintf(text, len, "[single]\nport = 1\n\ntopic = ");
+    memset(text + n, 'v', 5000 - (size_t)n);
+    snprintf(text + 5000, len - 5000, "\nport = 2\n");
+    expect_demo_error(text, 4, "line is too long (max 4096 bytes)");
+    free(text);
+}
+
+static void test_config_nul_byte_is_an_error(void **state)
+{
+    (void)state;
+    hub_config c;
+    char path[64], err[512], want[128];
+    static const char text[] = "[evapi]\nbacklog = 1\0 junk\n";
+    hub_config_defaults(&c);
+    snprintf(path, sizeof(path), "/tmp/evhub_test_XXXXXX");
+    int fd = mkstemp(path);
+    assert_true(fd >= 0);
+    assert_int_equal(write(fd, text, sizeof(text) - 1), (ssize_t)sizeof(text) - 1);
+    close(fd);
+    assert_int_equal(hub_config_load(&c, path, err, sizeof(err)), -EINVAL);
+    unlink(path);
+    snprintf(want, sizeof(want), "%s:2: line holds a NUL byte", path);
+    assert_string_equal(err, want);
+}
+
+static void test_config_enum_with_ten_choices_takes_the_tenth_and_lists_all(void **state)
+{
+    (void)state;
+    hub_config c;
+    char path[64], err[512];
+    hub_config_defaults(&c);
+    assert_int_equal(load_demo(&c, "[single]\nmode = m9\n", path, sizeof(path), err, sizeof(err)),
+                     0);
+    assert_int_equal(demo_of(hub_conf_next(&c, "single", NULL))->mode, 9);
+    hub_config_free(&c);
+    expect_demo_error("[single]\nmode = m10\n", 2,
+                      "mode: 'm10' must be m0, m1, m2, m3, m4, m5, m6, m7, m8 or m9");
+}
+
+static void test_config_dialect_is_kept(void **state)
+{
+    (void)state;
+    hub_config c;
+    char path[64], err[512];
+    hub_config_defaults(&c);
+    /* A BOM, "key: value", text after a header, an indented comment, a blank-only line. */
+    assert_int_equal(load_demo(&c,
+                               "\xEF\xBB\xBF[evapi] anything\n"
+                               "backlog: 3\n"
+                               "  ; indented comment\n"
+                               " \t \n"
+                               "workers =4\n"
+                               "[single]\n"
+                               "host = a=b:c\n",
+                               path, sizeof(path), err, sizeof(err)),
+                     0);
+    assert_int_equal(c.backlog, 3);
+    assert_int_equal(c.workers, 4);
+    assert_string_equal(demo_of(hub_conf_next(&c, "single", NULL))->host, "a=b:c");
+    hub_config_free(&c);
+    /* A key after "[]" is outside any section, as inih had it. */
+    expect_error("[]\nbacklog = 1\n", 2, "key 'backlog' is outside any section");
+    /* A header with no key still makes its instance, and an indented key after it is a key. */
+    hub_config_defaults(&c);
+    assert_int_equal(load_demo(&c, "[demo:x]\n  port = 5\n", path, sizeof(path), err, sizeof(err)),
+                     0);
+    assert_int_equal(demo_of(hub_conf_next(&c, "demo", NULL))->port, 5);
+    hub_config_free(&c);
+}
+
+static void test_config_load_replaces_instances_and_failure_keeps_them(void **state)
+{
+    (void)state;
+    hub_config c;
+    char path[64], err[512];
+    hub_config_defaults(&c);
+    assert_int_equal(
+        load_demo(&c, "[demo:a]\ntopic = 1\ntopic = 2\n", path, sizeof(path), err, sizeof(err)), 0);
+    const hub_conf_instance *first = c.modules;
+    /* A failed load leaves the config, instances included, as it was. */
+    assert_int_equal(
+        load_demo(&c, "[demo:b]\ntopic = 3\nport = x\n", path, sizeof(path), err, sizeof(err)),
+        -EINVAL);
+    assert_ptr_equal(c.modules, first);
+    assert_string_equal(hub_conf_next(&c, "demo", NULL)->name, "a");
+    /* A successful one gives this file's instances; the old are freed (valgrind checks). */
+    assert_int_equal(load_demo(&c, "[demo:b]\ntopic = 3\n", path, sizeof(path), err, sizeof(err)),
+                     0);
+    const hub_conf_instance *b = hub_conf_next(&c, "demo", NULL);
+    assert_string_equal(b->name, "b");
+    assert_null(hub_conf_next(&c, "demo", b));
+    /* hub_config_set works on the core keys and keeps the instances. */
+    assert_int_equal(hub_config_set(&c, "evapi", "backlog", "9", err, sizeof(err)), 0);
+    assert_ptr_equal(hub_conf_next(&c, "demo", NULL), b);
+    hub_config_free(&c);
+    assert_null(c.modules);
+    assert_int_equal(c.backlog, 9);
+    hub_config_free(&c);
+    hub_config_free(NULL);
+}
+
+/* An allocator that fails the fail_at-th call (counting from 0) and every one after it. */
+static int alloc_calls, fail_at;
+static int oom_now(void) { return alloc_calls++ >= fail_at; }
+static void *oom_malloc(size_t n) { return oom_now() ? NULL : malloc(n); }
+static void *oom_calloc(size_t n, size_t size) { return oom_now() ? NULL : calloc(n, size); }
+static void *oom_realloc(void *p, size_t n) { return oom_now() ? NULL : realloc(p, n); }
+
+static void test_config_out_of_memory_anywhere_leaves_the_config_as_it_was(void **state)
+{
+    (void)state;
+    static const hub_allocator oom = {oom_malloc, oom_calloc, oom_realloc, free};
+    const char *text = "[demo:a]\ntopic = 1\ntopic = 2\ntopic = 3\n[demo:b]\n[single]\ntopic = x\n";
+    hub_config c;
+    char path[64], err[512];
+    hub_config_defaults(&c);
+    write_conf(path, sizeof(path), "[single]\nport = 3\n");
+    assert_int_equal(hub_config_load_sections(&c, path, demo_tables, err, sizeof(err)), 0);
+    unlink(path);
+    const hub_conf_instance *before = c.modules;
+    write_conf(path, sizeof(path), text);
+    int rc = -ENOMEM;
+    /* Bounded: the load makes a few dozen allocations. */
+    for (fail_at = 0; fail_at < 200 && rc == -ENOMEM; fail_at++) {
+        alloc_calls = 0;
+        hub_set_allocator(&oom);
+        rc = hub_config_load_sections(&c, path, demo_tables, err, sizeof(err));
+        hub_set_allocator(NULL);
+        if (rc == -ENOMEM)
+            assert_ptr_equal(c.modules, before);
+    }
+    unlink(path);
+    assert_int_equal(rc, 0);
+    assert_true(fail_at > 5);
+    const demo_conf *a = demo_of(hub_conf_next(&c, "demo", NULL));
+    assert_int_equal(a->topics.n, 3);
+    assert_string_equal(a->topics.items[2].value, "3");
+    hub_config_free(&c);
+}
+
+typedef struct bad_conf {
+    long n;
+    int m;
+} bad_conf;
+
+static void test_config_module_table_that_does_not_fit_is_refused(void **state)
+{
+    (void)state;
+    static const hub_conf_row int_on_long[] = {
+        {.name = "n", .kind = HUB_CONF_INT, .off = offsetof(bad_conf, n), .size = sizeof(long)},
+        {.name = NULL},
+    };
+    static const hub_conf_row past_end[] = {
+        {.name = "m", .kind = HUB_CONF_INT, .off = sizeof(bad_conf), .size = sizeof(int)},
+        {.name = NULL},
+    };
+    static const hub_conf_row bad_default[] = {
+        HUB_CONF_ROW(bad_conf, "m", HUB_CONF_INT, m, 1, 5, NULL, "9"),
+        {.name = NULL},
+    };
+    static const hub_conf_section s1[] = {{"bad", 0, sizeof(bad_conf), int_on_long},
+                                          {NULL, 0, 0, NULL}};
+    static const hub_conf_section s2[] = {{"bad", 0, sizeof(bad_conf), past_end},
+                                          {NULL, 0, 0, NULL}};
+    static const hub_conf_section s3[] = {{"log", 0, sizeof(bad_conf), bad_default},
+                                          {NULL, 0, 0, NULL}};
+    static const hub_conf_section s4[] = {{"bad", 0, sizeof(bad_conf), bad_default},
+                                          {NULL, 0, 0, NULL}};
+    static const struct {
+        const hub_conf_section *table;
+        int line;
+        const char *reason;
+    } cases[] = {
+        {s1, 0, "section [bad] key 'n': row does not fit its kind"},
+        {s2, 0, "section [bad] key 'm': row does not fit its kind"},
+        {s3, 0, "section [log]: bad name or size"},
+        {s4, 2, "[bad] bad default: m: '9' is out of range 1..5"},
+    };
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        const hub_conf_section *tables[] = {cases[i].table, NULL};
+        hub_config c;
+        char path[64], err[512], want[512];
+        hub_config_defaults(&c);
+        write_conf(path, sizeof(path), "[evapi]\n[bad]\n");
+        int rc = hub_config_load_sections(&c, path, tables, err, sizeof(err));
+        unlink(path);
+        snprintf(want, sizeof(want), "%s:%d: %s", path, cases[i].line, cases[i].reason);
+        assert_int_equal(rc, -EINVAL);
+        assert_string_equal(err, want);
+        assert_null(c.modules);
+    }
+    /* Two tables claiming one name. */
+    const hub_conf_section *twice[] = {demo_sections, demo_sections, NULL};
+    hub_config c;
+    char path[64], err[512], want[512];
+    hub_config_defaults(&c);
+    write_conf(path, sizeof(path), "");
+    assert_int_equal(hub_config_load_sections(&c, path, twice, err, sizeof(err)), -EINVAL);
+    unlink(path);
+    snprintf(want, sizeof(want), "%s:0: section [demo] is claimed twice", path);
+    assert_string_equal(err, want);
+}
+
 /* ---- host:port ------------------------------------------------------------------------- */
 
 static void test_config_split_addr_accepts_v4_v6_and_names(void **state)
@@ -603,6 +1077,22 @@ int main(void)
         cmocka_unit_test(test_config_relative_script_resolves_against_config_dir),
         cmocka_unit_test(test_config_split_addr_accepts_v4_v6_and_names),
         cmocka_unit_test(test_config_split_addr_rejects_malformed),
+        cmocka_unit_test(test_config_defaults_ignore_what_the_memory_held),
+        cmocka_unit_test(test_config_list_key_keeps_every_value_with_its_line),
+        cmocka_unit_test(test_config_module_key_given_twice_keeps_the_last),
+        cmocka_unit_test(test_config_named_instances_get_defaults_and_their_own_values),
+        cmocka_unit_test(test_config_bad_instance_name_reports_its_line),
+        cmocka_unit_test(test_config_instance_of_a_section_without_instances_is_an_error),
+        cmocka_unit_test(test_config_instance_names_differing_only_in_case_are_an_error),
+        cmocka_unit_test(test_config_unknown_key_in_module_section_reports_its_line),
+        cmocka_unit_test(test_config_module_section_is_unknown_without_its_module),
+        cmocka_unit_test(test_config_line_of_the_limit_is_read_and_a_longer_one_is_an_error),
+        cmocka_unit_test(test_config_nul_byte_is_an_error),
+        cmocka_unit_test(test_config_enum_with_ten_choices_takes_the_tenth_and_lists_all),
+        cmocka_unit_test(test_config_dialect_is_kept),
+        cmocka_unit_test(test_config_load_replaces_instances_and_failure_keeps_them),
+        cmocka_unit_test(test_config_module_table_that_does_not_fit_is_refused),
+        cmocka_unit_test(test_config_out_of_memory_anywhere_leaves_the_config_as_it_was),
     };
     return cmocka_run_group_tests_name("config", tests, NULL, NULL);
 }
