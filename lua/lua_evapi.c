@@ -8,6 +8,7 @@
 
 #include <lauxlib.h>
 
+#include "hub/core.h"
 #include "hub/log.h"
 
 /* ---- results ---- */
@@ -361,21 +362,17 @@ static int evapi_stats(lua_State *L)
 
 /* ---- the event interface ---- */
 
-#define HLUA_EVENT_MAX 64 /* bytes in an event name */
-
-/* Argument i is an event name: 1..HLUA_EVENT_MAX letters, digits, '_', '.' or '-'. */
+/* Argument i is an event name (hub_event_name_valid: the hub's rule, checked here too so
+ * the error is at the script's line). */
 static const char *check_event(lua_State *L, int i)
 {
     size_t len;
     const char *ev = check_string(L, i, &len);
-    int ok = len >= 1 && len <= HLUA_EVENT_MAX;
-    for (size_t k = 0; ok && k < len; k++) {
-        unsigned char c = (unsigned char)ev[k];
-        ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
-             c == '_' || c == '.' || c == '-';
-    }
-    if (!ok)
-        luaL_argerror(L, i, "event name must be 1..64 letters, digits, '_', '.' or '-'");
+    if (strlen(ev) != len || !hub_event_name_valid(ev))
+        luaL_argerror(L, i,
+                      lua_pushfstring(L,
+                                      "event name must be 1..%d letters, digits, '_', '.' or '-'",
+                                      HUB_EVENT_MAX));
     return ev;
 }
 
