@@ -772,6 +772,15 @@ static int check_tables(const hub_conf_section *const *tables, char *err, size_t
     return 0;
 }
 
+int hub_conf_defaults(const hub_conf_section *section, void *data, char *err, size_t errlen)
+{
+    int rc = check_section(section, err, errlen);
+    if (rc < 0)
+        return rc;
+    memset(data, 0, section->size);
+    return apply_defaults(section, data, err, errlen);
+}
+
 static int load_file(load_ctx *x)
 {
     int rc;

@@ -92,6 +92,10 @@ typedef struct hub_conf_instance {
     void *data; /* section->size bytes, the row types at their offsets */
 } hub_conf_instance;
 
+/* Fill data (section->size bytes) with the rows' defaults, as the loader does for a section
+ * present with no keys: for a module whose section is absent from the file. LIST rows have no
+ * default, so nothing is allocated. 0, or -EINVAL with err set (a bad row or def). */
+int hub_conf_defaults(const hub_conf_section *section, void *data, char *err, size_t errlen);
 /* The instances of section, in file order (NULL past the end; prev NULL for the first).
  * A section absent from the file has no instance. */
 const hub_conf_instance *hub_conf_next(const struct hub_config *cfg, const char *section,

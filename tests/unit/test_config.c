@@ -885,6 +885,30 @@ static void test_config_load_replaces_instances_and_failure_keeps_them(void **st
     hub_config_free(NULL);
 }
 
+static void test_config_defaults_of_an_absent_section_come_from_its_rows(void **state)
+{
+    (void)state;
+    demo_conf d;
+    char err[256];
+    memset(&d, 0xa5, sizeof(d));
+    assert_int_equal(hub_conf_defaults(&demo_sections[0], &d, err, sizeof(err)), 0);
+    assert_int_equal(d.port, 9000);
+    assert_string_equal(d.host, "localhost");
+    assert_int_equal(d.topics.n, 0);
+    assert_null(d.topics.items);
+    assert_int_equal(d.mode, 0);
+    assert_int_equal(d.verbose, 1);
+    assert_string_equal(d.dir, "");
+    /* A default its own row refuses is reported. */
+    static const hub_conf_row rows[] = {
+        HUB_CONF_ROW(demo_conf, "port", HUB_CONF_INT, port, 1, 5, NULL, "9"),
+        {.name = NULL},
+    };
+    static const hub_conf_section bad = {"bad", 0, sizeof(demo_conf), rows};
+    assert_int_equal(hub_conf_defaults(&bad, &d, err, sizeof(err)), -EINVAL);
+    assert_string_equal(err, "[bad] bad default: port: '9' is out of range 1..5");
+}
+
 /* An allocator that fails the fail_at-th call (counting from 0) and every one after it. */
 static int alloc_calls, fail_at;
 static int oom_now(void) { return alloc_calls++ >= fail_at; }
@@ -1093,6 +1117,7 @@ int main(void)
         cmocka_unit_test(test_config_load_replaces_instances_and_failure_keeps_them),
         cmocka_unit_test(test_config_module_table_that_does_not_fit_is_refused),
         cmocka_unit_test(test_config_out_of_memory_anywhere_leaves_the_config_as_it_was),
+        cmocka_unit_test(test_config_defaults_of_an_absent_section_come_from_its_rows),
     };
     return cmocka_run_group_tests_name("config", tests, NULL, NULL);
 }
