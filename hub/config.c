@@ -524,9 +524,10 @@ static int check_section(const hub_conf_section *s, char *err, size_t errlen)
 
 /* ---- the file ------------------------------------------------------------------------- */
 
-/* We read the lines ourselves rather than through libinih: Debian builds it with 200-byte lines
- * (a longer one is cut into pieces and miscounted), 50-byte section names (cut silently, and
- * [name:INSTANCE] needs more) and no call for a section without keys (an instance needs one).
+/* We read the lines ourselves rather than through libinih (no longer called): Debian builds it
+ * with 200-byte lines (a longer one is cut into pieces and miscounted), cuts section names to 49
+ * bytes without a word ([name:INSTANCE] needs more) and never calls back for a section without
+ * keys (which is still an instance). The limits here are HUB_CONF_LINE_MAX and secname's.
  * The dialect is inih's, as the core has always read it: ';' or '#' starts a comment line,
  * ';' after a blank starts an inline comment, '=' or ':' ends the key, blanks around keys and
  * values are dropped, a UTF-8 BOM is skipped, and text after "[section]" is ignored. inih reads
@@ -623,7 +624,10 @@ static int valid_instance_name(const char *s)
     if (n == 0 || n > HUB_CONF_INSTANCE_MAX)
         return 0;
     for (size_t i = 0; i < n; i++) {
-        if (!isalnum((unsigned char)s[i]) && s[i] != '_' && s[i] != '-')
+        char ch = s[i]; /* ASCII ranges: isalnum() would follow the locale */
+        int alnum =
+            (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9');
+        if (!alnum && ch != '_' && ch != '-')
             return 0;
     }
     return 1;
@@ -665,7 +669,7 @@ oom:
 }
 
 /* A "[...]" line: name is the text between the brackets. An unknown section is reported at its
- * first key, as it always was, so that the error shows what would have been set. */
+ * first key, as it always was (one without keys sets nothing and passes). */
 static int open_section(load_ctx *x, char *name)
 {
     snprintf(x->secname, sizeof(x->secname), "%s", name);
