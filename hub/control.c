@@ -6,6 +6,7 @@
  * parse_failed). */
 #define _GNU_SOURCE 1 /* accept4 */
 #include "hub/control.h"
+#include "hub/listen.h"
 
 #include <arpa/inet.h>
 #include <errno.h>
@@ -66,9 +67,8 @@ struct ctl_conn {
 struct hub_ctl {
     struct ev_loop *loop;
     int ufd, tfd, tcp_port;
-    ev_io uw, tw;
-    ev_timer pause_w; /* accepting again after running out of descriptors */
-    ino_t ino;        /* the socket file we made, so we remove only ours */
+    hub_listener *ul, *tl; /* accepting on ufd and tfd (listen.c: bounded, EMFILE cure) */
+    ino_t ino;             /* the socket file we made, so we remove only ours */
     char path[sizeof(((struct sockaddr_un *)0)->sun_path)];
     ctl_cmd *cmds;
     size_t ncmds, cap;
@@ -529,38 +529,12 @@ static void conn_unref(ctl_conn *c)
     hub_free(c);
 }
 
-static void accept_resume_cb(struct ev_loop *loop, ev_timer *w, int revents)
+/* A connection the listener accepted: refused past HUB_CTL_MAX_CONNS, else read. */
+static void accept_conn(void *ud, int fd, const struct sockaddr *sa, socklen_t salen)
 {
-    hub_ctl *ctl = w->data;
-    (void)revents;
-    if (ctl->ufd >= 0)
-        ev_io_start(loop, &ctl->uw);
-    if (ctl->tfd >= 0)
-        ev_io_start(loop, &ctl->tw);
-}
-
-static void accept_cb(struct ev_loop *loop, ev_io *w, int revents)
-{
-    hub_ctl *ctl = w->data;
-    (void)revents;
-    for (int i = 0; i < 16; i++) {
-        int fd = accept4(w->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
-        if (fd < 0) {
-            if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
-                /* The listener stays readable while the process is out of descriptors:
-                 * stop listening for a second rather than spin (libev's advice). */
-                hub_log(HUB_LOG_WARN, "control: accept failed: %s; not accepting for 1 s",
-                        strerror(errno));
-                ev_io_stop(loop, &ctl->uw);
-                ev_io_stop(loop, &ctl->tw);
-                ev_timer_set(&ctl->pause_w, 1.0, 0.); /* a fired timer keeps no delay */
-                ev_timer_start(loop, &ctl->pause_w);
-            } else if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR &&
-                       errno != ECONNABORTED) {
-                hub_log(HUB_LOG_WARN, "control: accept failed: %s", strerror(errno));
-            }
-            return;
-        }
+    hub_ctl *ctl = ud;
+    (void)sa, (void)salen;
+    {
         if (ctl->nconns >= HUB_CTL_MAX_CONNS) {
             static const char busy[] =
                 "{\"jsonrpc\":\"2.0\",\"id\":null,\"error\":{\"code\":-32603,"
@@ -570,14 +544,14 @@ static void accept_cb(struct ev_loop *loop, ev_io *w, int revents)
             close(fd);
             hub_log(HUB_LOG_WARN, "control: %d connections open, refusing another",
                     HUB_CTL_MAX_CONNS);
-            continue;
+            return;
         }
         ctl_conn *c = hub_calloc(1, sizeof(*c));
         if (!c || !(c->tok = json_tokener_new_ex(JSON_TOKENER_DEFAULT_DEPTH))) {
             hub_free(c);
             close(fd);
             hub_log(HUB_LOG_ERR, "control: out of memory accepting a connection");
-            continue;
+            return;
         }
         json_tokener_set_flags(c->tok, JSON_TOKENER_STRICT | JSON_TOKENER_ALLOW_TRAILING_CHARS);
         c->ctl = ctl;
@@ -591,7 +565,7 @@ static void accept_cb(struct ev_loop *loop, ev_io *w, int revents)
             ctl->conns->prev = c;
         ctl->conns = c;
         ctl->nconns++;
-        ev_io_start(loop, &c->rio);
+        ev_io_start(ctl->loop, &c->rio);
     }
 }
 
@@ -731,11 +705,17 @@ static int listen_tcp(hub_ctl *ctl, const char *addr, char *err, size_t errlen)
     return 0;
 }
 
-static void watch_listener(hub_ctl *ctl, ev_io *w, int fd)
+/* The listener takes fd over; 0 or -1 (fd closed) with err set. */
+static int watch_listener(hub_ctl *ctl, hub_listener **l, int *fd, char *err, size_t errlen)
 {
-    ev_io_init(w, accept_cb, fd, EV_READ);
-    w->data = ctl;
-    ev_io_start(ctl->loop, w);
+    *l = hub_listener_new(ctl->loop, *fd, "control", accept_conn, NULL, ctl);
+    if (!*l) {
+        close(*fd);
+        *fd = -1;
+        return fail(err, errlen, "out of memory");
+    }
+    hub_listener_start(*l);
+    return 0;
 }
 
 hub_ctl *hub_ctl_new(struct ev_loop *loop, const char *path, const char *tcp, char *err,
@@ -748,24 +728,30 @@ hub_ctl *hub_ctl_new(struct ev_loop *loop, const char *path, const char *tcp, ch
     }
     ctl->loop = loop;
     ctl->ufd = ctl->tfd = -1;
-    ev_timer_init(&ctl->pause_w, accept_resume_cb, 1.0, 0.);
-    ctl->pause_w.data = ctl;
+    if (hub_ctl_listen(ctl, path, tcp, err, errlen) < 0) {
+        hub_ctl_free(ctl);
+        return NULL;
+    }
+    return ctl;
+}
+
+int hub_ctl_listen(hub_ctl *ctl, const char *path, const char *tcp, char *err, size_t errlen)
+{
     if (path && path[0] && listen_unix(ctl, path, err, errlen) < 0)
-        goto fail;
+        return -1;
     if (tcp && tcp[0] && listen_tcp(ctl, tcp, err, errlen) < 0)
-        goto fail;
+        return -1;
     if (ctl->ufd >= 0) {
-        watch_listener(ctl, &ctl->uw, ctl->ufd);
+        if (watch_listener(ctl, &ctl->ul, &ctl->ufd, err, errlen) < 0)
+            return -1;
         hub_log(HUB_LOG_INFO, "control socket %s", ctl->path);
     }
     if (ctl->tfd >= 0) {
-        watch_listener(ctl, &ctl->tw, ctl->tfd);
+        if (watch_listener(ctl, &ctl->tl, &ctl->tfd, err, errlen) < 0)
+            return -1;
         hub_log(HUB_LOG_INFO, "control tcp on port %d", ctl->tcp_port);
     }
-    return ctl;
-fail:
-    hub_ctl_free(ctl);
-    return NULL;
+    return 0;
 }
 
 void hub_ctl_free(hub_ctl *ctl)
@@ -775,17 +761,20 @@ void hub_ctl_free(hub_ctl *ctl)
         return;
     while (ctl->conns)
         conn_close(ctl->conns);
-    ev_timer_stop(ctl->loop, &ctl->pause_w);
     if (ctl->ufd >= 0) {
-        ev_io_stop(ctl->loop, &ctl->uw);
-        close(ctl->ufd);
+        if (ctl->ul)
+            hub_listener_free(ctl->ul); /* closes ufd */
+        else
+            close(ctl->ufd);
         /* Only the file we made: another hub may have replaced it since. */
         if (stat(ctl->path, &st) == 0 && st.st_ino == ctl->ino)
             unlink(ctl->path);
     }
     if (ctl->tfd >= 0) {
-        ev_io_stop(ctl->loop, &ctl->tw);
-        close(ctl->tfd);
+        if (ctl->tl)
+            hub_listener_free(ctl->tl); /* closes tfd */
+        else
+            close(ctl->tfd);
     }
     hub_free(ctl->cmds);
     hub_free(ctl);

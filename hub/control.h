@@ -23,10 +23,14 @@ typedef struct hub_ctl_call hub_ctl_call;
  * valid until then, even if the asker has gone). */
 typedef void (*hub_ctl_fn)(hub_ctl_call *call, struct json_object *params, void *ud);
 
-/* Listen on the unix socket path (mode 0600; a stale socket file is replaced, a live one is
- * an error) and, when tcp is not empty, on that loopback host:port. NULL with err set. */
+/* The command registry, listening as hub_ctl_listen (path and tcp may both be empty: a
+ * registry only). NULL with err set. */
 hub_ctl *hub_ctl_new(struct ev_loop *loop, const char *path, const char *tcp, char *err,
                      size_t errlen);
+/* Listen on the unix socket path (mode 0600; a stale socket file is replaced, a live one is
+ * an error) when path is not empty and, when tcp is not empty, on that loopback host:port.
+ * Out of descriptors, a connection is accepted and closed (listen.h). 0 or -1 with err set. */
+int hub_ctl_listen(hub_ctl *ctl, const char *path, const char *tcp, char *err, size_t errlen);
 /* Close every control connection and remove the socket file. NULL-safe. Calls still
  * pending may be answered later: their answers are dropped. */
 void hub_ctl_free(hub_ctl *ctl);

@@ -556,3 +556,17 @@ int hub__ctl_register_core(hub *h)
     }
     return 0;
 }
+
+/* The control socket as a module of the hub's own: the registry exists from the start (every
+ * module registers its commands in it); this binds the socket, before any script loads and
+ * before the worker threads (its mode is set through the process-wide umask). */
+static int control_init(hub *h, void **state, char *err, size_t errlen)
+{
+    *state = h;
+    return hub_ctl_listen(h->ctl, h->cfg.control_socket, h->cfg.control_tcp, err, errlen);
+}
+
+const hub_module control_module = {
+    .name = "control",
+    .init = control_init,
+};

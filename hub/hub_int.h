@@ -130,10 +130,7 @@ struct hub {
     const hub_script_ops *ops;
     hub_script *script; /* the loop's own state when workers == 0 */
 
-    int lfd, spare_fd;
-    ev_tstamp emfile_logged; /* last "out of descriptors" report */
-    uint64_t emfile_refused; /* connections refused since then */
-    ev_io accept_w;
+    struct hub_listener *listener; /* evapi clients (listener.c), from start to drain */
     ev_prepare prepare_w;
     ev_idle idle_w;
     ev_signal sigterm_w, sigint_w, sighup_w;
@@ -191,11 +188,8 @@ struct hub {
     hub_reload rl;           /* reload.c */
 };
 
-/* listener (listener.c): bind and log the address; 0 or <0 with err set */
-int hub__listen(hub *h, char *err, size_t errlen);
 /* The numeric host of sa (AF_INET or AF_INET6) into ip, and its port. */
 void hub__addr_str(const struct sockaddr *sa, char *ip, size_t iplen, uint16_t *port);
-void hub__accept_cb(struct ev_loop *loop, ev_io *w, int revents);
 
 /* frames and queues (client.c) */
 hub_frame *hub__frame_new(hub *h, const char *data, size_t len);

@@ -77,9 +77,6 @@ static void start_shutdown(hub *h, const char *why)
     atomic_store(&h->rl.cancel, 1); /* a reload's loads give up where they are */
     hub_log(HUB_LOG_NOTICE, "%s: stopping (flushing queued output, up to %d ms)", why,
             h->cfg.shutdown_timeout);
-    ev_io_stop(h->loop, &h->accept_w);
-    close(h->lfd);
-    h->lfd = -1;
     for (hub_client *c = h->clients; c; c = c->next) {
         ev_io_stop(h->loop, &c->rio);
         c->flags &= ~HUB_CLIENT_READING;
@@ -124,7 +121,6 @@ hub *hub_new(const hub_config *cfg, const hub_script_ops *ops, char *err, size_t
     }
     h->cfg = *cfg;
     h->ops = ops;
-    h->lfd = h->spare_fd = -1;
     h->loop_thread = pthread_self();
     atomic_init(&h->next_token, 1);
     h->next_id = 1;
@@ -148,7 +144,7 @@ hub *hub_new(const hub_config *cfg, const hub_script_ops *ops, char *err, size_t
     /* The control socket exists before anything is logged as listening, and before the
      * worker threads (its mode is set through the process-wide umask). Its registry exists
      * even with no socket configured, so modules register commands either way. */
-    h->ctl = hub_ctl_new(h->loop, cfg->control_socket, cfg->control_tcp, err, errlen);
+    h->ctl = hub_ctl_new(h->loop, "", "", err, errlen); /* the socket: the control module */
     if (!h->ctl || hub__ctl_register_core(h) < 0) {
         if (h->ctl)
             snprintf(err, errlen, "out of memory registering control commands");
@@ -166,8 +162,6 @@ hub *hub_new(const hub_config *cfg, const hub_script_ops *ops, char *err, size_t
         if (!h->script)
             goto fail;
     }
-    if (hub__listen(h, err, errlen) < 0)
-        goto fail;
 
     ev_init(&h->drain_w, hub__drain_timeout_cb);
     h->drain_w.repeat = 1.0;
@@ -202,10 +196,9 @@ int hub_run(hub *h)
 {
     char err[1024];
     if (hub__modules_start(h, err, sizeof(err)) < 0) {
-        hub_log(HUB_LOG_CRIT, "%s", err);
+        hub_log_write(HUB_LOG_CRIT, "cannot start: %s", err);
         return 1;
     }
-    ev_io_start(h->loop, &h->accept_w);
     ev_run(h->loop, 0);
     finish_shutdown(h);
     return 0;
@@ -233,10 +226,6 @@ void hub_destroy(hub *h)
     hub__client_free_all(h);
     hub__tags_free(h);
     h->ops->free(h->script); /* NULL-safe */
-    if (h->lfd >= 0)
-        close(h->lfd);
-    if (h->spare_fd >= 0)
-        close(h->spare_fd);
     hub_idmap_free(&h->ids);
     hub_free(h->slots);
     hub_free(h->free_slots);
