@@ -25,6 +25,38 @@ static void usage(FILE *f)
                "  --version   print the version\n");
 }
 
+/* Everything after the file is read; cfg (its modules' sections included) stays the
+ * caller's. */
+static int run(hub_config *cfg, const char *path, int check, int foreground)
+{
+    char err[1024];
+    hub_log_set_level(cfg->log_level);
+    hub_log_set_syslog(cfg->log_syslog, "evhub");
+
+    if (check) {
+        if (hub_check_script(cfg, &hlua_script_ops, err, sizeof(err)) < 0) {
+            fprintf(stderr, "evhub: %s\n", err);
+            return 1;
+        }
+        printf("evhub: %s: configuration and script %s are valid\n", path, cfg->script);
+        return 0;
+    }
+    if (!foreground && daemon(1, 1) < 0) {
+        fprintf(stderr, "evhub: cannot daemonize: %s\n", strerror(errno));
+        return 1;
+    }
+    hub *h = hub_new(cfg, &hlua_script_ops, err, sizeof(err));
+    if (!h) {
+        hub_log_write(HUB_LOG_CRIT, "cannot start: %s", err);
+        return 1;
+    }
+    hub_log(HUB_LOG_NOTICE, "evhub %s started (config %s, script %s)", EVHUB_VERSION, path,
+            cfg->script);
+    int rc = hub_run(h);
+    hub_destroy(h);
+    return rc;
+}
+
 int main(int argc, char **argv)
 {
     static const struct option longopts[] = {
@@ -76,31 +108,10 @@ int main(int argc, char **argv)
     if ((level && hub_config_set(&cfg, "log", "level", level, err, sizeof(err)) < 0) ||
         (bind && hub_config_set(&cfg, "evapi", "bind_addr", bind, err, sizeof(err)) < 0)) {
         fprintf(stderr, "evhub: command line: %s\n", err);
+        hub_config_free(&cfg);
         return 1;
     }
-    hub_log_set_level(cfg.log_level);
-    hub_log_set_syslog(cfg.log_syslog, "evhub");
-
-    if (check) {
-        if (hub_check_script(&cfg, &hlua_script_ops, err, sizeof(err)) < 0) {
-            fprintf(stderr, "evhub: %s\n", err);
-            return 1;
-        }
-        printf("evhub: %s: configuration and script %s are valid\n", path, cfg.script);
-        return 0;
-    }
-    if (!foreground && daemon(1, 1) < 0) {
-        fprintf(stderr, "evhub: cannot daemonize: %s\n", strerror(errno));
-        return 1;
-    }
-    hub *h = hub_new(&cfg, &hlua_script_ops, err, sizeof(err));
-    if (!h) {
-        hub_log_write(HUB_LOG_CRIT, "cannot start: %s", err);
-        return 1;
-    }
-    hub_log(HUB_LOG_NOTICE, "evhub %s started (config %s, script %s)", EVHUB_VERSION, path,
-            cfg.script);
-    int rc = hub_run(h);
-    hub_destroy(h);
+    int rc = run(&cfg, path, check, foreground);
+    hub_config_free(&cfg); /* the modules' sections: the hub only borrowed them */
     return rc;
 }
