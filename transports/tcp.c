@@ -47,13 +47,6 @@ typedef struct tcp_conf {
     int reconnect_max; /* ms */
 } tcp_conf;
 
-/* Mirrors the rows' defaults, for a file without a [tcp] section (see NEEDS.txt). */
-static const tcp_conf tcp_conf_defaults = {.reliable_mode = 0,
-                                           .timeout = 1000,
-                                           .event_param = "",
-                                           .queue_size = 1024,
-                                           .reconnect_max = 5000};
-
 static const hub_conf_row tcp_rows[] = {
     HUB_CONF_ROW(tcp_conf, "reliable_mode", HUB_CONF_BOOL, reliable_mode, 0, 1, NULL, "no"),
     HUB_CONF_ROW(tcp_conf, "timeout", HUB_CONF_INT, timeout, 1, 3600000, NULL, "1000"),
@@ -943,9 +936,10 @@ static int tcp_init(hub *h, void **state, char *err, size_t errlen)
     *state = ts;
     ts->h = h;
     ts->loop = hub_loop(h);
-    ts->conf = tcp_conf_defaults;
     const hub_config *cfg = hub_get_config(h);
     const hub_conf_instance *in = hub_conf_next(cfg, "tcp", NULL);
+    if (!in && hub_conf_defaults(&tcp_sections[0], &ts->conf, err, errlen) < 0)
+        return -EINVAL;
     if (in) {
         ts->conf = *(const tcp_conf *)in->data;
         size_t n = strlen(ts->conf.event_param);

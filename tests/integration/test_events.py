@@ -102,8 +102,12 @@ def reports(client, n, what="reports"):
 
 
 def raise_ok(client, line):
-    r = request(client, line)
-    check_eq(r, b"raised true nil", "answer to " + line)
+    """Send a raise command and wait for its answer; reports arriving meanwhile stay."""
+    client.send(line)
+    pump([client], lambda: any(f.startswith(b"raised ") for f in client.frames),
+         what="the answer to " + line)
+    i = [j for j, f in enumerate(client.frames) if f.startswith(b"raised ")][0]
+    check_eq(client.frames.pop(i), b"raised true nil", "answer to " + line)
 
 
 def ctl_stats(h):
