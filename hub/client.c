@@ -507,6 +507,9 @@ static void begin_close(hub_client *c)
 {
     hub *h = c->h;
     c->flags |= HUB_CLIENT_CLOSING;
+    /* Raised while the tag is still known (unrouting drops it). */
+    hub__raise_conn_event(h, "E_EVAPI_CONNECTION_CLOSED", &c->info, c->tag ? c->tag->name : NULL,
+                          c->close_reason[0] ? c->close_reason : "closed");
     client_unroute(c);
     if (!c->wq_count) {
         to_reaper(c);
@@ -606,9 +609,6 @@ void hub__reap_closing(hub *h)
         if ((c->flags & HUB_CLIENT_CONNECTED) && !(c->flags & HUB_CLIENT_CLOSE_EVENT)) {
             c->flags |= HUB_CLIENT_CLOSE_EVENT;
             HUB_STAT_ADD(h, closed, 1);
-            hub__raise_conn_event(h, "E_EVAPI_CONNECTION_CLOSED", &c->info,
-                                  c->tag ? c->tag->name : NULL,
-                                  c->close_reason[0] ? c->close_reason : "closed");
             hub__event_close(h, c);
         }
         if (c->flags & HUB_CLIENT_REAP)

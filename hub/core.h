@@ -80,8 +80,10 @@ int hub_multicast(hub *h, const char *tag, size_t taglen, const char *data, size
 /* ---- completions ---- */
 
 /* Any thread: deliver the result of the work token stands for to the state that started it,
- * in order with that state's other events (its on_complete). result's reference passes to
- * the hub. A token whose state is gone (reloaded, stopped) is counted as undelivered. */
+ * in order with that state's other events (its on_complete), never from inside this call:
+ * it goes through the mailbox. result's reference passes to the hub. A result with
+ * "more": true keeps the token for further results; any other is its last. A token whose
+ * state is gone (reloaded, stopped) is counted as undelivered (completions_undelivered). */
 void hub_complete(hub *h, uint64_t token, struct json_object *result);
 
 /* ---- the event interface seam: one module (events) is the sink ---- */

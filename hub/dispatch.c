@@ -123,6 +123,11 @@ int hub__close_id(hub *h, uint64_t id, const char *reason)
     return 1;
 }
 
+int hub_multicast(hub *h, const char *tag, size_t taglen, const char *data, size_t len)
+{
+    return hub__multicast(h, tag, taglen, data, len);
+}
+
 /* The API a script in the loop thread uses: direct calls. */
 static int api_relay(void *ud, const char *data, size_t len) { return hub__relay(ud, data, len); }
 

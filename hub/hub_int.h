@@ -287,6 +287,8 @@ void hub__mailbox_init(hub *h);
 /* Any thread: append a chain of nodes (linked through next, ending at tail) and wake the
  * loop once. */
 void hub__post_chain(hub *h, hub_post *head, hub_post *tail);
+/* Loop thread: run what is posted now (as a wake-up would). */
+void hub__mailbox_run(hub *h);
 /* At exit, once no other thread can post: run what is left (h->stopping is set). */
 void hub__mailbox_drain(hub *h);
 void hub__mailbox_free(hub *h);

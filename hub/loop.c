@@ -18,6 +18,8 @@
 static void stop_modules(hub *h)
 {
     hub__modules_stop(h);
+    /* What their stop posted (failure reports among it) reaches the workers before STOP. */
+    hub__mailbox_run(h);
     if (h->nworkers && !h->workers_stopped)
         hub__workers_stop(h);
 }

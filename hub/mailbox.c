@@ -84,6 +84,8 @@ static void run_all(hub *h)
     }
 }
 
+void hub__mailbox_run(hub *h) { run_all(h); }
+
 static void mbox_cb(struct ev_loop *loop, ev_async *w, int revents)
 {
     hub *h = w->data;

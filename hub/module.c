@@ -172,10 +172,9 @@ static void run_completion(hub *h, void *arg)
 
 void hub_complete(hub *h, uint64_t token, struct json_object *result)
 {
-    if (hub_on_loop(h)) {
-        deliver(h, token, result);
-        return;
-    }
+    /* Always through the mailbox, even from the loop thread: a result never runs inside the
+     * call that started the work (a raise with no subscriber completes at once), and one
+     * completed while a state is being loaded reaches it once it is installed. */
     completion *c = hub__malloc_retry(sizeof(*c));
     c->token = token;
     c->result = result;

@@ -106,9 +106,11 @@ typedef struct hub_script_ops {
     /* Someone other than this state changed id's tag (another worker, the control socket);
      * len 0: no tag. Keeps the state's own view of the connection current. */
     void (*on_tag)(hub_script *s, uint64_t id, const char *tag, size_t len);
-    /* The result of the work token was given to (hub_api.token), result borrowed. 0 when
-     * the state knew the token, -ENOENT when not (it was started by a state since
-     * replaced): the hub counts and logs those. */
+    /* The result of the work token was given to (hub_api.token), result borrowed; run as an
+     * event of the state's own, never from inside a hub_api call. A result with "more": true
+     * keeps the token for further results (the event interface sends one per subscriber);
+     * any other is its last. 0 when the state knew the token, -ENOENT when not (it was
+     * started by a state since replaced): the hub counts and logs those. */
     int (*on_complete)(hub_script *s, uint64_t token, struct json_object *result);
 } hub_script_ops;
 
