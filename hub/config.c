@@ -1,5 +1,5 @@
 /* INI configuration: the core's sections as tables of rows with their defaults, strict per-key
- * parsing, the sections modules own ([name] and [name:INSTANCE]), and the file reader. */
+ * parsing, the sections modules own ([name] and [name:INSTANCE]), and the file read by libinih. */
 #include "hub/config.h"
 
 #include "hub/alloc.h"
@@ -9,6 +9,7 @@
 #include <arpa/inet.h>
 #include <ctype.h>
 #include <errno.h>
+#include <ini.h>
 #include <netinet/in.h>
 #include <limits.h>
 #include <stdarg.h>
@@ -506,7 +507,10 @@ static size_t kind_size(hub_conf_kind kind)
  * fit its struct would otherwise write past an instance. Returns 0 or -EINVAL with the reason. */
 static int check_section(const hub_conf_section *s, char *err, size_t errlen)
 {
-    if (!s->name[0] || strpbrk(s->name, ":[]; \t") || find_core_section(s->name) || !s->size)
+    /* A name inih would cut, or one leaving no room for ":INSTANCE", could never be read. */
+    size_t name_max = HUB_CONF_SECTION_MAX - (s->named ? 2 : 0);
+    if (!s->name[0] || strlen(s->name) > name_max || strpbrk(s->name, ":[]; \t") ||
+        find_core_section(s->name) || !s->size)
         return set_err(err, errlen, "section [%.64s]: bad name or size", s->name);
     for (const hub_conf_row *k = s->rows; k && k->name; k++) {
         size_t want = kind_size(k->kind);
@@ -524,86 +528,52 @@ static int check_section(const hub_conf_section *s, char *err, size_t errlen)
 
 /* ---- the file ------------------------------------------------------------------------- */
 
-/* We read the lines ourselves rather than through libinih (no longer called): Debian builds it
- * with 200-byte lines (a longer one is cut into pieces and miscounted), cuts section names to 49
- * bytes without a word ([name:INSTANCE] needs more) and never calls back for a section without
- * keys (which is still an instance). The limits here are HUB_CONF_LINE_MAX and secname's.
- * The dialect is inih's, as the core has always read it: ';' or '#' starts a comment line,
- * ';' after a blank starts an inline comment, '=' or ':' ends the key, blanks around keys and
- * values are dropped, a UTF-8 BOM is skipped, and text after "[section]" is ignored. inih reads
- * an indented line after a key as more of its value; we refuse that instead. */
+/* libinih parses the file; we hand it the lines ourselves (ini_parse_stream), one physical line
+ * per call, for what it cannot tell us:
+ * - a line longer than its buffer would be cut into pieces, each read as a line of its own (and
+ *   miscounted); we refuse the line instead, naming it;
+ * - it never calls back for a section without keys, yet [name:INSTANCE] alone is an instance;
+ *   and it cuts section names to 49 bytes without a word. So the reader notices each header
+ *   itself and opens its section there, with errors at the header's own line;
+ * - it reports only the first bad line's number, never the reason; we keep ours.
+ * Everything else is inih's dialect, untouched: ';' and '#' comment lines, ';' after a blank
+ * as an inline comment, "key = value" or "key: value", blanks trimmed, a UTF-8 BOM, and text
+ * after "[section]" ignored. inih reads an indented line after a key as more of its value; we
+ * refuse that instead. The first error stops the parse. */
 typedef struct load_ctx {
     hub_config *c; /* the copy being filled */
     const hub_conf_section *const *tables;
     const char *path;
     FILE *f;
-    int lineno;
+    int lineno;     /* physical line last read: inih's count too, as lines are never split */
     int read_errno; /* errno of a failed read, 0 if none */
+    int err;        /* first error (negative errno), 0 if none; lineno is then its line */
     /* The section being read: secname as written (cut to fit, for messages); sec NULL when
      * secname names no known section; data where sec's rows are stored. */
     int in_section;
     char secname[128];
     const hub_conf_section *sec;
     void *data;
-    char prev_name[65];      /* the last key since the header, "" if none */
-    char base[HUB_PATH_MAX]; /* the config file's directory with a trailing '/', or "" */
+    int key_seen;     /* a key since the header: inih's prev_name is set */
+    int continuation; /* inih reads the current line as more of the last key's value */
+    char prev_name[65];
+    char header[HUB_CONF_LINE_MAX + 1]; /* a header's name, copied out of inih's line */
+    char base[HUB_PATH_MAX];            /* the config file's directory with a trailing '/', or "" */
     char reason[256];
-    char line[HUB_CONF_LINE_MAX + 1];
 } load_ctx;
 
-static char *lskip(char *s)
+/* The first error at the current line; it stops the parse (the reader returns NULL next). */
+static int fail(load_ctx *x, int err, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+static int fail(load_ctx *x, int err, const char *fmt, ...)
 {
-    while (*s && isspace((unsigned char)*s))
-        s++;
-    return s;
-}
-
-static char *rstrip(char *s)
-{
-    char *p = s + strlen(s);
-    while (p > s && isspace((unsigned char)p[-1]))
-        *--p = '\0';
-    return s;
-}
-
-/* The first of chars (NULL: none) or of an inline comment (';' after a blank) in s, else its
- * end. */
-static char *find_chars_or_comment(char *s, const char *chars)
-{
-    int was_space = 0;
-    while (*s && (!chars || !strchr(chars, *s)) && !(was_space && *s == ';')) {
-        was_space = isspace((unsigned char)*s);
-        s++;
-    }
-    return s;
-}
-
-/* One physical line into x->line without its '\n'. 1 when a line was read, 0 at the end of the
- * file, -EIO with read_errno set on a read error, -EINVAL for a line too long or with a NUL. */
-static int read_line(load_ctx *x)
-{
-    size_t n = 0;
-    int ch = getc(x->f);
-    if (ch == EOF) {
-        x->read_errno = ferror(x->f) ? (errno ? errno : EIO) : 0;
-        return x->read_errno ? -EIO : 0;
-    }
-    x->lineno++;
-    /* Bounded by the file: each pass consumes a byte. */
-    for (; ch != EOF && ch != '\n'; ch = getc(x->f)) {
-        if (n == HUB_CONF_LINE_MAX)
-            return set_err(x->reason, sizeof(x->reason), "line is too long (max %d bytes)",
-                           HUB_CONF_LINE_MAX);
-        if (ch == '\0')
-            return set_err(x->reason, sizeof(x->reason), "line holds a NUL byte");
-        x->line[n++] = (char)ch;
-    }
-    if (ch == EOF && ferror(x->f)) {
-        x->read_errno = errno ? errno : EIO;
-        return -EIO;
-    }
-    x->line[n] = '\0';
-    return 1;
+    va_list ap;
+    if (x->err)
+        return x->err;
+    va_start(ap, fmt);
+    vsnprintf(x->reason, sizeof(x->reason), fmt, ap);
+    va_end(ap);
+    x->err = err;
+    return err;
 }
 
 static const hub_conf_section *find_section(const load_ctx *x, const char *name)
@@ -618,10 +588,11 @@ static const hub_conf_section *find_section(const load_ctx *x, const char *name)
     return s;
 }
 
-static int valid_instance_name(const char *s)
+/* INSTANCE of [name:INSTANCE]: 1 to max bytes, ASCII letters, digits, '_' and '-'. */
+static int valid_instance_name(const char *s, size_t max)
 {
     size_t n = strlen(s);
-    if (n == 0 || n > HUB_CONF_INSTANCE_MAX)
+    if (n == 0 || n > max)
         return 0;
     for (size_t i = 0; i < n; i++) {
         char ch = s[i]; /* ASCII ranges: isalnum() would follow the locale */
@@ -647,50 +618,55 @@ static int open_instance(load_ctx *x, const hub_conf_section *s, const char *ins
             return 0;
         }
         if (strcasecmp(i->name, inst) == 0)
-            return set_err(x->reason, sizeof(x->reason),
-                           "duplicate instance name: [%s:%s] differs from [%s:%s] (line %d) only "
-                           "in case",
-                           s->name, inst, s->name, i->name, i->line);
+            return fail(x, -EINVAL,
+                        "duplicate instance name: [%s:%s] differs from [%s:%s] (line %d) only "
+                        "in case",
+                        s->name, inst, s->name, i->name, i->line);
     }
     if (!(i = hub_calloc(1, sizeof(*i))))
-        goto oom;
+        return fail(x, -ENOMEM, "out of memory");
     /* Appended at once, so that hub_config_free frees it whatever fails next. */
     *tail = i;
     i->section = s;
     snprintf(i->name, sizeof(i->name), "%s", inst);
     i->line = x->lineno;
     if (!(i->file = hub_strndup(x->path, strlen(x->path))) || !(i->data = hub_calloc(1, s->size)))
-        goto oom;
+        return fail(x, -ENOMEM, "out of memory");
     x->data = i->data;
-    return apply_defaults(s, i->data, x->reason, sizeof(x->reason));
-oom:
-    set_err(x->reason, sizeof(x->reason), "out of memory");
-    return -ENOMEM;
+    char reason[256];
+    if (apply_defaults(s, i->data, reason, sizeof(reason)) < 0)
+        return fail(x, -EINVAL, "%s", reason);
+    return 0;
 }
 
-/* A "[...]" line: name is the text between the brackets. An unknown section is reported at its
- * first key, as it always was (one without keys sets nothing and passes). */
+/* A header inih will read: name is the text between the brackets (our copy). An unknown
+ * section is reported at its first key, as it always was (one without keys sets nothing). */
 static int open_section(load_ctx *x, char *name)
 {
+    size_t len = strlen(name);
     snprintf(x->secname, sizeof(x->secname), "%s", name);
     x->in_section = name[0] != '\0'; /* "[]": keys after it are outside any section */
-    x->prev_name[0] = '\0';
+    x->key_seen = 0;
     x->sec = NULL;
     x->data = NULL;
     char *inst = strchr(name, ':');
     if (inst)
         *inst++ = '\0';
     const hub_conf_section *s = find_section(x, name);
+    if (s && inst && !s->named)
+        return fail(x, -EINVAL, "section [%s] takes no instance name ('%.64s')", s->name, inst);
+    /* "name:INSTANCE" must fit inih's section name (check_section keeps name short enough). */
+    size_t inst_max = s ? HUB_CONF_SECTION_MAX - 1 - strlen(s->name) : 0;
+    if (s && inst && !valid_instance_name(inst, inst_max))
+        return fail(x, -EINVAL,
+                    "bad instance name '%.64s' in [%s:...] (letters, digits, '_' and '-', at "
+                    "most %zu bytes)",
+                    inst, s->name, inst_max);
+    /* inih would keep the first 49 bytes and carry on as if that were the name. */
+    if (len > HUB_CONF_SECTION_MAX)
+        return fail(x, -EINVAL, "section name is too long (max %d bytes)", HUB_CONF_SECTION_MAX);
     if (!s)
         return 0;
-    if (inst && !s->named)
-        return set_err(x->reason, sizeof(x->reason),
-                       "section [%s] takes no instance name ('%.64s')", s->name, inst);
-    if (inst && !valid_instance_name(inst))
-        return set_err(x->reason, sizeof(x->reason),
-                       "bad instance name '%.64s' in [%s:...] (letters, digits, '_' and '-', at "
-                       "most %d bytes)",
-                       inst, s->name, HUB_CONF_INSTANCE_MAX);
     x->sec = s;
     if (find_core_section(s->name)) {
         x->data = x->c;
@@ -699,10 +675,91 @@ static int open_section(load_ctx *x, char *name)
     return open_instance(x, s, inst ? inst : "");
 }
 
-static int set_key(load_ctx *x, const char *name, const char *value)
+/* Where inih ends a header's name: the first ']', unless an inline comment (one of
+ * INI_INLINE_COMMENT_PREFIXES after a blank) comes first. NULL when there is none: inih then
+ * reports the line as a syntax error. */
+static char *header_end(char *s)
 {
-    char *r = x->reason;
-    size_t rlen = sizeof(x->reason);
+    int was_space = 0;
+    /* Bounded by the line: each pass moves one byte towards its NUL. */
+    for (; *s && *s != ']'; s++) {
+        if (INI_ALLOW_INLINE_COMMENTS && was_space && strchr(INI_INLINE_COMMENT_PREFIXES, *s))
+            return NULL;
+        was_space = isspace((unsigned char)*s);
+    }
+    return *s == ']' ? s : NULL;
+}
+
+/* What inih will make of line, as far as we must know it first; inih's order of tests, from
+ * ini_parse_stream(): a comment or blank line, a continuation (an indented line after a key),
+ * then a header. 0, or <0 with the error recorded. line itself is left as it was. */
+static int notice_line(load_ctx *x, const char *line)
+{
+    const char *start = line;
+    x->continuation = 0;
+    if (INI_ALLOW_BOM && x->lineno == 1 && strncmp(start, "\xEF\xBB\xBF", 3) == 0)
+        start += 3;
+    while (*start && isspace((unsigned char)*start))
+        start++;
+    if (*start == '\0' || strchr(INI_START_COMMENT_PREFIXES, *start))
+        return 0;
+    if (INI_ALLOW_MULTILINE && x->key_seen && start > line) {
+        x->continuation = 1;
+        return 0;
+    }
+    char *end = *start == '[' ? header_end((char *)start + 1) : NULL;
+    if (!end)
+        return 0;
+    size_t n = (size_t)(end - (start + 1));
+    memcpy(x->header, start + 1, n); /* n < the line's length <= HUB_CONF_LINE_MAX */
+    x->header[n] = '\0';
+    return open_section(x, x->header);
+}
+
+/* inih's ini_reader: one physical line into str (num bytes, inih's line buffer) with its '\n',
+ * never a piece of one. NULL at the end of the file, after a read error (read_errno) and after
+ * the first error, which a line too long or holding a NUL byte is (inih would cut the one, and
+ * read the other as ending at the NUL). */
+static char *conf_reader(char *str, int num, void *stream)
+{
+    load_ctx *x = stream;
+    /* Room for the '\n' and the NUL; we promise no more than HUB_CONF_LINE_MAX either way. */
+    size_t max = num > 2 ? (size_t)num - 2 : 0, n = 0;
+    if (max > HUB_CONF_LINE_MAX)
+        max = HUB_CONF_LINE_MAX;
+    if (x->err || num < 2)
+        return NULL;
+    int ch = getc(x->f);
+    if (ch == EOF) {
+        x->read_errno = ferror(x->f) ? (errno ? errno : EIO) : 0;
+        return NULL;
+    }
+    x->lineno++;
+    /* Bounded by max: each pass stores a byte or leaves. */
+    for (; ch != EOF && ch != '\n'; ch = getc(x->f)) {
+        if (ch == '\0') {
+            fail(x, -EINVAL, "line holds a NUL byte");
+            return NULL;
+        }
+        if (n == max) {
+            fail(x, -EINVAL, "line is too long (max %zu characters)", max);
+            return NULL;
+        }
+        str[n++] = (char)ch;
+    }
+    if (ch == EOF && ferror(x->f)) {
+        x->read_errno = errno ? errno : EIO;
+        return NULL;
+    }
+    if (ch == '\n')
+        str[n++] = '\n';
+    str[n] = '\0';
+    return notice_line(x, str) == 0 ? str : NULL;
+}
+
+/* One key of the current section: 0, or <0 with the reason in r. */
+static int set_key(load_ctx *x, const char *name, const char *value, char *r, size_t rlen)
+{
     if (!x->in_section)
         return set_err(r, rlen, "key '%.64s' is outside any section", name);
     if (!x->sec)
@@ -714,35 +771,38 @@ static int set_key(load_ctx *x, const char *name, const char *value)
     return set_row(x->data, k, value, x->base, x->lineno, r, rlen);
 }
 
-/* One line of x->line: 0, or <0 with x->reason set. */
-static int parse_line(load_ctx *x)
+/* inih's ini_handler, for each key of the line the reader just gave it. 1, or 0 when the key is
+ * refused (inih then counts the line as its first error; we have the reason). */
+static int load_handler(void *user, const char *section, const char *name, const char *value)
 {
-    char *line = x->line, *start = line, *end;
-    if (x->lineno == 1 && strncmp(start, "\xEF\xBB\xBF", 3) == 0)
-        start += 3;
-    start = lskip(rstrip(start));
-    if (*start == '\0' || *start == ';' || *start == '#')
+    load_ctx *x = user;
+    if (!name)
+        return 1; /* inih built to announce each new section: the reader opened it already */
+    if (x->continuation) {
+        fail(x, -EINVAL, "indented line continues the value of '%.64s'; remove the indentation",
+             x->prev_name);
         return 0;
-    if (x->prev_name[0] && start > line)
-        return set_err(x->reason, sizeof(x->reason),
-                       "indented line continues the value of '%.64s'; remove the indentation",
-                       x->prev_name);
-    if (*start == '[') {
-        end = find_chars_or_comment(start + 1, "]");
-        if (*end != ']')
-            return set_err(x->reason, sizeof(x->reason), MSG_SYNTAX);
-        *end = '\0';
-        return open_section(x, start + 1);
     }
-    end = find_chars_or_comment(start, "=:");
-    if (*end != '=' && *end != ':')
-        return set_err(x->reason, sizeof(x->reason), MSG_SYNTAX);
-    *end = '\0';
-    char *name = rstrip(start), *value = end + 1;
-    *find_chars_or_comment(value, NULL) = '\0';
-    value = rstrip(lskip(value));
+    /* The reader's reading of the headers and inih's must agree, or keys would land in the
+     * wrong section; a mismatch means inih's rules differ from those mirrored here. */
+    if (strcmp(section, x->secname) != 0) {
+        fail(x, -EINVAL, "section [%.64s] was read as [%.64s] by the INI library", x->secname,
+             section);
+        return 0;
+    }
+    if (!value) {
+        fail(x, -EINVAL, "%.64s: missing value", name);
+        return 0;
+    }
+    x->key_seen = 1;
     snprintf(x->prev_name, sizeof(x->prev_name), "%s", name);
-    return set_key(x, name, value);
+    char reason[256];
+    int rc = set_key(x, name, value, reason, sizeof(reason));
+    if (rc < 0) {
+        fail(x, rc, "%s", reason);
+        return 0;
+    }
+    return 1;
 }
 
 /* The directory part of path, with its trailing '/', or "" when path has none. */
@@ -785,25 +845,35 @@ int hub_conf_defaults(const hub_conf_section *section, void *data, char *err, si
     return apply_defaults(section, data, err, errlen);
 }
 
+/* 0, or <0 with x->reason set and x->lineno the line to name (0: the file as a whole). */
 static int load_file(load_ctx *x)
 {
-    int rc;
     x->f = fopen(x->path, "r");
     if (!x->f) {
         x->read_errno = errno;
         snprintf(x->reason, sizeof(x->reason), "cannot open: %s", strerror(errno));
         return -x->read_errno;
     }
-    /* Bounded by the file: each pass reads a line, and the first error stops. */
-    while ((rc = read_line(x)) > 0 && (rc = parse_line(x)) == 0)
-        ;
+    int rc = ini_parse_stream(conf_reader, x, load_handler, x);
     fclose(x->f);
     if (x->read_errno) {
         x->lineno = 0;
         snprintf(x->reason, sizeof(x->reason), "cannot read: %s", strerror(x->read_errno));
         return -x->read_errno;
     }
-    return rc;
+    if (rc < 0) {
+        x->lineno = 0;
+        snprintf(x->reason, sizeof(x->reason), "out of memory");
+        return -ENOMEM;
+    }
+    /* inih's first bad line is a syntax error unless it is the line of our own first error
+     * (a key we refused): the parse stopped there, so inih's can only be earlier. */
+    if (rc > 0 && (!x->err || rc < x->lineno)) {
+        x->lineno = rc;
+        snprintf(x->reason, sizeof(x->reason), MSG_SYNTAX);
+        return -EINVAL;
+    }
+    return x->err;
 }
 
 int hub_config_load_sections(hub_config *c, const char *path,

@@ -1,4 +1,4 @@
-/* evhub configuration: an INI file read line by line, each section a table of rows that carry
+/* evhub configuration: an INI file parsed by libinih, each section a table of rows that carry
  * their own defaults; the core's sections and those of the modules share one engine. */
 #ifndef HUB_CONFIG_H
 #define HUB_CONFIG_H
@@ -11,11 +11,18 @@
 #define HUB_UNICAST_RROBIN 1 /* rotate over the connections with the tag */
 
 #define HUB_PATH_MAX 1024
-/* The longest line of a config file, in bytes, its line ending excluded. A longer line is an
- * error naming it ("file:line: line is too long (max 4096 bytes)"), never cut. */
-#define HUB_CONF_LINE_MAX 4096
-/* The longest INSTANCE in [name:INSTANCE], in bytes (letters, digits, '_' and '-'). */
-#define HUB_CONF_INSTANCE_MAX 63
+/* The longest line of a config file, in bytes, its '\n' excluded (a '\r' before it counts):
+ * libinih's buffer (INI_MAX_LINE, 200 in Debian's build) less the '\n' and the NUL. A longer
+ * line is an error naming it ("file:line: line is too long (max 198 characters)"), never cut. */
+#define HUB_CONF_LINE_MAX 198
+/* The longest section name, the text between '[' and ']' (for [name:INSTANCE], all of
+ * "name:INSTANCE"), in bytes: libinih's (MAX_SECTION 50, less the NUL). A longer one is an error
+ * naming its line ("section name is too long (max 49 bytes)"), never cut. */
+#define HUB_CONF_SECTION_MAX 49
+/* The longest INSTANCE in [name:INSTANCE] (letters, digits, '_' and '-'): what is left of
+ * HUB_CONF_SECTION_MAX after "name:", i.e. 48 - strlen(name) bytes (43 for [kafka:...]). This
+ * bound is that of a one-letter name, and the size of hub_conf_instance.name. */
+#define HUB_CONF_INSTANCE_MAX (HUB_CONF_SECTION_MAX - 2)
 
 struct hub_config;
 
@@ -71,7 +78,8 @@ typedef struct hub_conf_list {
 } hub_conf_list;
 
 /* A section a module owns: [name], and with named set also [name:INSTANCE] (each its own
- * instance, built from the rows' defaults). name holds no ':', ']' or blank. */
+ * instance, built from the rows' defaults). name holds no ':', ']' or blank, and has at most
+ * HUB_CONF_SECTION_MAX bytes (2 fewer when named, to leave room for ":INSTANCE"). */
 typedef struct hub_conf_section {
     const char *name; /* NULL ends a table */
     int named;

@@ -2,6 +2,8 @@
 #include <errno.h>
 #include <string.h>
 
+#include <json-c/json.h>
+
 #include "hub/hub_int.h"
 #include "hub/log.h"
 
@@ -206,32 +208,74 @@ const hub_api hub__loop_api = {
     .count = api_count,
 };
 
+/* ---- executors: the loop (workers = 0) and each worker run the same events ---- */
+
+void hub__event_run(hub *h, hub_script *s, int type, uint64_t id, const void *data, size_t len)
+{
+    switch (type) {
+    case HUB_EV_CONNECT:
+        h->ops->on_connect(s, data);
+        break;
+    case HUB_EV_MESSAGE:
+        h->ops->on_message(s, id, data, len);
+        break;
+    case HUB_EV_CLOSE:
+        h->ops->on_close(s, id);
+        break;
+    case HUB_EV_TAG: {
+        /* The tag as it is now, not as it was when this was queued: the script may have
+         * set another since, and that one is what the hub applies. */
+        char tag[HUB_TAG_MAX + 1];
+        size_t tl = hub__tag_intended(h, id, tag);
+        if (h->ops->on_tag)
+            h->ops->on_tag(s, id, tag, tl);
+        break;
+    }
+    case HUB_EV_COMPLETE: {
+        json_object *res;
+        memcpy(&res, data, sizeof(res));
+        if (!s || !h->ops->on_complete || h->ops->on_complete(s, id, res) < 0)
+            hub__complete_undelivered(h, id, "its state is gone");
+        json_object_put(res);
+        break;
+    }
+    }
+}
+
+int hub__exec_post(hub *h, int exec, int type, uint64_t id, const void *data, size_t len)
+{
+    if (exec >= 0)
+        return hub__worker_queue_item(h, exec, type, id, data, len);
+    hub__event_run(h, h->script, type, id, data, len);
+    if (type == HUB_EV_CONNECT)
+        hub__connect_seen(h, id);
+    return 0;
+}
+
+void hub__connect_seen(hub *h, uint64_t id)
+{
+    /* As Kamailio: connection-new runs before reading starts, so a script can refuse. */
+    hub_client *c = hub__client_by_id(h, id);
+    if (c)
+        hub__client_start_reading(c);
+}
+
 void hub__tag_changed(hub *h, hub_client *c)
 {
     if (!h->ops->on_tag || !(c->flags & HUB_CLIENT_CONNECTED))
         return;
-    if (h->nworkers)
-        hub__worker_queue_item(h, c->worker, HUB_EV_TAG, c, NULL, 0); /* it reads the tag then */
-    else
-        h->ops->on_tag(h->script, c->id, c->tag ? c->tag->name : "", c->tag ? c->tag->len : 0);
+    hub__exec_post(h, c->worker, HUB_EV_TAG, c->id, NULL, 0); /* it reads the tag then */
 }
 
 void hub__event_connect(hub *h, hub_client *c)
 {
     c->flags |= HUB_CLIENT_CONNECTED;
-    if (!h->nworkers) {
-        /* As Kamailio: connection-new runs before reading starts, so a script can refuse. */
-        h->ops->on_connect(h->script, &c->info);
-        hub__client_start_reading(c);
-        return;
-    }
-    /* The worker answers with a start-reading command once its script has seen it. */
-    hub__worker_queue_item(h, c->worker, HUB_EV_CONNECT, c, NULL, 0);
+    hub__exec_post(h, c->worker, HUB_EV_CONNECT, c->id, &c->info, sizeof(c->info));
 }
 
 int hub__event_admit(hub *h, hub_client *c)
 {
-    if (!h->nworkers || !hub__worker_full(h, c->worker))
+    if (c->worker < 0 || !hub__worker_full(h, c->worker))
         return 0;
     hub__worker_pause(h, c->worker, c);
     return -EAGAIN;
@@ -239,11 +283,7 @@ int hub__event_admit(hub *h, hub_client *c)
 
 int hub__event_message(hub *h, hub_client *c, const char *data, size_t len)
 {
-    if (!h->nworkers) {
-        h->ops->on_message(h->script, c->id, data, len);
-        return 0;
-    }
-    if (hub__worker_queue_item(h, c->worker, HUB_EV_MESSAGE, c, data, len) == 0)
+    if (hub__exec_post(h, c->worker, HUB_EV_MESSAGE, c->id, data, len) == 0)
         return 0;
     HUB_STAT_ADD(h, frames_lost, 1);
     hub__client_close(c, "internal", "out of memory queueing a frame for the script");
@@ -252,9 +292,5 @@ int hub__event_message(hub *h, hub_client *c, const char *data, size_t len)
 
 void hub__event_close(hub *h, hub_client *c)
 {
-    if (!h->nworkers) {
-        h->ops->on_close(h->script, c->id);
-        return;
-    }
-    hub__worker_queue_item(h, c->worker, HUB_EV_CLOSE, c, NULL, 0);
+    hub__exec_post(h, c->worker, HUB_EV_CLOSE, c->id, NULL, 0);
 }

@@ -257,7 +257,17 @@ enum {
     HUB_EV_COMPLETE /* a completion for the worker's state: id is the token */
 };
 
-/* script events from the loop: inline when workers == 0, else queued to the worker */
+/* Executors (dispatch.c): the loop's own state (exec -1, workers = 0) and each worker run the
+ * same events. Run one in state s, on the executor's thread: data is a hub_conn_info for
+ * CONNECT, the payload for MESSAGE, a struct json_object * (owned) for COMPLETE. */
+void hub__event_run(hub *h, hub_script *s, int type, uint64_t id, const void *data, size_t len);
+/* Loop thread: hand an event to executor exec, inline for the loop, queued (data copied) for
+ * a worker. 0, or -ENOMEM (not taken; a COMPLETE's result stays the caller's). */
+int hub__exec_post(hub *h, int exec, int type, uint64_t id, const void *data, size_t len);
+/* The script of the client id's executor has seen it connect: reading may start. */
+void hub__connect_seen(hub *h, uint64_t id);
+
+/* script events from the loop, to the executor of the client */
 void hub__event_connect(hub *h, hub_client *c);
 /* Backpressure, decided here only: 0 when c's executor can take another frame, or -EAGAIN
  * when its queue is full (reading from c is then paused until it drains). */
@@ -294,7 +304,7 @@ void hub__mailbox_drain(hub *h);
 void hub__mailbox_free(hub *h);
 /* hub_malloc that waits for memory instead of failing (for what must get through). */
 void *hub__malloc_retry(size_t size);
-int hub__worker_queue_item(hub *h, int w, int type, hub_client *c, const char *data, size_t len);
+int hub__worker_queue_item(hub *h, int w, int type, uint64_t id, const void *data, size_t len);
 
 /* A worker's queue and counters, readable from any thread. */
 typedef struct hub_worker_view {
@@ -339,8 +349,6 @@ size_t hub__modules_stats(hub *h, hub_stat *out, size_t cap);
 uint64_t hub__token_new(hub *h, int worker);
 /* Count (and log at debug) a completion that found no state to run in. Any thread. */
 void hub__complete_undelivered(hub *h, uint64_t token, const char *why);
-/* Queue a completion to worker w's state; result is owned by the queue from here. */
-void hub__worker_queue_complete(hub *h, int w, uint64_t token, struct json_object *result);
 /* The sink's calls, -ENOSYS with err set when no events module is built in. */
 int hub__event_check(hub *h, const char *event, const char *socket, char *err, size_t errlen);
 int hub__event_subscribe(hub *h, const char *event, const char *socket, long expire_s, char *err,

@@ -144,18 +144,16 @@ void hub__complete_undelivered(hub *h, uint64_t token, const char *why)
 static void deliver(hub *h, uint64_t token, json_object *result)
 {
     int exec = (int)(token >> TOKEN_EXEC_SHIFT) - 1;
-    if (exec < 0) {
-        if (!h->script || !h->ops->on_complete || h->ops->on_complete(h->script, token, result) < 0)
-            hub__complete_undelivered(h, token, "its state is gone");
-        json_object_put(result);
-        return;
-    }
-    if (exec >= h->nworkers || h->workers_stopped) {
+    if (exec >= h->nworkers || (exec >= 0 && h->workers_stopped)) {
         hub__complete_undelivered(h, token, "its worker has stopped");
         json_object_put(result);
         return;
     }
-    hub__worker_queue_complete(h, exec, token, result); /* result now owned by the item */
+    /* result is owned by the event from here (the pointer travels as its data) */
+    if (hub__exec_post(h, exec, HUB_EV_COMPLETE, token, &result, sizeof(result)) < 0) {
+        hub__complete_undelivered(h, token, "out of memory");
+        json_object_put(result);
+    }
 }
 
 typedef struct completion {

@@ -135,9 +135,7 @@ static void run_close(hub *h, hub_post *p)
 
 static void run_start_read(hub *h, hub_post *p)
 {
-    hub_client *cl = hub__client_by_id(h, CMD(p)->id);
-    if (cl)
-        hub__client_start_reading(cl);
+    hub__connect_seen(h, CMD(p)->id);
     hub_free(p);
 }
 
@@ -526,24 +524,14 @@ static int worker_run(hub_worker *w, hub_item *it)
     hub *h = w->h;
     switch (it->type) {
     case HUB_EV_CONNECT:
-        h->ops->on_connect(w->script, (const hub_conn_info *)(void *)it->data);
-        worker_cmd(w, run_start_read, it->id, NULL, 0, NULL, 0);
-        break;
     case HUB_EV_MESSAGE:
-        h->ops->on_message(w->script, it->id, it->data, it->len);
-        break;
     case HUB_EV_CLOSE:
-        h->ops->on_close(w->script, it->id);
+    case HUB_EV_TAG:
+    case HUB_EV_COMPLETE:
+        hub__event_run(h, w->script, it->type, it->id, it->data, it->len);
+        if (it->type == HUB_EV_CONNECT) /* the loop starts reading once the script saw it */
+            worker_cmd(w, run_start_read, it->id, NULL, 0, NULL, 0);
         break;
-    case HUB_EV_TAG: {
-        /* The tag as it is now, not as it was when this was queued: the script may have
-         * set another since, and that one is what the hub applies. */
-        char tag[HUB_TAG_MAX + 1];
-        size_t len = hub__tag_intended(h, it->id, tag);
-        if (h->ops->on_tag)
-            h->ops->on_tag(w->script, it->id, tag, len);
-        break;
-    }
     case HUB_EV_RELOAD:
         worker_reload(w);
         return 0;
@@ -552,15 +540,6 @@ static int worker_run(hub_worker *w, hub_item *it)
         return 0; /* a decision nobody waits for (the round ended at shutdown) */
     case HUB_EV_STOP:
         return 1;
-    case HUB_EV_COMPLETE: {
-        json_object *res;
-        memcpy(&res, it->data, sizeof(res));
-        if (!h->ops->on_complete || h->ops->on_complete(w->script, it->id, res) < 0)
-            hub__complete_undelivered(h, it->id, "its state is gone");
-        json_object_put(res);
-        it->len = 0; /* counted as no payload bytes when queued */
-        break;
-    }
     }
     bump(&w->events);
     atomic_fetch_sub(&w->queued_bytes, it->len);
@@ -715,34 +694,19 @@ void hub__worker_view(hub *h, int wi, hub_worker_view *out)
 
 size_t hub__worker_paused(hub *h, int wi) { return h->workers[wi].npaused; }
 
-int hub__worker_queue_item(hub *h, int wi, int type, hub_client *c, const char *data, size_t len)
+int hub__worker_queue_item(hub *h, int wi, int type, uint64_t id, const void *data, size_t len)
 {
     hub_worker *w = &h->workers[wi];
-    hub_item *it = type == HUB_EV_CONNECT ? item_new(type, c->id, &c->info, sizeof(c->info))
-                                          : item_new(type, c->id, data, len);
+    hub_item *it = item_new(type, id, data, len);
     if (!it) {
-        hub_log(HUB_LOG_ERR, "worker %d: out of memory queueing an event for client id=%llu", wi,
-                (unsigned long long)c->id);
+        hub_log(HUB_LOG_ERR, "worker %d: out of memory queueing an event for id=%llu", wi,
+                (unsigned long long)id);
         return -ENOMEM;
     }
     atomic_fetch_add(&w->queued, 1);
     atomic_fetch_add(&w->queued_bytes, it->len);
     outbox_add(w, it);
     return 0;
-}
-
-void hub__worker_queue_complete(hub *h, int wi, uint64_t token, json_object *result)
-{
-    hub_worker *w = &h->workers[wi];
-    hub_item *it = item_new(HUB_EV_COMPLETE, token, &result, sizeof(result));
-    if (!it) {
-        hub__complete_undelivered(h, token, "out of memory");
-        json_object_put(result);
-        return;
-    }
-    it->len = 0; /* no payload bytes toward the queue's byte bound */
-    atomic_fetch_add(&w->queued, 1);
-    outbox_add(w, it);
 }
 
 static void push_outbox(hub_worker *w)
