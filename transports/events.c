@@ -91,7 +91,6 @@ struct events_state {
     pthread_mutex_t lock; /* guards the socks list's links */
     ev_timer expiry;
     int draining;
-    int stopping; /* sockets are being closed for good: reports go to hub_complete at once */
     _Atomic uint64_t raises;
 };
 
@@ -382,33 +381,16 @@ static void raise_unref(raise_rec *r)
     }
 }
 
-/* A report on its way to hub_complete. */
-typedef struct report_msg {
-    uint64_t token;
-    json_object *result;
-} report_msg;
-
-static void report_run(hub *h, void *arg)
-{
-    report_msg *m = arg;
-    hub_complete(h, m->token, m->result); /* result's reference passes */
-    hub_free(m);
-}
-
-/* Report one outcome to r's token. Through the mailbox, never inline: hub_complete may run
- * the script's report function at once on the loop thread, and that function may raise,
- * subscribe or unsubscribe while a socket is in the middle of a write or a read. */
+/* Report one outcome to r's token. hub_complete goes through the mailbox, so the report
+ * function never runs inside a socket's callback. */
 static void report(events_state *es, raise_rec *r, const char *socket, int status,
                    const char *error)
 {
     json_object *o = json_object_new_object();
-    report_msg *m = hub_malloc(sizeof(*m));
     r->pending--;
-    if (!o || !m) {
+    if (!o) {
         hub_log(HUB_LOG_ERR, "events: out of memory reporting %s to token %llu", r->name,
                 (unsigned long long)r->token);
-        json_object_put(o);
-        hub_free(m);
         return;
     }
     json_object_object_add(o, "event", json_object_new_string(r->name));
@@ -418,16 +400,7 @@ static void report(events_state *es, raise_rec *r, const char *socket, int statu
     if (status != 0)
         json_object_object_add(o, "error", json_object_new_string(error ? error : "failed"));
     json_object_object_add(o, "more", json_object_new_boolean(r->pending > 0));
-    m->token = r->token;
-    m->result = o;
-    if (es->stopping) {
-        /* The hub stops its workers right after the modules' stop: a report posted now
-         * would come too late for a worker's script. Sockets are closed from loops that
-         * survive what a report function may do (see close_all). */
-        report_run(es->h, m);
-        return;
-    }
-    hub_loop_post_retry(es->h, report_run, m); /* m is the loop's now */
+    hub_complete(es->h, r->token, o); /* o's reference passes */
 }
 
 void tr_delivery_done(tr_delivery *d, int status, const char *error)
@@ -592,12 +565,11 @@ static const hub_event_sink events_sink = {
 
 /* ---- the scheme registry ---- */
 
-/* Close the handle of every socket of scheme (-1: of every scheme), reporting what they
- * held at once. A report function may unsubscribe (and free sockets) meanwhile, so the walk
- * starts over after each close; each close leaves one handle fewer, which bounds it. */
+/* Close the handle of every socket of scheme (-1: of every scheme). The walk starts over
+ * after each close, so that nothing a close does to the list can trip it; each close leaves
+ * one handle fewer, which bounds it. */
 static void close_all(events_state *es, int scheme)
 {
-    es->stopping = 1;
     for (int again = 1; again;) {
         again = 0;
         for (ev_sock *s = es->socks; s; s = s->next) {

@@ -589,13 +589,13 @@ static void rtimer_cb(struct ev_loop *loop, ev_timer *w, int revents)
     rtimer_arm(s);
 }
 
-/* One document from the peer. In reliable mode a reply settles its request; anything else
- * (notifications' answers, unknown ids) is ignored. */
+/* One document from the peer (reliable mode): a reply settles its request; anything else
+ * (a document without a known id) is ignored. */
 static void on_reply(tcp_sock *s, json_object *o)
 {
     json_object *id, *err;
-    if (!s->reliable || !json_object_is_type(o, json_type_object) ||
-        !json_object_object_get_ex(o, "id", &id) || !json_object_is_type(id, json_type_int))
+    if (!json_object_is_type(o, json_type_object) || !json_object_object_get_ex(o, "id", &id) ||
+        !json_object_is_type(id, json_type_int))
         return;
     uint64_t want = (uint64_t)json_object_get_int64(id);
     tcp_item **pp = &s->wait.head, *prev = NULL;
@@ -638,6 +638,8 @@ static void read_cb(struct ev_loop *loop, ev_io *w, int revents)
         conn_lost(s, n == 0 ? "closed by the peer" : strerror(errno));
         return;
     }
+    if (!s->reliable)
+        return; /* notifications expect nothing back: whatever comes is read and dropped */
     size_t off = 0;
     for (int i = 0; off < (size_t)n && i < READ_CHUNK; i++) {
         json_object *o = json_tokener_parse_ex(s->tok, buf + off, (int)((size_t)n - off));
