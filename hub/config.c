@@ -548,10 +548,10 @@ typedef struct load_ctx {
     int lineno;     /* physical line last read: inih's count too, as lines are never split */
     int read_errno; /* errno of a failed read, 0 if none */
     int err;        /* first error (negative errno), 0 if none; lineno is then its line */
-    /* The section being read: secname as written (cut to fit, for messages); sec NULL when
+    /* The section being read: secname as written (inih's section name too); sec NULL when
      * secname names no known section; data where sec's rows are stored. */
     int in_section;
-    char secname[128];
+    char secname[HUB_CONF_SECTION_MAX + 1];
     const hub_conf_section *sec;
     void *data;
     int key_seen;     /* a key since the header: inih's prev_name is set */
@@ -644,11 +644,6 @@ static int open_instance(load_ctx *x, const hub_conf_section *s, const char *ins
 static int open_section(load_ctx *x, char *name)
 {
     size_t len = strlen(name);
-    snprintf(x->secname, sizeof(x->secname), "%s", name);
-    x->in_section = name[0] != '\0'; /* "[]": keys after it are outside any section */
-    x->key_seen = 0;
-    x->sec = NULL;
-    x->data = NULL;
     char *inst = strchr(name, ':');
     if (inst)
         *inst++ = '\0';
@@ -665,9 +660,15 @@ static int open_section(load_ctx *x, char *name)
     /* inih would keep the first 49 bytes and carry on as if that were the name. */
     if (len > HUB_CONF_SECTION_MAX)
         return fail(x, -EINVAL, "section name is too long (max %d bytes)", HUB_CONF_SECTION_MAX);
+    if (inst)
+        inst[-1] = ':';
+    memcpy(x->secname, name, len + 1);
+    x->in_section = len > 0; /* "[]": keys after it are outside any section */
+    x->key_seen = 0;
+    x->sec = s;
+    x->data = NULL;
     if (!s)
         return 0;
-    x->sec = s;
     if (find_core_section(s->name)) {
         x->data = x->c;
         return 0;

@@ -360,6 +360,8 @@ static void test_config_syntax_error_reports_its_line(void **state)
     expect_error("[evapi]\nbacklog = 1\n\njust some words\n", 4,
                  "syntax error (expected [section] or key = value)");
     expect_error("[evapi\nbacklog = 1\n", 1, "syntax error (expected [section] or key = value)");
+    /* An inline comment before the ']' hides it, for the reader as for inih. */
+    expect_error("[evapi ;]\nbacklog = 1\n", 1, "syntax error (expected [section] or key = value)");
 }
 
 static void test_config_first_error_wins(void **state)
@@ -383,17 +385,19 @@ static void test_config_indented_continuation_is_an_error(void **state)
     /* inih would read the second line as more of bind_addr's value. */
     expect_error("[evapi]\n  bind_addr = 127.0.0.1:1\n  backlog = 5\n", 3,
                  "indented line continues the value of 'bind_addr'; remove the indentation");
+    /* So is an indented header after a key: it opens nothing. */
+    expect_error("[evapi]\nbacklog = 5\n  [log]\n", 3,
+                 "indented line continues the value of 'backlog'; remove the indentation");
 }
 
 static void test_config_long_line_reports_its_own_line(void **state)
 {
     (void)state;
-    char text[HUB_CONF_LINE_MAX + 128];
+    char text[1024];
     int n = snprintf(text, sizeof(text), "[lua]\n; ok\nscript = /");
-    memset(text + n, 'x', HUB_CONF_LINE_MAX);
-    snprintf(text + n + HUB_CONF_LINE_MAX, sizeof(text) - (size_t)n - HUB_CONF_LINE_MAX,
-             ".lua\n[evapi]\nbacklog = 0\n");
-    expect_error(text, 3, "line is too long (max 4096 bytes)");
+    memset(text + n, 'x', 400);
+    snprintf(text + n + 400, sizeof(text) - (size_t)n - 400, ".lua\n[evapi]\nbacklog = 0\n");
+    expect_error(text, 3, "line is too long (max 198 characters)");
 }
 
 static void test_config_error_leaves_config_untouched(void **state)
@@ -706,30 +710,67 @@ static void test_config_bad_instance_name_reports_its_line(void **state)
     char text[256], name[80];
     expect_demo_error("[demo:a]\n\n[demo:bad name]\nport = 1\n", 3,
                       "bad instance name 'bad name' in [demo:...] (letters, digits, '_' and '-', "
-                      "at most 63 bytes)");
+                      "at most 44 bytes)");
     expect_demo_error("[demo:]\n", 1,
                       "bad instance name '' in [demo:...] (letters, digits, '_' and '-', at most "
-                      "63 bytes)");
+                      "44 bytes)");
     expect_demo_error("[demo:a.b]\n", 1,
                       "bad instance name 'a.b' in [demo:...] (letters, digits, '_' and '-', at "
-                      "most 63 bytes)");
-    /* 63 bytes is a name; 64 is not. */
-    memset(name, 'n', 63);
-    name[63] = '\0';
+                      "most 44 bytes)");
+    /* "demo:" and 44 bytes fill inih's 49-byte section name: a name; 45 bytes are not. */
+    memset(name, 'n', 44);
+    name[44] = '\0';
     snprintf(text, sizeof(text), "[demo:%s]\nport = 2\n", name);
     hub_config c;
     char path[64], err[512];
     hub_config_defaults(&c);
     assert_int_equal(load_demo(&c, text, path, sizeof(path), err, sizeof(err)), 0);
     assert_string_equal(hub_conf_next(&c, "demo", NULL)->name, name);
+    assert_int_equal(demo_of(hub_conf_next(&c, "demo", NULL))->port, 2);
     hub_config_free(&c);
     snprintf(text, sizeof(text), "[evapi]\n[demo:%sn]\n", name);
     char want[256];
     snprintf(want, sizeof(want),
-             "bad instance name '%sn' in [demo:...] (letters, digits, '_' and '-', at most 63 "
+             "bad instance name '%sn' in [demo:...] (letters, digits, '_' and '-', at most 44 "
              "bytes)",
              name);
     expect_demo_error(text, 2, want);
+}
+
+static void test_config_section_name_longer_than_inih_keeps_is_an_error(void **state)
+{
+    (void)state;
+    char text[256], name[64], want[256];
+    /* 49 bytes are read whole: the unknown section is named in full at its key. */
+    memset(name, 's', HUB_CONF_SECTION_MAX);
+    name[HUB_CONF_SECTION_MAX] = '\0';
+    snprintf(text, sizeof(text), "[evapi]\n[%s]\nkey = 1\n", name);
+    snprintf(want, sizeof(want), "unknown section [%s] (not supported by this build)", name);
+    expect_demo_error(text, 3, want);
+    /* 50 bytes are refused at the header, never cut, even with no key after it. */
+    snprintf(text, sizeof(text), "[evapi]\n[%ss]\n", name);
+    expect_demo_error(text, 2, "section name is too long (max 49 bytes)");
+    /* inih would read the key after it as one of the first 49 bytes' section. */
+    snprintf(text, sizeof(text), "[%ss]\nport = 1\n", name);
+    expect_demo_error(text, 1, "section name is too long (max 49 bytes)");
+    /* A module's name that leaves no room for an instance is refused with its table. */
+    static const hub_conf_row rows[] = {{.name = NULL}};
+    static const hub_conf_section long_named[] = {
+        {.name = "a_module_name_of_forty_eight_bytes_is_too_long_x",
+         .named = 1,
+         .size = 1,
+         .rows = rows},
+        {.name = NULL},
+    };
+    const hub_conf_section *tables[] = {long_named, NULL};
+    hub_config c;
+    char path[64], err[512];
+    hub_config_defaults(&c);
+    write_conf(path, sizeof(path), "");
+    assert_int_equal(hub_config_load_sections(&c, path, tables, err, sizeof(err)), -EINVAL);
+    unlink(path);
+    snprintf(want, sizeof(want), "%s:0: section [%s]: bad name or size", path, long_named[0].name);
+    assert_string_equal(err, want);
 }
 
 static void test_config_instance_of_a_section_without_instances_is_an_error(void **state)
@@ -783,11 +824,29 @@ static void test_config_line_of_the_limit_is_read_and_a_longer_one_is_an_error(v
     assert_int_equal(demo_of(hub_conf_next(&c, "single", NULL))->port, 7);
     hub_config_free(&c);
 
+    /* So is a value that fills the line, last line of the file, with no '\n'. */
+    n = snprintf(text, len, "[single]\ntopic = ");
+    memset(text + n, 'v', HUB_CONF_LINE_MAX - 8);
+    text[n + HUB_CONF_LINE_MAX - 8] = '\0';
+    assert_int_equal(load_demo(&c, text, path, sizeof(path), err, sizeof(err)), 0);
+    const demo_conf *d = demo_of(hub_conf_next(&c, "single", NULL));
+    assert_int_equal(d->topics.n, 1);
+    assert_int_equal(strlen(d->topics.items[0].value), HUB_CONF_LINE_MAX - 8);
+    hub_config_free(&c);
+
+    /* One byte more is an error on its line, with or without the '\n'. */
+    text[n + HUB_CONF_LINE_MAX - 8] = 'v';
+    text[n + HUB_CONF_LINE_MAX - 7] = '\0';
+    expect_demo_error(text, 2, "line is too long (max 198 characters)");
+    text[n + HUB_CONF_LINE_MAX - 7] = '\n';
+    text[n + HUB_CONF_LINE_MAX - 6] = '\0';
+    expect_demo_error(text, 2, "line is too long (max 198 characters)");
+
     /* A 5000-byte value on line 4 is refused there, not cut into pieces read as more lines. */
     n = snprintf(text, len, "[single]\nport = 1\n\ntopic = ");
     memset(text + n, 'v', 5000 - (size_t)n);
     snprintf(text + 5000, len - 5000, "\nport = 2\n");
-    expect_demo_error(text, 4, "line is too long (max 4096 bytes)");
+    expect_demo_error(text, 4, "line is too long (max 198 characters)");
     free(text);
 }
 
@@ -1106,6 +1165,7 @@ int main(void)
         cmocka_unit_test(test_config_module_key_given_twice_keeps_the_last),
         cmocka_unit_test(test_config_named_instances_get_defaults_and_their_own_values),
         cmocka_unit_test(test_config_bad_instance_name_reports_its_line),
+        cmocka_unit_test(test_config_section_name_longer_than_inih_keeps_is_an_error),
         cmocka_unit_test(test_config_instance_of_a_section_without_instances_is_an_error),
         cmocka_unit_test(test_config_instance_names_differing_only_in_case_are_an_error),
         cmocka_unit_test(test_config_unknown_key_in_module_section_reports_its_line),
