@@ -159,6 +159,7 @@ struct hub {
 
     hub_worker *workers;
     int nworkers;
+    hub_worker *loop_exec;           /* the loop as an executor (its script is h->script) */
     pthread_mutex_t mbox_mu;         /* guards the mailbox (mailbox.c) */
     hub_post *mbox_head, *mbox_tail; /* posted closures, run by the loop in order */
     int workers_done;
@@ -242,7 +243,6 @@ int hub__send(hub *h, uint64_t id, const char *data, size_t len);
 /* from_worker: the worker already recorded the intent; an unknown id clears it. */
 int hub__set_tag_id(hub *h, uint64_t id, const char *tag, size_t len, int from_worker);
 int hub__close_id(hub *h, uint64_t id, const char *reason);
-extern const hub_api hub__loop_api;
 
 /* kinds of events handed to a worker */
 enum {
@@ -278,6 +278,10 @@ int hub__event_message(hub *h, hub_client *c, const char *data, size_t len);
 void hub__event_close(hub *h, hub_client *c);
 
 /* workers (workers.c) */
+/* The one API of every executor's script; ud is the executor (a worker, or the loop's). */
+extern const hub_api hub__api;
+/* The loop's own executor record, for the API's ud when workers = 0. NULL on OOM. */
+hub_worker *hub__loop_exec_new(hub *h);
 int hub__workers_start(hub *h, char *err, size_t errlen);
 /* Hand queued events to the workers and wake them. */
 void hub__workers_flush(hub *h);

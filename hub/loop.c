@@ -160,7 +160,11 @@ hub *hub_new(const hub_config *cfg, const hub_script_ops *ops, char *err, size_t
             goto fail;
     } else {
         hub_script_conf sc = hub__script_conf(h, -1);
-        h->script = ops->load(&sc, &hub__loop_api, h, err, errlen);
+        if (!(h->loop_exec = hub__loop_exec_new(h))) {
+            snprintf(err, errlen, "out of memory");
+            goto fail;
+        }
+        h->script = ops->load(&sc, &hub__api, h->loop_exec, err, errlen);
         if (!h->script)
             goto fail;
     }
@@ -228,6 +232,7 @@ void hub_destroy(hub *h)
     hub__client_free_all(h);
     hub__tags_free(h);
     h->ops->free(h->script); /* NULL-safe */
+    hub_free(h->loop_exec);
     hub_idmap_free(&h->ids);
     hub_free(h->slots);
     hub_free(h->free_slots);

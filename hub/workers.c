@@ -216,9 +216,11 @@ static int worker_cmd(hub_worker *w, void (*type)(hub *, hub_post *), uint64_t i
 
 /* ---- the API a script in a worker uses: commands to the loop ---- */
 
-static int wapi_relay(void *ud, const char *data, size_t len)
+static int api_relay(void *ud, const char *data, size_t len)
 {
     hub_worker *w = ud;
+    if (w->index < 0)
+        return hub__relay(w->h, data, len);
     if (hub__frame_too_big(w->h, len))
         return -EMSGSIZE;
     if (atomic_load(&w->h->nclients) == 0)
@@ -227,8 +229,8 @@ static int wapi_relay(void *ud, const char *data, size_t len)
     return rc < 0 ? rc : 1;
 }
 
-static int wapi_tagged(hub_worker *w, void (*type)(hub *, hub_post *), const char *tag,
-                       size_t taglen, const char *data, size_t len)
+static int api_tagged(hub_worker *w, void (*type)(hub *, hub_post *), const char *tag,
+                      size_t taglen, const char *data, size_t len)
 {
     if (!hub__tag_valid(tag, taglen))
         return -EINVAL;
@@ -243,28 +245,38 @@ static int wapi_tagged(hub_worker *w, void (*type)(hub *, hub_post *), const cha
     return n ? 1 : 0;
 }
 
-static int wapi_multicast(void *ud, const char *tag, size_t taglen, const char *data, size_t len)
-{
-    return wapi_tagged(ud, run_multicast, tag, taglen, data, len);
-}
-
-static int wapi_unicast(void *ud, const char *tag, size_t taglen, const char *data, size_t len)
-{
-    return wapi_tagged(ud, run_unicast, tag, taglen, data, len);
-}
-
-static int wapi_send(void *ud, uint64_t id, const char *data, size_t len)
+static int api_multicast(void *ud, const char *tag, size_t taglen, const char *data, size_t len)
 {
     hub_worker *w = ud;
+    if (w->index < 0)
+        return hub__multicast(w->h, tag, taglen, data, len);
+    return api_tagged(ud, run_multicast, tag, taglen, data, len);
+}
+
+static int api_unicast(void *ud, const char *tag, size_t taglen, const char *data, size_t len)
+{
+    hub_worker *w = ud;
+    if (w->index < 0)
+        return hub__unicast(w->h, tag, taglen, data, len);
+    return api_tagged(ud, run_unicast, tag, taglen, data, len);
+}
+
+static int api_send(void *ud, uint64_t id, const char *data, size_t len)
+{
+    hub_worker *w = ud;
+    if (w->index < 0)
+        return hub__send(w->h, id, data, len);
     if (hub__frame_too_big(w->h, len))
         return -EMSGSIZE;
     int rc = worker_cmd(w, run_send, id, NULL, 0, data, len);
     return rc < 0 ? rc : 1;
 }
 
-static int wapi_set_tag(void *ud, uint64_t id, const char *tag, size_t taglen)
+static int api_set_tag(void *ud, uint64_t id, const char *tag, size_t taglen)
 {
     hub_worker *w = ud;
+    if (w->index < 0)
+        return hub__set_tag_id(w->h, id, tag, taglen, 0);
     /* The command first: an intent recorded with no command behind it would never be
      * applied. */
     hub_cmd *c = cmd_new(run_set_tag, w->index, id, tag, taglen, NULL, 0);
@@ -280,9 +292,11 @@ static int wapi_set_tag(void *ud, uint64_t id, const char *tag, size_t taglen)
     return 1;
 }
 
-static int wapi_close(void *ud, uint64_t id, const char *reason)
+static int api_close(void *ud, uint64_t id, const char *reason)
 {
     hub_worker *w = ud;
+    if (w->index < 0)
+        return hub__close_id(w->h, id, reason);
     /* The reason is cut at 255 bytes: it only goes to a log line and an error frame. */
     size_t rl = reason ? strnlen(reason, 255) : 0;
     hub_cmd *c = cmd_new(run_close, w->index, id, NULL, 0, reason, rl);
@@ -300,20 +314,24 @@ static void bump(_Atomic uint64_t *v)
                           memory_order_relaxed);
 }
 
-static size_t wapi_stats(void *ud, hub_stat *out, size_t cap)
+static size_t api_stats(void *ud, hub_stat *out, size_t cap)
 {
     hub_worker *w = ud;
     return hub__stats_collect(w->h, out, cap);
 }
 
-static void wapi_count(void *ud, int what)
+static void api_count(void *ud, int what)
 {
     hub_worker *w = ud;
-    if (what >= 0 && what < HUB_SCRIPT_NCOUNTS)
+    if (what < 0 || what >= HUB_SCRIPT_NCOUNTS)
+        return;
+    if (w->index < 0)
+        HUB_STAT_ADD(w->h, script[what], 1);
+    else
         bump(&w->counts[what]);
 }
 
-static uint64_t wapi_token(void *ud)
+static uint64_t api_token(void *ud)
 {
     hub_worker *w = ud;
     return hub__token_new(w->h, w->index);
@@ -340,12 +358,16 @@ static void run_raise(hub *h, hub_post *p)
     hub_free(rc);
 }
 
-static int wapi_raise(void *ud, const char *event, json_object *params, uint64_t token, char *err,
-                      size_t errlen)
+static int api_raise(void *ud, const char *event, json_object *params, uint64_t token, char *err,
+                     size_t errlen)
 {
     hub_worker *w = ud;
     int rc = 0;
     raise_cmd *c = NULL;
+    if (w->index < 0) {
+        rc = hub_raise(w->h, event, params, token, err, errlen);
+        return rc < 0 ? rc : 1;
+    }
     if (!hub_event_name_valid(event)) {
         snprintf(err, errlen, "bad event name (letters, digits, _ . -, at most %d bytes)",
                  HUB_EVENT_MAX);
@@ -413,31 +435,45 @@ static int post_sub(hub_worker *w, const char *event, const char *socket, long e
     return 1;
 }
 
-static int wapi_subscribe(void *ud, const char *event, const char *socket, long expire_s, char *err,
-                          size_t errlen)
+static int api_subscribe(void *ud, const char *event, const char *socket, long expire_s, char *err,
+                         size_t errlen)
 {
-    return post_sub(ud, event, socket, expire_s < 0 ? 0 : expire_s, err, errlen);
+    hub_worker *w = ud;
+    if (expire_s < 0)
+        expire_s = 0;
+    if (w->index < 0) {
+        int rc = hub__event_subscribe(w->h, event, socket, expire_s, err, errlen);
+        return rc < 0 ? rc : 1;
+    }
+    return post_sub(w, event, socket, expire_s, err, errlen);
 }
 
-static int wapi_unsubscribe(void *ud, const char *event, const char *socket, char *err,
-                            size_t errlen)
+static int api_unsubscribe(void *ud, const char *event, const char *socket, char *err,
+                           size_t errlen)
 {
-    return post_sub(ud, event, socket, -1, err, errlen);
+    hub_worker *w = ud;
+    if (w->index < 0) {
+        int rc = hub__event_unsubscribe(w->h, event, socket, err, errlen);
+        return rc < 0 ? rc : 1;
+    }
+    return post_sub(w, event, socket, -1, err, errlen);
 }
 
-static const hub_api worker_api = {
-    .token = wapi_token,
-    .raise = wapi_raise,
-    .subscribe = wapi_subscribe,
-    .unsubscribe = wapi_unsubscribe,
-    .relay = wapi_relay,
-    .multicast = wapi_multicast,
-    .unicast = wapi_unicast,
-    .send = wapi_send,
-    .set_tag = wapi_set_tag,
-    .close = wapi_close,
-    .stats = wapi_stats,
-    .count = wapi_count,
+/* The one API every executor's script uses, ud being its executor: the loop's own (index
+ * -1, workers = 0) calls straight in; a worker's hands commands to the loop, in order. */
+const hub_api hub__api = {
+    .token = api_token,
+    .raise = api_raise,
+    .subscribe = api_subscribe,
+    .unsubscribe = api_unsubscribe,
+    .relay = api_relay,
+    .multicast = api_multicast,
+    .unicast = api_unicast,
+    .send = api_send,
+    .set_tag = api_set_tag,
+    .close = api_close,
+    .stats = api_stats,
+    .count = api_count,
 };
 
 /* ---- the worker thread ---- */
@@ -492,7 +528,7 @@ static void worker_reload(hub_worker *w)
     hub *h = w->h;
     char err[1024];
     hub_script_conf sc = hub__script_conf(h, w->index);
-    hub_script *n = h->ops->load(&sc, &worker_api, w, err, sizeof(err));
+    hub_script *n = h->ops->load(&sc, &hub__api, w, err, sizeof(err));
     if (n && h->ops->adopt(n, w->script, err, sizeof(err)) < 0) {
         h->ops->free(n);
         n = NULL;
@@ -791,7 +827,7 @@ int hub__workers_start(hub *h, char *err, size_t errlen)
         w->index = i;
         pthread_mutex_init(&w->mu, NULL);
         pthread_cond_init(&w->cv, &ca);
-        w->script = h->ops->load(&sc, &worker_api, w, err, errlen);
+        w->script = h->ops->load(&sc, &hub__api, w, err, errlen);
         if (!w->script) {
             pthread_condattr_destroy(&ca);
             return -EINVAL;
@@ -864,6 +900,16 @@ void hub__workers_stop(hub *h)
         outbox_add(&h->workers[i], it);
         push_outbox(&h->workers[i]);
     }
+}
+
+hub_worker *hub__loop_exec_new(hub *h)
+{
+    hub_worker *w = hub_calloc(1, sizeof(*w));
+    if (w) {
+        w->h = h;
+        w->index = -1; /* only h and index are used: the loop runs its events inline */
+    }
+    return w;
 }
 
 void hub__workers_join(hub *h)
