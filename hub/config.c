@@ -543,6 +543,7 @@ static int check_section(const hub_conf_section *s, char *err, size_t errlen)
 typedef struct load_ctx {
     hub_config *c; /* the copy being filled */
     const hub_conf_section *const *tables;
+    int skip_unknown; /* sections nobody declared are skipped unread (evhubctl) */
     const char *path;
     FILE *f;
     int lineno;     /* physical line last read: inih's count too, as lines are never split */
@@ -763,6 +764,8 @@ static int set_key(load_ctx *x, const char *name, const char *value, char *r, si
 {
     if (!x->in_section)
         return set_err(r, rlen, "key '%.64s' is outside any section", name);
+    if (!x->sec && x->skip_unknown)
+        return 0;
     if (!x->sec)
         return set_err(r, rlen, "unknown section [%.64s] (not supported by this build)",
                        x->secname);
@@ -877,8 +880,8 @@ static int load_file(load_ctx *x)
     return x->err;
 }
 
-int hub_config_load_sections(hub_config *c, const char *path,
-                             const hub_conf_section *const *sections, char *err, size_t errlen)
+static int load_sections(hub_config *c, const char *path, const hub_conf_section *const *sections,
+                         int skip_unknown, char *err, size_t errlen)
 {
     static const hub_conf_section *const none[] = {NULL};
     load_ctx *x = hub_calloc(1, sizeof(*x));
@@ -892,6 +895,7 @@ int hub_config_load_sections(hub_config *c, const char *path,
     x->c = &tmp;
     x->path = path;
     x->tables = sections ? sections : none;
+    x->skip_unknown = skip_unknown;
     int rc = check_tables(x->tables, x->reason, sizeof(x->reason));
     if (rc == 0 && (strlen(path) >= sizeof(tmp.file) || dir_of(path, x->base, sizeof(x->base)) < 0))
         rc = set_err(x->reason, sizeof(x->reason), "path is too long");
@@ -911,21 +915,14 @@ int hub_config_load_sections(hub_config *c, const char *path,
     return rc;
 }
 
-int hub_config_load(hub_config *c, const char *path, char *err, size_t errlen)
+int hub_config_load_sections(hub_config *c, const char *path,
+                             const hub_conf_section *const *sections, char *err, size_t errlen)
 {
-    size_t n = 0, t = 0;
-    while (hub_modules[n])
-        n++;
-    const hub_conf_section **tables = hub_calloc(n + 1, sizeof(*tables));
-    if (!tables) {
-        set_err(err, errlen, "%s:0: out of memory", path);
-        return -ENOMEM;
-    }
-    for (size_t i = 0; i < n; i++) {
-        if (hub_modules[i]->sections)
-            tables[t++] = hub_modules[i]->sections;
-    }
-    int rc = hub_config_load_sections(c, path, tables, err, errlen);
-    hub_free(tables);
-    return rc;
+    return load_sections(c, path, sections, 0, err, errlen);
+}
+
+int hub_config_load_core(hub_config *c, const char *path, char *err, size_t errlen)
+{
+    static const hub_conf_section *const none[] = {NULL};
+    return load_sections(c, path, none, 1, err, errlen);
 }

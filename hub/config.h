@@ -147,8 +147,12 @@ void hub_config_defaults(hub_config *c);
 /* Parse path over the current values of the core's sections; the module instances become
  * this file's (the previous ones are freed). Returns 0, or -EINVAL / -ENOENT / -ENOMEM with
  * err set to "file:line: reason" (line 0 when the file cannot be read); c is then unchanged.
- * The sections are the core's and those of hub_modules. */
+ * The sections are the core's and those of hub_modules (defined in module.c, so that a
+ * program without modules links config.c alone). */
 int hub_config_load(hub_config *c, const char *path, char *err, size_t errlen);
+/* As hub_config_load with the core's sections only; every other section is skipped unread
+ * (evhubctl, which knows no module, reads [control] from the hub's file this way). */
+int hub_config_load_core(hub_config *c, const char *path, char *err, size_t errlen);
 /* As hub_config_load, with sections (a NULL-terminated array of tables, each ending with a
  * NULL name) instead of the modules' (for tests). */
 int hub_config_load_sections(hub_config *c, const char *path,

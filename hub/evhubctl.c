@@ -775,7 +775,7 @@ static int resolve_socket(ctl_opts *o, const char *config)
     if (o->socket)
         return CTL_EXIT_OK;
     hub_config_defaults(&cfg);
-    if (hub_config_load(&cfg, config, err, sizeof(err)) < 0) {
+    if (hub_config_load_core(&cfg, config, err, sizeof(err)) < 0) {
         fprintf(stderr, "evhubctl: %s\n", err);
         return CTL_EXIT_USAGE;
     }

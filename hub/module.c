@@ -121,6 +121,18 @@ size_t hub__modules_stats(hub *h, hub_stat *out, size_t cap)
     return n;
 }
 
+int hub_config_load(hub_config *c, const char *path, char *err, size_t errlen)
+{
+    const hub_conf_section *tables[64];
+    size_t t = 0;
+    for (size_t i = 0; hub_modules[i]; i++) {
+        if (hub_modules[i]->sections && t + 1 < sizeof(tables) / sizeof(tables[0]))
+            tables[t++] = hub_modules[i]->sections;
+    }
+    tables[t] = NULL;
+    return hub_config_load_sections(c, path, tables, err, errlen);
+}
+
 /* ---- completions ---- */
 
 /* A token holds the executor that started the work in its top 16 bits (0: the loop, w + 1:
