@@ -38,23 +38,24 @@ static void *evapi_open(void *ud, const char *uri, char *err, size_t errlen)
     return s;
 }
 
+static size_t evapi_room(void *ud, void *sock, const tr_event *e)
+{
+    (void)ud;
+    (void)sock;
+    return 64 + strlen(e->name) + e->params_len;
+}
+
 static void evapi_send(void *ud, void *sock, tr_delivery *d)
 {
     evapi_sock *s = sock;
     const tr_event *e = tr_delivery_event(d);
-    size_t cap = 64 + strlen(e->name) + e->params_len;
-    char *doc = hub_malloc(cap);
-    (void)ud;
-    if (!doc) {
-        tr_delivery_done(d, -1, "out of memory");
-        return;
-    }
+    size_t cap = evapi_room(ud, sock, e);
+    char *doc = tr_delivery_room(d);
     /* event names need no escaping; params is JSON already */
     int n =
         snprintf(doc, cap, "{\"jsonrpc\":\"2.0\",\"method\":\"%s\"%s%.*s}", e->name,
                  e->params ? ",\"params\":" : "", (int)e->params_len, e->params ? e->params : "");
-    int rc = hub_multicast(s->h, s->tag, s->taglen, doc, (size_t)n);
-    hub_free(doc);
+    int rc = hub_multicast(s->h, s->tag, s->taglen, doc, (size_t)n); /* copies doc */
     if (rc > 0) {
         tr_delivery_done(d, 0, NULL);
     } else {
@@ -81,6 +82,7 @@ static const tr_scheme evapi_scheme = {
     .name = "evapi",
     .check = evapi_check,
     .open = evapi_open,
+    .room = evapi_room,
     .send = evapi_send,
     .state = evapi_state,
     .close = evapi_close,

@@ -67,6 +67,7 @@ struct tr_delivery {
     raise_rec *r;
     ev_sub *sub;
     ev_sock *sock;
+    max_align_t room[]; /* the scheme's (tr_scheme.room) */
 };
 
 typedef struct scheme_slot {
@@ -93,6 +94,14 @@ struct events_state {
     int draining;
     _Atomic uint64_t raises;
 };
+
+/* Counters are written by the loop thread only and read by stats from any thread: a relaxed
+ * load and store (no locked read-modify-write) is enough for a single writer. */
+static inline void bump(_Atomic uint64_t *c, int64_t d)
+{
+    atomic_store_explicit(c, atomic_load_explicit(c, memory_order_relaxed) + (uint64_t)d,
+                          memory_order_relaxed);
+}
 
 /* ---- names and URIs ---- */
 
@@ -373,6 +382,8 @@ static void expiry_cb(struct ev_loop *loop, ev_timer *w, int revents)
 
 const tr_event *tr_delivery_event(const tr_delivery *d) { return &d->r->ev; }
 
+void *tr_delivery_room(tr_delivery *d) { return d->room; }
+
 static void raise_unref(raise_rec *r)
 {
     if (--r->refs == 0) {
@@ -408,12 +419,12 @@ void tr_delivery_done(tr_delivery *d, int status, const char *error)
     ev_sock *sock = d->sock;
     events_state *es = sock->es;
     ev_sub *sub = d->sub;
-    atomic_fetch_sub_explicit(&sock->queued, 1, memory_order_relaxed);
+    bump(&sock->queued, -1);
     if (status == 0) {
-        atomic_fetch_add_explicit(&sock->delivered, 1, memory_order_relaxed);
+        bump(&sock->delivered, 1);
         sub->delivered++;
     } else {
-        atomic_fetch_add_explicit(&sock->failed, 1, memory_order_relaxed);
+        bump(&sock->failed, 1);
         sub->failed++;
         hub_log(HUB_LOG_DEBUG, "events: %s to %s failed: %s", d->r->name, sock->uri,
                 error ? error : "failed");
@@ -430,10 +441,12 @@ void tr_delivery_done(tr_delivery *d, int status, const char *error)
 static void deliver(events_state *es, raise_rec *r, ev_sub *sub)
 {
     ev_sock *sock = sub->sock;
-    tr_delivery *d = hub_malloc(sizeof(*d));
-    atomic_fetch_add_explicit(&sock->raised, 1, memory_order_relaxed);
+    const scheme_slot *sl = &es->schemes[sock->scheme];
+    size_t room = sock->handle && sl->sc->room ? sl->sc->room(sl->ud, sock->handle, &r->ev) : 0;
+    tr_delivery *d = hub_malloc(sizeof(*d) + room);
+    bump(&sock->raised, 1);
     if (!d) {
-        atomic_fetch_add_explicit(&sock->failed, 1, memory_order_relaxed);
+        bump(&sock->failed, 1);
         sub->failed++;
         if (r->token)
             report(es, r, sock->uri, -1, "out of memory");
@@ -444,12 +457,11 @@ static void deliver(events_state *es, raise_rec *r, ev_sub *sub)
     d->sock = sock;
     r->refs++;
     sub->inflight++;
-    atomic_fetch_add_explicit(&sock->queued, 1, memory_order_relaxed);
+    bump(&sock->queued, 1);
     if (!sock->handle) {
         tr_delivery_done(d, -1, "socket closed");
         return;
     }
-    const scheme_slot *sl = &es->schemes[sock->scheme];
     sl->sc->send(sl->ud, sock->handle, d); /* d is the socket's now */
 }
 
@@ -479,7 +491,7 @@ static int do_raise(events_state *es, const char *event, json_object *params, ui
         json_object_put(params);
         return -ENOMEM;
     }
-    atomic_fetch_add_explicit(&es->raises, 1, memory_order_relaxed);
+    bump(&es->raises, 1);
     memcpy(r->name, event, strlen(event) + 1);
     r->ev.name = r->name;
     r->params = params; /* params' reference is r's now */

@@ -27,6 +27,9 @@ typedef struct tr_delivery tr_delivery;
 
 /* The event this delivery carries (valid until tr_delivery_done). */
 const tr_event *tr_delivery_event(const tr_delivery *d);
+/* The bytes the scheme asked for with room (suitably aligned for any type), part of d: valid
+ * until tr_delivery_done. */
+void *tr_delivery_room(tr_delivery *d);
 /* Loop thread: the delivery ended; status 0 (delivered) or -1 (failed, error says why; may
  * be NULL). Counts it, reports it to the raiser's token if any, and frees d. */
 void tr_delivery_done(tr_delivery *d, int status, const char *error);
@@ -40,6 +43,9 @@ typedef struct tr_scheme {
     int (*check)(const char *uri, char *err, size_t errlen);
     /* Loop thread: make the socket for a checked uri. NULL with err set. */
     void *(*open)(void *ud, const char *uri, char *err, size_t errlen);
+    /* Loop thread, optional: how many bytes to keep with each delivery of e to sock
+     * (tr_delivery_room), so that a send needs no allocation of its own. */
+    size_t (*room)(void *ud, void *sock, const tr_event *e);
     /* Loop thread: deliver d through sock; d is the socket's until it is done. */
     void (*send)(void *ud, void *sock, tr_delivery *d);
     /* Loop thread: a word for the listing ("connected", "connecting", "down", ...). */

@@ -330,8 +330,7 @@ static tcp_item *list_pop(item_list *l)
 
 static void item_done(tcp_item *it, int status, const char *error)
 {
-    tr_delivery_done(it->d, status, error);
-    hub_free(it);
+    tr_delivery_done(it->d, status, error); /* it lives in d's room: gone with it */
 }
 
 static void fail_list(item_list *l, const char *why)
@@ -743,16 +742,27 @@ static void write_cb(struct ev_loop *loop, ev_io *w, int revents)
 
 /* ---- the document ---- */
 
-/* {"jsonrpc":"2.0","method":M,"params":P[,"id":N]}\n, with event_param's key added first
- * to an object (or the event's name first in an array). NULL on OOM. */
-static tcp_item *build(tcp_sock *s, const tr_event *e)
+/* Bytes of the document for e on s, at most (the NUL snprintf writes included). */
+static size_t doc_cap(const tcp_sock *s, const tr_event *e)
+{
+    const char *m = s->u.method[0] ? s->u.method : e->name;
+    return 96 + strlen(m) + strlen(s->event_param) + strlen(e->name) + e->params_len;
+}
+
+static size_t tcp_room(void *ud, void *sock, const tr_event *e)
+{
+    (void)ud;
+    return sizeof(tcp_item) + doc_cap(sock, e);
+}
+
+/* Write into it (doc_cap bytes of doc) {"jsonrpc":"2.0","method":M,"params":P[,"id":N]}\n,
+ * with event_param's key added first to an object (or the event's name first in an
+ * array). */
+static void build(tcp_sock *s, const tr_event *e, tcp_item *it)
 {
     const char *m = s->u.method[0] ? s->u.method : e->name;
     const char *ep = s->event_param;
-    size_t cap = 96 + strlen(m) + strlen(ep) + strlen(e->name) + e->params_len;
-    tcp_item *it = hub_malloc(sizeof(*it) + cap);
-    if (!it)
-        return NULL;
+    size_t cap = doc_cap(s, e);
     char *d = it->doc;
     int n = snprintf(d, cap, "{\"jsonrpc\":\"2.0\",\"method\":\"%s\"", m);
     if (*ep) {
@@ -770,7 +780,8 @@ static tcp_item *build(tcp_sock *s, const tr_event *e)
             n += (int)e->params_len - 1;
         }
     } else if (e->params) {
-        n += snprintf(d + n, cap - (size_t)n, ",\"params\":");
+        memcpy(d + n, ",\"params\":", 10);
+        n += 10;
         memcpy(d + n, e->params, e->params_len);
         n += (int)e->params_len;
     }
@@ -779,9 +790,8 @@ static tcp_item *build(tcp_sock *s, const tr_event *e)
         it->id = ++s->ts->next_id;
         n += snprintf(d + n, cap - (size_t)n, ",\"id\":%llu", (unsigned long long)it->id);
     }
-    n += snprintf(d + n, cap - (size_t)n, "}\n");
-    it->len = (size_t)n;
-    return it;
+    memcpy(d + n, "}\n", 2);
+    it->len = (size_t)n + 2;
 }
 
 /* ---- the scheme ---- */
@@ -796,11 +806,8 @@ static void tcp_send(void *ud, void *sock, tr_delivery *d)
         tr_delivery_done(d, -1, why);
         return;
     }
-    tcp_item *it = build(s, tr_delivery_event(d));
-    if (!it) {
-        tr_delivery_done(d, -1, "out of memory");
-        return;
-    }
+    tcp_item *it = tr_delivery_room(d); /* tcp_room's bytes */
+    build(s, tr_delivery_event(d), it);
     it->d = d;
     list_push(&s->outq, it);
     kick(s);
@@ -891,6 +898,7 @@ static const tr_scheme tcp_scheme = {
     .name = "tcp",
     .check = tcp_check,
     .open = tcp_open,
+    .room = tcp_room,
     .send = tcp_send,
     .state = tcp_state_name,
     .close = tcp_close,
