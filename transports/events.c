@@ -91,7 +91,6 @@ struct events_state {
     ev_sock *socks;       /* changed under lock (stats walks it from any thread) */
     pthread_mutex_t lock; /* guards the socks list's links */
     ev_timer expiry;
-    int draining;
     _Atomic uint64_t raises;
 };
 
@@ -459,7 +458,7 @@ static void deliver(events_state *es, raise_rec *r, ev_sub *sub)
     sub->inflight++;
     bump(&sock->queued, 1);
     if (!sock->handle) {
-        tr_delivery_done(d, -1, "socket closed");
+        tr_delivery_done(d, -1, "the socket is closed (its module stopped)");
         return;
     }
     sl->sc->send(sl->ud, sock->handle, d); /* d is the socket's now */
@@ -479,11 +478,6 @@ static int do_raise(events_state *es, const char *event, json_object *params, ui
         snprintf(err, errlen, "params must be an object, an array or nothing");
         json_object_put(params);
         return -EINVAL;
-    }
-    if (es->draining) {
-        snprintf(err, errlen, "the hub is stopping");
-        json_object_put(params);
-        return -ESHUTDOWN;
     }
     raise_rec *r = hub_calloc(1, sizeof(*r));
     if (!r) {
@@ -855,19 +849,19 @@ static int events_start(void *state, char *err, size_t errlen)
     return 0;
 }
 
-/* New raises are refused from now on. What is in flight belongs to the socket modules,
- * whose own drain counts it. */
+/* Raises are still taken while the sockets drain (a hub event such as a connection closed
+ * by the shutdown, a report function raising again): the sockets are up, and whatever they
+ * have not delivered when they stop is reported failed. What is in flight belongs to the
+ * socket modules, whose own drain counts it. */
 static size_t events_drain(void *state)
 {
-    events_state *es = state;
-    es->draining = 1;
+    (void)state;
     return 0;
 }
 
 static void events_stop(void *state)
 {
     events_state *es = state;
-    es->draining = 1;
     ev_timer_stop(es->loop, &es->expiry);
     /* Close every socket: whatever is still in flight is reported failed now. */
     close_all(es, -1);

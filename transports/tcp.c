@@ -34,7 +34,7 @@
 
 #define BACKOFF_MIN_MS  100        /* first retry after a failed connect or a drop */
 #define WRITE_BUDGET    (64 << 10) /* bytes written per wakeup (STYLE: at most 64 KiB) */
-#define WRITE_IOV       64         /* documents per writev */
+#define WRITE_IOV       64         /* documents per sendmsg */
 #define READ_CHUNK      (64 << 10)
 #define REPLY_MAX_BYTES (1 << 20) /* a reply larger than this is a protocol error */
 
@@ -718,7 +718,8 @@ static void write_cb(struct ev_loop *loop, ev_io *w, int revents)
             iov[cnt].iov_len = it->len - skip;
             total += iov[cnt++].iov_len;
         }
-        ssize_t n = writev(s->fd, iov, cnt);
+        struct msghdr mh = {.msg_iov = iov, .msg_iovlen = (size_t)cnt};
+        ssize_t n = sendmsg(s->fd, &mh, MSG_NOSIGNAL); /* a peer gone is an error, not a signal */
         if (n < 0) {
             if (errno == EAGAIN || errno == EINTR)
                 return;

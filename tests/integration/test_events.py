@@ -419,11 +419,10 @@ def evhubctl_subscriptions_and_expiry():
     srv.stop()
 
 
-@suite.case
-def lua_subscribe_unsubscribe():
+def lua_subscribe_case(workers):
     srv = JsonRpcServer()
     top = 'evapi.subscribe("E_TOP", "%s")\n' % srv.uri("top")
-    h = hub(top=top)
+    h = hub(workers, top=top)
     c = h.client()
     uri = srv.uri("lua")
     check_eq(request(c, "sub:E_L %s" % uri), b"sub true true nil", "subscribe")
@@ -440,6 +439,87 @@ def lua_subscribe_unsubscribe():
     check_eq(r, b"sub true true nil", "with expiry")
     wait_for(lambda: len(h.ctl_json("subscriptions")["subscriptions"]), lambda n: n == 1,
              "the script's subscription to expire", timeout=5)
+    srv.stop()
+
+
+suite.case_with("lua_subscribe_unsubscribe_workers0", lua_subscribe_case, 0)
+suite.case_with("lua_subscribe_unsubscribe_workers2", lua_subscribe_case, 2)
+
+
+@suite.case
+def resubscribe_renews_expiry():
+    srv = JsonRpcServer()
+    h = hub()
+    uri = srv.uri()
+    check_eq(h.ctl_json("subscribe", "E_RN", uri, "--expire", "2"), "subscribed", "first")
+    check_eq(h.ctl_json("subscribe", "E_RN", uri, "--expire", "300"), "subscribed", "again")
+    subs = h.ctl_json("subscriptions")["subscriptions"]
+    check_eq(len(subs), 1, "still one subscription")
+    check(subs[0]["expires"] > 200, "renewed: %r" % subs[0])
+    check_eq(h.ctl_json("subscribe", "E_RN", uri), "subscribed", "without expiry")
+    check_eq(h.ctl_json("subscriptions")["subscriptions"][0]["expires"], None, "now never")
+    srv.stop()
+
+
+@suite.case
+def shared_socket_one_connection():
+    srv = JsonRpcServer(mode="result")
+    uri = srv.uri("shared", "reliable=1")
+    h = hub(subscribe=["E_S1 %s" % uri, "E_S2 %s" % uri])
+    c = h.client()
+    raise_ok(c, "raiser:E_S1 [1]")
+    raise_ok(c, "raiser:E_S2 [2]")
+    check_eq([r["status"] for r in reports(c, 2)], [0, 0], "both delivered")
+    check_eq(h.ctl_json("unsubscribe", "E_S1", uri), "unsubscribed", "one let go")
+    raise_ok(c, "raiser:E_S2 [3]")
+    check_eq(reports(c, 1)[0]["status"], 0, "the other still delivers")
+    check_eq(srv.connections, 1, "one connection for the socket, kept")
+    s = ctl_stats(h)
+    check_eq((s["events_raised"][uri], s["events_delivered"][uri]), (3, 3), "counters kept")
+    srv.stop()
+
+
+@suite.case
+def reliable_down_then_up():
+    port = free_port()
+    srv = JsonRpcServer(port=port, mode="result", listen=False)
+    uri = srv.uri(query="reliable=1&timeout=2000")
+    h = hub(subscribe=["E_DU %s" % uri])
+    c = h.client()
+    for i in range(3):
+        raise_ok(c, "raiser:E_DU [%d]" % i)
+    h.wait_log("cannot connect")
+    srv.start()
+    rs = reports(c, 3)
+    check_eq([r["status"] for r in rs], [0, 0, 0], "answered after the reconnect")
+    srv.stop()
+
+
+@suite.case
+def empty_params_with_event_param():
+    srv = JsonRpcServer()
+    h = hub(tcp={"event_param": "ev"}, subscribe=["E_EP %s" % srv.uri()])
+    for p in ["{}", "[]", '{"a":"\\u00e9\\n"}']:
+        check_eq(h.ctl_json("raise", "E_EP", p), {"subscribers": 1}, "raise " + p)
+    check_eq(h.ctl_json("raise", "E_EP"), {"subscribers": 1}, "raise without params")
+    docs = srv.wait_docs(4)
+    check_eq([d["params"] for d in docs],
+             [{"ev": "E_EP"}, ["E_EP"], {"ev": "E_EP", "a": "\u00e9\n"}, {"ev": "E_EP"}],
+             "event_param with empty and escaped params")
+    srv.stop()
+
+
+@suite.case
+def prometheus_labels():
+    srv = JsonRpcServer()
+    uri = srv.uri("p")
+    h = hub(subscribe=["E_P %s" % uri])
+    h.ctl_json("raise", "E_P", "[1]")
+    srv.wait_docs(1)
+    text = wait_for(lambda: h.ctl_json("stats", "--prometheus"),
+                    lambda t: ('socket="%s"} 1' % uri) in t, "a labelled delivered sample")
+    for name in ["events_raised", "events_delivered", "events_failed", "events_queued"]:
+        check(("%s" % name) in text and ('{socket="%s"}' % uri) in text, name + " labelled")
     srv.stop()
 
 
