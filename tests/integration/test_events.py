@@ -9,6 +9,7 @@ workers 0 and 2."""
 
 import json
 import os
+import re
 import signal
 import socket
 import sys
@@ -58,6 +59,12 @@ evapi.on("message", function(conn, msg)
         local ev, sock = rest:match("^(%S+) (%S+)$")
         local ok, a, b = pcall(evapi.unsubscribe, ev, sock)
         conn:send("unsub " .. tostring(ok) .. " " .. tostring(a) .. " " .. tostring(b))
+    elseif cmd == "big" then              -- big:N SIZE EVENT: N raises of SIZE-byte strings
+        local n, size, ev = rest:match("^(%d+) (%d+) (%S+)$")
+        for i = 1, tonumber(n) do
+            evapi.raise(ev, {i = i, s = string.rep(string.char(97 + i % 26), tonumber(size))})
+        end
+        conn:send("big done")
     elseif cmd == "tag" then
         conn:set_tag(rest)
         conn:send("tagged")
@@ -351,6 +358,39 @@ def queue_full_fails_at_once():
     check_eq(h.ctl_json("unsubscribe", "E_Q", uri), "unsubscribed", "unsubscribe")
     rs = reports(c, 3)
     check(all("unsubscribed" in r["error"] for r in rs), "queued ones failed: %r" % rs)
+
+
+@suite.case
+def large_events_written_whole():
+    """Documents far larger than a socket buffer: partial writes resume where they stopped."""
+    srv = JsonRpcServer()
+    uri = srv.uri("big")
+    h = hub(subscribe=["E_BIG %s" % uri])
+    c = h.client()
+    n, size = 24, 150000
+    check_eq(request(c, "big:%d %d E_BIG" % (n, size)), b"big done", "raised")
+    docs = srv.wait_docs(n)
+    check_eq([d["params"]["i"] for d in docs], list(range(1, n + 1)), "in order")
+    for d in docs:
+        i = d["params"]["i"]
+        check(d["params"]["s"] == chr(97 + i % 26) * size, "document %d intact" % i)
+    check_eq(ctl_stats(h)["events_delivered"][uri], n, "delivered")
+    srv.stop()
+
+
+@suite.case
+def unresolvable_name_retried_and_reported():
+    uri = "tcp:no-such-host.invalid:80?reliable=1"
+    h = hub(subscribe=["E_NX %s" % uri])
+    c = h.client()
+    raise_ok(c, "raiser:E_NX [1]")
+    h.wait_log(re.compile(r"tcp: tcp:no-such-host\.invalid:80\?reliable=1: cannot connect: "))
+    check_eq(ctl_stats(h)["events_queued"][uri], 1, "kept while the name does not resolve")
+    check_eq(h.ctl_json("subscriptions")["subscriptions"][0]["state"] in ("down", "resolving"),
+             True, "state")
+    h.ctl_json("unsubscribe", "E_NX", uri)
+    r = reports(c, 1)[0]
+    check("unsubscribed" in r["error"], "failed when let go: %r" % r)
 
 
 @suite.case
