@@ -6,6 +6,7 @@
  * the outcome. Host names are resolved by one resolver thread, never on the loop; its
  * results come back through the mailbox. While a connection is down, events wait in a
  * bounded queue; a full queue fails the event at once. */
+#define _GNU_SOURCE /* pthread_timedjoin_np */
 #include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -20,6 +21,7 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <ev.h>
@@ -37,6 +39,7 @@
 #define WRITE_IOV       64         /* documents per sendmsg */
 #define READ_CHUNK      (64 << 10)
 #define REPLY_MAX_BYTES (1 << 20) /* a reply larger than this is a protocol error */
+#define RESOLVER_JOIN_S 1         /* how long a stop waits for a lookup under way */
 
 /* [tcp]: event_stream's module parameters, the defaults of every tcp: socket. */
 typedef struct tcp_conf {
@@ -473,6 +476,8 @@ static void resolved_cb(hub *h, void *arg)
     resolver_unref(rv);
 }
 
+/* The resolver thread holds a reference of its own, so that a stop that does not wait for a
+ * slow lookup (see resolver_stop) leaves it something to finish with. */
 static void *resolver_main(void *arg)
 {
     resolver *rv = arg;
@@ -491,11 +496,21 @@ static void *resolver_main(void *arg)
         q->rc = getaddrinfo(q->host, q->port, &hints, &q->ai);
         if (q->rc != 0)
             q->ai = NULL;
+        pthread_mutex_lock(&rv->mu);
+        if (rv->quit) {
+            /* the module stopped meanwhile, and the hub may be gone: post nothing */
+            if (q->ai)
+                freeaddrinfo(q->ai);
+            hub_free(q);
+            break;
+        }
+        /* Posted under the lock: a stop that sets quit after this knows the answer is in
+         * the mailbox, which the hub runs before it goes. */
         atomic_fetch_add(&rv->refs, 1);             /* the answer's, dropped by resolved_cb */
         hub_loop_post_retry(rv->h, resolved_cb, q); /* q is the loop's now */
-        pthread_mutex_lock(&rv->mu);
     }
     pthread_mutex_unlock(&rv->mu);
+    resolver_unref(rv);
     return NULL;
 }
 
@@ -919,8 +934,15 @@ static void resolver_stop(tcp_state *ts)
         rv->quit = 1;
         pthread_cond_signal(&rv->cv);
         pthread_mutex_unlock(&rv->mu);
-        /* waits for a lookup under way (bounded by the resolver's own timeout) */
-        pthread_join(rv->thread, NULL);
+        /* A lookup under way may take the resolver's whole timeout (seconds per name
+         * server): wait a little, then let the thread finish on its own reference. */
+        struct timespec until;
+        clock_gettime(CLOCK_REALTIME, &until);
+        until.tv_sec += RESOLVER_JOIN_S;
+        if (pthread_timedjoin_np(rv->thread, NULL, &until) != 0) {
+            hub_log(HUB_LOG_WARN, "tcp: a host name lookup is still under way; not waiting");
+            pthread_detach(rv->thread);
+        }
         rv->running = 0;
     }
     resolver_unref(rv);
@@ -983,8 +1005,10 @@ static int tcp_init(hub *h, void **state, char *err, size_t errlen)
 static int tcp_start(void *state, char *err, size_t errlen)
 {
     tcp_state *ts = state;
+    atomic_fetch_add(&ts->rv->refs, 1); /* the thread's */
     int rc = pthread_create(&ts->rv->thread, NULL, resolver_main, ts->rv);
     if (rc != 0) {
+        atomic_fetch_sub(&ts->rv->refs, 1);
         snprintf(err, errlen, "tcp: cannot start the resolver thread: %s", strerror(rc));
         return -rc;
     }
