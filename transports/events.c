@@ -20,13 +20,15 @@
 #include "hub/core.h"
 #include "hub/log.h"
 #include "transports/events.h"
+#include "transports/json_text.h"
 
 #define SRC_CONFIG  0
 #define SRC_SCRIPT  1
 #define SRC_CONTROL 2
 static const char *const src_names[] = {"config", "script", "control"};
 
-#define EVENTS_MAX_SUBS 65536 /* subscriptions at once: a runaway script cannot eat memory */
+#define EVENTS_MAX_SUBS 65536     /* subscriptions at once: a runaway script cannot eat memory */
+#define SCRATCH_KEEP    (1 << 20) /* params' text buffer kept between raises, at most */
 
 typedef struct events_state events_state;
 
@@ -56,11 +58,11 @@ typedef struct ev_sub {
 /* One raise, shared by its deliveries. */
 typedef struct raise_rec {
     tr_event ev;
-    json_object *params; /* holds ev.params' text */
     uint64_t token;
     size_t pending; /* reports still to come (for "more") */
     size_t refs;    /* deliveries alive, plus the raise itself while it sends */
     char name[TR_EVENT_NAME_MAX + 1];
+    char text[]; /* ev.params */
 } raise_rec;
 
 struct tr_delivery {
@@ -91,6 +93,7 @@ struct events_state {
     ev_sock *socks;       /* changed under lock (stats walks it from any thread) */
     pthread_mutex_t lock; /* guards the socks list's links */
     ev_timer expiry;
+    tr_buf scratch; /* params' text, reused from raise to raise */
     _Atomic uint64_t raises;
 };
 
@@ -385,10 +388,8 @@ void *tr_delivery_room(tr_delivery *d) { return d->room; }
 
 static void raise_unref(raise_rec *r)
 {
-    if (--r->refs == 0) {
-        json_object_put(r->params);
+    if (--r->refs == 0)
         hub_free(r);
-    }
 }
 
 /* Report one outcome to r's token. hub_complete goes through the mailbox, so the report
@@ -479,32 +480,37 @@ static int do_raise(events_state *es, const char *event, json_object *params, ui
         json_object_put(params);
         return -EINVAL;
     }
-    raise_rec *r = hub_calloc(1, sizeof(*r));
+    size_t n = 0;
+    for (ev_sub *s = es->subs; s; s = s->next)
+        n += !strcmp(s->event, event);
+    bump(&es->raises, 1);
+    /* Serialized once for every subscriber (and not at all for none), then the tree goes:
+     * the text is all a socket needs. */
+    int has = params != NULL;
+    es->scratch.len = 0;
+    int rc = has && n ? tr_json_append(&es->scratch, params) : 0;
+    json_object_put(params);
+    size_t tl = has && n ? es->scratch.len : 0;
+    raise_rec *r = rc == 0 ? hub_malloc(sizeof(*r) + tl + 1) : NULL;
     if (!r) {
         snprintf(err, errlen, "out of memory");
-        json_object_put(params);
         return -ENOMEM;
     }
-    bump(&es->raises, 1);
+    memset(r, 0, sizeof(*r));
     memcpy(r->name, event, strlen(event) + 1);
     r->ev.name = r->name;
-    r->params = params; /* params' reference is r's now */
-    if (params) {
-        /* serialized once for every subscriber */
-        r->ev.params = json_object_to_json_string_length(
-            params, JSON_C_TO_STRING_PLAIN | JSON_C_TO_STRING_NOSLASHESCAPE, &r->ev.params_len);
-        if (!r->ev.params) {
-            snprintf(err, errlen, "out of memory");
-            json_object_put(params);
-            hub_free(r);
-            return -ENOMEM;
-        }
+    memcpy(r->text, es->scratch.data ? es->scratch.data : "", tl);
+    r->text[tl] = '\0';
+    if (has) {
+        r->ev.params = r->text;
+        r->ev.params_len = tl;
     }
+    if (es->scratch.cap > SCRATCH_KEEP)
+        tr_buf_free(&es->scratch); /* one huge event does not keep its buffer */
     r->token = token;
     r->refs = 1;
-    for (ev_sub *s = es->subs; s; s = s->next)
-        r->pending += !strcmp(s->event, event);
-    if (r->pending == 0 && token) {
+    r->pending = n;
+    if (n == 0 && token) {
         /* No subscriber is not an error (as OpenSIPS); one report tells the raiser its
          * report function will not be called again. */
         r->pending = 1;
@@ -774,6 +780,7 @@ static void events_free(void *state)
     if (es->loop)
         ev_timer_stop(es->loop, &es->expiry);
     pthread_mutex_destroy(&es->lock);
+    tr_buf_free(&es->scratch);
     hub_free(es);
 }
 
