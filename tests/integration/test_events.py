@@ -486,6 +486,24 @@ suite.case_with("lua_subscribe_unsubscribe_workers0", lua_subscribe_case, 0)
 suite.case_with("lua_subscribe_unsubscribe_workers2", lua_subscribe_case, 2)
 
 
+def top_level_subscribe_case(workers):
+    """A subscription made by the script's top level exists once the hub runs, without any
+    client traffic to carry it along (and one per hub, whatever the number of workers)."""
+    srv = JsonRpcServer()
+    top = 'evapi.subscribe("E_TL", "%s", 100)\n' % srv.uri("tl")
+    h = hub(workers, top=top)
+    subs = wait_for(lambda: h.ctl_json("subscriptions")["subscriptions"], lambda v: v != [],
+                    "the top level's subscription", timeout=5)
+    check_eq([(x["event"], x["source"]) for x in subs], [("E_TL", "script")], "listed once")
+    h.ctl_json("raise", "E_TL", "[1]")
+    check_eq(srv.wait_docs(1)[0]["method"], "tl", "delivered")
+    srv.stop()
+
+
+suite.case_with("top_level_subscribe_workers0", top_level_subscribe_case, 0)
+suite.case_with("top_level_subscribe_workers2", top_level_subscribe_case, 2)
+
+
 @suite.case
 def resubscribe_renews_expiry():
     srv = JsonRpcServer()
