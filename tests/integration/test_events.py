@@ -65,6 +65,8 @@ evapi.on("message", function(conn, msg)
             evapi.raise(ev, {i = i, s = string.rep(string.char(97 + i % 26), tonumber(size))})
         end
         conn:send("big done")
+    elseif cmd == "stat" then             -- stat:KEY: one entry of evapi.stats()
+        conn:send("stat " .. tostring(evapi.stats()[rest]))
     elseif cmd == "tag" then
         conn:set_tag(rest)
         conn:send("tagged")
@@ -578,6 +580,10 @@ def prometheus_labels():
                     lambda t: ('socket="%s"} 1' % uri) in t, "a labelled delivered sample")
     for name in ["events_raised", "events_delivered", "events_failed", "events_queued"]:
         check(("%s" % name) in text and ('{socket="%s"}' % uri) in text, name + " labelled")
+    c = h.client()
+    check_eq(request(c, 'stat:events_delivered{socket="%s"}' % uri), b"stat 1",
+             "evapi.stats() keyed name{label}")
+    check_eq(request(c, "stat:events_raises"), b"stat 1", "raises in evapi.stats()")
     srv.stop()
 
 
