@@ -381,6 +381,26 @@ def large_events_written_whole():
 
 
 @suite.case
+def connect_timeout():
+    """A listener whose accept queue is full drops SYNs: the connect hangs until timeout."""
+    ls = socket.socket()
+    ls.bind(("127.0.0.1", 0))
+    ls.listen(0)
+    port = ls.getsockname()[1]
+    filler = socket.create_connection(("127.0.0.1", port))  # the queue's one place
+    uri = "tcp:127.0.0.1:%d?timeout=300" % port
+    h = hub(subscribe=["E_CT %s" % uri])
+    c = h.client()
+    raise_ok(c, "raiser:E_CT [1]")
+    h.wait_log("cannot connect: connect timeout (300 ms)")
+    check_eq(ctl_stats(h)["events_queued"][uri], 1, "kept for the next attempt")
+    h.ctl_json("unsubscribe", "E_CT", uri)
+    check("unsubscribed" in reports(c, 1)[0]["error"], "reported when let go")
+    filler.close()
+    ls.close()
+
+
+@suite.case
 def unresolvable_name_retried_and_reported():
     uri = "tcp:no-such-host.invalid:80?reliable=1"
     h = hub(subscribe=["E_NX %s" % uri])
