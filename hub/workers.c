@@ -832,6 +832,9 @@ int hub__workers_start(hub *h, char *err, size_t errlen)
             pthread_condattr_destroy(&ca);
             return -EINVAL;
         }
+        /* What its top level asked of the hub (a subscription, say) runs once the loop does,
+         * not after the worker's first batch. */
+        worker_flush_cmds(w);
     }
     pthread_condattr_destroy(&ca);
     /* Signals belong to the loop thread: workers start with all of them blocked. */
