@@ -380,7 +380,10 @@ static void conn_lost(tcp_sock *s, const char *why)
     free_addrs(s);
     char msg[192];
     snprintf(msg, sizeof(msg), "%s: %s", was_up ? "connection lost" : "cannot connect", why);
-    if (!s->down_logged) {
+    if (was_up && !s->outq.n && !s->wait.n) {
+        /* nothing lost and nothing waiting: the next event reconnects */
+        hub_log(HUB_LOG_INFO, "tcp: %s: %s", s->desc, msg);
+    } else if (!s->down_logged) {
         hub_log(HUB_LOG_WARN, "tcp: %s: %s; retrying", s->desc, msg);
         s->down_logged = 1;
     }
