@@ -278,12 +278,11 @@ def reliable_no_answer_times_out():
     srv.stop()
 
 
-@suite.case
-def several_subscribers_report_more():
+def several_subscribers_case(workers):
     a = JsonRpcServer(mode="result")
     b = JsonRpcServer(mode="error")
     ua, ub = a.uri(query="reliable=1"), b.uri(query="reliable=1")
-    h = hub(subscribe=["E_M %s" % ua, "E_M %s" % ub])
+    h = hub(workers, subscribe=["E_M %s" % ua, "E_M %s" % ub])
     c = h.client()
     raise_ok(c, "raiser:E_M {}")
     rs = reports(c, 2)
@@ -296,6 +295,10 @@ def several_subscribers_report_more():
              "no subscriber: one report")
     a.stop()
     b.stop()
+
+
+suite.case_with("several_subscribers_report_more_workers0", several_subscribers_case, 0)
+suite.case_with("several_subscribers_report_more_workers2", several_subscribers_case, 2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -696,6 +699,40 @@ def sigterm_case(workers):
 
 suite.case_with("sigterm_in_flight_workers0", sigterm_case, 0)
 suite.case_with("sigterm_in_flight_workers2", sigterm_case, 2)
+
+
+@suite.case
+def sigterm_with_server_down():
+    """Events queued for a server that never came up: held up to shutdown_timeout, then each
+    reported failed."""
+    uri = "tcp:127.0.0.1:%d/never" % free_port()
+    n = 5
+    h = hub(2, subscribe=["E_SD %s" % uri], evapi={"shutdown_timeout": 300})
+    c = h.client()
+    check_eq(request(c, "many:%d E_SD" % n), b"many done", "raised")
+    h.wait_log("cannot connect")
+    h.signal(signal.SIGTERM)
+    check_eq(h.wait_exit(), 0, "exit status")
+    log = h.log()
+    check_eq(log.count("report E_SD status=-1 error=the hub stopped before it was delivered"),
+             n, "every queued event reported failed (log:\n%s)" % log[-2000:])
+
+
+@suite.case
+def hub_events_to_evapi_watchers():
+    h = hub()
+    watcher = h.client(name="watcher")
+    check_eq(request(watcher, "tag:watch"), b"tagged", "tag")
+    h.ctl_json("subscribe", "E_EVAPI_CONNECTION_NEW", "evapi:watch")
+    h.ctl_json("subscribe", "E_EVAPI_CONNECTION_CLOSED", "evapi:watch")
+    c = h.client()
+    wait_frames([watcher], 1)
+    c.close()
+    wait_frames([watcher], 2)
+    new, closed = [json.loads(f) for f in watcher.take()]
+    check_eq((new["method"], new["params"]["port"]), ("E_EVAPI_CONNECTION_NEW", c.port), "new")
+    check_eq((closed["method"], closed["params"]["port"]), ("E_EVAPI_CONNECTION_CLOSED", c.port),
+             "closed")
 
 
 if __name__ == "__main__":
