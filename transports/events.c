@@ -249,9 +249,11 @@ static ev_sock *sock_get(events_state *es, int scheme, const char *uri, char *er
         hub_free(s);
         return NULL;
     }
+    ev_sock **pp = &es->socks; /* appended: stats list sockets in the order they came */
+    while (*pp)
+        pp = &(*pp)->next;
     pthread_mutex_lock(&es->lock);
-    s->next = es->socks;
-    es->socks = s;
+    *pp = s;
     pthread_mutex_unlock(&es->lock);
     return s;
 }
