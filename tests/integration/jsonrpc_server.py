@@ -8,7 +8,7 @@ Modes (per server, changeable while it runs):
   "result"   answer every request (a document with an "id") with {"result": ...}
   "error"    answer every request with {"error": {"code": -32000, "message": "refused"}}
   "reverse"  answer requests in batches of reverse_batch, last first (ids must match)
-  a function doc -> reply dict or None
+  a function doc -> reply dict, raw bytes to write as they are, or None
 
 Options: close_after=N closes the connection after its Nth document (then the server keeps
 accepting); split_replies writes each reply a byte at a time; joined_replies writes every
@@ -226,10 +226,13 @@ class JsonRpcServer:
     def _send(self, c, replies):
         if not replies:
             return
+        raw = [r for r in replies if isinstance(r, bytes)]
+        replies = [r for r in replies if not isinstance(r, bytes)]
         if self.joined_replies:
-            data = [("".join(json.dumps(r) for r in replies)).encode()]
+            data = [("".join(json.dumps(r) for r in replies)).encode()] if replies else []
         else:
             data = [(json.dumps(r) + "\n").encode() for r in replies]
+        data += raw
         c.setblocking(True)
         try:
             for d in data:

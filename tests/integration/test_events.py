@@ -278,6 +278,27 @@ def reliable_no_answer_times_out():
     srv.stop()
 
 
+@suite.case
+def reliable_unknown_id_ignored_and_garbage_drops():
+    srv = JsonRpcServer(mode=lambda d: {"jsonrpc": "2.0", "result": 1, "id": d["id"] + 1000})
+    uri = srv.uri(query="reliable=1&timeout=300")
+    h = hub(subscribe=["E_U %s" % uri])
+    c = h.client()
+    raise_ok(c, "raiser:E_U [1]")
+    r = reports(c, 1)[0]
+    check("timeout" in r["error"], "a reply to another id settles nothing: %r" % r)
+    check_eq(srv.connections, 1, "the connection stays")
+    srv.mode = lambda d: b"this is not json\n"
+    raise_ok(c, "raiser:E_U [2]")
+    r = reports(c, 1)[0]
+    check("connection lost" in r["error"] and "not JSON" in r["error"], "dropped: %r" % r)
+    srv.mode = "result"
+    raise_ok(c, "raiser:E_U [3]")
+    check_eq(reports(c, 1)[0]["status"], 0, "delivered over a new connection")
+    check_eq(srv.connections, 2, "reconnected once")
+    srv.stop()
+
+
 def several_subscribers_case(workers):
     a = JsonRpcServer(mode="result")
     b = JsonRpcServer(mode="error")
