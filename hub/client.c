@@ -260,8 +260,10 @@ static void after_write(hub_client *c, int r)
 {
     if (r < 0 && r != -EAGAIN) {
         /* The socket failed: nothing more can drain, so the queue goes with it. */
-        if (!(c->flags & HUB_CLIENT_CLOSING))
+        if (!(c->flags & HUB_CLIENT_CLOSING)) {
             CLOG(HUB_LOG_INFO, c, "%s, closing", strerror(-r));
+            snprintf(c->close_reason, sizeof(c->close_reason), "%s", strerror(-r));
+        }
         c->flags |= HUB_CLIENT_CLOSING;
         client_unroute(c);
         wq_clear(c);
@@ -497,6 +499,8 @@ static void client_unroute(hub_client *c)
 {
     hub *h = c->h;
     ev_io_stop(h->loop, &c->rio);
+    if (c->tag && !c->close_tag[0]) /* for E_EVAPI_CONNECTION_CLOSED, raised by the reaper */
+        memcpy(c->close_tag, c->tag->name, (size_t)c->tag->len + 1);
     hub__tag_set(h, c, NULL, 0);
     hub__tag_intent(h, c->id, NULL, 0, 1);
 }
@@ -507,9 +511,6 @@ static void begin_close(hub_client *c)
 {
     hub *h = c->h;
     c->flags |= HUB_CLIENT_CLOSING;
-    /* Raised while the tag is still known (unrouting drops it). */
-    hub__raise_conn_event(h, "E_EVAPI_CONNECTION_CLOSED", &c->info, c->tag ? c->tag->name : NULL,
-                          c->close_reason[0] ? c->close_reason : "closed");
     client_unroute(c);
     if (!c->wq_count) {
         to_reaper(c);
@@ -606,6 +607,14 @@ void hub__reap_closing(hub *h)
         hub_client *c = h->closing;
         h->closing = c->close_next;
         c->flags &= ~HUB_CLIENT_ON_LIST;
+        if (!(c->flags & HUB_CLIENT_CLOSE_RAISED)) {
+            /* Here, never inside the close: a subscriber of evapi:TAG is multicast to, and a
+             * multicast must not run inside another one over the same tag. */
+            c->flags |= HUB_CLIENT_CLOSE_RAISED;
+            hub__raise_conn_event(h, "E_EVAPI_CONNECTION_CLOSED", &c->info,
+                                  c->close_tag[0] ? c->close_tag : NULL,
+                                  c->close_reason[0] ? c->close_reason : "closed");
+        }
         if ((c->flags & HUB_CLIENT_CONNECTED) && !(c->flags & HUB_CLIENT_CLOSE_EVENT)) {
             c->flags |= HUB_CLIENT_CLOSE_EVENT;
             HUB_STAT_ADD(h, closed, 1);

@@ -55,9 +55,11 @@ struct ctl_conn {
     ev_io rio, wio;
     hub_ctl *ctl;
     ctl_conn *prev, *next;
-    int fd;   /* -1 once closed: pending calls' answers are dropped */
-    int refs; /* the connection itself, plus each call not yet answered */
-    int eof;  /* the peer will send nothing more (or reading was given up) */
+    int fd;            /* -1 once closed: pending calls' answers are dropped */
+    int refs;          /* the connection itself, plus each call not yet answered */
+    int eof;           /* the peer will send nothing more (or reading was given up) */
+    int discard;       /* reading was given up: what still comes is read and dropped */
+    ev_timer linger_w; /* once answered: how long a discarding connection waits for EOF */
     size_t doc_bytes;
     json_tokener *tok;
     char *out;
@@ -80,11 +82,27 @@ struct hub_ctl {
 static void conn_close(ctl_conn *c);
 static void conn_unref(ctl_conn *c);
 
-/* The peer said all it had to say and has every answer: done. */
+static void linger_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+    (void)loop, (void)revents;
+    conn_close(w->data);
+}
+
+/* The peer said all it had to say and has every answer: done. One whose reading was given up
+ * may still be sending: closing with its bytes unread would reset the connection, and the
+ * answer could be lost, so the hub half-closes and reads on (dropping it all) until the
+ * peer's EOF or HUB_CTL_LINGER seconds. */
 static void conn_close_if_done(ctl_conn *c)
 {
-    if (c->fd >= 0 && c->eof && c->refs == 1 && c->out_len == 0)
+    if (c->fd < 0 || !c->eof || c->refs != 1 || c->out_len != 0)
+        return;
+    if (!c->discard) {
         conn_close(c);
+    } else if (!ev_is_active(&c->linger_w)) {
+        shutdown(c->fd, SHUT_WR);
+        ev_timer_set(&c->linger_w, HUB_CTL_LINGER, 0.);
+        ev_timer_start(c->ctl->loop, &c->linger_w);
+    }
 }
 
 static void count_request(hub_ctl *ctl)
@@ -413,7 +431,7 @@ static void parse_failed(ctl_conn *c, const char *why)
     count_request(c->ctl);
     hub_log(HUB_LOG_DEBUG, "control: %s; closing the connection", msg);
     c->eof = 1;
-    ev_io_stop(c->ctl->loop, &c->rio);
+    c->discard = 1; /* still read, so that closing does not reset the connection */
     /* closes c once written, if nothing else is pending */
     conn_answer(c, make_error(NULL, HUB_CTL_PARSE_ERROR, msg));
 }
@@ -473,10 +491,12 @@ static void conn_read_cb(struct ev_loop *loop, ev_io *w, int revents)
     ssize_t n = recv(c->fd, buf, sizeof(buf), 0);
     if (n < 0 && (errno == EINTR || errno == EAGAIN || errno == EWOULDBLOCK))
         return;
-    if (n < 0) {
+    if (n < 0 || (n == 0 && c->discard)) {
         conn_close(c);
         return;
     }
+    if (c->discard)
+        return; /* after a parse error: dropped */
     if (n == 0 && c->doc_bytes > 0) {
         /* The peer is done sending in the middle of a request. */
         parse_failed(c, "incomplete request at the end of the input");
@@ -506,6 +526,7 @@ static void conn_close(ctl_conn *c)
         return;
     ev_io_stop(c->ctl->loop, &c->rio);
     ev_io_stop(c->ctl->loop, &c->wio);
+    ev_timer_stop(c->ctl->loop, &c->linger_w);
     close(c->fd);
     c->fd = -1;
     if (c->prev)
@@ -559,7 +580,8 @@ static void accept_conn(void *ud, int fd, const struct sockaddr *sa, socklen_t s
         c->refs = 1;
         ev_io_init(&c->rio, conn_read_cb, fd, EV_READ);
         ev_io_init(&c->wio, conn_write_cb, fd, EV_WRITE);
-        c->rio.data = c->wio.data = c;
+        ev_init(&c->linger_w, linger_cb);
+        c->rio.data = c->wio.data = c->linger_w.data = c;
         c->next = ctl->conns;
         if (ctl->conns)
             ctl->conns->prev = c;
@@ -705,10 +727,20 @@ static int listen_tcp(hub_ctl *ctl, const char *addr, char *err, size_t errlen)
     return 0;
 }
 
+/* Out of descriptors: the connection is told why before it is closed. */
+static void refuse_conn(void *ud, int fd)
+{
+    static const char why[] = "{\"jsonrpc\":\"2.0\",\"id\":null,\"error\":{\"code\":-32603,"
+                              "\"message\":\"the hub is out of file descriptors\"}}\n";
+    (void)ud;
+    ssize_t wr = send(fd, why, sizeof(why) - 1, MSG_NOSIGNAL | MSG_DONTWAIT);
+    (void)wr;
+}
+
 /* The listener takes fd over; 0 or -1 (fd closed) with err set. */
 static int watch_listener(hub_ctl *ctl, hub_listener **l, int *fd, char *err, size_t errlen)
 {
-    *l = hub_listener_new(ctl->loop, *fd, "control", accept_conn, NULL, ctl);
+    *l = hub_listener_new(ctl->loop, *fd, "control", accept_conn, refuse_conn, ctl);
     if (!*l) {
         close(*fd);
         *fd = -1;
@@ -742,8 +774,10 @@ int hub_ctl_listen(hub_ctl *ctl, const char *path, const char *tcp, char *err, s
     if (tcp && tcp[0] && listen_tcp(ctl, tcp, err, errlen) < 0)
         return -1;
     if (ctl->ufd >= 0) {
-        if (watch_listener(ctl, &ctl->ul, &ctl->ufd, err, errlen) < 0)
+        if (watch_listener(ctl, &ctl->ul, &ctl->ufd, err, errlen) < 0) {
+            unlink(ctl->path); /* ours, just made */
             return -1;
+        }
         hub_log(HUB_LOG_INFO, "control socket %s", ctl->path);
     }
     if (ctl->tfd >= 0) {

@@ -16,6 +16,7 @@ typedef struct hub_ctl_call hub_ctl_call;
 #define HUB_CTL_MAX_CONNS   64                  /* control connections open at once */
 #define HUB_CTL_MAX_REQUEST (1024 * 1024)       /* bytes in one request */
 #define HUB_CTL_MAX_OUTPUT  (256 * 1024 * 1024) /* bytes of answers queued to one connection */
+#define HUB_CTL_LINGER      2.0 /* s a connection ended by a parse error reads on for the EOF */
 
 /* A command handler, run on the loop thread. params is an object holding only the spec's
  * params, with their types checked (borrowed: take a reference to keep it). The handler

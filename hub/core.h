@@ -29,7 +29,8 @@ typedef void (*hub_post_fn)(hub *h, void *arg);
 
 /* Any thread: run fn(h, arg) on the loop thread, after everything this thread posted before.
  * 0, or -ENOMEM (fn never runs; arg stays the caller's). Posts made after the loop stopped
- * are run by hub_destroy, with hub_stopping() true. */
+ * are run by hub_destroy, with hub_stopping() true. A module's threads must be joined (or
+ * unable to post) by the end of its stop: a post after hub_destroy is a use after free. */
 int hub_loop_post(hub *h, hub_post_fn fn, void *arg);
 /* As hub_loop_post for what must get through (an answer the loop waits for): waits for
  * memory rather than fail. */

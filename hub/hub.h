@@ -10,6 +10,9 @@ typedef struct hub hub;
 /* Build a hub from cfg (copied) that runs scripts through ops; binds the listener and loads
  * the script in every thread that will run it. NULL with err set on failure. */
 hub *hub_new(const hub_config *cfg, const hub_script_ops *ops, char *err, size_t errlen);
+/* Start the modules (threads, the evapi listener last: "listening on" is logged once all
+ * are up). 0, or <0 with err set. hub_run does it if it was not done. */
+int hub_start(hub *h, char *err, size_t errlen);
 /* Run until SIGTERM/SIGINT (or hub_stop); returns 0 after a clean shutdown. */
 int hub_run(hub *h);
 /* NULL-safe; closes every connection without flushing. */

@@ -18,11 +18,11 @@
 #include "hub/netstring.h"
 #include "hub/script.h"
 
-#define HUB_ACCEPT_PER_EVENT 64           /* accepts per readable event on the listener */
-#define HUB_READ_CHUNK       (64 * 1024)  /* bytes asked of read(2) at a time */
-#define HUB_READS_PER_EVENT  4            /* reads per readable event on a client */
-#define HUB_WRITE_BUDGET     (256 * 1024) /* bytes written to one client per loop iteration */
-#define HUB_IOV_MAX          1024         /* iovecs per writev */
+#define HUB_READ_CHUNK        (64 * 1024)  /* bytes asked of read(2) at a time */
+#define HUB_READS_PER_EVENT   4            /* reads per readable event on a client */
+#define HUB_WRITE_BUDGET      (256 * 1024) /* bytes written to one client per loop iteration */
+#define HUB_IOV_MAX           1024         /* iovecs per writev */
+#define HUB_SHUTDOWN_GRACE_MS 1000         /* flushing after in-flight deliveries were failed */
 
 /* An encoded outbound frame shared by every recipient; loop thread only, so the count is
  * plain. */
@@ -45,16 +45,17 @@ typedef struct hub_worker hub_worker;
 typedef struct hub_list_job hub_list_job;
 
 enum {
-    HUB_CLIENT_CLOSING = 1u << 0,     /* no more reads, routing or new frames */
-    HUB_CLIENT_DRAINING = 1u << 1,    /* closing, still writing what was queued */
-    HUB_CLIENT_REAP = 1u << 7,        /* done: the reaper frees it */
-    HUB_CLIENT_CLOSE_EVENT = 1u << 8, /* the script was told it closed */
-    HUB_CLIENT_ON_LIST = 1u << 9,     /* on the reaper's list */
-    HUB_CLIENT_PENDING = 1u << 2,     /* on the pending-write list */
-    HUB_CLIENT_WRITE_WAIT = 1u << 3,  /* socket full: waiting on the write watcher */
-    HUB_CLIENT_READING = 1u << 4,     /* the script accepted it; reading is allowed */
-    HUB_CLIENT_PAUSED = 1u << 5,      /* its worker's queue is full: reading is paused */
-    HUB_CLIENT_CONNECTED = 1u << 6,   /* the connect event was delivered to the script */
+    HUB_CLIENT_CLOSING = 1u << 0,       /* no more reads, routing or new frames */
+    HUB_CLIENT_DRAINING = 1u << 1,      /* closing, still writing what was queued */
+    HUB_CLIENT_REAP = 1u << 7,          /* done: the reaper frees it */
+    HUB_CLIENT_CLOSE_EVENT = 1u << 8,   /* the script was told it closed */
+    HUB_CLIENT_ON_LIST = 1u << 9,       /* on the reaper's list */
+    HUB_CLIENT_PENDING = 1u << 2,       /* on the pending-write list */
+    HUB_CLIENT_WRITE_WAIT = 1u << 3,    /* socket full: waiting on the write watcher */
+    HUB_CLIENT_READING = 1u << 4,       /* the script accepted it; reading is allowed */
+    HUB_CLIENT_PAUSED = 1u << 5,        /* its worker's queue is full: reading is paused */
+    HUB_CLIENT_CONNECTED = 1u << 6,     /* the connect event was delivered to the script */
+    HUB_CLIENT_CLOSE_RAISED = 1u << 10, /* E_EVAPI_CONNECTION_CLOSED was raised */
 };
 
 struct hub_client {
@@ -77,7 +78,8 @@ struct hub_client {
     hub_client *close_next;          /* in the reaper's list */
     ev_tstamp drain_deadline;        /* when DRAINING gives up */
     hub_conn_info info;
-    char close_reason[96]; /* why it is closing, for E_EVAPI_CONNECTION_CLOSED */
+    char close_reason[96];           /* why it is closing, for E_EVAPI_CONNECTION_CLOSED */
+    char close_tag[HUB_TAG_MAX + 1]; /* the tag it had, kept when closing drops it */
     uint64_t frames_in, frames_out, bytes_in, bytes_out;
 };
 
@@ -174,6 +176,9 @@ struct hub {
     size_t nmods;      /* states made (a failed init's included: free sees it) */
     size_t mods_ready; /* modules whose init succeeded: they start, drain, stop, count */
     int mods_stopped;
+    int started_mods;    /* hub_start ran */
+    int markers_sent;    /* shutdown: a marker round is out to the workers */
+    int markers_waiting; /* ...and how many have not come back */
     const hub_event_sink *sink;
     void *sink_ud;
     atomic_uint_fast64_t next_token;
@@ -254,7 +259,8 @@ enum {
     HUB_EV_COMMIT, /* switch to it */
     HUB_EV_ABORT,  /* drop it */
     HUB_EV_STOP,
-    HUB_EV_COMPLETE /* a completion for the worker's state: id is the token */
+    HUB_EV_COMPLETE, /* a completion for the worker's state: id is the token */
+    HUB_EV_MARK      /* shutdown: answer once everything before it has run */
 };
 
 /* Executors (dispatch.c): the loop's own state (exec -1, workers = 0) and each worker run the
@@ -285,13 +291,18 @@ hub_worker *hub__loop_exec_new(hub *h);
 int hub__workers_start(hub *h, char *err, size_t errlen);
 /* Hand queued events to the workers and wake them. */
 void hub__workers_flush(hub *h);
-/* Ask every worker to load h->reload_source beside its script; each answers through
+/* Ask every worker to load h->rl.source beside its script; each answers through
  * hub__reload_answered. The decisions are allocated now, so that hub__workers_decide
  * cannot fail. 0, or -ENOMEM with nothing posted. */
 int hub__workers_reload(hub *h);
 /* Tell every worker to switch to the script it loaded (commit) or to drop it. */
 void hub__workers_decide(hub *h, int commit);
 void hub__workers_stop(hub *h);
+/* Shutdown: queue a marker to every worker; each answers (h->markers_waiting--) once what it
+ * was handed before has run and its commands are posted. Returns how many were queued. */
+int hub__workers_mark(hub *h);
+/* 1 when a worker still has events queued. */
+int hub__workers_busy(hub *h);
 void hub__workers_join(hub *h);
 int hub__worker_full(hub *h, int w);
 void hub__worker_pause(hub *h, int w, hub_client *c);
@@ -324,7 +335,7 @@ size_t hub__worker_paused(hub *h, int w);
 void hub__tag_changed(hub *h, hub_client *c);
 
 /* What a state of worker (-1: the loop's) loads: the configured script, or during a reload
- * round the text read once for it, cancelled at shutdown (loop.c). */
+ * round the text read once for it, cancelled at shutdown (reload.c). */
 hub_script_conf hub__script_conf(const hub *h, int worker);
 /* At exit: wait for the check thread (reload_cancel is set), then answer and free what a
  * round left (after the mailbox ran its verdict). */

@@ -76,7 +76,7 @@ static int evapi_start(void *state, char *err, size_t errlen)
     int fd = hub_listen_tcp(h->cfg.bind_addr, h->cfg.backlog, 0, h->listen_addr,
                             sizeof(h->listen_addr), why, sizeof(why));
     if (fd < 0) {
-        snprintf(err, errlen, "bind_addr: %s", why);
+        snprintf(err, errlen, "%s", why);
         return fd;
     }
     h->listener = hub_listener_new(h->loop, fd, "evapi", accept_client, refuse_unavailable, h);

@@ -24,6 +24,26 @@ static void stop_modules(hub *h)
         hub__workers_stop(h);
 }
 
+/* Shutdown, first step: the modules deliver what they have in flight while the scripts
+ * still run (their reports, and the events queued to workers, which may raise more). The
+ * modules stop only once nothing is in flight after every worker has run what it was handed:
+ * a marker queued behind its events comes back through the mailbox behind its commands. */
+static void drain_step(hub *h)
+{
+    if (hub__modules_in_flight(h) > 0) {
+        h->markers_sent = 0; /* what the workers do with the results needs a round of its own */
+        return;
+    }
+    if (h->markers_waiting > 0)
+        return;
+    if (h->nworkers && (!h->markers_sent || hub__workers_busy(h))) {
+        h->markers_sent = 1;
+        h->markers_waiting = hub__workers_mark(h);
+        return;
+    }
+    stop_modules(h);
+}
+
 static void prepare_cb(struct ev_loop *loop, ev_prepare *w, int revents)
 {
     hub *h = w->data;
@@ -36,10 +56,8 @@ static void prepare_cb(struct ev_loop *loop, ev_prepare *w, int revents)
     /* Whatever is left (the round bound was hit) must not wait for the next event. */
     if ((h->closing || h->pending) && !ev_is_active(&h->idle_w))
         ev_idle_start(loop, &h->idle_w);
-    /* Shutdown, first step: modules deliver what they have in flight (the scripts still run
-     * its reports); then they fail what is left and the workers stop behind it. */
-    if (h->stopping && !h->mods_stopped && hub__modules_in_flight(h) == 0)
-        stop_modules(h);
+    if (h->stopping && !h->mods_stopped)
+        drain_step(h);
     if (h->nworkers)
         hub__workers_flush(h);
     if (h->stopping && h->mods_stopped && h->workers_done >= h->nworkers && !h->pending) {
@@ -61,12 +79,22 @@ static void shutdown_timeout_cb(struct ev_loop *loop, ev_timer *w, int revents)
 {
     hub *h = w->data;
     (void)revents;
-    if (!h->mods_stopped)
-        hub_log(HUB_LOG_WARN, "shutdown: %d ms passed with %zu deliveries in flight; failing them",
-                h->cfg.shutdown_timeout, hub__modules_in_flight(h));
-    else
-        hub_log(HUB_LOG_WARN, "shutdown: %d ms passed with output still queued; closing anyway",
-                h->cfg.shutdown_timeout);
+    if (!h->mods_stopped) {
+        /* What is left is failed and reported; the reports (and what they send) get a short
+         * grace to reach the scripts and the clients before the hub gives up. */
+        int grace = h->cfg.shutdown_timeout < HUB_SHUTDOWN_GRACE_MS ? h->cfg.shutdown_timeout
+                                                                    : HUB_SHUTDOWN_GRACE_MS;
+        hub_log(HUB_LOG_WARN,
+                "shutdown: %d ms passed with %zu deliveries in flight; failing them (%d ms more "
+                "to flush)",
+                h->cfg.shutdown_timeout, hub__modules_in_flight(h), grace);
+        stop_modules(h);
+        ev_timer_set(w, grace / 1000.0, 0);
+        ev_timer_start(loop, w);
+        return;
+    }
+    hub_log(HUB_LOG_WARN, "shutdown: %d ms passed with output still queued; closing anyway",
+            h->cfg.shutdown_timeout);
     stop_modules(h);
     ev_break(loop, EVBREAK_ALL);
 }
@@ -198,10 +226,18 @@ static void finish_shutdown(hub *h)
             (unsigned long long)HUB_STAT_GET(h, accepted), left);
 }
 
+int hub_start(hub *h, char *err, size_t errlen)
+{
+    if (h->started_mods)
+        return 0;
+    h->started_mods = 1;
+    return hub__modules_start(h, err, errlen);
+}
+
 int hub_run(hub *h)
 {
     char err[1024];
-    if (hub__modules_start(h, err, sizeof(err)) < 0) {
+    if (hub_start(h, err, sizeof(err)) < 0) {
         hub_log_write(HUB_LOG_CRIT, "cannot start: %s", err);
         return 1;
     }
@@ -223,10 +259,10 @@ void hub_destroy(hub *h)
     }
     hub__reload_join(h);
     h->stopping = 1;
+    h->sink = NULL;        /* the modules have stopped: a raise now fails at once, it cannot loop */
     hub__mailbox_drain(h); /* the check's verdict among them, if the loop never ran it */
     hub__reload_free(h);
     hub__ctl_jobs_free(h);
-    h->sink = NULL;
     hub__modules_free(h); /* after the mailbox ran their closures, before their commands go */
     hub_ctl_free(h->ctl);
     hub__client_free_all(h);

@@ -46,8 +46,9 @@ static int run(hub_config *cfg, const char *path, int check, int foreground)
         return 1;
     }
     hub *h = hub_new(cfg, &hlua_script_ops, err, sizeof(err));
-    if (!h) {
+    if (!h || hub_start(h, err, sizeof(err)) < 0) {
         hub_log_write(HUB_LOG_CRIT, "cannot start: %s", err);
+        hub_destroy(h);
         return 1;
     }
     hub_log(HUB_LOG_NOTICE, "evhub %s started (config %s, script %s)", EVHUB_VERSION, path,

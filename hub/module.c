@@ -185,10 +185,23 @@ void hub_complete(hub *h, uint64_t token, struct json_object *result)
     /* Always through the mailbox, even from the loop thread: a result never runs inside the
      * call that started the work (a raise with no subscriber completes at once), and one
      * completed while a state is being loaded reaches it once it is installed. */
-    completion *c = hub__malloc_retry(sizeof(*c));
-    c->token = token;
-    c->result = result;
-    hub_loop_post_retry(h, run_completion, c);
+    int loop = hub_on_loop(h);
+    /* The loop never waits for memory (a result it cannot carry is counted); another thread
+     * does, since the result must get through. */
+    completion *c = loop ? hub_malloc(sizeof(*c)) : hub__malloc_retry(sizeof(*c));
+    if (c) {
+        c->token = token;
+        c->result = result;
+    }
+    if (!loop) {
+        hub_loop_post_retry(h, run_completion, c);
+        return;
+    }
+    if (!c || hub_loop_post(h, run_completion, c) < 0) {
+        hub_free(c);
+        hub__complete_undelivered(h, token, "out of memory");
+        json_object_put(result);
+    }
 }
 
 /* ---- the event interface's seam ---- */

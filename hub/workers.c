@@ -160,6 +160,12 @@ static void run_checked(hub *h, hub_post *p)
     hub_free(p);
 }
 
+static void run_marked(hub *h, hub_post *p)
+{
+    h->markers_waiting--;
+    hub_free(p);
+}
+
 static void run_done(hub *h, hub_post *p)
 {
     h->workers_done++;
@@ -576,6 +582,10 @@ static int worker_run(hub_worker *w, hub_item *it)
         return 0; /* a decision nobody waits for (the round ended at shutdown) */
     case HUB_EV_STOP:
         return 1;
+    case HUB_EV_MARK:
+        /* Behind every command of the events before it (one list, in order). */
+        cmd_append(w, cmd_new_retry(run_marked, w->index, NULL)); /* the loop waits for it */
+        break;
     }
     bump(&w->events);
     atomic_fetch_sub(&w->queued_bytes, it->len);
@@ -685,7 +695,8 @@ static void items_free(hub *h, hub_item *it)
     }
 }
 
-/* Commands a worker never handed over (it never ran): none carries anything to release. */
+/* Commands a worker never handed over: none is left, since a worker hands over what its
+ * first load asked for at once and the rest after each batch; freed here for safety. */
 static void cmds_free(hub_post *c)
 {
     for (size_t bound = 0; c && bound < SIZE_MAX; bound++) {
@@ -889,6 +900,29 @@ void hub__workers_decide(hub *h, int commit)
         outbox_add(w, it);
         push_outbox(w);
     }
+}
+
+int hub__workers_mark(hub *h)
+{
+    int n = 0;
+    for (int i = 0; i < h->nworkers; i++) {
+        hub_item *it = item_new(HUB_EV_MARK, 0, NULL, 0);
+        if (!it)
+            continue; /* that worker is not waited for: its queue is still checked */
+        atomic_fetch_add(&h->workers[i].queued, 1);
+        outbox_add(&h->workers[i], it);
+        n++;
+    }
+    return n;
+}
+
+int hub__workers_busy(hub *h)
+{
+    for (int i = 0; i < h->nworkers; i++) {
+        if (atomic_load(&h->workers[i].queued) > 0)
+            return 1;
+    }
+    return 0;
 }
 
 void hub__workers_stop(hub *h)

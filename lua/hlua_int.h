@@ -73,8 +73,8 @@ struct hub_script {
  *   nothing else): the event interface reports once per subscriber of one raise, and marks
  *   every report but the last so. The entry is removed before fn runs, so a failing fn does
  *   not keep it either.
- * The hub may complete work inside the call that started it (a raise nobody subscribes to
- * reports at once, from within hub_api.raise). A result that comes while a callback runs
+ * The hub delivers results through its mailbox, never inside a call (hub_complete), but the
+ * engine does not rely on it: a result that comes while a callback runs
  * waits in a queue (deferred) and its fn runs when the outermost callback has ended, as a
  * callback of its own: never nested inside the script's call, its budget or KEMI context.
  * on_complete then answers for a token it knows with 0 at once. At most

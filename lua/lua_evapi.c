@@ -332,7 +332,9 @@ static int evapi_stats(lua_State *L)
     if (n > 64) {
         /* Many workers: ask again with room for all (lua_newuserdatauv raises on OOM). */
         st = lua_newuserdatauv(L, n * sizeof(*st), 0); /* [ud] */
-        n = s->api->stats(s->ud, st, n);
+        size_t m = s->api->stats(s->ud, st, n);
+        if (m < n) /* the list may grow between the two calls (a module's new socket) */
+            n = m;
     }
     lua_createtable(L, 0, (int)n); /* [.., t] */
     lua_newtable(L);               /* [.., t, workers] */

@@ -12,7 +12,7 @@ import sys
 import threading
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from evhub_harness import (Hub, Suite, check, check_eq, request, run_ctl,  # noqa: E402
+from evhub_harness import (Hub, Suite, check, check_eq, pump, request, run_ctl,  # noqa: E402
                            run_once, wait_for)
 
 suite = Suite("modules")
@@ -63,7 +63,7 @@ class SilentServer:
             if not d:
                 return
             with self.lock:
-                self.received += d.count(b"E_SLOW")
+                self.received += d.count(b"\"jsonrpc\"")
 
     def close(self):
         self.sock.close()
@@ -139,5 +139,82 @@ def sigterm_case(workers):
 
 suite.case_with("sigterm_fails_in_flight_and_reports_workers0", sigterm_case, 0)
 suite.case_with("sigterm_fails_in_flight_and_reports_workers2", sigterm_case, 2)
+
+QUEUED = r'''
+local n = 0
+evapi.on("message", function(conn, msg)
+    local t = os.clock() + 0.02
+    while os.clock() < t do end
+    n = n + 1
+    local k = n
+    evapi.raise("E_Q", {n = k}, function(r)
+        log.info("report k=" .. k .. " status=" .. r.status)
+    end)
+    if k == 1 then log.info("first raised") end
+end)
+'''
+
+
+def queued_case(workers):
+    # Frames read before SIGTERM but still in a worker's queue raise while the hub drains:
+    # their events are delivered and every report runs, none is dropped as undelivered.
+    srv = SilentServer()
+    extra = "[events]\nsubscribe = E_Q tcp:127.0.0.1:%d\n" % srv.port
+    h = Hub(QUEUED, evapi={"workers": workers, "shutdown_timeout": 5000}, extra=extra).start()
+    c = h.client()
+    c.send_now(b"".join(b"2:go," for _ in range(40)))
+    h.wait_log("first raised")  # the subscriber's connection is still being made
+    h.signal(signal.SIGTERM)
+    check_eq(h.wait_exit(), 0, "exit code")
+    log = h.log()
+    check_eq(log.count("status=0"), 40, "reports of delivered events:\n" + log[-3000:])
+    check_eq(srv.received, 40, "events at the subscriber")
+    srv.close()
+
+
+suite.case_with("sigterm_runs_what_workers_hold_workers0", queued_case, 0)
+suite.case_with("sigterm_runs_what_workers_hold_workers2", queued_case, 2)
+
+REPLY = r'''
+evapi.on("message", function(conn, msg)
+    local id = conn.id
+    evapi.raise("E_SLOW", {}, function(r)
+        evapi.send(id, "report " .. r.status)
+    end)
+    conn:send("raised")
+end)
+'''
+
+
+def grace_case(workers):
+    # shutdown_timeout passes with a delivery in flight: it is failed, and what its report
+    # sends still reaches the client before the hub exits.
+    srv = SilentServer()
+    extra = ("[tcp]\ntimeout = 60000\n[events]\nsubscribe = E_SLOW tcp:127.0.0.1:%d?reliable=1\n"
+             % srv.port)
+    h = Hub(REPLY, evapi={"workers": workers, "shutdown_timeout": 800}, extra=extra).start()
+    c = h.client()
+    check_eq(request(c, "go"), b"raised", "raised")
+    wait_for(lambda: srv.received, lambda n: n >= 1, "the request at the subscriber")
+    h.signal(signal.SIGTERM)
+    check_eq(h.wait_exit(), 0, "exit code")
+    pump([c], until=lambda: c.eof, what="the hub closing the client")
+    check_eq(c.frames, [b"report -1"], "the failure report's frame reached the client")
+    srv.close()
+
+
+suite.case_with("timeout_report_output_flushed_workers0", grace_case, 0)
+suite.case_with("timeout_report_output_flushed_workers2", grace_case, 2)
+
+
+@suite.case
+def bad_subscribe_row_never_logs_listening():
+    # Every module starts before the evapi listener: a hub that logged "listening on" runs.
+    h = Hub(RAISER.replace("@NAME@", "one"),
+            extra="[events]\nsubscribe = E_X tcp:127.0.0.1:1 notanumber\n")
+    rc, out = run_once(["-c", h.conf, "-f"])
+    check(rc != 0, "refused to start: %r" % out)
+    check("listening on" not in out, "it logged listening anyway:\n" + out)
+
 
 suite.run()
