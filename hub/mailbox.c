@@ -36,16 +36,21 @@ void hub__post_chain(hub *h, hub_post *head, hub_post *tail)
     ev_async_send(h->loop, &h->mbox_w);
 }
 
-int hub_loop_post(hub *h, hub_post_fn fn, void *arg)
+static void post_plain(hub *h, plain_post *pp, hub_post_fn fn, void *arg)
 {
-    plain_post *pp = hub_malloc(sizeof(*pp));
-    if (!pp)
-        return -ENOMEM;
     pp->node.next = NULL;
     pp->node.run = run_plain;
     pp->fn = fn;
     pp->arg = arg;
     hub__post_chain(h, &pp->node, &pp->node);
+}
+
+int hub_loop_post(hub *h, hub_post_fn fn, void *arg)
+{
+    plain_post *pp = hub_malloc(sizeof(*pp));
+    if (!pp)
+        return -ENOMEM;
+    post_plain(h, pp, fn, arg);
     return 0;
 }
 
@@ -62,12 +67,7 @@ void *hub__malloc_retry(size_t size)
 
 void hub_loop_post_retry(hub *h, hub_post_fn fn, void *arg)
 {
-    plain_post *pp = hub__malloc_retry(sizeof(*pp));
-    pp->node.next = NULL;
-    pp->node.run = run_plain;
-    pp->fn = fn;
-    pp->arg = arg;
-    hub__post_chain(h, &pp->node, &pp->node);
+    post_plain(h, hub__malloc_retry(sizeof(plain_post)), fn, arg);
 }
 
 /* Runs what was posted before this wake-up; what is posted meanwhile waits for the next. */
