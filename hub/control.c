@@ -75,7 +75,8 @@ struct hub_ctl {
     ctl_cmd *cmds;
     size_t ncmds, cap;
     ctl_conn *conns;
-    int nconns;
+    int nconns;  /* open, not lingering */
+    int nlinger; /* answered after a parse error, reading on until EOF (HUB_CTL_LINGER) */
     atomic_ullong requests; /* written by the loop only, read by any thread */
 };
 
@@ -96,10 +97,14 @@ static void conn_close_if_done(ctl_conn *c)
 {
     if (c->fd < 0 || !c->eof || c->refs != 1 || c->out_len != 0)
         return;
-    if (!c->discard) {
+    if (!c->discard || c->ctl->nlinger >= HUB_CTL_MAX_CONNS) {
         conn_close(c);
     } else if (!ev_is_active(&c->linger_w)) {
+        /* A lingering connection no longer counts as open (its peer may already have made
+         * the next one); those lingering are bounded on their own. */
         shutdown(c->fd, SHUT_WR);
+        c->ctl->nconns--;
+        c->ctl->nlinger++;
         ev_timer_set(&c->linger_w, HUB_CTL_LINGER, 0.);
         ev_timer_start(c->ctl->loop, &c->linger_w);
     }
@@ -526,7 +531,11 @@ static void conn_close(ctl_conn *c)
         return;
     ev_io_stop(c->ctl->loop, &c->rio);
     ev_io_stop(c->ctl->loop, &c->wio);
-    ev_timer_stop(c->ctl->loop, &c->linger_w);
+    if (ev_is_active(&c->linger_w)) {
+        ev_timer_stop(c->ctl->loop, &c->linger_w);
+        c->ctl->nlinger--;
+        c->ctl->nconns++; /* taken off below, once */
+    }
     close(c->fd);
     c->fd = -1;
     if (c->prev)
