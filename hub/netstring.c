@@ -26,15 +26,14 @@ enum ns_state {
 struct hub_ns_reader {
     char *buf;
     size_t cap;
-    size_t start;      /* first pending byte: the start of the frame being parsed */
-    size_t end;        /* one past the last byte fed */
-    size_t pos;        /* next byte of the header to parse (NS_BETWEEN, NS_LENGTH) */
-    size_t payload;    /* offset of the payload (NS_PAYLOAD) */
-    size_t len;        /* length accumulated so far / the frame's payload length */
-    size_t ndigits;    /* digits read for the current length, leading zeros included */
-    size_t max_frame;  /* payload limit */
-    size_t max_digits; /* digits in max_frame: more than that cannot be a valid length */
-    size_t max_cap;    /* the buffer a single maximal frame needs; growth stops there */
+    size_t start;     /* first pending byte: the start of the frame being parsed */
+    size_t end;       /* one past the last byte fed */
+    size_t pos;       /* next byte of the header to parse (NS_BETWEEN, NS_LENGTH) */
+    size_t payload;   /* offset of the payload (NS_PAYLOAD) */
+    size_t len;       /* length accumulated so far / the frame's payload length */
+    size_t ndigits;   /* digits read for the current length, leading zeros included */
+    size_t max_frame; /* payload limit */
+    size_t max_cap;   /* the buffer a single maximal frame needs; growth stops there */
     enum ns_state state;
     int err;
     char errstr[96];
@@ -56,7 +55,6 @@ hub_ns_reader *hub_ns_reader_new(size_t max_frame)
     if (!r)
         return NULL;
     r->max_frame = max_frame;
-    r->max_digits = count_digits(max_frame);
     /* Saturate rather than wrap for absurd limits; realloc will then fail with -ENOMEM. */
     r->max_cap =
         max_frame > (size_t)-1 - HUB_NS_HDR_MAX - 1 ? (size_t)-1 : max_frame + HUB_NS_HDR_MAX + 1;
@@ -197,8 +195,13 @@ static int parse_between(hub_ns_reader *r)
     return fail_char(r, c);
 }
 
+/* The whole "<digits>:" plus ',' fits in the HUB_NS_HDR_MAX + 1 bytes max_cap allows for. */
+_Static_assert(HUB_NS_DIGITS_MAX + 2 <= HUB_NS_HDR_MAX + 1, "length prefix outgrows max_cap");
+
 /* NS_LENGTH: accumulate digits up to ':'. The limit is checked before each multiply, so len
- * never exceeds max_frame and cannot overflow. Returns 1 once ':' is seen. */
+ * never exceeds max_frame and cannot overflow; that alone bounds the significant digits, so
+ * leading zeros are free (README: they are accepted) and only the prefix as a whole is capped.
+ * Returns 1 once ':' is seen. */
 static int parse_length(hub_ns_reader *r)
 {
     size_t pos = r->pos, len = r->len, nd = r->ndigits;
@@ -216,8 +219,8 @@ static int parse_length(hub_ns_reader *r)
         size_t d = (size_t)(c - '0');
         if (d > r->max_frame || len > (r->max_frame - d) / 10)
             return fail(r, -EMSGSIZE, "frame length exceeds max_frame_size (%zu)", r->max_frame);
-        if (++nd > r->max_digits)
-            return fail(r, -EPROTO, "netstring length has more than %zu digits", r->max_digits);
+        if (++nd > HUB_NS_DIGITS_MAX)
+            return fail(r, -EPROTO, "netstring length has more than %d digits", HUB_NS_DIGITS_MAX);
         len = len * 10 + d;
         pos++;
     }

@@ -6,6 +6,9 @@
 
 /* Longest header "<digits>:" for a size_t length, plus the trailing ','. */
 #define HUB_NS_HDR_MAX 24
+/* Most length digits the reader takes, leading zeros included. Leading zeros do not count
+ * toward max_frame's digits; this cap keeps a run of zeros from being read for ever. */
+#define HUB_NS_DIGITS_MAX 20
 
 typedef struct hub_slice {
     const char *data;

@@ -254,12 +254,46 @@ static const ns_case cases[] = {
      "frame length exceeds max_frame_size (18446744073709551615)",
      {NULL},
      0},
-    {"too many digits",
-     "00000001:a,",
+    /* Leading zeros do not count toward max_frame's 7 digits (issue 12, item 7). */
+    {"leading zeros past max_frame's digits",
+     "00000005:hello,",
+     0,
+     MAX_FRAME,
+     0,
+     NULL,
+     {"hello"},
+     0},
+    {"leading zeros on an empty frame", "0000000000:,", 0, MAX_FRAME, 0, NULL, {""}, 0},
+    {"leading zeros up to the prefix cap",
+     "00000000000000000005:hello,",
+     0,
+     MAX_FRAME,
+     0,
+     NULL,
+     {"hello"},
+     0},
+    {"prefix longer than the cap",
+     "000000000000000000005:hello,",
      0,
      MAX_FRAME,
      -EPROTO,
-     "netstring length has more than 7 digits",
+     "netstring length has more than 20 digits",
+     {NULL},
+     0},
+    {"endless zeros are refused at the cap",
+     "0000000000000000000000000000000000000000",
+     0,
+     MAX_FRAME,
+     -EPROTO,
+     "netstring length has more than 20 digits",
+     {NULL},
+     0},
+    {"leading zeros do not hide an oversized length",
+     "0001048577:",
+     0,
+     MAX_FRAME,
+     -EMSGSIZE,
+     "frame length exceeds max_frame_size (1048576)",
      {NULL},
      0},
 };
@@ -478,6 +512,42 @@ static void test_ns_reader_error_is_sticky(void **state)
     hub_ns_reader_free(r);
 }
 
+/* "0001024:" at a 1 KiB limit: 7 digits where 1024 has 4, yet the frame is exactly at the
+ * limit and must pass, whatever way it is fed (issue 12, item 7). */
+static void test_ns_reader_leading_zeros_at_max_frame(void **state)
+{
+    (void)state;
+    static char in[8 + 1024 + 1];
+    memcpy(in, "0001024:", 8);
+    memset(in + 8, 'z', 1024);
+    in[8 + 1024] = ',';
+    for (int mode = FEED_ONCE; mode <= FEED_SPACE3; mode++) {
+        hub_ns_reader *r = hub_ns_reader_new(1024);
+        hub_slice s;
+        int got = 0;
+        assert_non_null(r);
+        size_t step = mode == FEED_ONCE ? sizeof(in) : mode == FEED_BYTES ? 1 : 3;
+        for (size_t off = 0; off < sizeof(in); off += step) {
+            size_t n = sizeof(in) - off < step ? sizeof(in) - off : step;
+            assert_int_equal(hub_ns_reader_feed(r, in + off, n), 0);
+            int rc = hub_ns_reader_next(r, &s);
+            assert_true(rc >= 0);
+            if (rc == 1) {
+                assert_int_equal(s.len, 1024);
+                assert_int_equal(s.data[0], 'z');
+                assert_int_equal(s.data[1023], 'z');
+                got++;
+            }
+        }
+        assert_int_equal(got, 1);
+        assert_null(hub_ns_reader_errstr(r));
+        /* One byte more is still refused, zeros or not. */
+        assert_int_equal(hub_ns_reader_feed(r, "0001025:", 8), 0);
+        assert_int_equal(hub_ns_reader_next(r, &s), -EMSGSIZE);
+        hub_ns_reader_free(r);
+    }
+}
+
 static void test_ns_reader_idle_reader_holds_no_buffer(void **state)
 {
     (void)state;
@@ -671,6 +741,7 @@ int main(void)
         T(test_ns_reader_many_frames_random_reads_survive_compaction),
         T(test_ns_reader_slices_stay_valid_until_next_feed),
         T(test_ns_reader_error_is_sticky),
+        T(test_ns_reader_leading_zeros_at_max_frame),
         T(test_ns_reader_idle_reader_holds_no_buffer),
         T(test_ns_reader_big_frame_byte_by_byte_grows_geometrically),
         T(test_ns_reader_consumed_bytes_are_compacted_not_grown),
