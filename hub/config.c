@@ -55,6 +55,7 @@ static const hub_conf_row evapi_rows[] = {
     NUM("wait_idle", HUB_CONF_LONG, wait_idle, 1, 60000000, "500000"),
     NUM("wait_increase", HUB_CONF_INT, wait_increase, 1, 100, "3"),
     NUM("worker_queue", HUB_CONF_INT, worker_queue, 1, 10000000, "4096"),
+    NUM("worker_calls", HUB_CONF_SIZE, worker_calls, 1024, GiB, "64m"),
     NUM("shutdown_timeout", HUB_CONF_INT, shutdown_timeout, 0, 600000, "5000"),
     END_ROWS,
 };

@@ -124,6 +124,8 @@ typedef struct hub_config {
     long wait_idle;           /* microseconds; default 500000 */
     int wait_increase;        /* default 3 */
     int worker_queue;         /* frames queued per worker before reading pauses; default 4096 */
+    size_t worker_calls;      /* payload bytes a worker's script has handed to the loop and
+                               * not yet carried out; over it a call fails (ENOBUFS); 64 MiB */
     int shutdown_timeout;     /* ms to flush write queues on SIGTERM; default 5000 */
     /* [lua] */
     char script[HUB_PATH_MAX]; /* resolved against the config file's directory */

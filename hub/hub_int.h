@@ -325,6 +325,7 @@ int hub__worker_queue_item(hub *h, int w, int type, uint64_t id, const void *dat
 typedef struct hub_worker_view {
     int index;
     uint64_t queued_events, queued_bytes, events;
+    uint64_t calls_bytes, calls_refused; /* worker_calls: held by the loop, refused */
     uint64_t script[HUB_SCRIPT_NCOUNTS];
 } hub_worker_view;
 void hub__worker_view(hub *h, int w, hub_worker_view *out);

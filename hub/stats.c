@@ -83,6 +83,11 @@ size_t hub__stats_collect(hub *h, hub_stat *out, size_t cap)
         put(&c, "queued_bytes", "payload bytes waiting in the worker's queue", 1, w,
             wv.queued_bytes);
         put(&c, "events", "events the worker has run", 0, w, wv.events);
+        put(&c, "queued_call_bytes",
+            "payload bytes the worker's script handed to the loop, not yet carried out", 1, w,
+            wv.calls_bytes);
+        put(&c, "calls_refused", "script calls refused for the worker_calls bound (ENOBUFS)", 0, w,
+            wv.calls_refused);
         for (int i = 0; i < HUB_SCRIPT_NCOUNTS; i++) {
             put(&c, script_names[i], script_help[i], 0, w, wv.script[i]);
             if (totals + (size_t)i < cap)

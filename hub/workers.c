@@ -29,6 +29,7 @@ typedef struct hub_item {
  * frees it. */
 typedef struct hub_cmd {
     hub_post node;
+    int counted; /* its payload counts toward its worker's worker_calls bound */
     int worker;
     uint64_t id;
     size_t taglen, len;
@@ -51,7 +52,10 @@ struct hub_worker {
     atomic_int queued;          /* events handed over and not yet run, outbox included */
     atomic_size_t queued_bytes; /* their payload bytes */
     atomic_int resume_wanted;
+    /* payload bytes of its commands the loop has not yet carried out (worker_calls) */
+    atomic_size_t calls_bytes;
     /* counters: written by the worker only (relaxed load and store), read anywhere */
+    _Atomic uint64_t calls_refused;
     _Atomic uint64_t events;
     _Atomic uint64_t counts[HUB_SCRIPT_NCOUNTS];
 
@@ -74,6 +78,7 @@ static hub_cmd *cmd_new(void (*run)(hub *, hub_post *), int worker, uint64_t id,
         return NULL;
     c->node.next = NULL;
     c->node.run = run;
+    c->counted = 0;
     c->worker = worker;
     c->id = id;
     c->taglen = taglen;
@@ -89,22 +94,32 @@ static hub_cmd *cmd_new(void (*run)(hub *, hub_post *), int worker, uint64_t id,
 
 #define CMD(p) ((hub_cmd *)(void *)(p))
 
+/* A command carried out: its payload no longer counts toward its worker's bound (once the
+ * workers are gone, at exit, nothing counts any more). */
+static void cmd_free(hub *h, hub_post *p)
+{
+    hub_cmd *c = CMD(p);
+    if (c->counted && h->workers)
+        atomic_fetch_sub(&h->workers[c->worker].calls_bytes, c->len);
+    hub_free(c);
+}
+
 static void run_relay(hub *h, hub_post *p)
 {
     hub__relay(h, CMD(p)->data, CMD(p)->len);
-    hub_free(p);
+    cmd_free(h, p);
 }
 
 static void run_multicast(hub *h, hub_post *p)
 {
     hub__multicast(h, CMD(p)->tag, CMD(p)->taglen, CMD(p)->data, CMD(p)->len);
-    hub_free(p);
+    cmd_free(h, p);
 }
 
 static void run_unicast(hub *h, hub_post *p)
 {
     hub__unicast(h, CMD(p)->tag, CMD(p)->taglen, CMD(p)->data, CMD(p)->len);
-    hub_free(p);
+    cmd_free(h, p);
 }
 
 static void run_send(hub *h, hub_post *p)
@@ -113,7 +128,7 @@ static void run_send(hub *h, hub_post *p)
     if (hub__send(h, c->id, c->data, c->len) == -ENOENT)
         hub_log(HUB_LOG_DEBUG, "send to client id=%llu: no such connection",
                 (unsigned long long)c->id);
-    hub_free(c);
+    cmd_free(h, p);
 }
 
 static void run_set_tag(hub *h, hub_post *p)
@@ -130,7 +145,7 @@ static void run_set_tag(hub *h, hub_post *p)
 static void run_close(hub *h, hub_post *p)
 {
     hub__close_id(h, CMD(p)->id, CMD(p)->data);
-    hub_free(p);
+    cmd_free(h, p);
 }
 
 static void run_start_read(hub *h, hub_post *p)
@@ -180,6 +195,7 @@ static hub_cmd *cmd_new_retry(void (*run)(hub *, hub_post *), int worker, const 
     hub_cmd *c = hub__malloc_retry(sizeof(*c) + len + 1);
     c->node.next = NULL;
     c->node.run = run;
+    c->counted = 0;
     c->worker = worker;
     c->id = 0;
     c->taglen = 0;
@@ -216,11 +232,27 @@ static int worker_cmd(hub_worker *w, void (*type)(hub *, hub_post *), uint64_t i
     hub_cmd *c = cmd_new(type, w->index, id, tag, taglen, data, len);
     if (!c)
         return -ENOMEM;
+    if (len) {
+        c->counted = 1;
+        atomic_fetch_add(&w->calls_bytes, len);
+    }
     cmd_append(w, c);
     return 0;
 }
 
 /* ---- the API a script in a worker uses: commands to the loop ---- */
+
+static void bump(_Atomic uint64_t *v);
+
+/* The bound on what a worker's script hands the loop (worker_calls): over it a call fails
+ * with ENOBUFS, and is counted, rather than queue without limit. */
+static int calls_room(hub_worker *w, size_t len)
+{
+    if (atomic_load(&w->calls_bytes) + len <= w->h->cfg.worker_calls)
+        return 0;
+    bump(&w->calls_refused);
+    return -ENOBUFS;
+}
 
 static int api_relay(void *ud, const char *data, size_t len)
 {
@@ -231,6 +263,8 @@ static int api_relay(void *ud, const char *data, size_t len)
         return -EMSGSIZE;
     if (atomic_load(&w->h->nclients) == 0)
         return 0;
+    if (calls_room(w, len) < 0)
+        return -ENOBUFS;
     int rc = worker_cmd(w, run_relay, 0, NULL, 0, data, len);
     return rc < 0 ? rc : 1;
 }
@@ -242,6 +276,8 @@ static int api_tagged(hub_worker *w, void (*type)(hub *, hub_post *), const char
         return -EINVAL;
     if (hub__frame_too_big(w->h, len))
         return -EMSGSIZE;
+    if (calls_room(w, len) < 0)
+        return -ENOBUFS;
     /* The command goes even when the count is 0: a set_tag queued just before it by this
      * same script is applied first. */
     uint32_t n = hub__tag_count(w->h, tag, taglen);
@@ -274,6 +310,8 @@ static int api_send(void *ud, uint64_t id, const char *data, size_t len)
         return hub__send(w->h, id, data, len);
     if (hub__frame_too_big(w->h, len))
         return -EMSGSIZE;
+    if (calls_room(w, len) < 0)
+        return -ENOBUFS;
     int rc = worker_cmd(w, run_send, id, NULL, 0, data, len);
     return rc < 0 ? rc : 1;
 }
@@ -735,6 +773,8 @@ void hub__worker_view(hub *h, int wi, hub_worker_view *out)
     out->queued_events = (uint64_t)atomic_load(&w->queued);
     out->queued_bytes = atomic_load(&w->queued_bytes);
     out->events = atomic_load_explicit(&w->events, memory_order_relaxed);
+    out->calls_bytes = atomic_load(&w->calls_bytes);
+    out->calls_refused = atomic_load_explicit(&w->calls_refused, memory_order_relaxed);
     for (int i = 0; i < HUB_SCRIPT_NCOUNTS; i++)
         out->script[i] = atomic_load_explicit(&w->counts[i], memory_order_relaxed);
 }

@@ -18,9 +18,13 @@ static const struct {
     const char *name;
     const char *msg;
 } errors[] = {
-    {EINVAL, "EINVAL", "invalid tag"},           {ENOENT, "ENOENT", "no such connection"},
-    {EMSGSIZE, "EMSGSIZE", "message too large"}, {ENOMEM, "ENOMEM", "out of memory"},
-    {EPIPE, "EPIPE", "connection closing"},      {ENOSYS, "ENOSYS", "no events module"},
+    {EINVAL, "EINVAL", "invalid tag"},
+    {ENOENT, "ENOENT", "no such connection"},
+    {EMSGSIZE, "EMSGSIZE", "message too large"},
+    {ENOMEM, "ENOMEM", "out of memory"},
+    {EPIPE, "EPIPE", "connection closing"},
+    {ENOSYS, "ENOSYS", "no events module"},
+    {ENOBUFS, "ENOBUFS", "too much handed to the hub and not yet carried out (worker_calls)"},
 };
 
 static int push_error(lua_State *L, const char *msg, const char *code)
