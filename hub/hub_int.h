@@ -23,6 +23,8 @@
 #define HUB_WRITE_BUDGET      (256 * 1024) /* bytes written to one client per loop iteration */
 #define HUB_IOV_MAX           1024         /* iovecs per writev */
 #define HUB_SHUTDOWN_GRACE_MS 1000         /* flushing after in-flight deliveries were failed */
+#define HUB_EXIT_STUCK        3            /* exit status when a worker did not stop in time */
+#define HUB_STUCK_GRACE_MS    5000 /* a stopped worker's time to end before it is left behind */
 
 /* An encoded outbound frame shared by every recipient; loop thread only, so the count is
  * plain. */

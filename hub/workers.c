@@ -1,11 +1,13 @@
 /* Worker threads: each runs its own script state. The loop hands events over in a bounded
- * queue (a mutex, a list and a condition variable); workers hand commands back through one
- * list and an ev_async. A connection's events always go to the same worker, in order. */
+ * queue (a mutex, a list and a condition variable); workers hand commands back through the
+ * mailbox. A connection's events always go to the same worker, in order. */
+#define _GNU_SOURCE /* pthread_timedjoin_np */
 #include <errno.h>
 #include <signal.h>
 #include <stdio.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include <json-c/json.h>
 
@@ -991,9 +993,26 @@ hub_worker *hub__loop_exec_new(hub *h)
 
 void hub__workers_join(hub *h)
 {
+    /* A worker stuck in its script (a loop with no budget, a blocking call) would hold the
+     * exit for ever: each gets HUB_STUCK_GRACE_MS after its STOP, then the process
+     * leaves without it, non-zero, naming it. */
+    struct timespec deadline;
+    clock_gettime(CLOCK_REALTIME, &deadline);
+    deadline.tv_sec += HUB_STUCK_GRACE_MS / 1000;
+    deadline.tv_nsec += (HUB_STUCK_GRACE_MS % 1000) * 1000000L;
+    if (deadline.tv_nsec >= 1000000000L) {
+        deadline.tv_sec++;
+        deadline.tv_nsec -= 1000000000L;
+    }
     for (int i = 0; i < h->nworkers; i++) {
-        if (h->workers[i].started)
-            pthread_join(h->workers[i].thread, NULL);
+        if (!h->workers[i].started ||
+            pthread_timedjoin_np(h->workers[i].thread, NULL, &deadline) != ETIMEDOUT)
+            continue;
+        hub_log(HUB_LOG_CRIT,
+                "worker %d did not stop within %d ms of being told to (stuck in its script: a "
+                "loop with no budget, a blocking call?); exiting without it",
+                i, HUB_STUCK_GRACE_MS);
+        _exit(HUB_EXIT_STUCK);
     }
     for (int i = 0; i < h->nworkers; i++) {
         hub_worker *w = &h->workers[i];
