@@ -64,6 +64,7 @@ static const hub_conf_row lua_rows[] = {
     STR("script", HUB_CONF_PATH, script, NULL),
     NUM("max_instructions", HUB_CONF_LONG, max_instructions, 0, LONG_MAX, "100000000"),
     NUM("max_memory", HUB_CONF_SIZE, max_memory, 0, LLONG_MAX, "0"),
+    NUM("restrict", HUB_CONF_BOOL, lua_restrict, 0, 1, "no"),
     END_ROWS,
 };
 

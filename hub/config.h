@@ -131,6 +131,7 @@ typedef struct hub_config {
     char script[HUB_PATH_MAX]; /* resolved against the config file's directory */
     long max_instructions;     /* per callback; 0 = unlimited; default 100000000 */
     size_t max_memory;         /* per lua_State in bytes; 0 = unlimited; default 0 */
+    int lua_restrict;          /* 1: withhold io, os.execute/exit/..., debug; default 0 */
     /* [control] */
     char control_socket[108]; /* unix socket path ("" = none); default /run/evhub/evhub.sock */
     char control_tcp[64];     /* loopback "host:port" ("" = none); default "" */

@@ -20,6 +20,7 @@ static hub_script_conf script_conf(const hub_config *cfg, int worker, const char
                              .event_callback = cfg->event_callback,
                              .max_instructions = cfg->max_instructions,
                              .max_memory = cfg->max_memory,
+                             .restricted = cfg->lua_restrict,
                              .worker = worker,
                              .source = source,
                              .source_len = len,

@@ -76,6 +76,8 @@ typedef struct hub_script_conf {
     const char *event_callback; /* KEMI global function name, or "" for native handlers */
     long max_instructions;      /* per callback, 0 = unlimited */
     size_t max_memory;          /* bytes per state, 0 = unlimited */
+    int restricted;             /* 1: withhold io, os.execute/exit/remove/rename/tmpname,
+                                 * package.loadlib and C modules, debug but traceback */
     int worker;                 /* worker index, -1 for the loop thread / checks */
     const char *source;         /* the script's text, if already read (else path is read) */
     size_t source_len;

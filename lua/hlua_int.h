@@ -55,6 +55,9 @@ struct hub_script {
     size_t arg_len;
     const hub_conn_info *arg_ci;
     struct json_object *arg_result;
+    /* The library functions the sandbox wraps, called by pointer: kept as upvalues they
+     * would be one debug.getupvalue() away from the script. */
+    lua_CFunction orig_resume, orig_setmetatable, orig_debug_setmetatable;
     char warn[256]; /* pieces of a lua_warning() being assembled */
     size_t warnlen;
 };

@@ -492,17 +492,16 @@ static void hlua_free(hub_script *s)
     hub_free(s);
 }
 
-/* Tail of a wrapped library function: call the original (upvalue 1) with every argument. */
-static int call_original(lua_State *L)
+/* Tail of a wrapped library function: call orig with every argument. */
+static int call_original(lua_State *L, lua_CFunction orig)
 {
-    lua_pushvalue(L, lua_upvalueindex(1)); /* [args.., orig] */
-    lua_insert(L, 1);                      /* [orig, args..] */
+    lua_pushcfunction(L, orig); /* [args.., orig] */
+    lua_insert(L, 1);           /* [orig, args..] */
     lua_call(L, lua_gettop(L) - 1, LUA_MULTRET);
     return lua_gettop(L);
 }
 
-/* coroutine.resume with the callback's deadline and a cancel checked first (see arm_budget).
- * Upvalue 1: the original coroutine.resume. */
+/* coroutine.resume with the callback's deadline and a cancel checked first (see arm_budget). */
 static int co_resume(lua_State *L)
 {
     hub_script *s = hlua__script(L);
@@ -512,33 +511,67 @@ static int co_resume(lua_State *L)
      * what an earlier callback left of its count into this one. */
     if (co)
         set_hook(co, s);
-    return call_original(L);
+    return call_original(L, s->orig_resume);
 }
 
-/* setmetatable refusing __gc: Lua runs finalizers with hooks off, outside any budget, so a
- * looping one would hang the hub. Upvalue 1: the original function. */
+/* 1 when the metatable argument at index 2 has a __gc field: Lua runs finalizers with hooks
+ * off, outside any budget, so a looping one would hang the hub. */
+static int has_gc(lua_State *L)
+{
+    if (lua_type(L, 2) != LUA_TTABLE)
+        return 0;
+    lua_pushliteral(L, "__gc"); /* [t, mt, .., "__gc"] */
+    int found = lua_rawget(L, 2) != LUA_TNIL;
+    lua_pop(L, 1);
+    return found;
+}
+
 static int setmetatable_no_gc(lua_State *L)
 {
-    if (lua_type(L, 2) == LUA_TTABLE) {
-        lua_pushliteral(L, "__gc"); /* [t, mt, .., "__gc"] */
-        if (lua_rawget(L, 2) != LUA_TNIL)
-            return luaL_argerror(L, 2, "__gc metamethods are not supported by evhub");
-        lua_pop(L, 1);
-    }
-    return call_original(L);
+    if (has_gc(L))
+        return luaL_argerror(L, 2, "__gc metamethods are not supported by evhub");
+    return call_original(L, hlua__script(L)->orig_setmetatable);
 }
 
-/* Replace global tbl.name (tbl NULL: a global) by f with the original as its upvalue. */
-static void wrap_lib_function(lua_State *L, const char *tbl, const char *name, lua_CFunction f)
+static int debug_setmetatable_no_gc(lua_State *L)
+{
+    if (has_gc(L))
+        return luaL_argerror(L, 2, "__gc metamethods are not supported by evhub");
+    return call_original(L, hlua__script(L)->orig_debug_setmetatable);
+}
+
+/* The count hook is the hub's: it enforces max_instructions and lets a load be cancelled. A
+ * script that could clear or replace it could loop for ever, holding its thread and the
+ * hub's shutdown, so the functions that reach it raise instead. */
+static int hook_refused(lua_State *L)
+{
+    return luaL_error(L, "debug.sethook and debug.gethook are not allowed in evhub scripts: "
+                         "the hub's instruction budget (max_instructions) uses the hook");
+}
+
+/* os.exit would end the hub at once, with write queues unflushed and no shutdown: it raises
+ * instead, so pcall() sees an ordinary error and the hub goes on. */
+static int os_exit_refused(lua_State *L)
+{
+    return luaL_error(L, "os.exit is not allowed in evhub scripts; KSR.x.exit() ends the "
+                         "callback, SIGTERM stops the hub");
+}
+
+/* Replace global tbl.name (tbl NULL: a global) by f; returns the original (a light C function
+ * in the standard libraries, so calling it by pointer loses nothing). */
+static lua_CFunction replace_lib_function(lua_State *L, const char *tbl, const char *name,
+                                          lua_CFunction f)
 {
     if (tbl)
         lua_getglobal(L, tbl); /* [lib] */
     else
         lua_pushglobaltable(L); /* [lib] */
     lua_getfield(L, -1, name);  /* [lib, orig] */
-    lua_pushcclosure(L, f, 1);  /* [lib, wrapped] */
-    lua_setfield(L, -2, name);  /* [lib] */
-    lua_pop(L, 1);              /* [] */
+    lua_CFunction orig = lua_tocfunction(L, -1);
+    lua_pushcfunction(L, f);   /* [lib, orig, f] */
+    lua_setfield(L, -3, name); /* [lib, orig] */
+    lua_pop(L, 2);             /* [] */
+    return orig;
 }
 
 /* coroutine.wrap rebuilt on the checked resume (the original resumes in C, unchecked). */
@@ -553,11 +586,15 @@ static const char sandbox_lua[] = "local create, resume, close, pack, unpack, er
                                   "  end\n"
                                   "end\n";
 
-static void open_sandbox(lua_State *L)
+static void open_sandbox(lua_State *L, hub_script *s)
 {
-    wrap_lib_function(L, "coroutine", "resume", co_resume);
-    wrap_lib_function(L, NULL, "setmetatable", setmetatable_no_gc);
-    wrap_lib_function(L, "debug", "setmetatable", setmetatable_no_gc);
+    s->orig_resume = replace_lib_function(L, "coroutine", "resume", co_resume);
+    s->orig_setmetatable = replace_lib_function(L, NULL, "setmetatable", setmetatable_no_gc);
+    s->orig_debug_setmetatable =
+        replace_lib_function(L, "debug", "setmetatable", debug_setmetatable_no_gc);
+    replace_lib_function(L, "debug", "sethook", hook_refused);
+    replace_lib_function(L, "debug", "gethook", hook_refused);
+    replace_lib_function(L, "os", "exit", os_exit_refused);
     if (luaL_loadbufferx(L, sandbox_lua, sizeof(sandbox_lua) - 1, "=sandbox", "t") != LUA_OK)
         lua_error(L);
     lua_getglobal(L, "coroutine"); /* [chunk, co] */
@@ -573,6 +610,65 @@ static void open_sandbox(lua_State *L)
     lua_call(L, 6, 0);
 }
 
+/* Set field name of the table at idx to nil. */
+static void withhold(lua_State *L, int idx, const char *name)
+{
+    lua_pushnil(L);
+    lua_setfield(L, idx > 0 ? idx : idx - 1, name);
+}
+
+/* [lua] restrict = yes: no io (never opened), no os functions that run commands, end the
+ * process or touch files, no native code (package.loadlib, and require's C searchers that
+ * use it), and of the debug library only traceback. The hub's own traceback is C's. */
+static void open_restricted(lua_State *L)
+{
+    lua_getglobal(L, "os"); /* [os] */
+    withhold(L, -1, "execute");
+    withhold(L, -1, "exit");
+    withhold(L, -1, "remove");
+    withhold(L, -1, "rename");
+    withhold(L, -1, "tmpname");
+    lua_pop(L, 1);               /* [] */
+    lua_getglobal(L, "package"); /* [package] */
+    withhold(L, -1, "loadlib");
+    lua_pushliteral(L, ""); /* [package, ""] */
+    lua_setfield(L, -2, "cpath");
+    lua_getfield(L, -1, "searchers"); /* [package, searchers]: preload, Lua, C, C root */
+    for (lua_Integer i = lua_rawlen(L, -1); i > 2; i--) {
+        lua_pushnil(L);
+        lua_rawseti(L, -2, i);
+    }
+    lua_pop(L, 1);                      /* [package] */
+    lua_getfield(L, -1, "loaded");      /* [package, loaded] */
+    lua_createtable(L, 0, 1);           /* [package, loaded, dbg] */
+    lua_getglobal(L, "debug");          /* [package, loaded, dbg, debug] */
+    lua_getfield(L, -1, "traceback");   /* [package, loaded, dbg, debug, tb] */
+    lua_setfield(L, -3, "traceback");   /* [package, loaded, dbg, debug] */
+    lua_pop(L, 1);                      /* [package, loaded, dbg] */
+    lua_pushvalue(L, -1);               /* [package, loaded, dbg, dbg] */
+    lua_setfield(L, -3, LUA_DBLIBNAME); /* [package, loaded, dbg] */
+    lua_setglobal(L, LUA_DBLIBNAME);    /* [package, loaded] */
+    lua_pop(L, 2);                      /* [] */
+}
+
+/* The standard libraries, as luaL_openlibs opens them, but io when restricted. */
+static void open_libs(lua_State *L, int restricted)
+{
+    static const luaL_Reg libs[] = {
+        {LUA_GNAME, luaopen_base},          {LUA_LOADLIBNAME, luaopen_package},
+        {LUA_COLIBNAME, luaopen_coroutine}, {LUA_TABLIBNAME, luaopen_table},
+        {LUA_IOLIBNAME, luaopen_io},        {LUA_OSLIBNAME, luaopen_os},
+        {LUA_STRLIBNAME, luaopen_string},   {LUA_MATHLIBNAME, luaopen_math},
+        {LUA_UTF8LIBNAME, luaopen_utf8},    {LUA_DBLIBNAME, luaopen_debug},
+    };
+    for (size_t i = 0; i < sizeof(libs) / sizeof(libs[0]); i++) {
+        if (restricted && libs[i].func == luaopen_io)
+            continue;
+        luaL_requiref(L, libs[i].name, libs[i].func, 1);
+        lua_pop(L, 1);
+    }
+}
+
 /* Runs protected: libraries, native API, ksr.lua, the script, the handler check.
  * Arguments: [conf as light userdata]. Raises a one-line message on failure. */
 static int init_state(lua_State *L)
@@ -581,8 +677,10 @@ static int init_state(lua_State *L)
     const hub_script_conf *conf = lua_touserdata(L, 1);
     const char *cb = conf->event_callback && conf->event_callback[0] ? conf->event_callback : NULL;
 
-    luaL_openlibs(L);
-    open_sandbox(L);
+    open_libs(L, conf->restricted);
+    open_sandbox(L, s);
+    if (conf->restricted)
+        open_restricted(L);
     lua_newtable(L); /* [conf, conns] */
     s->conns_ref = luaL_ref(L, LUA_REGISTRYINDEX);
     lua_newtable(L); /* [conf, completions] */

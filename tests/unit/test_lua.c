@@ -1727,6 +1727,144 @@ static void test_script_finalizers_refused(void **state)
               "collectgarbage()\n");
 }
 
+/* ---- the sandbox: the budget stays, os.exit does not end the hub, restrict ---- */
+
+static const char unhook_script[] =
+    "evapi.on('message', function(conn, msg)\n"
+    "  if msg == 'clear' then debug.sethook()\n"
+    "  elseif msg == 'pclear' then pcall(debug.sethook)\n"
+    "  elseif msg == 'replace' then pcall(debug.sethook, function() end, '', 0)\n"
+    "  elseif msg == 'co' then pcall(debug.sethook, coroutine.running())\n"
+    "  elseif msg == 'spread' then\n"
+    "    -- the unchecked resume, if a wrapper kept it where the script can reach it\n"
+    "    local resume = debug.getupvalue(coroutine.resume, 1) or coroutine.resume\n"
+    "    local function work() local x = 0 for i = 1, 20000 do x = x + i end end\n"
+    "    for j = 1, 1000 do resume(coroutine.create(work)) end\n"
+    "    evapi.relay('survived')\n"
+    "  elseif msg == 'ping' then evapi.relay('pong') return\n"
+    "  end\n"
+    "  local x = 0 for i = 1, 3e7 do x = x + i end\n"
+    "  evapi.relay('survived')\n"
+    "end)\n";
+
+static void test_sethook_cannot_remove_the_budget(void **state)
+{
+    fixture *f = *state;
+    f->s = load_full(f, unhook_script, "", 100000, 0);
+    assert_non_null(f->s);
+    connect(f->s, 1, 0, "127.0.0.1", 1);
+    const char *cases[] = {"clear", "pclear", "replace", "co", "spread"};
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        int n = f->hub.ncalls;
+        capture_begin(f);
+        message(f->s, 1, cases[i]);
+        const char *log = capture_end(f);
+        if (f->hub.ncalls != n)
+            fail_msg("'%s' escaped the budget", cases[i]);
+        if (i == 0)
+            assert_non_null(strstr(log, "debug.sethook and debug.gethook are not allowed"));
+        else
+            assert_non_null(strstr(log, "instruction budget exceeded (100000 instructions)"));
+        message(f->s, 1, "ping");
+        assert_int_equal(f->hub.ncalls, n + 1);
+        assert_memory_equal(last_call(f)->data, "pong", 4);
+    }
+    /* the wrapped functions hold nothing the script could call instead */
+    lua_ok(f->s, "assert(debug.getupvalue(coroutine.resume, 1) == nil)\n"
+                 "assert(debug.getupvalue(setmetatable, 1) == nil)\n"
+                 "assert(debug.getupvalue(debug.setmetatable, 1) == nil)\n"
+                 "local ok, err = pcall(debug.gethook)\n"
+                 "assert(not ok and err:find('not allowed', 1, true), err)\n");
+}
+
+static void test_os_exit_raises_and_the_hub_goes_on(void **state)
+{
+    fixture *f = *state;
+    f->s = load_full(f,
+                     "evapi.on('message', function(conn, msg)\n"
+                     "  if msg == 'exit' then os.exit(7) end\n"
+                     "  if msg == 'pexit' then evapi.relay(select(2, pcall(os.exit, true))) end\n"
+                     "  evapi.relay(msg)\n"
+                     "end)\n",
+                     "", 100000, 0);
+    assert_non_null(f->s);
+    connect(f->s, 1, 0, "127.0.0.1", 1);
+    capture_begin(f);
+    message(f->s, 1, "exit");
+    const char *log = capture_end(f);
+    assert_non_null(strstr(log, "lua: message: "));
+    assert_non_null(strstr(log, "os.exit is not allowed in evhub scripts"));
+    assert_int_equal(f->hub.counts[HUB_SCRIPT_ERROR], 1);
+    message(f->s, 1, "pexit");
+    assert_non_null(strstr(f->hub.calls[f->hub.ncalls - 2].data, "os.exit is not allowed"));
+    message(f->s, 1, "after");
+    assert_memory_equal(last_call(f)->data, "after", 5);
+    /* at load too */
+    hub_script *s2 = load_full(f, "evapi.on('message', print)\nos.exit(0)\n", "", 0, 0);
+    assert_null(s2);
+    assert_non_null(strstr(f->err, "os.exit is not allowed"));
+}
+
+static hub_script *load_restricted(fixture *f, const char *src, int restricted)
+{
+    hub_script_conf conf = {
+        .path = f->path,
+        .event_callback = "",
+        .max_instructions = 1000000,
+        .restricted = restricted,
+        .worker = -1,
+    };
+    write_script(f, src);
+    f->err[0] = '\0';
+    return hlua_script_ops.load(&conf, &fake_api, &f->hub, f->err, sizeof(f->err));
+}
+
+static void test_restrict_withholds_io_os_native_code_and_debug(void **state)
+{
+    fixture *f = *state;
+    f->s = load_restricted(f, native_script, 1);
+    if (f->s == NULL)
+        fail_msg("load failed: %s", f->err);
+    lua_ok(f->s,
+           "assert(io == nil and package.loaded.io == nil)\n"
+           "assert(not pcall(require, 'io'))\n"
+           "for _, k in ipairs({'execute', 'exit', 'remove', 'rename', 'tmpname'}) do\n"
+           "  assert(os[k] == nil, k)\n"
+           "end\n"
+           "assert(type(os.time()) == 'number' and type(os.clock()) == 'number')\n"
+           "assert(package.loadlib == nil and package.cpath == '' and #package.searchers == 2)\n"
+           "local ok, err = pcall(require, 'no_such_module_anywhere')\n"
+           "assert(not ok and not err:find('cpath', 1, true), err)\n"
+           "assert(debug.traceback('x'):find('stack traceback', 1, true))\n"
+           "local n = 0 for k in pairs(debug) do n = n + 1 end assert(n == 1)\n"
+           "assert(package.loaded.debug == debug and require('debug') == debug)\n"
+           "assert(string.rep('a', 3) == 'aaa' and math.max(1, 2) == 2 and utf8.char(65) == 'A')\n"
+           "assert(coroutine.wrap(function() return 5 end)() == 5)\n");
+    /* errors still carry the hub's traceback */
+    connect(f->s, 1, 0, "127.0.0.1", 1);
+    capture_begin(f);
+    message(f->s, 1, "loop");
+    const char *log = capture_end(f);
+    assert_non_null(strstr(log, "instruction budget exceeded"));
+    assert_non_null(strstr(log, "stack traceback"));
+    /* a script needing what is withheld fails at load (so evhub -t and reloads refuse it) */
+    assert_null(load_restricted(f, "evapi.on('message', print)\nio.write('x')\n", 1));
+    assert_non_null(strstr(f->err, "'io'"));
+    assert_null(load_restricted(f, "evapi.on('message', print)\nos.execute('true')\n", 1));
+    assert_non_null(strstr(f->err, "execute"));
+}
+
+static void test_unrestricted_keeps_the_libraries(void **state)
+{
+    fixture *f = *state;
+    f->s = load_restricted(f, native_script, 0);
+    if (f->s == NULL)
+        fail_msg("load failed: %s", f->err);
+    lua_ok(f->s, "assert(type(io.open) == 'function' and type(os.execute) == 'function')\n"
+                 "assert(type(package.loadlib) == 'function' and #package.searchers == 4)\n"
+                 "assert(type(debug.getinfo) == 'function' and type(os.exit) == 'function')\n");
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -1788,6 +1926,10 @@ int main(void)
         T(test_example_native_protocol),
         T(test_idle_and_free_are_safe),
         T(test_script_finalizers_refused),
+        T(test_sethook_cannot_remove_the_budget),
+        T(test_os_exit_raises_and_the_hub_goes_on),
+        T(test_restrict_withholds_io_os_native_code_and_debug),
+        T(test_unrestricted_keeps_the_libraries),
 #undef T
     };
     return cmocka_run_group_tests_name("lua", tests, NULL, NULL);
