@@ -36,6 +36,9 @@ static const char *const unicast_choices[] = {"first", "round_robin", NULL};
 #define NUM(key, kind, field, lo, hi, def) ROW(key, kind, field, lo, hi, NULL, def)
 #define STR(key, kind, field, def)         ROW(key, kind, field, 0, 0, NULL, def)
 #define ENUM(key, field, choices, def)     ROW(key, HUB_CONF_ENUM, field, 0, 0, choices, def)
+/* For a SIZE row's lo: 0 (off) or lo..hi. A fresh Lua state with the KEMI layer takes ~49 KiB,
+ * so a smaller max_memory fails in lua_newstate without a file:line; 256k leaves room to run. */
+#define OFF_OR(lo) (-(lo))
 #define END_ROWS                                                                                   \
     {                                                                                              \
         .name = NULL                                                                               \
@@ -63,7 +66,7 @@ static const hub_conf_row evapi_rows[] = {
 static const hub_conf_row lua_rows[] = {
     STR("script", HUB_CONF_PATH, script, NULL),
     NUM("max_instructions", HUB_CONF_LONG, max_instructions, 0, LONG_MAX, "100000000"),
-    NUM("max_memory", HUB_CONF_SIZE, max_memory, 0, LLONG_MAX, "0"),
+    NUM("max_memory", HUB_CONF_SIZE, max_memory, OFF_OR(256 * 1024), LLONG_MAX, "0"),
     NUM("restrict", HUB_CONF_BOOL, lua_restrict, 0, 1, "no"),
     END_ROWS,
 };
@@ -310,7 +313,12 @@ static int set_number(void *data, const hub_conf_row *k, const char *v, char *er
         if (rc == -EINVAL)
             return set_err(err, errlen, "%s: '%.64s' %s", k->name, v,
                            k->kind == HUB_CONF_SIZE ? MSG_SIZE : "is not an integer");
-        if (rc == -ERANGE || n < k->min || n > k->max)
+        /* OFF_OR: a size is never negative, so a negative min marks "0 or -min..max". */
+        int off_or = k->kind == HUB_CONF_SIZE && k->min < 0;
+        if (off_or && (rc == -ERANGE || (n != 0 && (n < -k->min || n > k->max))))
+            return set_err(err, errlen, "%s: '%.64s' must be 0 (off) or in %lld..%lld", k->name, v,
+                           -k->min, k->max);
+        if (!off_or && (rc == -ERANGE || n < k->min || n > k->max))
             return set_err(err, errlen, "%s: '%.64s' is out of range %lld..%lld", k->name, v,
                            k->min, k->max);
     }
@@ -530,6 +538,16 @@ static int check_section(const hub_conf_section *s, char *err, size_t errlen)
 
 /* ---- the file ------------------------------------------------------------------------- */
 
+/* Where each non-list key of one section instance was set: a key given twice is an error (a
+ * silent last-wins hides typos and merge accidents). Core sections share the hub_config as
+ * their data, so a record is per (section, data). */
+typedef struct seen_keys {
+    struct seen_keys *next;
+    const hub_conf_section *sec;
+    const void *data;
+    int line[]; /* per row of sec: the line that set it, 0 if none yet */
+} seen_keys;
+
 /* libinih parses the file; we hand it the lines ourselves (ini_parse_stream), one physical line
  * per call, for what it cannot tell us:
  * - a line longer than its buffer would be cut into pieces, each read as a line of its own (and
@@ -557,8 +575,10 @@ typedef struct load_ctx {
     char secname[HUB_CONF_SECTION_MAX + 1];
     const hub_conf_section *sec;
     void *data;
-    int key_seen;     /* a key since the header: inih's prev_name is set */
-    int continuation; /* inih reads the current line as more of the last key's value */
+    seen_keys *seen;     /* the current instance's record (NULL when sec is) */
+    seen_keys *seen_all; /* every record of this load, freed with the context */
+    int key_seen;        /* a key since the header: inih's prev_name is set */
+    int continuation;    /* inih reads the current line as more of the last key's value */
     char prev_name[65];
     char header[HUB_CONF_LINE_MAX + 1]; /* a header's name, copied out of inih's line */
     char base[HUB_PATH_MAX];            /* the config file's directory with a trailing '/', or "" */
@@ -642,6 +662,30 @@ static int open_instance(load_ctx *x, const hub_conf_section *s, const char *ins
     return 0;
 }
 
+/* The record of the instance the current header opened (x->sec, x->data), found or made. A
+ * repeated header finds the record of its first, so its keys count against the first's. */
+static int open_seen(load_ctx *x)
+{
+    seen_keys *k;
+    for (k = x->seen_all; k; k = k->next) {
+        if (k->sec == x->sec && k->data == x->data)
+            break;
+    }
+    if (!k) {
+        size_t nrows = 0;
+        while (x->sec->rows && x->sec->rows[nrows].name)
+            nrows++;
+        if (!(k = hub_calloc(1, sizeof(*k) + nrows * sizeof(k->line[0]))))
+            return fail(x, -ENOMEM, "out of memory");
+        k->sec = x->sec;
+        k->data = x->data;
+        k->next = x->seen_all;
+        x->seen_all = k;
+    }
+    x->seen = k;
+    return 0;
+}
+
 /* A header inih will read: name is the text between the brackets (our copy). An unknown
  * section is reported at its first key, as it always was (one without keys sets nothing). */
 static int open_section(load_ctx *x, char *name)
@@ -670,13 +714,14 @@ static int open_section(load_ctx *x, char *name)
     x->key_seen = 0;
     x->sec = s;
     x->data = NULL;
+    x->seen = NULL;
     if (!s)
         return 0;
-    if (find_core_section(s->name)) {
+    if (find_core_section(s->name))
         x->data = x->c;
-        return 0;
-    }
-    return open_instance(x, s, inst ? inst : "");
+    else if (open_instance(x, s, inst ? inst : "") < 0)
+        return x->err;
+    return open_seen(x);
 }
 
 /* Where inih ends a header's name: the first ']', unless an inline comment (one of
@@ -774,7 +819,15 @@ static int set_key(load_ctx *x, const char *name, const char *value, char *r, si
     const hub_conf_row *k = find_row(x->sec, name);
     if (!k)
         return set_err(r, rlen, "unknown key '%.64s' in section [%s]", name, x->secname);
-    return set_row(x->data, k, value, x->base, x->lineno, r, rlen);
+    /* Only a LIST key collects a value per line; any other set twice is refused. */
+    int *first = k->kind == HUB_CONF_LIST ? NULL : &x->seen->line[k - x->sec->rows];
+    if (first && *first)
+        return set_err(r, rlen, "key '%.64s' given twice in [%s] (first at line %d)", name,
+                       x->secname, *first);
+    int rc = set_row(x->data, k, value, x->base, x->lineno, r, rlen);
+    if (rc == 0 && first)
+        *first = x->lineno;
+    return rc;
 }
 
 /* inih's ini_handler, for each key of the line the reader just gave it. 1, or 0 when the key is
@@ -912,6 +965,10 @@ static int load_sections(hub_config *c, const char *path, const hub_conf_section
         hub_config_free(c);
         *c = tmp;
         rc = 0;
+    }
+    for (seen_keys *k = x->seen_all, *next; k; k = next) {
+        next = k->next;
+        hub_free(k);
     }
     hub_free(x);
     return rc;

@@ -290,11 +290,24 @@ void hub__ctl_jobs_free(hub *h)
     }
 }
 
-/* The id parameter as given; ids are positive, so 0 and below name no connection. */
-static int64_t id_param(json_object *params)
+/* The id parameter, exactly as given, in *id: returns 0, or -1 once the call is answered
+ * -32602 because the id is not a connection id (an exact integer 1..2^63-1). json-c clamps: 2^63
+ * and up (2^64 too, as 2^64-1) read back as 2^63-1 through get_int64 but as themselves through
+ * get_uint64, so the two must agree. Ids count up from 1 and never reach 2^63. */
+static int id_param(hub_ctl_call *call, json_object *params, int64_t *id)
 {
-    json_object *v;
-    return json_object_object_get_ex(params, "id", &v) ? json_object_get_int64(v) : 0;
+    json_object *v = NULL;
+    json_object_object_get_ex(params, "id", &v);
+    int64_t i = v ? json_object_get_int64(v) : 0;
+    if (i <= 0 || (uint64_t)i != json_object_get_uint64(v)) {
+        /* Not echoed: json-c may already have clamped what was sent. */
+        hub_ctl_fail(call, HUB_CTL_INVALID_PARAMS,
+                     "parameter 'id' must be a connection id (an integer from 1 to %lld)",
+                     (long long)INT64_MAX);
+        return -1;
+    }
+    *id = i;
+    return 0;
 }
 
 static void no_such_client(hub_ctl_call *call, int64_t id)
@@ -305,10 +318,11 @@ static void no_such_client(hub_ctl_call *call, int64_t id)
 static void cmd_close(hub_ctl_call *call, json_object *params, void *ud)
 {
     hub *h = ud;
-    int64_t id = id_param(params);
+    int64_t id;
     const char *reason = str_param(params, "reason", NULL);
-    if (id <= 0 ||
-        hub__close_id(h, (uint64_t)id, reason && *reason ? reason : "closed by the operator") < 0) {
+    if (id_param(call, params, &id) < 0)
+        return;
+    if (hub__close_id(h, (uint64_t)id, reason && *reason ? reason : "closed by the operator") < 0) {
         no_such_client(call, id);
         return;
     }
@@ -322,14 +336,16 @@ static void cmd_close(hub_ctl_call *call, json_object *params, void *ud)
 static void cmd_tag(hub_ctl_call *call, json_object *params, void *ud)
 {
     hub *h = ud;
-    int64_t id = id_param(params);
+    int64_t id;
     size_t len;
     const char *tag = str_param(params, "tag", &len);
+    if (id_param(call, params, &id) < 0)
+        return;
     if (len && !hub__tag_valid(tag, len)) {
         invalid_tag(call);
         return;
     }
-    int rc = id > 0 ? hub__set_tag_id(h, (uint64_t)id, tag, len, 0) : -ENOENT;
+    int rc = hub__set_tag_id(h, (uint64_t)id, tag, len, 0);
     if (rc == -ENOENT) {
         no_such_client(call, id);
         return;

@@ -1,6 +1,7 @@
 /* evhub: command line, configuration, and the hub's life from start to exit. */
 #include <errno.h>
 #include <getopt.h>
+#include <netdb.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -25,6 +26,27 @@ static void usage(FILE *f)
                "  --version   print the version\n");
 }
 
+/* -t: bind_addr must resolve as the listener will resolve it (nothing is bound: the hub
+ * being checked may be running on it). Returns 0 or -1 with err set. */
+static int check_bind_addr(const hub_config *cfg, char *err, size_t errlen)
+{
+    char host[256], port[16];
+    struct addrinfo hints = {.ai_socktype = SOCK_STREAM, .ai_flags = AI_PASSIVE | AI_NUMERICSERV};
+    struct addrinfo *res = NULL;
+    if (hub_config_split_addr(cfg->bind_addr, host, sizeof(host), port, sizeof(port)) < 0) {
+        snprintf(err, errlen, "[evapi] bind_addr '%s' is not host:port", cfg->bind_addr);
+        return -1;
+    }
+    int rc = getaddrinfo(host, port, &hints, &res);
+    if (rc != 0) {
+        snprintf(err, errlen, "[evapi] bind_addr '%s' cannot be resolved: %s", cfg->bind_addr,
+                 gai_strerror(rc));
+        return -1;
+    }
+    freeaddrinfo(res);
+    return 0;
+}
+
 /* Everything after the file is read; cfg (its modules' sections included) stays the
  * caller's. */
 static int run(hub_config *cfg, const char *path, int check, int foreground)
@@ -34,7 +56,8 @@ static int run(hub_config *cfg, const char *path, int check, int foreground)
     hub_log_set_syslog(cfg->log_syslog, "evhub");
 
     if (check) {
-        if (hub_check_script(cfg, &hlua_script_ops, err, sizeof(err)) < 0) {
+        if (check_bind_addr(cfg, err, sizeof(err)) < 0 ||
+            hub_check_script(cfg, &hlua_script_ops, err, sizeof(err)) < 0) {
             fprintf(stderr, "evhub: %s\n", err);
             return 1;
         }

@@ -218,6 +218,9 @@ static const set_case set_cases[] = {
      "max_instructions: '-1' is out of range 0..9223372036854775807"},
     {"lua", "max_memory", "0", NULL},
     {"lua", "max_memory", "512M", NULL},
+    {"lua", "max_memory", "256k", NULL},
+    {"lua", "max_memory", "1k",
+     "max_memory: '1k' must be 0 (off) or in 262144..9223372036854775807"},
     {"log", "level", "warning", NULL},
     {"log", "level", "3", NULL},
     {"log", "level", "loud", "level: 'loud' must be crit, err, warn, notice, info or debug"},
@@ -427,17 +430,59 @@ static void test_config_missing_file_is_enoent(void **state)
 
 /* ---- INI dialect ------------------------------------------------------------------------ */
 
-static void test_config_duplicate_key_last_wins(void **state)
+/* Issue 12, item 8: a key given twice was taken silently, the last one winning. */
+static void test_config_duplicate_key_is_an_error_naming_both_lines(void **state)
+{
+    (void)state;
+    expect_error("[evapi]\nbacklog = 1\nworkers = 0\nbacklog = 1\n", 4,
+                 "key 'backlog' given twice in [evapi] (first at line 2)");
+    /* A repeated header continues its section: the key still counts against the first. */
+    expect_error("[evapi]\nbacklog = 1\n[log]\nlevel = err\n[evapi]\nbacklog = 2\n", 6,
+                 "key 'backlog' given twice in [evapi] (first at line 2)");
+    expect_error("[log]\nlevel = err\n[lua]\nmax_memory = 0\n[log]\n; again\nlevel = err\n", 7,
+                 "key 'level' given twice in [log] (first at line 2)");
+}
+
+static void test_config_repeated_header_with_other_keys_continues_the_section(void **state)
 {
     (void)state;
     hub_config c;
     char path[64], err[512];
     hub_config_defaults(&c);
     assert_int_equal(load_text(&c,
-                               "[evapi]\nbacklog = 1\n[log]\nlevel = err\n[evapi]\nbacklog = 2\n",
+                               "[evapi]\nbacklog = 1\n[log]\nlevel = err\n[evapi]\nworkers = 2\n"
+                               "[evapi]\n",
                                path, sizeof(path), err, sizeof(err)),
                      0);
-    assert_int_equal(c.backlog, 2);
+    assert_int_equal(c.backlog, 1);
+    assert_int_equal(c.workers, 2);
+    assert_int_equal(c.log_level, HUB_LOG_ERR);
+    /* Keys of the same name in different sections are different keys. */
+    assert_int_equal(load_text(&c, "[evapi]\nbind_addr = 127.0.0.1:1\n[control]\nsocket =\n", path,
+                               sizeof(path), err, sizeof(err)),
+                     0);
+}
+
+/* Issue 12, item 8: max_memory = 1k failed later, in lua_newstate, with no file:line. */
+static void test_config_max_memory_is_off_or_at_least_256k(void **state)
+{
+    (void)state;
+    expect_error("[lua]\n\nmax_memory = 1k\n", 3,
+                 "max_memory: '1k' must be 0 (off) or in 262144..9223372036854775807");
+    expect_error("[lua]\nmax_memory = 262143\n", 2,
+                 "max_memory: '262143' must be 0 (off) or in 262144..9223372036854775807");
+    expect_error("[lua]\nmax_memory = 99999999999999999999\n", 2,
+                 "max_memory: '99999999999999999999' must be 0 (off) or in "
+                 "262144..9223372036854775807");
+    hub_config c;
+    char path[64], err[512];
+    hub_config_defaults(&c);
+    assert_int_equal(
+        load_text(&c, "[lua]\nmax_memory = 256k\n", path, sizeof(path), err, sizeof(err)), 0);
+    assert_int_equal(c.max_memory, 256 * 1024);
+    assert_int_equal(load_text(&c, "[lua]\nmax_memory = 0\n", path, sizeof(path), err, sizeof(err)),
+                     0);
+    assert_int_equal(c.max_memory, 0);
 }
 
 static void test_config_inline_semicolon_comment_is_stripped(void **state)
@@ -628,21 +673,36 @@ static void test_config_list_key_keeps_every_value_with_its_line(void **state)
     hub_config_free(&c);
 }
 
-static void test_config_module_key_given_twice_keeps_the_last(void **state)
+/* Issue 12, item 8: this was last-wins; a non-list key given twice is now an error. */
+static void test_config_module_key_given_twice_is_an_error(void **state)
 {
     (void)state;
+    expect_demo_error("[single]\nport = 1\n[evapi]\nbacklog = 3\n[single]\nport = 2\n", 6,
+                      "key 'port' given twice in [single] (first at line 2)");
+    expect_demo_error("[demo:a]\nhost = x\ntopic = t\nhost = y\n", 4,
+                      "key 'host' given twice in [demo:a] (first at line 2)");
     hub_config c;
     char path[64], err[512];
     hub_config_defaults(&c);
-    assert_int_equal(load_demo(&c, "[single]\nport = 1\n[evapi]\nbacklog = 3\n[single]\nport = 2\n",
+    /* Other keys after a repeated header continue the instance; a LIST key may repeat; the
+     * same key in another instance is another key. */
+    assert_int_equal(load_demo(&c,
+                               "[single]\nport = 1\ntopic = a\n[evapi]\nbacklog = 3\n"
+                               "[single]\nhost = h\ntopic = b\n[demo:x]\nport = 5\n"
+                               "[demo:y]\nport = 6\n",
                                path, sizeof(path), err, sizeof(err)),
                      0);
     const hub_conf_instance *i = hub_conf_next(&c, "single", NULL);
-    assert_int_equal(demo_of(i)->port, 2);
+    assert_int_equal(demo_of(i)->port, 1);
+    assert_string_equal(demo_of(i)->host, "h");
+    assert_int_equal(demo_of(i)->topics.n, 2);
     /* The second [single] continued the first: one instance, from line 1. */
     assert_int_equal(i->line, 1);
     assert_null(hub_conf_next(&c, "single", i));
     assert_int_equal(c.backlog, 3);
+    const hub_conf_instance *x = hub_conf_next(&c, "demo", NULL);
+    assert_int_equal(demo_of(x)->port, 5);
+    assert_int_equal(demo_of(hub_conf_next(&c, "demo", x))->port, 6);
     hub_config_free(&c);
 }
 
@@ -1153,7 +1213,9 @@ int main(void)
         cmocka_unit_test(test_config_long_line_reports_its_own_line),
         cmocka_unit_test(test_config_error_leaves_config_untouched),
         cmocka_unit_test(test_config_missing_file_is_enoent),
-        cmocka_unit_test(test_config_duplicate_key_last_wins),
+        cmocka_unit_test(test_config_duplicate_key_is_an_error_naming_both_lines),
+        cmocka_unit_test(test_config_repeated_header_with_other_keys_continues_the_section),
+        cmocka_unit_test(test_config_max_memory_is_off_or_at_least_256k),
         cmocka_unit_test(test_config_inline_semicolon_comment_is_stripped),
         cmocka_unit_test(test_config_inline_hash_is_not_a_comment),
         cmocka_unit_test(test_config_crlf_line_endings_are_accepted),
@@ -1162,7 +1224,7 @@ int main(void)
         cmocka_unit_test(test_config_split_addr_rejects_malformed),
         cmocka_unit_test(test_config_defaults_ignore_what_the_memory_held),
         cmocka_unit_test(test_config_list_key_keeps_every_value_with_its_line),
-        cmocka_unit_test(test_config_module_key_given_twice_keeps_the_last),
+        cmocka_unit_test(test_config_module_key_given_twice_is_an_error),
         cmocka_unit_test(test_config_named_instances_get_defaults_and_their_own_values),
         cmocka_unit_test(test_config_bad_instance_name_reports_its_line),
         cmocka_unit_test(test_config_section_name_longer_than_inih_keeps_is_an_error),
