@@ -319,6 +319,94 @@ void hub__flush_pending(hub *h)
         ev_idle_stop(h->loop, &h->idle_w);
 }
 
+/* ---- timeouts ---- */
+
+/* One timer per client, as ev.pod's "be smart about timeouts": a complete frame only stores
+ * ev_now() (no timer call per frame or per byte); the callback works out the earliest
+ * deadline from the stored times and re-arms itself for it with ev_timer_again. */
+
+static ev_tstamp ms(int v) { return v / 1000.0; }
+
+/* Make c's timer fire no later than at. */
+static void timer_due(hub_client *c, ev_tstamp at)
+{
+    struct ev_loop *loop = c->h->loop;
+    ev_tstamp now = ev_now(loop);
+    if (ev_is_active(&c->tmo) && now + ev_timer_remaining(loop, &c->tmo) <= at)
+        return;
+    c->tmo.repeat = at - now > 1e-3 ? at - now : 1e-3;
+    ev_timer_again(loop, &c->tmo);
+}
+
+static void timeout_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+    hub_client *c = w->data;
+    hub *h = c->h;
+    ev_tstamp now = ev_now(loop) + 1e-3, due = 0, t; /* 1 ms: rounding never re-arms for 0 */
+    char why[96];
+    (void)revents;
+    if (c->flags & HUB_CLIENT_HALF_CLOSED) {
+        CLOG(HUB_LOG_WARN, c, "its events did not run within shutdown_timeout (%d ms)",
+             h->cfg.shutdown_timeout);
+        hub__client_close(c, NULL, "closed by peer");
+        return;
+    }
+    if (c->flags & HUB_CLIENT_PAUSED) {
+        /* Its worker is behind, not the peer: both clocks start again. */
+        c->last_frame = ev_now(loop);
+        if (c->frame_start)
+            c->frame_start = ev_now(loop);
+    }
+    if (c->frame_start && h->cfg.frame_timeout) {
+        if ((t = c->frame_start + ms(h->cfg.frame_timeout)) <= now) {
+            snprintf(why, sizeof(why), "frame not completed within frame_timeout (%d ms)",
+                     h->cfg.frame_timeout);
+            hub__client_close(c, "timeout", why);
+            return;
+        }
+        due = t;
+    }
+    if (h->cfg.idle_timeout) {
+        if ((t = c->last_frame + ms(h->cfg.idle_timeout)) <= now) {
+            snprintf(why, sizeof(why), "no frame received within idle_timeout (%d ms)",
+                     h->cfg.idle_timeout);
+            hub__client_close(c, "timeout", why);
+            return;
+        }
+        if (!due || t < due)
+            due = t;
+    }
+    if (!due) {
+        ev_timer_stop(loop, w);
+        return;
+    }
+    w->repeat = due - ev_now(loop);
+    ev_timer_again(loop, w);
+}
+
+/* After bytes were handed to the reader (frames_before: c->frames_in before them): a complete
+ * frame restarts the idle clock, and the frame clock runs while one is incomplete. O(1) per
+ * read whatever the bytes, and a timer call only when a frame begins. */
+static void note_progress(hub_client *c, uint64_t frames_before)
+{
+    hub *h = c->h;
+    ev_tstamp now = ev_now(h->loop);
+    int moved = c->frames_in != frames_before;
+    if (c->flags & (HUB_CLIENT_CLOSING | HUB_CLIENT_HALF_CLOSED))
+        return;
+    if (moved)
+        c->last_frame = now;
+    if (!h->cfg.frame_timeout || !h->cfg.netstring_format ||
+        hub_ns_reader_pending(c->reader) == 0) {
+        c->frame_start = 0;
+        return;
+    }
+    if (c->frame_start && !moved)
+        return; /* the same frame, still under way */
+    c->frame_start = now;
+    timer_due(c, now + ms(h->cfg.frame_timeout));
+}
+
 /* ---- inbound ---- */
 
 /* Hand frames to the script until the reader needs more bytes. Returns <0 when the client
@@ -347,22 +435,59 @@ static int client_process(hub_client *c)
     return -EPIPE;
 }
 
-static void read_cb(struct ev_loop *loop, ev_io *w, int revents)
+/* The peer sent EOF. Without workers its frames have run already. With workers they may still
+ * be queued, and what they send must reach it (as nc -N, socat one-shots expect): reading
+ * stops, and the close begins once its worker has run them (hub__client_caught_up), or after
+ * shutdown_timeout. */
+static void peer_eof(hub_client *c)
 {
-    hub_client *c = w->data;
     hub *h = c->h;
-    (void)loop;
-    (void)revents;
+    if (c->worker < 0 || !h->cfg.shutdown_timeout ||
+        hub__worker_queue_item(h, c->worker, HUB_EV_EOF, c->id, NULL, 0) < 0) {
+        hub__client_close(c, NULL, "closed by peer");
+        return;
+    }
+    CLOG(HUB_LOG_DEBUG, c, "%s", "closed by peer; closing once its worker has run its events");
+    c->flags |= HUB_CLIENT_HALF_CLOSED;
+    c->flags &= ~HUB_CLIENT_READING;
+    ev_io_stop(h->loop, &c->rio);
+    c->tmo.repeat = ms(h->cfg.shutdown_timeout);
+    ev_timer_again(h->loop, &c->tmo);
+}
+
+void hub__client_caught_up(hub *h, uint64_t id)
+{
+    hub_client *c = hub__client_by_id(h, id);
+    if (c && (c->flags & HUB_CLIENT_HALF_CLOSED))
+        hub__client_close(c, NULL, "closed by peer"); /* a no-op if already closing */
+}
+
+/* Reads ask for room in proportion to what the peer sends: HUB_READ_MIN at first, doubled
+ * after each read that fills it, up to HUB_READ_CHUNK, and halved when reads come in far
+ * smaller. So a client trickling bytes holds a buffer the size of what it sent (a few KiB),
+ * not HUB_READ_CHUNK. */
+static void read_size_adapt(hub_client *c, size_t n)
+{
+    if (n >= c->read_want && c->read_want < HUB_READ_CHUNK)
+        c->read_want *= 2;
+    else if (n < c->read_want / 4 && c->read_want > HUB_READ_MIN)
+        c->read_want /= 2;
+}
+
+/* Up to HUB_READS_PER_EVENT reads, each handed to the script. */
+static void read_some(hub_client *c)
+{
+    hub *h = c->h;
     for (int i = 0; i < HUB_READS_PER_EVENT; i++) {
         char *p;
         size_t avail;
-        if (hub_ns_reader_space(c->reader, HUB_READ_CHUNK, &p, &avail) < 0) {
+        if (hub_ns_reader_space(c->reader, c->read_want, &p, &avail) < 0) {
             hub__client_close(c, "internal", "out of memory");
             return;
         }
         ssize_t n = read(c->fd, p, avail);
         if (n == 0) {
-            hub__client_close(c, NULL, "closed by peer");
+            peer_eof(c);
             return;
         }
         if (n < 0) {
@@ -370,10 +495,11 @@ static void read_cb(struct ev_loop *loop, ev_io *w, int revents)
                 continue;
             if (errno != EAGAIN && errno != EWOULDBLOCK)
                 hub__client_close(c, NULL, strerror(errno));
-            break;
+            return;
         }
         c->bytes_in += (size_t)n;
         HUB_STAT_ADD(h, bytes_in, n);
+        read_size_adapt(c, (size_t)n);
         if (!h->cfg.netstring_format) {
             /* Raw mode, as Kamailio: each read is one message. */
             c->frames_in++;
@@ -388,15 +514,27 @@ static void read_cb(struct ev_loop *loop, ev_io *w, int revents)
         if (client_process(c) < 0)
             return;
         if ((size_t)n < avail)
-            break;
+            return;
     }
-    if (!(c->flags & HUB_CLIENT_CLOSING))
-        hub_ns_reader_shrink(c->reader);
+}
+
+static void read_cb(struct ev_loop *loop, ev_io *w, int revents)
+{
+    hub_client *c = w->data;
+    uint64_t frames = c->frames_in;
+    (void)loop;
+    (void)revents;
+    read_some(c);
+    if (c->flags & HUB_CLIENT_CLOSING)
+        return;
+    note_progress(c, frames);
+    hub_ns_reader_shrink(c->reader);
 }
 
 void hub__client_start_reading(hub_client *c)
 {
-    if ((c->flags & (HUB_CLIENT_CLOSING | HUB_CLIENT_READING)) || c->h->stopping)
+    if ((c->flags & (HUB_CLIENT_CLOSING | HUB_CLIENT_READING | HUB_CLIENT_HALF_CLOSED)) ||
+        c->h->stopping)
         return;
     c->flags |= HUB_CLIENT_READING;
     if (!(c->flags & HUB_CLIENT_PAUSED))
@@ -407,8 +545,11 @@ void hub__client_resume(hub_client *c)
 {
     if (!(c->flags & HUB_CLIENT_PAUSED) || (c->flags & HUB_CLIENT_CLOSING))
         return;
+    uint64_t frames = c->frames_in;
     c->flags &= ~HUB_CLIENT_PAUSED;
-    if (client_process(c) < 0)
+    int r = client_process(c);
+    note_progress(c, frames);
+    if (r < 0)
         return;
     if ((c->flags & HUB_CLIENT_READING) && !c->h->stopping)
         ev_io_start(c->h->loop, &c->rio);
@@ -436,7 +577,12 @@ void hub__client_accepted(hub *h, int fd, const struct sockaddr *sa)
     c->worker = h->nworkers ? (int)(c->id % (uint64_t)h->nworkers) : -1;
     ev_io_init(&c->rio, read_cb, fd, EV_READ);
     ev_io_init(&c->wio, write_cb, fd, EV_WRITE);
-    c->rio.data = c->wio.data = c;
+    ev_init(&c->tmo, timeout_cb);
+    c->rio.data = c->wio.data = c->tmo.data = c;
+    c->read_want = HUB_READ_MIN;
+    c->last_frame = ev_now(h->loop);
+    if (h->cfg.idle_timeout)
+        timer_due(c, c->last_frame + ms(h->cfg.idle_timeout));
     c->next = h->clients;
     if (h->clients)
         h->clients->prev = c;
@@ -499,7 +645,8 @@ static void client_unroute(hub_client *c)
 {
     hub *h = c->h;
     ev_io_stop(h->loop, &c->rio);
-    if (c->tag && !c->close_tag[0]) /* for E_EVAPI_CONNECTION_CLOSED, raised by the reaper */
+    ev_timer_stop(h->loop, &c->tmo); /* draining has its own deadline */
+    if (c->tag && !c->close_tag[0])  /* for E_EVAPI_CONNECTION_CLOSED, raised by the reaper */
         memcpy(c->close_tag, c->tag->name, (size_t)c->tag->len + 1);
     hub__tag_set(h, c, NULL, 0);
     hub__tag_intent(h, c->id, NULL, 0, 1);
@@ -594,6 +741,7 @@ static void client_destroy(hub *h, hub_client *c)
     h->slots[c->info.conidx] = NULL;
     slot_release(h, c->info.conidx);
     atomic_fetch_sub(&h->nclients, 1);
+    ev_timer_stop(h->loop, &c->tmo);
     wq_clear(c);
     hub_ns_reader_free(c->reader);
     close(c->fd);

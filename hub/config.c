@@ -60,6 +60,8 @@ static const hub_conf_row evapi_rows[] = {
     NUM("worker_queue", HUB_CONF_INT, worker_queue, 1, 10000000, "4096"),
     NUM("worker_calls", HUB_CONF_SIZE, worker_calls, 1024, GiB, "64m"),
     NUM("shutdown_timeout", HUB_CONF_INT, shutdown_timeout, 0, 600000, "5000"),
+    NUM("frame_timeout", HUB_CONF_INT, frame_timeout, 0, 86400000, "30000"),
+    NUM("idle_timeout", HUB_CONF_INT, idle_timeout, 0, 86400000, "0"),
     END_ROWS,
 };
 

@@ -127,6 +127,8 @@ typedef struct hub_config {
     size_t worker_calls;      /* payload bytes a worker's script has handed to the loop and
                                * not yet carried out; over it a call fails (ENOBUFS); 64 MiB */
     int shutdown_timeout;     /* ms to flush write queues on SIGTERM; default 5000 */
+    int frame_timeout;        /* ms a started inbound frame may take; 0 = off; default 30000 */
+    int idle_timeout;         /* ms without a complete inbound frame; 0 = off; default 0 */
     /* [lua] */
     char script[HUB_PATH_MAX]; /* resolved against the config file's directory */
     long max_instructions;     /* per callback; 0 = unlimited; default 100000000 */

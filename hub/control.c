@@ -60,6 +60,8 @@ struct ctl_conn {
     int eof;           /* the peer will send nothing more (or reading was given up) */
     int discard;       /* reading was given up: what still comes is read and dropped */
     ev_timer linger_w; /* once answered: how long a discarding connection waits for EOF */
+    ev_timer idle_w;   /* HUB_CTL_IDLE_TIMEOUT, re-armed from active when it fires */
+    ev_tstamp active;  /* the last progress: a request read, or answer bytes taken */
     size_t doc_bytes;
     json_tokener *tok;
     char *out;
@@ -89,6 +91,47 @@ static void linger_cb(struct ev_loop *loop, ev_timer *w, int revents)
     conn_close(w->data);
 }
 
+/* A last word before the hub closes a connection itself, best effort: only when no answer is
+ * part-written, so it cannot land inside one. */
+static void send_notice(int fd, const char *msg)
+{
+    char buf[256];
+    int n = snprintf(buf, sizeof(buf),
+                     "{\"jsonrpc\":\"2.0\",\"id\":null,\"error\":{\"code\":%d,"
+                     "\"message\":\"%s\"}}\n",
+                     HUB_CTL_INTERNAL_ERROR, msg);
+    if (n > 0 && (size_t)n < sizeof(buf)) {
+        ssize_t wr = send(fd, buf, (size_t)n, MSG_NOSIGNAL | MSG_DONTWAIT);
+        (void)wr;
+    }
+}
+
+/* Nothing pending that is the hub's to do: no call under way with its answer still to come. */
+static int conn_waits_on_peer(const ctl_conn *c) { return c->refs == 1 || c->out_len > 0; }
+
+/* No progress for HUB_CTL_IDLE_TIMEOUT: closed. As ev.pod's "be smart about timeouts", a
+ * request only stores the time; the timer fires once per period and re-arms for what is
+ * left. */
+static void idle_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+    ctl_conn *c = w->data;
+    ev_tstamp now = ev_now(loop);
+    (void)revents;
+    if (!conn_waits_on_peer(c))
+        c->active = now; /* a call under way holds the clock */
+    ev_tstamp left = c->active + HUB_CTL_IDLE_TIMEOUT - now;
+    if (left > 1e-3) {
+        w->repeat = left;
+        ev_timer_again(loop, w);
+        return;
+    }
+    hub_log(HUB_LOG_INFO, "control: connection idle for %.0f s%s, closing", HUB_CTL_IDLE_TIMEOUT,
+            c->out_len ? " with its answers unread" : "");
+    if (!c->out_len)
+        send_notice(c->fd, "closed: idle for too long");
+    conn_close(c);
+}
+
 /* The peer said all it had to say and has every answer: done. One whose reading was given up
  * may still be sending: closing with its bytes unread would reset the connection, and the
  * answer could be lost, so the hub half-closes and reads on (dropping it all) until the
@@ -103,6 +146,7 @@ static void conn_close_if_done(ctl_conn *c)
         /* A lingering connection no longer counts as open (its peer may already have made
          * the next one); those lingering are bounded on their own. */
         shutdown(c->fd, SHUT_WR);
+        ev_timer_stop(c->ctl->loop, &c->idle_w); /* the linger bounds it now */
         c->ctl->nconns--;
         c->ctl->nlinger++;
         ev_timer_set(&c->linger_w, HUB_CTL_LINGER, 0.);
@@ -135,6 +179,7 @@ static void conn_flush(ctl_conn *c)
             return;
         }
         c->out_off += (size_t)n;
+        c->active = ev_now(c->ctl->loop);
     }
     c->out_off = c->out_len = 0;
     ev_io_stop(c->ctl->loop, &c->wio);
@@ -481,6 +526,7 @@ static void conn_feed(ctl_conn *c, const char *buf, size_t len)
             return;
         }
         json_tokener_reset(c->tok);
+        c->active = ev_now(c->ctl->loop);
         run_document(c, doc);
         json_object_put(doc);
     }
@@ -531,6 +577,7 @@ static void conn_close(ctl_conn *c)
         return;
     ev_io_stop(c->ctl->loop, &c->rio);
     ev_io_stop(c->ctl->loop, &c->wio);
+    ev_timer_stop(c->ctl->loop, &c->idle_w);
     if (ev_is_active(&c->linger_w)) {
         ev_timer_stop(c->ctl->loop, &c->linger_w);
         c->ctl->nlinger--;
@@ -559,12 +606,36 @@ static void conn_unref(ctl_conn *c)
     hub_free(c);
 }
 
-/* A connection the listener accepted: refused past HUB_CTL_MAX_CONNS, else read. */
+/* All slots are taken: close the open connection idle longest, if it has been idle for
+ * HUB_CTL_EVICT_IDLE and nothing is pending on it (bounded by the list: at most
+ * HUB_CTL_MAX_CONNS open and as many lingering). */
+static void evict_idlest(hub_ctl *ctl)
+{
+    ctl_conn *victim = NULL;
+    for (ctl_conn *o = ctl->conns; o; o = o->next) {
+        if (o->refs != 1 || o->out_len || ev_is_active(&o->linger_w))
+            continue;
+        if (!victim || o->active < victim->active)
+            victim = o;
+    }
+    if (!victim || ev_now(ctl->loop) - victim->active < HUB_CTL_EVICT_IDLE)
+        return;
+    hub_log(HUB_LOG_NOTICE,
+            "control: %d connections open; closing the one idle longest (%.0f s) for a new one",
+            HUB_CTL_MAX_CONNS, ev_now(ctl->loop) - victim->active);
+    send_notice(victim->fd, "closed: idle while every control connection was taken");
+    conn_close(victim);
+}
+
+/* A connection the listener accepted: refused past HUB_CTL_MAX_CONNS (unless an idle one
+ * makes room), else read. */
 static void accept_conn(void *ud, int fd, const struct sockaddr *sa, socklen_t salen)
 {
     hub_ctl *ctl = ud;
     (void)sa, (void)salen;
     {
+        if (ctl->nconns >= HUB_CTL_MAX_CONNS)
+            evict_idlest(ctl);
         if (ctl->nconns >= HUB_CTL_MAX_CONNS) {
             static const char busy[] =
                 "{\"jsonrpc\":\"2.0\",\"id\":null,\"error\":{\"code\":-32603,"
@@ -590,7 +661,11 @@ static void accept_conn(void *ud, int fd, const struct sockaddr *sa, socklen_t s
         ev_io_init(&c->rio, conn_read_cb, fd, EV_READ);
         ev_io_init(&c->wio, conn_write_cb, fd, EV_WRITE);
         ev_init(&c->linger_w, linger_cb);
-        c->rio.data = c->wio.data = c->linger_w.data = c;
+        ev_init(&c->idle_w, idle_cb);
+        c->rio.data = c->wio.data = c->linger_w.data = c->idle_w.data = c;
+        c->active = ev_now(ctl->loop);
+        c->idle_w.repeat = HUB_CTL_IDLE_TIMEOUT;
+        ev_timer_again(ctl->loop, &c->idle_w);
         c->next = ctl->conns;
         if (ctl->conns)
             ctl->conns->prev = c;

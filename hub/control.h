@@ -17,6 +17,14 @@ typedef struct hub_ctl_call hub_ctl_call;
 #define HUB_CTL_MAX_REQUEST (1024 * 1024)       /* bytes in one request */
 #define HUB_CTL_MAX_OUTPUT  (256 * 1024 * 1024) /* bytes of answers queued to one connection */
 #define HUB_CTL_LINGER      2.0 /* s a connection ended by a parse error reads on for the EOF */
+/* s a connection may go without progress before it is closed: no request from the peer and,
+ * when answers wait for it, none of their bytes taken. A call the hub is still working on
+ * (a reload, a listing) holds the clock. So idle connections cannot hold the 64 slots. */
+#define HUB_CTL_IDLE_TIMEOUT 60.0
+/* When all HUB_CTL_MAX_CONNS are open, a new connection closes the one idle longest (nothing
+ * pending) if it has been idle this many seconds, rather than being refused: the operator
+ * gets in within this long whatever idle connections hold the socket. */
+#define HUB_CTL_EVICT_IDLE 10.0
 
 /* A command handler, run on the loop thread. params is an object holding only the spec's
  * params, with their types checked (borrowed: take a reference to keep it). The handler

@@ -18,7 +18,8 @@
 #include "hub/netstring.h"
 #include "hub/script.h"
 
-#define HUB_READ_CHUNK        (64 * 1024)  /* bytes asked of read(2) at a time */
+#define HUB_READ_CHUNK        (64 * 1024)  /* bytes asked of read(2) at a time, at most */
+#define HUB_READ_MIN          4096         /* ...at first: it doubles while reads fill it */
 #define HUB_READS_PER_EVENT   4            /* reads per readable event on a client */
 #define HUB_WRITE_BUDGET      (256 * 1024) /* bytes written to one client per loop iteration */
 #define HUB_IOV_MAX           1024         /* iovecs per writev */
@@ -58,6 +59,7 @@ enum {
     HUB_CLIENT_PAUSED = 1u << 5,        /* its worker's queue is full: reading is paused */
     HUB_CLIENT_CONNECTED = 1u << 6,     /* the connect event was delivered to the script */
     HUB_CLIENT_CLOSE_RAISED = 1u << 10, /* E_EVAPI_CONNECTION_CLOSED was raised */
+    HUB_CLIENT_HALF_CLOSED = 1u << 11,  /* the peer sent EOF; its worker is catching up */
 };
 
 struct hub_client {
@@ -79,6 +81,12 @@ struct hub_client {
     hub_client *pend_next;           /* in the pending-write list */
     hub_client *close_next;          /* in the reaper's list */
     ev_tstamp drain_deadline;        /* when DRAINING gives up */
+    /* One timer for frame_timeout, idle_timeout and a half-closed client's wait for its
+     * worker; it fires at the earliest deadline and is re-armed from the times below. */
+    ev_timer tmo;
+    ev_tstamp last_frame;  /* when the last complete frame came (or the connection) */
+    ev_tstamp frame_start; /* when the frame still incomplete began; 0: none */
+    uint32_t read_want;    /* bytes the next read asks room for (HUB_READ_MIN..CHUNK) */
     hub_conn_info info;
     char close_reason[96];           /* why it is closing, for E_EVAPI_CONNECTION_CLOSED */
     char close_tag[HUB_TAG_MAX + 1]; /* the tag it had, kept when closing drops it */
@@ -217,6 +225,9 @@ void hub__drain_timeout_cb(struct ev_loop *loop, ev_timer *w, int revents);
 void hub__client_accepted(hub *h, int fd, const struct sockaddr *sa);
 void hub__client_start_reading(hub_client *c);
 void hub__client_resume(hub_client *c);
+/* Loop thread: the worker of id has run every event queued before its peer's EOF (and its
+ * commands are carried out), so a half-closed client begins to close now. */
+void hub__client_caught_up(hub *h, uint64_t id);
 void hub__flush_pending(hub *h);
 void hub__reap_closing(hub *h);
 hub_client *hub__client_by_id(hub *h, uint64_t id);
@@ -262,7 +273,8 @@ enum {
     HUB_EV_ABORT,  /* drop it */
     HUB_EV_STOP,
     HUB_EV_COMPLETE, /* a completion for the worker's state: id is the token */
-    HUB_EV_MARK      /* shutdown: answer once everything before it has run */
+    HUB_EV_MARK,     /* shutdown: answer once everything before it has run */
+    HUB_EV_EOF       /* the peer of id half-closed: answer once its events before it ran */
 };
 
 /* Executors (dispatch.c): the loop's own state (exec -1, workers = 0) and each worker run the

@@ -183,6 +183,12 @@ static void run_marked(hub *h, hub_post *p)
     hub_free(p);
 }
 
+static void run_caught_up(hub *h, hub_post *p)
+{
+    hub__client_caught_up(h, CMD(p)->id);
+    hub_free(p);
+}
+
 static void run_done(hub *h, hub_post *p)
 {
     h->workers_done++;
@@ -625,6 +631,11 @@ static int worker_run(hub_worker *w, hub_item *it)
     case HUB_EV_MARK:
         /* Behind every command of the events before it (one list, in order). */
         cmd_append(w, cmd_new_retry(run_marked, w->index, NULL)); /* the loop waits for it */
+        break;
+    case HUB_EV_EOF:
+        /* Behind the commands of the connection's events before it: what they sent is
+         * queued when the loop closes it. On OOM its shutdown_timeout timer closes it. */
+        worker_cmd(w, run_caught_up, it->id, NULL, 0, NULL, 0);
         break;
     }
     bump(&w->events);
