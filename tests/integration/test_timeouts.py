@@ -11,9 +11,9 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from evhub_harness import (SLOW, TIMEOUT, Hub, NsParser, Suite, TestFailure, check,  # noqa: E402
-                           check_eq, ns, parse_error_frame, pump, request, run_ctl, scaled,
-                           wait_eof, wait_frames)
+from evhub_harness import (SLOW, TIMEOUT, VALGRIND, Hub, NsParser, Suite,  # noqa: E402
+                           TestFailure, check, check_eq, ns, parse_error_frame, pump, request,
+                           run_ctl, scaled, wait_eof, wait_frames)
 
 suite = Suite("timeouts")
 
@@ -106,9 +106,10 @@ def half_close_waits_no_longer_than_shutdown_timeout():
     s.shutdown(socket.SHUT_WR)
     frames, waited = read_to_eof(s)
     s.close()
-    check_eq(frames, [], "nothing arrives after shutdown_timeout")
-    check(waited < 3.5, "closed after %.2f s, want about 0.5 s" % waited)
-    h.wait_log("did not run within shutdown_timeout")
+    if not VALGRIND:  # valgrind runs one thread at a time: the busy worker starves the loop
+        check_eq(frames, [], "nothing arrives after shutdown_timeout")
+        check(waited < 3.5, "closed after %.2f s, want about 0.5 s" % waited)
+        h.wait_log("did not run within shutdown_timeout")
     c = h.client(name="after")
     check_eq(request(c, "echo:ok"), b"ok", "served once the script is done")
 
@@ -118,22 +119,23 @@ def half_close_waits_no_longer_than_shutdown_timeout():
 
 @suite.case
 def frame_timeout_closes_a_frame_that_does_not_complete():
-    h = Hub(SCRIPT, evapi={"frame_timeout": 300}).start()
+    limit = scaled(300, 1000)  # ms; instrumented runs answer slowly
+    h = Hub(SCRIPT, evapi={"frame_timeout": limit}).start()
     b = h.client(name="bystander")  # silent throughout: idle_timeout is off by default
     loris = h.client(name="loris")
     loris.send_raw(b"1000000:abc")  # announces 1 MB, sends 3 bytes
     t0 = time.monotonic()
     wait_eof([loris], others=[b])
     waited = time.monotonic() - t0
-    check(waited >= 0.25, "closed after %.2f s, before frame_timeout" % waited)
+    check(waited >= limit / 1000.0 - 0.05, "closed after %.2f s, before frame_timeout" % waited)
     check_eq(len(loris.frames), 1, "frames to the slow-loris (%r)" % loris.frames)
     err = parse_error_frame(loris.frames[0])
     check_eq(err.get("error"), "timeout", "its error frame")
     check("frame_timeout" in err["reason"], "reason %r" % err["reason"])
-    h.wait_log("frame not completed within frame_timeout (300 ms)")
-    # One byte every 50 ms: the frame began with its first byte, so it is cut at 300 ms.
+    h.wait_log("frame not completed within frame_timeout (%d ms)" % limit)
+    # One byte every 50 ms: the frame began with its first byte, so it is cut at the limit.
     t = h.client(name="trickle")
-    frame = ns("echo:" + "y" * 30)
+    frame = ns("echo:" + "y" * (limit // 50 + 10))
     for i in range(len(frame)):
         t.send_raw(frame[i:i + 1])
         pump([t, b], lambda: not t.out or t.eof)
@@ -162,11 +164,12 @@ def frame_timeout_closes_a_frame_that_does_not_complete():
 
 @suite.case
 def idle_timeout_closes_a_silent_client():
-    h = Hub(SCRIPT, evapi={"idle_timeout": 400}).start()
+    limit = scaled(400, 1500)  # ms
+    h = Hub(SCRIPT, evapi={"idle_timeout": limit}).start()
     talker = h.client(name="talker")
     silent = h.client(name="silent")
     t0 = time.monotonic()
-    # The talker sends a frame every 150 ms for about 1.2 s: never idle for 400 ms.
+    # The talker sends a frame every 150 ms until the silent one is closed: never idle that long.
     n = 0
     while not silent.eof and time.monotonic() - t0 < TIMEOUT:
         check_eq(request(talker, "echo:%d" % n, others=[silent]), str(n).encode(), "talker")
@@ -174,9 +177,9 @@ def idle_timeout_closes_a_silent_client():
         time.sleep(0.15)
     waited = time.monotonic() - t0
     check(silent.eof, "the silent client is closed")
-    check(waited >= 0.35, "closed after %.2f s, before idle_timeout" % waited)
+    check(waited >= limit / 1000.0 - 0.05, "closed after %.2f s, before idle_timeout" % waited)
     check_eq([parse_error_frame(f).get("error") for f in silent.frames], ["timeout"], "silent")
-    h.wait_log("no frame received within idle_timeout (400 ms)")
+    h.wait_log("no frame received within idle_timeout (%d ms)" % limit)
     for i in range(4):
         time.sleep(0.15)
         check_eq(request(talker, "echo:more%d" % i), ("more%d" % i).encode(), "talker goes on")
