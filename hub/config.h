@@ -46,7 +46,7 @@ typedef enum hub_conf_kind {
 
 /* One key of a section: where it is stored in the section's struct, how it is parsed, and
  * its default written as it would be in the file (NULL: zero / empty), parsed by the same
- * code as the file. A key given twice keeps the last value, except a LIST, which appends. */
+ * code as the file. A key given twice is an error, except a LIST, which appends. */
 typedef struct hub_conf_row {
     const char *name; /* NULL ends a table */
     hub_conf_kind kind;
