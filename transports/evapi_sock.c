@@ -90,14 +90,8 @@ static const tr_scheme evapi_scheme = {
 
 static int evapi_sock_init(hub *h, void **state, char *err, size_t errlen)
 {
-    int rc = tr_events_add_scheme(h, &evapi_scheme, h);
     *state = NULL;
-    if (rc < 0) {
-        snprintf(err, errlen, "evapi_sock: cannot register the evapi: scheme: %s",
-                 rc == -ENOENT ? "no events module before it" : strerror(-rc));
-        return rc;
-    }
-    return 0;
+    return tr_events_add_scheme(h, "evapi_sock", &evapi_scheme, h, err, errlen);
 }
 
 const hub_module evapi_sock_module = {

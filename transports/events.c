@@ -172,15 +172,19 @@ static int scheme_of(events_state *es, const char *uri, char *err, size_t errlen
     return -1;
 }
 
+static int name_fail(char *err, size_t errlen)
+{
+    snprintf(err, errlen, "invalid event name (1..%d letters, digits, '_', '.', '-')",
+             TR_EVENT_NAME_MAX);
+    return -EINVAL;
+}
+
 /* Event name and socket URI both valid: the slot of the scheme, or <0 with err. */
 static int check_pair(events_state *es, const char *event, const char *socket, char *err,
                       size_t errlen)
 {
-    if (!event || tr_event_name_check(event, strlen(event)) < 0) {
-        snprintf(err, errlen, "invalid event name (1..%d letters, digits, '_', '.', '-')",
-                 TR_EVENT_NAME_MAX);
-        return -EINVAL;
-    }
+    if (!event || tr_event_name_check(event, strlen(event)) < 0)
+        return name_fail(err, errlen);
     if (!socket || strlen(socket) > TR_SOCKET_URI_MAX) {
         snprintf(err, errlen, "socket URI missing or longer than %d bytes", TR_SOCKET_URI_MAX);
         return -EINVAL;
@@ -216,8 +220,9 @@ static void sock_unlink(events_state *es, ev_sock *s)
     pthread_mutex_unlock(&es->lock);
 }
 
-/* Close the socket's handle (which finishes its deliveries) and free it. */
-static void sock_close(events_state *es, ev_sock *s)
+/* Close the socket's handle, if open, which finishes its deliveries. The handle is cleared
+ * first, so that nothing the scheme's close does can reach it again. */
+static void close_handle(events_state *es, ev_sock *s)
 {
     if (s->handle) {
         const scheme_slot *sl = &es->schemes[s->scheme];
@@ -225,6 +230,12 @@ static void sock_close(events_state *es, ev_sock *s)
         s->handle = NULL;
         sl->sc->close(sl->ud, hd);
     }
+}
+
+/* Close the socket's handle and free it. */
+static void sock_close(events_state *es, ev_sock *s)
+{
+    close_handle(es, s);
     sock_unlink(es, s);
     hub_free(s);
 }
@@ -258,13 +269,21 @@ static ev_sock *sock_get(events_state *es, int scheme, const char *uri, char *er
     return s;
 }
 
-static ev_sub *sub_find(events_state *es, const char *event, const char *uri)
+/* The link (in es->subs) to event's subscription of uri, or NULL: unsubscribe needs the
+ * link to unlink it. */
+static ev_sub **sub_link(events_state *es, const char *event, const char *uri)
 {
-    for (ev_sub *s = es->subs; s; s = s->next) {
-        if (!strcmp(s->event, event) && !strcmp(s->sock->uri, uri))
-            return s;
+    for (ev_sub **pp = &es->subs; *pp; pp = &(*pp)->next) {
+        if (!strcmp((*pp)->event, event) && !strcmp((*pp)->sock->uri, uri))
+            return pp;
     }
     return NULL;
+}
+
+static ev_sub *sub_find(events_state *es, const char *event, const char *uri)
+{
+    ev_sub **pp = sub_link(es, event, uri);
+    return pp ? *pp : NULL;
 }
 
 static void expiry_arm(events_state *es)
@@ -353,16 +372,15 @@ static int subscribe(events_state *es, const char *event, const char *uri, long 
 static int unsubscribe(events_state *es, const char *event, const char *uri, char *err,
                        size_t errlen)
 {
-    for (ev_sub **pp = &es->subs; *pp; pp = &(*pp)->next) {
-        if (!strcmp((*pp)->event, event) && !strcmp((*pp)->sock->uri, uri)) {
-            sub_remove(es, pp);
-            expiry_arm(es);
-            hub_log(HUB_LOG_INFO, "events: %s unsubscribed from %s", uri, event);
-            return 0;
-        }
+    ev_sub **pp = sub_link(es, event, uri);
+    if (!pp) {
+        snprintf(err, errlen, "no subscription of %s to %s", uri, event);
+        return -ENOENT;
     }
-    snprintf(err, errlen, "no subscription of %s to %s", uri, event);
-    return -ENOENT;
+    sub_remove(es, pp);
+    expiry_arm(es);
+    hub_log(HUB_LOG_INFO, "events: %s unsubscribed from %s", uri, event);
+    return 0;
 }
 
 static void expiry_cb(struct ev_loop *loop, ev_timer *w, int revents)
@@ -471,10 +489,8 @@ static int do_raise(events_state *es, const char *event, json_object *params, ui
                     char *err, size_t errlen)
 {
     if (tr_event_name_check(event, event ? strlen(event) : 0) < 0) {
-        snprintf(err, errlen, "invalid event name (1..%d letters, digits, '_', '.', '-')",
-                 TR_EVENT_NAME_MAX);
         json_object_put(params);
-        return -EINVAL;
+        return name_fail(err, errlen);
     }
     if (params && !json_object_is_type(params, json_type_object) &&
         !json_object_is_type(params, json_type_array)) {
@@ -588,10 +604,7 @@ static void close_all(events_state *es, int scheme)
         again = 0;
         for (ev_sock *s = es->socks; s; s = s->next) {
             if (s->handle && (scheme < 0 || s->scheme == scheme)) {
-                const scheme_slot *sl = &es->schemes[s->scheme];
-                void *hd = s->handle;
-                s->handle = NULL;
-                sl->sc->close(sl->ud, hd);
+                close_handle(es, s);
                 again = 1;
                 break;
             }
@@ -615,10 +628,15 @@ static int add_scheme(events_state *es, const tr_scheme *sc, void *ud)
     return 0;
 }
 
-int tr_events_add_scheme(hub *h, const tr_scheme *sc, void *ud)
+int tr_events_add_scheme(hub *h, const char *who, const tr_scheme *sc, void *ud, char *err,
+                         size_t errlen)
 {
     events_state *es = hub_module_state(h, "events");
-    return es ? add_scheme(es, sc, ud) : -ENOENT;
+    int rc = es ? add_scheme(es, sc, ud) : -ENOENT;
+    if (rc < 0)
+        snprintf(err, errlen, "%s: cannot register the %s: scheme: %s", who, sc->name,
+                 rc == -ENOENT ? "no events module before it" : strerror(-rc));
+    return rc;
 }
 
 void tr_events_remove_scheme(hub *h, const char *name)

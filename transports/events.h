@@ -56,9 +56,10 @@ typedef struct tr_scheme {
 } tr_scheme;
 
 /* Loop thread, from a socket module's init (after the events module's init): register sc
- * (which must outlive the hub) with ud. 0, -ENOENT (no events module), -EEXIST (name
- * taken) or -ENOSPC (TR_SCHEME_MAX). */
-int tr_events_add_scheme(hub *h, const tr_scheme *sc, void *ud);
+ * (which must outlive the hub) with ud. 0, or -ENOENT (no events module), -EEXIST (name
+ * taken) or -ENOSPC (TR_SCHEME_MAX) with err set, prefixed by who (the module's name). */
+int tr_events_add_scheme(hub *h, const char *who, const tr_scheme *sc, void *ud, char *err,
+                         size_t errlen);
 /* Loop thread, from the socket module's stop: close every socket of that scheme (their
  * deliveries are done, failed) and refuse the scheme from now on. NULL-safe on no events. */
 void tr_events_remove_scheme(hub *h, const char *name);

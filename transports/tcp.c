@@ -190,9 +190,10 @@ int tr_tcp_uri_parse(const char *uri, tr_tcp_uri *u, char *err, size_t errlen)
     }
     const char *port = after + 1;
     size_t pl = strcspn(port, "/?");
-    if (parse_num(port, pl, 1, 65535) < 0)
+    long pn = parse_num(port, pl, 1, 65535);
+    if (pn < 0)
         return uri_fail(err, errlen, "the port must be 1..65535");
-    snprintf(u->port, sizeof(u->port), "%ld", parse_num(port, pl, 1, 65535));
+    snprintf(u->port, sizeof(u->port), "%ld", pn);
     p = port + pl;
     if (*p == '/') {
         size_t ml = strcspn(p + 1, "?");
@@ -710,10 +711,7 @@ static void write_cb(struct ev_loop *loop, ev_io *w, int revents)
         if (getsockopt(s->fd, SOL_SOCKET, SO_ERROR, &e, &el) < 0)
             e = errno;
         if (e) {
-            ev_io_stop(loop, &s->wio);
-            ev_timer_stop(loop, &s->timer);
-            close(s->fd);
-            s->fd = -1;
+            close_fd(s);
             if (s->ai_next) {
                 try_connect(s); /* the next address */
                 return;
@@ -1017,13 +1015,7 @@ static int tcp_init(hub *h, void **state, char *err, size_t errlen)
     pthread_cond_init(&rv->cv, NULL);
     rv->ts = ts;
     ts->rv = rv;
-    int rc = tr_events_add_scheme(h, &tcp_scheme, ts);
-    if (rc < 0) {
-        snprintf(err, errlen, "tcp: cannot register the tcp: scheme: %s",
-                 rc == -ENOENT ? "no events module before it" : strerror(-rc));
-        return rc;
-    }
-    return 0;
+    return tr_events_add_scheme(h, "tcp", &tcp_scheme, ts, err, errlen);
 }
 
 static int tcp_start(void *state, char *err, size_t errlen)
