@@ -573,7 +573,7 @@ void hub__client_accepted(hub *h, int fd, const struct sockaddr *sa)
     c->info.id = c->id;
     c->info.conidx = slot_take(h);
     h->slots[c->info.conidx] = c;
-    hub__addr_str(sa, c->info.addr, sizeof(c->info.addr), &c->info.port);
+    hub_addr_str(sa, c->info.addr, sizeof(c->info.addr), &c->info.port);
     c->worker = h->nworkers ? (int)(c->id % (uint64_t)h->nworkers) : -1;
     ev_io_init(&c->rio, read_cb, fd, EV_READ);
     ev_io_init(&c->wio, write_cb, fd, EV_WRITE);

@@ -341,7 +341,7 @@ static void cmd_tag(hub_ctl_call *call, json_object *params, void *ud)
     const char *tag = str_param(params, "tag", &len);
     if (id_param(call, params, &id) < 0)
         return;
-    if (len && !hub__tag_valid(tag, len)) {
+    if (len && !hub_tag_valid(tag, len)) {
         invalid_tag(call);
         return;
     }

@@ -1,6 +1,7 @@
 /* What a module may use of the hub: the loop, the mailbox, config sections, the control
- * registry, counters, completions and the event interface's seam. Code in transports/
- * includes this (and hub/control.h, hub/log.h, hub/alloc.h), never hub_int.h or lua/. */
+ * registry, counters, completions, the event interface's seam and the listener helper. Code in
+ * transports/ includes this (and hub/control.h, hub/log.h, hub/alloc.h), never hub_int.h or lua/.
+ */
 #ifndef HUB_CORE_H
 #define HUB_CORE_H
 
@@ -9,6 +10,7 @@
 
 #include "hub/config.h"
 #include "hub/control.h"
+#include "hub/listen.h"
 #include "hub/script.h"
 
 struct ev_loop;
@@ -72,10 +74,13 @@ const hub_config *hub_get_config(const hub *h);
 /* ---- the control registry: present even when no control socket is configured ---- */
 hub_ctl *hub_get_ctl(hub *h);
 
-/* ---- connections (loop thread) ---- */
+/* ---- connections ---- */
 
-/* Multicast data to every client carrying tag (framed as the hub frames). Recipients, 0 for
- * none, or <0 (-EINVAL bad tag, -EMSGSIZE too large). */
+/* Any thread: 1 when tag is a valid tag (1..HUB_TAG_MAX printable ASCII bytes, no spaces). */
+int hub_tag_valid(const char *tag, size_t len);
+
+/* Loop thread: multicast data to every client carrying tag (framed as the hub frames).
+ * Recipients, 0 for none, or <0 (-EINVAL bad tag, -EMSGSIZE too large). */
 int hub_multicast(hub *h, const char *tag, size_t taglen, const char *data, size_t len);
 
 /* ---- completions ---- */

@@ -33,7 +33,7 @@ int hub__relay(hub *h, const char *data, size_t len)
 int hub__multicast(hub *h, const char *tag, size_t taglen, const char *data, size_t len)
 {
     hub_frame *f;
-    if (!hub__tag_valid(tag, taglen))
+    if (!hub_tag_valid(tag, taglen))
         return -EINVAL;
     hub_tag *t = hub__tag_find(h, tag, taglen);
     if (!t || !t->head)
@@ -66,7 +66,7 @@ static int deliver_one(hub *h, hub_client *c, const char *data, size_t len)
 
 int hub__unicast(hub *h, const char *tag, size_t taglen, const char *data, size_t len)
 {
-    if (!hub__tag_valid(tag, taglen))
+    if (!hub_tag_valid(tag, taglen))
         return -EINVAL;
     /* A tag may exist with no members yet: a worker's set_tag on its way to the loop. */
     hub_tag *t = hub__tag_find(h, tag, taglen);

@@ -15,6 +15,7 @@
 #include "hub/core.h"
 #include "hub/hub.h"
 #include "hub/idmap.h"
+#include "hub/listen.h"
 #include "hub/netstring.h"
 #include "hub/script.h"
 
@@ -204,9 +205,6 @@ struct hub {
     hub_reload rl;           /* reload.c */
 };
 
-/* The numeric host of sa (AF_INET or AF_INET6) into ip, and its port. */
-void hub__addr_str(const struct sockaddr *sa, char *ip, size_t iplen, uint16_t *port);
-
 /* frames and queues (client.c) */
 hub_frame *hub__frame_new(hub *h, const char *data, size_t len);
 void hub__frame_unref(hub_frame *f);
@@ -236,7 +234,6 @@ void hub__client_free_all(hub *h);
 void hub__write_error_frame(hub *h, int fd, const char *code, const char *reason);
 
 /* tags (tags.c) */
-int hub__tag_valid(const char *tag, size_t len);
 /* Loop thread: makes c a member of tag or, with len 0, of none. 0 or -EINVAL / -ENOMEM. */
 int hub__tag_set(hub *h, hub_client *c, const char *tag, size_t len);
 /* Any thread: records that id should carry tag (len 0: none), before the loop applies it.
@@ -379,6 +376,9 @@ size_t hub__modules_stats(hub *h, hub_stat *out, size_t cap);
 uint64_t hub__token_new(hub *h, int worker);
 /* Count (and log at debug) a completion that found no state to run in. Any thread. */
 void hub__complete_undelivered(hub *h, uint64_t token, const char *why);
+/* Any thread: 0 when event may be raised (a valid name, an events module built in), else
+ * -EINVAL / -ENOSYS with err set. */
+int hub__raise_check(const hub *h, const char *event, char *err, size_t errlen);
 /* The sink's calls, -ENOSYS with err set when no events module is built in. */
 int hub__event_check(hub *h, const char *event, const char *socket, char *err, size_t errlen);
 int hub__event_subscribe(hub *h, const char *event, const char *socket, long expire_s, char *err,

@@ -32,6 +32,19 @@ struct hub_listener {
     unsigned long long refused; /* in all */
 };
 
+void hub_addr_str(const struct sockaddr *sa, char *ip, size_t iplen, uint16_t *port)
+{
+    if (sa->sa_family == AF_INET6) {
+        const struct sockaddr_in6 *s6 = (const struct sockaddr_in6 *)sa;
+        inet_ntop(AF_INET6, &s6->sin6_addr, ip, iplen);
+        *port = ntohs(s6->sin6_port);
+    } else {
+        const struct sockaddr_in *s4 = (const struct sockaddr_in *)sa;
+        inet_ntop(AF_INET, &s4->sin_addr, ip, iplen);
+        *port = ntohs(s4->sin_port);
+    }
+}
+
 int hub_listen_tcp(const char *addr, int backlog, int numeric_only, char *bound, size_t boundlen,
                    char *err, size_t errlen)
 {
@@ -66,15 +79,10 @@ int hub_listen_tcp(const char *addr, int backlog, int numeric_only, char *bound,
         socklen_t sl = sizeof(ss);
         char ip[INET6_ADDRSTRLEN] = "?";
         uint16_t p = 0;
-        if (getsockname(fd, (struct sockaddr *)&ss, &sl) == 0 && ss.ss_family == AF_INET6) {
-            inet_ntop(AF_INET6, &((struct sockaddr_in6 *)&ss)->sin6_addr, ip, sizeof(ip));
-            p = ntohs(((struct sockaddr_in6 *)&ss)->sin6_port);
-            snprintf(bound, boundlen, "[%s]:%u", ip, p);
-        } else {
-            inet_ntop(AF_INET, &((struct sockaddr_in *)&ss)->sin_addr, ip, sizeof(ip));
-            p = ntohs(((struct sockaddr_in *)&ss)->sin_port);
-            snprintf(bound, boundlen, "%s:%u", ip, p);
-        }
+        if (getsockname(fd, (struct sockaddr *)&ss, &sl) == 0)
+            hub_addr_str((struct sockaddr *)&ss, ip, sizeof(ip), &p);
+        int v6 = ss.ss_family == AF_INET6;
+        snprintf(bound, boundlen, "%s%s%s:%u", v6 ? "[" : "", ip, v6 ? "]" : "", p);
     }
     return fd;
 syserr:

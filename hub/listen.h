@@ -5,6 +5,7 @@
 #define HUB_LISTEN_H
 
 #include <stddef.h>
+#include <stdint.h>
 #include <sys/socket.h>
 
 struct ev_loop;
@@ -17,6 +18,9 @@ typedef void (*hub_accept_fn)(void *ud, int fd, const struct sockaddr *sa, sockl
 /* Out of descriptors, a connection accepted only to be turned away: the callee may write a
  * reason to fd (best effort, never blocking) and count it; the listener closes fd. */
 typedef void (*hub_refuse_fn)(void *ud, int fd);
+
+/* The numeric host of sa (AF_INET or AF_INET6) into ip, and its port. */
+void hub_addr_str(const struct sockaddr *sa, char *ip, size_t iplen, uint16_t *port);
 
 /* Bind and listen on "host:port" or "[v6]:port" (TCP, SO_REUSEADDR, v6 only for v6). The
  * host is resolved here, once: call it at start-up. With numeric_only, names are refused.

@@ -14,24 +14,11 @@
 #include "hub/listen.h"
 #include "hub/log.h"
 
-void hub__addr_str(const struct sockaddr *sa, char *ip, size_t iplen, uint16_t *port)
-{
-    if (sa->sa_family == AF_INET6) {
-        const struct sockaddr_in6 *s6 = (const struct sockaddr_in6 *)sa;
-        inet_ntop(AF_INET6, &s6->sin6_addr, ip, iplen);
-        *port = ntohs(s6->sin6_port);
-    } else {
-        const struct sockaddr_in *s4 = (const struct sockaddr_in *)sa;
-        inet_ntop(AF_INET, &s4->sin_addr, ip, iplen);
-        *port = ntohs(s4->sin_port);
-    }
-}
-
 static void refuse(hub *h, int fd, const struct sockaddr *sa)
 {
     char ip[INET6_ADDRSTRLEN] = "?", why[96];
     uint16_t port = 0;
-    hub__addr_str(sa, ip, sizeof(ip), &port);
+    hub_addr_str(sa, ip, sizeof(ip), &port);
     snprintf(why, sizeof(why), "too many clients (max_clients=%d)", h->cfg.max_clients);
     hub_log(HUB_LOG_WARN, "refused connection from %s:%u: max_clients (%d) reached", ip, port,
             h->cfg.max_clients);

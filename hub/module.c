@@ -123,14 +123,19 @@ size_t hub__modules_stats(hub *h, hub_stat *out, size_t cap)
 
 int hub_config_load(hub_config *c, const char *path, char *err, size_t errlen)
 {
-    const hub_conf_section *tables[64];
-    size_t t = 0;
-    for (size_t i = 0; hub_modules[i]; i++) {
-        if (hub_modules[i]->sections && t + 1 < sizeof(tables) / sizeof(tables[0]))
+    /* Every module's section table, in list order (one more slot for the NULL). */
+    const hub_conf_section **tables = hub_calloc(nmodules() + 1, sizeof(*tables));
+    if (!tables) {
+        snprintf(err, errlen, "%s:0: out of memory", path);
+        return -ENOMEM;
+    }
+    for (size_t i = 0, t = 0; hub_modules[i]; i++) {
+        if (hub_modules[i]->sections)
             tables[t++] = hub_modules[i]->sections;
     }
-    tables[t] = NULL;
-    return hub_config_load_sections(c, path, tables, err, errlen);
+    int rc = hub_config_load_sections(c, path, tables, err, errlen);
+    hub_free(tables);
+    return rc;
 }
 
 /* ---- completions ---- */
@@ -215,19 +220,30 @@ int hub_set_event_sink(hub *h, const hub_event_sink *sink, void *ud)
     return 0;
 }
 
-int hub_raise(hub *h, const char *event, struct json_object *params, uint64_t token, char *err,
-              size_t errlen)
+/* The event interface is a module; a build without it answers every call so. */
+static int no_sink(char *err, size_t errlen)
+{
+    snprintf(err, errlen, "no event interface is built in");
+    return -ENOSYS;
+}
+
+int hub__raise_check(const hub *h, const char *event, char *err, size_t errlen)
 {
     if (!hub_event_name_valid(event)) {
-        json_object_put(params);
         snprintf(err, errlen, "bad event name (letters, digits, _ . -, at most %d bytes)",
                  HUB_EVENT_MAX);
         return -EINVAL;
     }
-    if (!h->sink) {
+    return h->sink ? 0 : no_sink(err, errlen);
+}
+
+int hub_raise(hub *h, const char *event, struct json_object *params, uint64_t token, char *err,
+              size_t errlen)
+{
+    int rc = hub__raise_check(h, event, err, errlen);
+    if (rc < 0) {
         json_object_put(params);
-        snprintf(err, errlen, "no event interface is built in");
-        return -ENOSYS;
+        return rc;
     }
     return h->sink->raise(h->sink_ud, event, params, token, err, errlen);
 }
@@ -239,30 +255,20 @@ int hub_event_wanted(hub *h, const char *event)
 
 int hub__event_check(hub *h, const char *event, const char *socket, char *err, size_t errlen)
 {
-    if (!h->sink) {
-        snprintf(err, errlen, "no event interface is built in");
-        return -ENOSYS;
-    }
-    return h->sink->check(h->sink_ud, event, socket, err, errlen);
+    return h->sink ? h->sink->check(h->sink_ud, event, socket, err, errlen) : no_sink(err, errlen);
 }
 
 int hub__event_subscribe(hub *h, const char *event, const char *socket, long expire_s, char *err,
                          size_t errlen)
 {
-    if (!h->sink) {
-        snprintf(err, errlen, "no event interface is built in");
-        return -ENOSYS;
-    }
-    return h->sink->subscribe(h->sink_ud, event, socket, expire_s, err, errlen);
+    return h->sink ? h->sink->subscribe(h->sink_ud, event, socket, expire_s, err, errlen)
+                   : no_sink(err, errlen);
 }
 
 int hub__event_unsubscribe(hub *h, const char *event, const char *socket, char *err, size_t errlen)
 {
-    if (!h->sink) {
-        snprintf(err, errlen, "no event interface is built in");
-        return -ENOSYS;
-    }
-    return h->sink->unsubscribe(h->sink_ud, event, socket, err, errlen);
+    return h->sink ? h->sink->unsubscribe(h->sink_ud, event, socket, err, errlen)
+                   : no_sink(err, errlen);
 }
 
 int hub_event_name_valid(const char *name)

@@ -11,7 +11,7 @@
 #include "hub/alloc.h"
 #include "hub/hub_int.h"
 
-int hub__tag_valid(const char *tag, size_t len)
+int hub_tag_valid(const char *tag, size_t len)
 {
     if (len == 0 || len > HUB_TAG_MAX)
         return 0;
@@ -168,7 +168,7 @@ static void tag_release(hub *h, hub_tag *t, int loop_thread)
 int hub__tag_intent(hub *h, uint64_t id, const char *tag, size_t len, int loop_thread)
 {
     int rc = 0;
-    if (len && !hub__tag_valid(tag, len))
+    if (len && !hub_tag_valid(tag, len))
         return -EINVAL;
     if (!id)
         return -ENOENT;
@@ -239,7 +239,7 @@ static void tag_insert_member(hub_tag *t, hub_client *c)
 int hub__tag_set(hub *h, hub_client *c, const char *tag, size_t len)
 {
     int rc = 0;
-    if (len && !hub__tag_valid(tag, len))
+    if (len && !hub_tag_valid(tag, len))
         return -EINVAL;
     if (c->tag && len && c->tag->len == len && memcmp(c->tag->name, tag, len) == 0)
         return 0;

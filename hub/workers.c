@@ -280,7 +280,7 @@ static int api_relay(void *ud, const char *data, size_t len)
 static int api_tagged(hub_worker *w, void (*type)(hub *, hub_post *), const char *tag,
                       size_t taglen, const char *data, size_t len)
 {
-    if (!hub__tag_valid(tag, taglen))
+    if (!hub_tag_valid(tag, taglen))
         return -EINVAL;
     if (hub__frame_too_big(w->h, len))
         return -EMSGSIZE;
@@ -414,20 +414,15 @@ static int api_raise(void *ud, const char *event, json_object *params, uint64_t 
                      size_t errlen)
 {
     hub_worker *w = ud;
-    int rc = 0;
+    int rc;
     raise_cmd *c = NULL;
     if (w->index < 0) {
         rc = hub_raise(w->h, event, params, token, err, errlen);
         return rc < 0 ? rc : 1;
     }
-    if (!hub_event_name_valid(event)) {
-        snprintf(err, errlen, "bad event name (letters, digits, _ . -, at most %d bytes)",
-                 HUB_EVENT_MAX);
-        rc = -EINVAL;
-    } else if (!w->h->sink) {
-        snprintf(err, errlen, "no event interface is built in");
-        rc = -ENOSYS;
-    } else if (!(c = hub_malloc(sizeof(*c)))) {
+    /* Checked here too, so that the script hears at once what the loop would refuse. */
+    rc = hub__raise_check(w->h, event, err, errlen);
+    if (rc == 0 && !(c = hub_malloc(sizeof(*c)))) {
         snprintf(err, errlen, "out of memory");
         rc = -ENOMEM;
     }

@@ -131,13 +131,9 @@ int tr_evapi_uri_parse(const char *uri, char *tag, char *err, size_t errlen)
         snprintf(err, errlen, "evapi: needs a tag of 1..%d bytes", HUB_TAG_MAX);
         return -EINVAL;
     }
-    for (size_t i = 0; i < n; i++) {
-        unsigned char c = (unsigned char)t[i];
-        /* the hub's tag rule: printable, no spaces */
-        if (c <= 0x20 || c >= 0x7f) {
-            snprintf(err, errlen, "evapi: tag has a space or a non-printable byte");
-            return -EINVAL;
-        }
+    if (!hub_tag_valid(t, n)) {
+        snprintf(err, errlen, "evapi: tag has a space or a non-printable byte");
+        return -EINVAL;
     }
     memcpy(tag, t, n + 1);
     return 0;

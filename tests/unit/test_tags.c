@@ -61,13 +61,13 @@ static void test_tag_valid_accepts_printable_up_to_64_bytes(void **state)
     t64[64] = '\0';
     memset(t65, 'a', 65);
     t65[65] = '\0';
-    assert_true(hub__tag_valid("pbx1", 4));
-    assert_true(hub__tag_valid(t64, 64));
-    assert_false(hub__tag_valid(t65, 65));
-    assert_false(hub__tag_valid("", 0));
-    assert_false(hub__tag_valid("a b", 3));
-    assert_false(hub__tag_valid("a\0b", 3));
-    assert_false(hub__tag_valid("tab\t", 4));
+    assert_true(hub_tag_valid("pbx1", 4));
+    assert_true(hub_tag_valid(t64, 64));
+    assert_false(hub_tag_valid(t65, 65));
+    assert_false(hub_tag_valid("", 0));
+    assert_false(hub_tag_valid("a b", 3));
+    assert_false(hub_tag_valid("a\0b", 3));
+    assert_false(hub_tag_valid("tab\t", 4));
 }
 
 static void test_tag_set_rejects_invalid_tag(void **state)
