@@ -544,6 +544,48 @@ class Hub:
                 pass
 
 
+class Raw:
+    """A raw JSON-RPC connection to a hub's control socket: answers are lines of JSON."""
+
+    def __init__(self, path):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(TIMEOUT)
+        self.sock.connect(path)
+        self.buf = b""
+
+    def send(self, data):
+        self.sock.sendall(data if isinstance(data, bytes) else data.encode())
+
+    def answer(self):
+        while b"\n" not in self.buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise TestFailure("control connection closed; unread %r" % self.buf)
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
+        return json.loads(line)
+
+    def expect_closed(self, what):
+        """The hub closes this connection (after the answers already read)."""
+        try:
+            rest = self.sock.recv(65536)
+        except ConnectionResetError:
+            rest = b""
+        check_eq(self.buf + rest, b"", "connection closed " + what)
+        self.close()
+
+    def call(self, obj):
+        self.send(json.dumps(obj) + "\n")
+        return self.answer()
+
+    def request(self, method, rid, params):
+        """Call method with id rid and params; the answer."""
+        return self.call({"jsonrpc": "2.0", "id": rid, "method": method, "params": params})
+
+    def close(self):
+        self.sock.close()
+
+
 def _section(name, kv):
     return "[%s]\n%s\n" % (name, "".join("%s = %s\n" % (k, v) for k, v in kv.items()))
 

@@ -15,7 +15,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from evhub_harness import (TIMEOUT, Hub, Suite, TestFailure, check, check_eq, ns, scaled,  # noqa: E402
+from evhub_harness import (TIMEOUT, Hub, Raw, Suite, check, check_eq, ns, scaled,  # noqa: E402
                            pump, request, run_ctl, run_once, take_until, wait_eof, wait_for,
                            wait_frames)
 
@@ -188,44 +188,6 @@ def fence(h, clients, label):
 
 def by_id(h, *args):
     return {e["id"]: e for e in cj(h, "clients", *args)["clients"]}
-
-
-class Raw:
-    """A raw JSON-RPC connection to the control socket: answers are lines of JSON."""
-
-    def __init__(self, path):
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(TIMEOUT)
-        self.sock.connect(path)
-        self.buf = b""
-
-    def send(self, data):
-        self.sock.sendall(data if isinstance(data, bytes) else data.encode())
-
-    def answer(self):
-        while b"\n" not in self.buf:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise TestFailure("control connection closed; unread %r" % self.buf)
-            self.buf += chunk
-        line, self.buf = self.buf.split(b"\n", 1)
-        return json.loads(line)
-
-    def expect_closed(self, what):
-        """The hub closes this connection (after the answers already read)."""
-        try:
-            rest = self.sock.recv(65536)
-        except ConnectionResetError:
-            rest = b""
-        check_eq(self.buf + rest, b"", "connection closed " + what)
-        self.close()
-
-    def call(self, obj):
-        self.send(json.dumps(obj) + "\n")
-        return self.answer()
-
-    def close(self):
-        self.sock.close()
 
 
 def req(method, id=1, **params):

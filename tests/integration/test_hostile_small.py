@@ -4,13 +4,11 @@ the control socket must refuse instead of clamping; what `evhub -t` checks (bind
 resolves, max_memory and duplicate keys reported with file:line); an empty multicast tag from
 the control socket against KEMI's relay_multicast(data, "")."""
 
-import json
 import os
-import socket
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from evhub_harness import (TIMEOUT, Hub, Suite, TestFailure, check, check_eq,  # noqa: E402
+from evhub_harness import (Hub, Raw, Suite, check, check_eq,  # noqa: E402
                            pump, request, run_once, wait_frames)
 
 suite = Suite("hostile_small")
@@ -38,30 +36,6 @@ function ksr_evapi_event(evname)
 	end
 end
 '''
-
-
-class Raw:
-    """JSON-RPC over the control socket, one answer per line."""
-
-    def __init__(self, path):
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(TIMEOUT)
-        self.sock.connect(path)
-        self.buf = b""
-
-    def call(self, method, rid, params):
-        self.sock.sendall((json.dumps({"jsonrpc": "2.0", "id": rid, "method": method,
-                                       "params": params}) + "\n").encode())
-        while b"\n" not in self.buf:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise TestFailure("control connection closed; unread %r" % self.buf)
-            self.buf += chunk
-        line, self.buf = self.buf.split(b"\n", 1)
-        return json.loads(line)
-
-    def close(self):
-        self.sock.close()
 
 
 def code_of(answer):
@@ -125,13 +99,13 @@ def control_ids_out_of_range_are_invalid_params():
     for n, v in enumerate(bad):
         for method, params in (("close", {"id": v}), ("tag", {"id": v, "tag": "x"}),
                                ("close", [v, "why"])):
-            a = r.call(method, n, params)
+            a = r.request(method, n, params)
             check_eq(code_of(a), -32602, "%s with id %d: %r" % (method, v, a))
     # The largest id that fits is a valid id that names no connection.
-    a = r.call("close", 100, {"id": 2**63 - 1})
+    a = r.request("close", 100, {"id": 2**63 - 1})
     check_eq(code_of(a), -32001, "close with id 2^63-1: %r" % a)
     check_eq(request(c, "still here"), b"still here", "the client survived every refusal")
-    a = r.call("close", 101, {"id": cid})
+    a = r.request("close", 101, {"id": cid})
     check_eq(a.get("result"), {"id": cid, "closed": True}, "close of the real id")
     pump([c], lambda: c.eof, what="the client closed")
     r.close()
@@ -187,7 +161,7 @@ def empty_multicast_tag_control_refuses_kemi_relays():
     h = start(KEMI_SCRIPT, evapi={"event_callback": "ksr_evapi_event"})
     a, b = h.client(name="a"), h.client(name="b")
     r = Raw(h.ctl_path)
-    check_eq(code_of(r.call("multicast", 1, {"tag": "", "data": "x"})), -32602,
+    check_eq(code_of(r.request("multicast", 1, {"tag": "", "data": "x"})), -32602,
              "control multicast with an empty tag")
     a.send("mc:to-all")
     wait_frames([a, b], 1)
