@@ -3,7 +3,6 @@
  * the raiser's completion token, per-socket counters, the [events] section, the control
  * commands subscribe/unsubscribe/subscriptions/raise. Socket kinds plug in as schemes
  * (tcp.c, evapi_sock.c). Everything here runs on the loop thread except check and stats. */
-#include <ctype.h>
 #include <errno.h>
 #include <pthread.h>
 #include <stdatomic.h>
@@ -109,14 +108,13 @@ static inline void bump(_Atomic uint64_t *c, int64_t d)
 
 int tr_event_name_check(const char *name, size_t len)
 {
+    /* The hub's one rule (hub_event_name_valid), on a name that may not end in a NUL. */
+    char nul[TR_EVENT_NAME_MAX + 1];
     if (!name || len == 0 || len > TR_EVENT_NAME_MAX)
         return -EINVAL;
-    for (size_t i = 0; i < len; i++) {
-        unsigned char c = (unsigned char)name[i];
-        if (!isalnum(c) && c != '_' && c != '.' && c != '-')
-            return -EINVAL;
-    }
-    return 0;
+    memcpy(nul, name, len);
+    nul[len] = '\0';
+    return hub_event_name_valid(nul) ? 0 : -EINVAL;
 }
 
 int tr_evapi_uri_parse(const char *uri, char *tag, char *err, size_t errlen)

@@ -9,9 +9,9 @@
 
 #include "hub/core.h"
 
-#define TR_EVENT_NAME_MAX 64  /* bytes in an event name: letters, digits, '_', '.', '-' */
-#define TR_SOCKET_URI_MAX 255 /* bytes in a socket URI, scheme included */
-#define TR_SCHEME_MAX     8   /* socket schemes registered at once */
+#define TR_EVENT_NAME_MAX HUB_EVENT_MAX /* bytes in an event name (hub/core.h's rule) */
+#define TR_SOCKET_URI_MAX 255           /* bytes in a socket URI, scheme included */
+#define TR_SCHEME_MAX     8             /* socket schemes registered at once */
 
 /* One raise as a socket sees it; shared read-only by every delivery of that raise. */
 typedef struct tr_event {
