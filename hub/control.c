@@ -633,46 +633,39 @@ static void accept_conn(void *ud, int fd, const struct sockaddr *sa, socklen_t s
 {
     hub_ctl *ctl = ud;
     (void)sa, (void)salen;
-    {
-        if (ctl->nconns >= HUB_CTL_MAX_CONNS)
-            evict_idlest(ctl);
-        if (ctl->nconns >= HUB_CTL_MAX_CONNS) {
-            static const char busy[] =
-                "{\"jsonrpc\":\"2.0\",\"id\":null,\"error\":{\"code\":-32603,"
-                "\"message\":\"too many control connections\"}}\n";
-            ssize_t wr = send(fd, busy, sizeof(busy) - 1, MSG_NOSIGNAL);
-            (void)wr;
-            close(fd);
-            hub_log(HUB_LOG_WARN, "control: %d connections open, refusing another",
-                    HUB_CTL_MAX_CONNS);
-            return;
-        }
-        ctl_conn *c = hub_calloc(1, sizeof(*c));
-        if (!c || !(c->tok = json_tokener_new_ex(JSON_TOKENER_DEFAULT_DEPTH))) {
-            hub_free(c);
-            close(fd);
-            hub_log(HUB_LOG_ERR, "control: out of memory accepting a connection");
-            return;
-        }
-        json_tokener_set_flags(c->tok, JSON_TOKENER_STRICT | JSON_TOKENER_ALLOW_TRAILING_CHARS);
-        c->ctl = ctl;
-        c->fd = fd;
-        c->refs = 1;
-        ev_io_init(&c->rio, conn_read_cb, fd, EV_READ);
-        ev_io_init(&c->wio, conn_write_cb, fd, EV_WRITE);
-        ev_init(&c->linger_w, linger_cb);
-        ev_init(&c->idle_w, idle_cb);
-        c->rio.data = c->wio.data = c->linger_w.data = c->idle_w.data = c;
-        c->active = ev_now(ctl->loop);
-        c->idle_w.repeat = HUB_CTL_IDLE_TIMEOUT;
-        ev_timer_again(ctl->loop, &c->idle_w);
-        c->next = ctl->conns;
-        if (ctl->conns)
-            ctl->conns->prev = c;
-        ctl->conns = c;
-        ctl->nconns++;
-        ev_io_start(ctl->loop, &c->rio);
+    if (ctl->nconns >= HUB_CTL_MAX_CONNS)
+        evict_idlest(ctl);
+    if (ctl->nconns >= HUB_CTL_MAX_CONNS) {
+        send_notice(fd, "too many control connections");
+        close(fd);
+        hub_log(HUB_LOG_WARN, "control: %d connections open, refusing another", HUB_CTL_MAX_CONNS);
+        return;
     }
+    ctl_conn *c = hub_calloc(1, sizeof(*c));
+    if (!c || !(c->tok = json_tokener_new_ex(JSON_TOKENER_DEFAULT_DEPTH))) {
+        hub_free(c);
+        close(fd);
+        hub_log(HUB_LOG_ERR, "control: out of memory accepting a connection");
+        return;
+    }
+    json_tokener_set_flags(c->tok, JSON_TOKENER_STRICT | JSON_TOKENER_ALLOW_TRAILING_CHARS);
+    c->ctl = ctl;
+    c->fd = fd;
+    c->refs = 1;
+    ev_io_init(&c->rio, conn_read_cb, fd, EV_READ);
+    ev_io_init(&c->wio, conn_write_cb, fd, EV_WRITE);
+    ev_init(&c->linger_w, linger_cb);
+    ev_init(&c->idle_w, idle_cb);
+    c->rio.data = c->wio.data = c->linger_w.data = c->idle_w.data = c;
+    c->active = ev_now(ctl->loop);
+    c->idle_w.repeat = HUB_CTL_IDLE_TIMEOUT;
+    ev_timer_again(ctl->loop, &c->idle_w);
+    c->next = ctl->conns;
+    if (ctl->conns)
+        ctl->conns->prev = c;
+    ctl->conns = c;
+    ctl->nconns++;
+    ev_io_start(ctl->loop, &c->rio);
 }
 
 /* ---- listening sockets ---- */
@@ -814,11 +807,8 @@ static int listen_tcp(hub_ctl *ctl, const char *addr, char *err, size_t errlen)
 /* Out of descriptors: the connection is told why before it is closed. */
 static void refuse_conn(void *ud, int fd)
 {
-    static const char why[] = "{\"jsonrpc\":\"2.0\",\"id\":null,\"error\":{\"code\":-32603,"
-                              "\"message\":\"the hub is out of file descriptors\"}}\n";
     (void)ud;
-    ssize_t wr = send(fd, why, sizeof(why) - 1, MSG_NOSIGNAL | MSG_DONTWAIT);
-    (void)wr;
+    send_notice(fd, "the hub is out of file descriptors");
 }
 
 /* The listener takes fd over; 0 or -1 (fd closed) with err set. */

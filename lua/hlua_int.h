@@ -46,10 +46,6 @@ struct hub_script {
                                      * instead of handler[]; LUA_NOREF without event_callback */
     int reset_ref;                  /* KEMI context reset from ksr.lua, or LUA_NOREF */
     int completions_ref;            /* registry ref: token -> report function (see below) */
-    int depth;                      /* callbacks running: > 0 while the script calls the hub */
-    int draining;                   /* deferred results are being run */
-    struct hlua_deferred *deferred; /* results that came during a callback, oldest first */
-    struct hlua_deferred *deferred_last;
     /* Arguments handed to the protected trampolines (no allocation on the hot path). */
     const char *arg_data;
     size_t arg_len;
@@ -76,17 +72,12 @@ struct hub_script {
  *   nothing else): the event interface reports once per subscriber of one raise, and marks
  *   every report but the last so. The entry is removed before fn runs, so a failing fn does
  *   not keep it either.
- * The hub delivers results through its mailbox, never inside a call (hub_complete), but the
- * engine does not rely on it: a result that comes while a callback runs
- * waits in a queue (deferred) and its fn runs when the outermost callback has ended, as a
- * callback of its own: never nested inside the script's call, its budget or KEMI context.
- * on_complete then answers for a token it knows with 0 at once. At most
- * HLUA_DEFERRED_BATCH such results run after one callback (report functions that keep
- * raising cannot hold the thread); the rest run after the next callback or idle step.
+ * The hub delivers results through its mailbox (hub_complete), so on_complete never runs
+ * inside a callback of the script: fn is a callback of its own, never nested in the script's
+ * call, its budget or KEMI context.
  * A token whose last result never comes keeps its fn until the state is freed. A reload
  * cannot carry report functions over (they are closures of the old state); adopt logs at
  * notice how many will not run. */
-#define HLUA_DEFERRED_BATCH 256
 
 /* The hub_script that owns L (kept in lua_getextraspace, inherited by coroutines). */
 static inline hub_script *hlua__script(lua_State *L)

@@ -193,8 +193,6 @@ static void kemi_reset(hub_script *s)
         lua_pop(L, 1);
 }
 
-static void run_deferred(hub_script *s);
-
 /* The one way into Lua. Stack: [traceback_cb, fn, args...]; all of it is popped. The budget
  * is armed, a failure is logged with its traceback and the hub keeps going. */
 static int hlua_pcall(hub_script *s, int nargs, const char *what)
@@ -204,7 +202,6 @@ static int hlua_pcall(hub_script *s, int nargs, const char *what)
 
     arm_budget(s);
     s->budget_hit = 0;
-    s->depth++;
     int rc = lua_pcall(L, nargs, 0, base);
     if (rc != LUA_OK) {
         if (!is_exit(L, -1)) {
@@ -220,8 +217,6 @@ static int hlua_pcall(hub_script *s, int nargs, const char *what)
         kemi_reset(s);
     }
     lua_pop(L, 1); /* [] */
-    if (--s->depth == 0 && s->deferred && !s->draining)
-        run_deferred(s);
     return rc == LUA_OK ? 0 : -1;
 }
 
@@ -335,13 +330,6 @@ static void hlua_on_close(hub_script *s, uint64_t id)
     lua_pop(L, 1);                                   /* [] */
 }
 
-/* A result that came while a callback ran (see defer_report). */
-typedef struct hlua_deferred {
-    struct hlua_deferred *next;
-    uint64_t token;
-    struct json_object *result; /* our reference */
-} hlua_deferred;
-
 /* Trampoline for a report function: [fn] -> fn(result). */
 static int complete_tramp(lua_State *L)
 {
@@ -365,7 +353,7 @@ static int result_has_more(struct json_object *result)
 /* Run token's report function with result (see hlua_int.h, "Completions"). Nothing here
  * allocates before the protected call: an unknown token costs a lookup, and clearing an
  * existing key does not allocate. */
-static int run_report(hub_script *s, uint64_t token, struct json_object *result)
+static int hlua_on_complete(hub_script *s, uint64_t token, struct json_object *result)
 {
     lua_State *L = s->L;
 
@@ -389,67 +377,6 @@ static int run_report(hub_script *s, uint64_t token, struct json_object *result)
     return 0;
 }
 
-/* A result that came while a callback of s runs (the hub finished the work inside the call
- * that started it): kept for when the callback has ended. This runs inside a C function of
- * the script, so nothing here may raise; the stack is left as it was. */
-static int defer_report(hub_script *s, uint64_t token, struct json_object *result)
-{
-    lua_State *L = s->L;
-    if (lua_checkstack(L, 2)) { /* else assume it is known: the drain will tell */
-        lua_rawgeti(L, LUA_REGISTRYINDEX, s->completions_ref); /* [.., done] */
-        int known = lua_rawgeti(L, -1, (lua_Integer)token) == LUA_TFUNCTION;
-        lua_pop(L, 2); /* [..] */
-        if (!known)
-            return -ENOENT;
-    }
-    hlua_deferred *d = hub_malloc(sizeof(*d));
-    if (d == NULL) {
-        hub_log(HUB_LOG_ERR, "lua: out of memory keeping the result for token %llu",
-                (unsigned long long)token);
-        return -ENOENT; /* the hub counts it as undelivered */
-    }
-    d->next = NULL;
-    d->token = token;
-    d->result = json_object_get(result); /* borrowed from the hub: we keep a reference */
-    if (s->deferred_last)
-        s->deferred_last->next = d;
-    else
-        s->deferred = d;
-    s->deferred_last = d;
-    return 0;
-}
-
-/* Pop the oldest deferred result; the caller puts its reference and frees it. */
-static hlua_deferred *pop_deferred(hub_script *s)
-{
-    hlua_deferred *d = s->deferred;
-    s->deferred = d->next;
-    if (s->deferred == NULL)
-        s->deferred_last = NULL;
-    return d;
-}
-
-/* Run the deferred results in order, each as a callback of its own, at most
- * HLUA_DEFERRED_BATCH; what they defer in turn joins the queue. */
-static void run_deferred(hub_script *s)
-{
-    s->draining = 1;
-    for (int n = 0; s->deferred && n < HLUA_DEFERRED_BATCH; n++) {
-        hlua_deferred *d = pop_deferred(s);
-        run_report(s, d->token, d->result); /* unknown by now: its raise failed */
-        json_object_put(d->result);
-        hub_free(d);
-    }
-    s->draining = 0;
-}
-
-static int hlua_on_complete(hub_script *s, uint64_t token, struct json_object *result)
-{
-    if (s->depth > 0)
-        return defer_report(s, token, result);
-    return run_report(s, token, result);
-}
-
 /* The hub changed a tag behind this state's back: keep conn.tag current. */
 static void hlua_on_tag(hub_script *s, uint64_t id, const char *tag, size_t len)
 {
@@ -466,8 +393,6 @@ static void hlua_on_tag(hub_script *s, uint64_t id, const char *tag, size_t len)
 
 static void hlua_idle(hub_script *s)
 {
-    if (s->deferred)
-        run_deferred(s);
     lua_gc(s->L, LUA_GCSTEP, 0); /* only C finalizers: scripts cannot set __gc */
 }
 
@@ -475,16 +400,6 @@ static void hlua_free(hub_script *s)
 {
     if (s == NULL)
         return;
-    size_t dropped = 0;
-    while (s->deferred) {
-        hlua_deferred *d = pop_deferred(s);
-        json_object_put(d->result);
-        hub_free(d);
-        dropped++;
-    }
-    if (dropped)
-        hub_log(HUB_LOG_NOTICE, "lua: %zu result(s) freed with their state before they ran",
-                dropped);
     if (s->L) {
         arm_budget(s);
         lua_close(s->L);

@@ -37,8 +37,7 @@ typedef struct fake_call {
     long expire;
     uint64_t token;
     int has_params;
-    int fn_kept;   /* raise: the state held a function under token when the hub was called */
-    int inline_rc; /* raise: what on_complete answered for inline_result */
+    int fn_kept; /* raise: the state held a function under token when the hub was called */
 } fake_call;
 
 #define FAKE_MAX_CALLS 1024
@@ -52,8 +51,6 @@ typedef struct fake_hub {
     uint64_t last_token;            /* the last token handed out */
     const char *errtext;            /* the err text set by an event call failing with ret */
     hub_script *s;                  /* the state under test, when a fake looks into it */
-    const char *inline_result;      /* raise completes its token with this JSON before it
-                                     * returns, as the events module does with no subscriber */
 } fake_hub;
 
 static fake_call *record(void *ud, const char *op)
@@ -182,11 +179,6 @@ static int fake_raise(void *ud, const char *event, struct json_object *params, u
         copy_data(c, text, len);
     }
     json_object_put(params); /* the reference passed to the hub */
-    if (h->inline_result && token && h->s) {
-        struct json_object *r = json_tokener_parse(h->inline_result);
-        c->inline_rc = hlua_script_ops.on_complete(h->s, token, r);
-        json_object_put(r);
-    }
     return fake_event_ret(h, err, errlen);
 }
 
@@ -1580,95 +1572,6 @@ static void test_kemi_script_uses_the_event_interface(void **state)
     assert_int_equal(f->hub.counts[HUB_SCRIPT_ERROR], 0);
 }
 
-static const char inline_script[] =
-    "ORDER = {}\n"
-    "evapi.on('message', function(c, m)\n"
-    "  if m == 'forever' then\n"
-    "    local function again() ORDER[#ORDER + 1] = 'r' evapi.raise('e', nil, again) end\n"
-    "    again() return\n"
-    "  end\n"
-    "  evapi.raise('e', nil, function(r)\n"
-    "    ORDER[#ORDER + 1] = 'report:' .. r.error\n"
-    "    if m == 'chain' then\n"
-    "      evapi.raise('e2', nil, function() ORDER[#ORDER + 1] = 'report2' end)\n"
-    "      ORDER[#ORDER + 1] = 'report returns'\n"
-    "    end\n"
-    "  end)\n"
-    "  ORDER[#ORDER + 1] = 'raise returned'\n"
-    "end)\n";
-
-/* The events module reports "no subscriber" from inside the raise: the report function runs
- * once the callback has ended, never nested in it. */
-static void test_result_during_the_raise_runs_after_the_callback(void **state)
-{
-    fixture *f = *state;
-    hub_script *s = load_ok(f, inline_script, "");
-    f->hub.s = s;
-    f->hub.inline_result =
-        "{\"event\":\"e\",\"status\":-1,\"error\":\"no subscriber\",\"more\":false}";
-    connect(s, 1, 0, "127.0.0.1", 1);
-    message(s, 1, "x");
-    assert_int_equal(last_call(f)->inline_rc, 0); /* known: the hub counts it delivered */
-    lua_ok(s, "assert(#ORDER == 2 and ORDER[1] == 'raise returned', ORDER[1])\n"
-              "assert(ORDER[2] == 'report:no subscriber', ORDER[2])\n");
-    assert_int_equal(pending_count(s), 0);
-    /* a report function raising in turn: its report runs after it, in the same round */
-    lua_ok(s, "ORDER = {}");
-    message(s, 1, "chain");
-    lua_ok(s, "local want = {'raise returned', 'report:no subscriber', 'report returns', "
-              "'report2'}\n"
-              "for i, w in ipairs(want) do assert(ORDER[i] == w, tostring(ORDER[i])) end\n"
-              "assert(#ORDER == 4)\n");
-    assert_int_equal(pending_count(s), 0);
-    assert_null(s->deferred);
-    assert_int_equal(f->hub.counts[HUB_SCRIPT_ERROR], 0);
-}
-
-/* Report functions that raise forever cannot hold the thread: a round runs at most
- * HLUA_DEFERRED_BATCH of them, the rest wait for the next callback or idle step. */
-static void test_deferred_results_run_in_bounded_rounds(void **state)
-{
-    fixture *f = *state;
-    hub_script *s = load_ok(f, inline_script, "");
-    f->hub.s = s;
-    f->hub.inline_result = "{\"status\":-1,\"error\":\"no subscriber\"}";
-    connect(s, 1, 0, "127.0.0.1", 1);
-    message(s, 1, "forever");
-    assert_int_equal(lua_int(s, "return #ORDER"), 1 + HLUA_DEFERRED_BATCH);
-    assert_non_null(s->deferred);
-    hlua_script_ops.idle(s);
-    assert_int_equal(lua_int(s, "return #ORDER"), 1 + 2 * HLUA_DEFERRED_BATCH);
-    capture_begin(f);
-    hlua_script_ops.free(s);
-    const char *log = capture_end(f);
-    f->s = NULL;
-    assert_non_null(strstr(log, "lua: 1 result(s) freed with their state before they ran"));
-}
-
-/* A failing report function deferred out of a KEMI callback leaves that callback's context
- * alone. */
-static void test_kemi_context_survives_a_failing_inline_report(void **state)
-{
-    fixture *f = *state;
-    hub_script *s = load_ok(f,
-                            "function ksr_evapi_event(ev)\n"
-                            "  if ev ~= 'evapi:message-received' then return end\n"
-                            "  evapi.raise('e', nil, function() error('report boom') end)\n"
-                            "  KSR.evapi.relay(KSR.pv.get('$evapi(msg)'))\n"
-                            "end\n",
-                            CB);
-    f->hub.s = s;
-    f->hub.inline_result = "{\"status\":-1,\"error\":\"no subscriber\"}";
-    connect(s, 1, 0, "127.0.0.1", 1);
-    capture_begin(f);
-    message(s, 1, "still here");
-    const char *log = capture_end(f);
-    assert_non_null(strstr(log, "lua: report: "));
-    assert_non_null(strstr(log, "report boom"));
-    expect_call(f, 1, "relay", NULL, "still here");
-    assert_int_equal(f->hub.counts[HUB_SCRIPT_ERROR], 1);
-}
-
 static void test_reload_logs_pending_reports_that_will_not_run(void **state)
 {
     fixture *f = *state;
@@ -1917,9 +1820,6 @@ int main(void)
         T(test_subscribe_and_unsubscribe),
         T(test_subscribe_bad_uri_raises_with_the_reason),
         T(test_kemi_script_uses_the_event_interface),
-        T(test_result_during_the_raise_runs_after_the_callback),
-        T(test_deferred_results_run_in_bounded_rounds),
-        T(test_kemi_context_survives_a_failing_inline_report),
         T(test_json_round_trip),
         T(test_json_errors),
         T(test_example_kemi_protocol),
