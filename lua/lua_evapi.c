@@ -71,18 +71,6 @@ static const char *check_string(lua_State *L, int i, size_t *len)
     return lua_tolstring(L, i, len);
 }
 
-/* A tag is 1..HUB_TAG_MAX bytes of printable ASCII without spaces. */
-static int tag_valid(const char *t, size_t len)
-{
-    if (len == 0 || len > HUB_TAG_MAX)
-        return 0;
-    for (size_t i = 0; i < len; i++) {
-        if ((unsigned char)t[i] < 0x21 || (unsigned char)t[i] > 0x7e)
-            return 0;
-    }
-    return 1;
-}
-
 /* ---- conn objects ---- */
 
 hlua_conn *hlua__push_conn(lua_State *L, const hub_conn_info *ci)
@@ -146,7 +134,7 @@ static int do_set_tag(lua_State *L, hlua_conn *c, uint64_t id, int ti)
     const char *tag = check_string(L, ti, &len);
     if (c && c->closed)
         return push_closed(L);
-    if (!tag_valid(tag, len))
+    if (!hub_tag_valid(tag, len))
         return push_error(L, "invalid tag", "EINVAL");
     int n = s->api->set_tag(s->ud, id, tag, len);
     if (n > 0 && c) {
