@@ -193,7 +193,7 @@ int tr_tcp_uri_parse(const char *uri, tr_tcp_uri *u, char *err, size_t errlen)
     long pn = parse_num(port, pl, 1, 65535);
     if (pn < 0)
         return uri_fail(err, errlen, "the port must be 1..65535");
-    snprintf(u->port, sizeof(u->port), "%ld", pn);
+    snprintf(u->port, sizeof(u->port), "%u", (unsigned)(uint16_t)pn); /* 1..65535, checked */
     p = port + pl;
     if (*p == '/') {
         size_t ml = strcspn(p + 1, "?");
