@@ -61,6 +61,9 @@ typedef struct hub_module {
     void (*free)(void *state); /* NULL-safe on a half-built state */
     /* Its counters and gauges, as hub_api.stats. Any thread. */
     size_t (*stats)(void *state, hub_stat *out, size_t cap);
+    /* Functions it offers scripts (hub/script.h), ending with a NULL name; may be NULL.
+     * Called with the state init made; present (and failing) in a state being checked. */
+    const hub_script_fn *fns;
 } hub_module;
 
 /* The modules CMake registered, in order, NULL-terminated (generated modules.c). */

@@ -187,6 +187,8 @@ struct hub {
     size_t nmods;      /* states made (a failed init's included: free sees it) */
     size_t mods_ready; /* modules whose init succeeded: they start, drain, stop, count */
     int mods_stopped;
+    hub_script_fn_ref *fns; /* the functions modules offer scripts, with their states */
+    size_t nfns;
     int started_mods;    /* hub_start ran */
     int markers_sent;    /* shutdown: a marker round is out to the workers */
     int markers_waiting; /* ...and how many have not come back */
@@ -371,6 +373,8 @@ size_t hub__modules_in_flight(hub *h);
 /* Stop every module once (they fail what is left), in reverse order. */
 void hub__modules_stop(hub *h);
 void hub__modules_free(hub *h);
+/* The modules' script functions with no state, for states being checked (never freed). */
+const hub_script_fn_ref *hub__inert_fns(size_t *n);
 size_t hub__modules_stats(hub *h, hub_stat *out, size_t cap);
 /* A completion token for the state of worker (-1: the loop's). */
 uint64_t hub__token_new(hub *h, int worker);

@@ -3,6 +3,7 @@
  * seam (one sink, which the events module provides). */
 #include <errno.h>
 #include <json-c/json.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <string.h>
@@ -38,6 +39,62 @@ void *hub_module_state(hub *h, const char *name)
     return NULL;
 }
 
+/* The functions modules offer scripts, each with its module's state (NULL: none made). One
+ * TABLE.NAME offered twice is an error. */
+static hub_script_fn_ref *fn_refs(void *const *states, size_t *n, char *err, size_t errlen)
+{
+    size_t count = 0;
+    for (size_t i = 0; hub_modules[i]; i++) {
+        for (const hub_script_fn *f = hub_modules[i]->fns; f && f->name; f++)
+            count++;
+    }
+    hub_script_fn_ref *refs = hub_calloc(count ? count : 1, sizeof(*refs));
+    if (!refs) {
+        snprintf(err, errlen, "out of memory");
+        return NULL;
+    }
+    *n = 0;
+    for (size_t i = 0; hub_modules[i]; i++) {
+        for (const hub_script_fn *f = hub_modules[i]->fns; f && f->name; f++) {
+            for (size_t j = 0; j < *n; j++) {
+                if (strcmp(refs[j].fn->table, f->table) == 0 &&
+                    strcmp(refs[j].fn->name, f->name) == 0) {
+                    snprintf(err, errlen, "module %s: script function %s.%s is offered twice",
+                             hub_modules[i]->name, f->table, f->name);
+                    hub_free(refs);
+                    return NULL;
+                }
+            }
+            refs[(*n)++] = (hub_script_fn_ref){f, states ? states[i] : NULL};
+        }
+    }
+    return refs;
+}
+
+static int collect_fns(hub *h, char *err, size_t errlen)
+{
+    h->fns = fn_refs(h->mod_state, &h->nfns, err, errlen);
+    return h->fns ? 0 : -EINVAL;
+}
+
+static hub_script_fn_ref *inert_refs;
+static size_t inert_n;
+static void make_inert(void)
+{
+    char err[160];
+    inert_refs = fn_refs(NULL, &inert_n, err, sizeof(err));
+    if (!inert_refs)
+        inert_n = 0;
+}
+
+const hub_script_fn_ref *hub__inert_fns(size_t *n)
+{
+    static pthread_once_t once = PTHREAD_ONCE_INIT;
+    pthread_once(&once, make_inert);
+    *n = inert_n;
+    return inert_refs;
+}
+
 int hub__modules_init(hub *h, char *err, size_t errlen)
 {
     size_t n = nmodules();
@@ -55,7 +112,7 @@ int hub__modules_init(hub *h, char *err, size_t errlen)
         }
         h->mods_ready = i + 1;
     }
-    return 0;
+    return collect_fns(h, err, errlen);
 }
 
 int hub__modules_start(hub *h, char *err, size_t errlen)
@@ -107,6 +164,9 @@ void hub__modules_free(hub *h)
     }
     hub_free(h->mod_state);
     h->mod_state = NULL;
+    hub_free(h->fns);
+    h->fns = NULL;
+    h->nfns = 0;
     h->nmods = h->mods_ready = 0;
 }
 

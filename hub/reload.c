@@ -16,6 +16,8 @@
 static hub_script_conf script_conf(const hub_config *cfg, int worker, const char *source,
                                    size_t len, atomic_int *cancel)
 {
+    size_t nfns;
+    const hub_script_fn_ref *fns = hub__inert_fns(&nfns);
     return (hub_script_conf){.path = cfg->script,
                              .event_callback = cfg->event_callback,
                              .max_instructions = cfg->max_instructions,
@@ -24,14 +26,21 @@ static hub_script_conf script_conf(const hub_config *cfg, int worker, const char
                              .worker = worker,
                              .source = source,
                              .source_len = len,
-                             .cancel = cancel};
+                             .cancel = cancel,
+                             .fns = fns,
+                             .nfns = nfns,
+                             .fns_inert = 1};
 }
 
 hub_script_conf hub__script_conf(const hub *h, int worker)
 {
     /* During a reload round, every state loads the text read once, and may be cancelled. */
-    return script_conf(&h->cfg, worker, h->rl.source, h->rl.source_len,
-                       h->rl.source ? (atomic_int *)&h->rl.cancel : NULL);
+    hub_script_conf sc = script_conf(&h->cfg, worker, h->rl.source, h->rl.source_len,
+                                     h->rl.source ? (atomic_int *)&h->rl.cancel : NULL);
+    sc.fns = h->fns;
+    sc.nfns = h->nfns;
+    sc.fns_inert = 0;
+    return sc;
 }
 
 /* A script being checked must not reach a hub: every call fails. */

@@ -71,6 +71,43 @@ typedef struct hub_api {
     int (*unsubscribe)(void *ud, const char *event, const char *socket, char *err, size_t errlen);
 } hub_api;
 
+/* ---- functions a module offers scripts (hub_module.fns) ----
+ * Each appears in every state as TABLE.NAME (e.g. kafka.publish, KSR.kafka.send; the tables
+ * are made as needed). The engine converts the arguments to JSON as json.encode does, calls
+ * the function on the thread running the script, and turns the result into the dialect's. */
+
+typedef struct hub_call {
+    struct json_object *args; /* array of the arguments (nil as null), borrowed; with
+                               * HUB_FN_REPORT the trailing report function is not in it */
+    uint64_t token;           /* 0, or the token the report function's results go to
+                               * (hub_complete); a call that fails must never complete it */
+    int worker;               /* the calling executor: -1 the loop thread, else a worker */
+    struct json_object *ret;  /* out, optional: returned instead of true (reference passes;
+                               * native dialect only) */
+    char err[256];            /* out: the reason of a failure */
+} hub_call;
+
+enum {
+    HUB_FN_REPORT = 1, /* a function as last argument is the report function (c->token) */
+    HUB_FN_KEMI = 2,   /* Kamailio style: returns the call's code (>0 done, <0 -1) as an
+                        * integer, and logs a failure's reason; else true / ret, or
+                        * nil, reason, code ("EINVAL", "ENOBUFS"...) */
+};
+
+typedef struct hub_script_fn {
+    const char *table; /* "kafka", or a path such as "KSR.kafka" */
+    const char *name;
+    int flags; /* HUB_FN_* */
+    /* Any thread running a script; must not block. state: the module's. >= 0 done (KEMI:
+     * the code to return, 0 read as 1), or a negative errno with c->err set. */
+    int (*call)(void *state, hub_call *c);
+} hub_script_fn;
+
+typedef struct hub_script_fn_ref {
+    const hub_script_fn *fn;
+    void *state;
+} hub_script_fn_ref;
+
 typedef struct hub_script_conf {
     const char *path;           /* script file */
     const char *event_callback; /* KEMI global function name, or "" for native handlers */
@@ -81,7 +118,10 @@ typedef struct hub_script_conf {
     int worker;                 /* worker index, -1 for the loop thread / checks */
     const char *source;         /* the script's text, if already read (else path is read) */
     size_t source_len;
-    atomic_int *cancel; /* if not NULL: loading stops with an error once it is non-zero */
+    atomic_int *cancel;           /* if not NULL: loading stops with an error once it is non-zero */
+    const hub_script_fn_ref *fns; /* the modules' functions (outlive the state) */
+    size_t nfns;
+    int fns_inert; /* a state being checked: the functions exist but every call fails */
 } hub_script_conf;
 
 typedef struct hub_script hub_script;

@@ -40,6 +40,7 @@ struct hub_script {
     double deadline;                /* CLOCK_MONOTONIC seconds the current callback may run to */
     int budget_hit;                 /* the current callback ran out of budget */
     atomic_int *cancel;             /* while loading: non-zero stops the load */
+    int worker;                     /* the executor running it: -1 the loop thread */
     int handler[HLUA_EV_COUNT + 1]; /* evapi.on() registry refs, LUA_NOREF when unset */
     int conns_ref;                  /* registry ref: id -> conn userdata */
     int dispatch_ref;               /* ksr.lua's KEMI dispatcher, which then gets every event
@@ -111,5 +112,9 @@ struct json_object *hlua__json_take(lua_State *L, int idx);
  * with nothing pushed (a number with no exact Lua value, nesting past the limit). Raises
  * only for memory. */
 const char *hlua__json_push(lua_State *L, struct json_object *o);
+/* Push json.null. */
+void hlua__push_json_null(lua_State *L);
+/* Define every function conf->fns offers at its TABLE.NAME (after ksr.lua made KSR). */
+void hlua__open_module_fns(lua_State *L, const hub_script_conf *conf);
 
 #endif

@@ -25,6 +25,9 @@ static const struct {
     {EPIPE, "EPIPE", "connection closing"},
     {ENOSYS, "ENOSYS", "no events module"},
     {ENOBUFS, "ENOBUFS", "too much handed to the hub and not yet carried out (worker_calls)"},
+    {EAGAIN, "EAGAIN", "not available now"},
+    {ENOTCONN, "ENOTCONN", "not connected"},
+    {ETIMEDOUT, "ETIMEDOUT", "timed out"},
 };
 
 static int push_error(lua_State *L, const char *msg, const char *code)

@@ -613,6 +613,7 @@ static int init_state(lua_State *L)
         s->dispatch_ref = luaL_ref(L, LUA_REGISTRYINDEX); /* [conf] */
     }
     lua_settop(L, 1); /* [conf] */
+    hlua__open_module_fns(L, conf);
 
     int lrc;
     if (conf->source) {
@@ -677,6 +678,7 @@ static hub_script *hlua_load(const hub_script_conf *conf, const hub_api *api, vo
     s->ud = ud;
     s->max_instructions = conf->max_instructions > 0 ? conf->max_instructions : 0;
     s->max_memory = conf->max_memory;
+    s->worker = conf->worker;
     for (int ev = 0; ev <= HLUA_EV_COUNT; ev++)
         s->handler[ev] = LUA_NOREF;
     s->conns_ref = s->dispatch_ref = s->reset_ref = s->completions_ref = LUA_NOREF;

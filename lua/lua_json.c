@@ -305,6 +305,8 @@ static const char *push_json(lua_State *L, json_object *o, int depth)
 
 const char *hlua__json_push(lua_State *L, struct json_object *o) { return push_json(L, o, 0); }
 
+void hlua__push_json_null(lua_State *L) { lua_pushlightuserdata(L, (void *)&json_null); }
+
 /* json.decode's failure: the box's objects freed, nil and the message on top of the stack. */
 static int decode_fail(lua_State *L, jbox *b)
 {

@@ -1768,11 +1768,131 @@ static void test_unrestricted_keeps_the_libraries(void **state)
                  "assert(type(debug.getinfo) == 'function' and type(os.exit) == 'function')\n");
 }
 
+/* ---- functions a module offers scripts (hub_script_fn) ---- */
+
+typedef struct fake_module {
+    int ncalls;
+    char args[256];
+    uint64_t token;
+    int worker;
+} fake_module;
+
+/* mod.echo: records its arguments; "fail" first fails with ENOBUFS, "ret" returns a table. */
+static int mod_echo(void *state, hub_call *c)
+{
+    fake_module *m = state;
+    m->ncalls++;
+    snprintf(m->args, sizeof(m->args), "%s",
+             json_object_to_json_string_ext(c->args, JSON_C_TO_STRING_PLAIN));
+    m->token = c->token;
+    m->worker = c->worker;
+    const char *first = json_object_get_string(json_object_array_get_idx(c->args, 0));
+    if (first && strcmp(first, "fail") == 0) {
+        snprintf(c->err, sizeof(c->err), "queue full");
+        return -ENOBUFS;
+    }
+    if (first && strcmp(first, "ret") == 0)
+        c->ret = json_tokener_parse("{\"x\":1,\"l\":[1,null]}");
+    return 0;
+}
+
+static const hub_script_fn mod_fns[] = {
+    {"mod", "echo", HUB_FN_REPORT, mod_echo},
+    {"KSR.kafka", "send", HUB_FN_KEMI, mod_echo},
+    {"a.b.c", "echo", 0, mod_echo},
+    {NULL, NULL, 0, NULL},
+};
+
+static hub_script *load_with_fns(fixture *f, fake_module *m, hub_script_fn_ref *refs, int inert,
+                                 const char *cb)
+{
+    for (size_t i = 0; mod_fns[i].name; i++)
+        refs[i] = (hub_script_fn_ref){&mod_fns[i], m};
+    hub_script_conf conf = {.path = f->path,
+                            .event_callback = cb,
+                            .max_instructions = 1000000,
+                            .worker = 2,
+                            .fns = refs,
+                            .nfns = 3,
+                            .fns_inert = inert};
+    write_script(f, cb[0] ? kemi_script : report_script);
+    f->s = hlua_script_ops.load(&conf, &fake_api, &f->hub, f->err, sizeof(f->err));
+    if (!f->s)
+        fail_msg("load failed: %s", f->err);
+    return f->s;
+}
+
+static void test_module_fn_native_args_results_report(void **state)
+{
+    fixture *f = *state;
+    fake_module m = {0};
+    hub_script_fn_ref refs[3];
+    hub_script *s = load_with_fns(f, &m, refs, 0, "");
+    lua_ok(s, "assert(mod.echo('a', nil, 3, {k = true}) == true)");
+    assert_int_equal(m.ncalls, 1);
+    assert_string_equal(m.args, "[\"a\",null,3,{\"k\":true}]");
+    assert_int_equal(m.token, 0);
+    assert_int_equal(m.worker, 2);
+    lua_ok(s, "assert(mod.echo() == true)");
+    assert_string_equal(m.args, "[]");
+    /* a trailing function is the report function: not an argument, a token */
+    lua_ok(s, "assert(mod.echo('x', report) == true)");
+    assert_string_equal(m.args, "[\"x\"]");
+    assert_true(m.token != 0);
+    assert_int_equal(pending_count(s), 1);
+    assert_int_equal(complete(s, m.token, "{\"status\":0,\"id\":\"k1\"}"), 0);
+    lua_ok(s, "assert(#REPORTS == 1 and REPORTS[1].id == 'k1' and REPORTS[1].status == 0)");
+    /* a failure: nil, the module's reason, the errno's name; its token never reports */
+    lua_ok(s, "local ok, msg, code = mod.echo('fail', report)\n"
+              "assert(ok == nil and msg == 'queue full' and code == 'ENOBUFS', msg)");
+    assert_int_equal(pending_count(s), 0);
+    assert_int_equal(complete(s, m.token, "{\"status\":0}"), -ENOENT);
+    /* a value returned instead of true */
+    lua_ok(s, "local r = mod.echo('ret')\n"
+              "assert(r.x == 1 and #r.l == 2 and r.l[2] == json.null)");
+    /* what json.encode refuses raises, naming the function; the module is not called */
+    int before = m.ncalls;
+    lua_ok(s, "local ok, err = pcall(mod.echo, print, 1)\n"
+              "assert(not ok and err:find('mod.echo: cannot encode a function', 1, true), err)");
+    assert_int_equal(m.ncalls, before);
+    lua_ok(s, "assert(a.b.c.echo('deep') == true)");
+    assert_string_equal(m.args, "[\"deep\"]");
+}
+
+static void test_module_fn_kemi_codes_and_inert(void **state)
+{
+    fixture *f = *state;
+    fake_module m = {0};
+    hub_script_fn_ref refs[3];
+    hub_script *s = load_with_fns(f, &m, refs, 0, "ksr_evapi_event");
+    /* the module's function replaces ksr.lua's "not available" entry */
+    assert_int_equal(lua_int(s, "return KSR.kafka.send('topic', 'msg')"), 1);
+    assert_string_equal(m.args, "[\"topic\",\"msg\"]");
+    capture_begin(f);
+    lua_Integer rc = lua_int(s, "return KSR.kafka.send('fail', 'msg')");
+    const char *log = capture_end(f);
+    assert_int_equal(rc, -1);
+    assert_non_null(strstr(log, "KSR.kafka.send: queue full"));
+    /* a function handed to a KEMI call is not a report function: it cannot be encoded */
+    lua_ok(s, "assert(not pcall(KSR.kafka.send, 't', print))");
+    hlua_script_ops.free(f->s);
+
+    /* a state being checked has the functions, and every call fails without reaching them */
+    m.ncalls = 0;
+    s = load_with_fns(f, &m, refs, 1, "");
+    lua_ok(s, "local ok, msg, code = mod.echo('x', report)\n"
+              "assert(ok == nil and code == 'EAGAIN' and msg:find('checked'), msg)");
+    assert_int_equal(m.ncalls, 0);
+    assert_int_equal(pending_count(s), 0);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
 #define T(name) cmocka_unit_test_setup_teardown(name, setup, teardown)
         T(test_kemi_relay_returns_1_or_minus_1),
+        T(test_module_fn_native_args_results_report),
+        T(test_module_fn_kemi_codes_and_inert),
         T(test_kemi_multicast_and_unicast),
         T(test_kemi_close_returns_0_and_minus_1),
         T(test_kemi_set_tag),
