@@ -259,13 +259,25 @@ static int is_loopback_host(const char *host)
 
 /* ---- one key ------------------------------------------------------------------------ */
 
+/* 1 when row k is a prefix row (a LIST named "x.": see HUB_CONF_LIST). */
+static int is_prefix_row(const hub_conf_row *k)
+{
+    size_t n = strlen(k->name);
+    return k->kind == HUB_CONF_LIST && n > 0 && k->name[n - 1] == '.';
+}
+
+/* The row named name, else the prefix row name starts with (and goes beyond), else NULL. */
 static const hub_conf_row *find_row(const hub_conf_section *s, const char *name)
 {
+    const hub_conf_row *prefix = NULL;
     for (const hub_conf_row *k = s->rows; k && k->name; k++) {
-        if (strcmp(k->name, name) == 0)
+        if (strcmp(k->name, name) == 0 && !is_prefix_row(k))
             return k;
+        size_t n = strlen(k->name);
+        if (!prefix && is_prefix_row(k) && strncmp(k->name, name, n) == 0 && name[n])
+            prefix = k;
     }
-    return NULL;
+    return prefix;
 }
 
 /* Index of v in a NULL-terminated list, or -1. */
@@ -826,6 +838,12 @@ static int set_key(load_ctx *x, const char *name, const char *value, char *r, si
     if (first && *first)
         return set_err(r, rlen, "key '%.64s' given twice in [%s] (first at line %d)", name,
                        x->secname, *first);
+    char kv[HUB_CONF_LINE_MAX + 2];
+    if (is_prefix_row(k)) {
+        /* what a prefix row keeps is the whole key and its value (fits: both are one line) */
+        snprintf(kv, sizeof(kv), "%s=%s", name, value);
+        value = kv;
+    }
     int rc = set_row(x->data, k, value, x->base, x->lineno, r, rlen);
     if (rc == 0 && first)
         *first = x->lineno;

@@ -41,7 +41,11 @@ typedef enum hub_conf_kind {
     HUB_CONF_LEVEL,    /* int: a hub_log_level_parse() name */
     HUB_CONF_STRING,   /* char[size]: any text that fits (a longer one is an error) */
     HUB_CONF_LIST,     /* hub_conf_list: the key may repeat; each value is kept, in order.
-                        * No default (def must be NULL); module sections only. */
+                        * No default (def must be NULL); module sections only. A LIST row
+                        * whose name ends with '.' ("g.") is a prefix: it collects every key
+                        * of the section that starts with it and has more after it, each item
+                        * kept as "KEY=VALUE" with the whole key (a library's own properties,
+                        * checked by the module). */
 } hub_conf_kind;
 
 /* One key of a section: where it is stored in the section's struct, how it is parsed, and

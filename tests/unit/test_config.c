@@ -674,6 +674,59 @@ static void test_config_list_key_keeps_every_value_with_its_line(void **state)
 }
 
 /* Issue 12, item 8: this was last-wins; a non-list key given twice is now an error. */
+/* A LIST row named "x." takes every key that starts with "x." (and goes on), whole. */
+typedef struct props_conf {
+    int size;
+    hub_conf_list g;
+} props_conf;
+
+static const hub_conf_row props_rows[] = {
+    HUB_CONF_ROW(props_conf, "size", HUB_CONF_INT, size, 0, 100, NULL, "1"),
+    HUB_CONF_ROW(props_conf, "g.", HUB_CONF_LIST, g, 0, 0, NULL, NULL),
+    {.name = NULL},
+};
+static const hub_conf_section props_sections[] = {
+    {.name = "props", .named = 1, .size = sizeof(props_conf), .rows = props_rows},
+    {.name = NULL},
+};
+static const hub_conf_section *const props_tables[] = {props_sections, NULL};
+
+static void test_config_prefix_row_collects_every_key_with_its_prefix(void **state)
+{
+    (void)state;
+    hub_config c;
+    char path[64], err[512], want[600];
+    hub_config_defaults(&c);
+    write_conf(path, sizeof(path),
+               "[props:a]\ng.linger.ms = 5\nsize = 2\ng.acks=all\ng.linger.ms = 7\n");
+    assert_int_equal(hub_config_load_sections(&c, path, props_tables, err, sizeof(err)), 0);
+    unlink(path);
+    const hub_conf_instance *i = hub_conf_next(&c, "props", NULL);
+    assert_non_null(i);
+    const props_conf *p = i->data;
+    assert_int_equal(p->size, 2);
+    assert_int_equal(p->g.n, 3); /* the module decides about a key given twice */
+    assert_string_equal(p->g.items[0].value, "g.linger.ms=5");
+    assert_int_equal(p->g.items[0].line, 2);
+    assert_string_equal(p->g.items[1].value, "g.acks=all");
+    assert_int_equal(p->g.items[1].line, 4);
+    assert_string_equal(p->g.items[2].value, "g.linger.ms=7");
+    hub_config_free(&c);
+    /* the prefix alone, or another prefix, is an unknown key */
+    const char *bad[] = {"[props]\ng. = 1\n", "[props]\nt.acks = 1\n", "[props]\ng = 1\n"};
+    const char *names[] = {"g.", "t.acks", "g"};
+    for (size_t k = 0; k < 3; k++) {
+        hub_config_defaults(&c);
+        write_conf(path, sizeof(path), bad[k]);
+        assert_int_equal(hub_config_load_sections(&c, path, props_tables, err, sizeof(err)),
+                         -EINVAL);
+        unlink(path);
+        snprintf(want, sizeof(want), "%s:2: unknown key '%s' in section [props]", path, names[k]);
+        assert_string_equal(err, want);
+        hub_config_free(&c);
+    }
+}
+
 static void test_config_module_key_given_twice_is_an_error(void **state)
 {
     (void)state;
@@ -1225,6 +1278,7 @@ int main(void)
         cmocka_unit_test(test_config_defaults_ignore_what_the_memory_held),
         cmocka_unit_test(test_config_list_key_keeps_every_value_with_its_line),
         cmocka_unit_test(test_config_module_key_given_twice_is_an_error),
+        cmocka_unit_test(test_config_prefix_row_collects_every_key_with_its_prefix),
         cmocka_unit_test(test_config_named_instances_get_defaults_and_their_own_values),
         cmocka_unit_test(test_config_bad_instance_name_reports_its_line),
         cmocka_unit_test(test_config_section_name_longer_than_inih_keeps_is_an_error),
