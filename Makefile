@@ -8,8 +8,8 @@ BUILD_FUZZ ?= build-fuzz
 CONFIG     ?= examples/evhub.conf
 JOBS       ?= 2
 # Each module's libraries (build) and its broker and tools (tests): one line each.
-KAFKA_BUILD_PKGS    =
-KAFKA_TEST_PKGS     =
+KAFKA_BUILD_PKGS    = librdkafka-dev
+KAFKA_TEST_PKGS     = kcat
 RABBITMQ_BUILD_PKGS =
 RABBITMQ_TEST_PKGS  =
 BUILD_PKGS  = build-essential cmake pkg-config libev-dev liblua5.4-dev libjson-c-dev \
