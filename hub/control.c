@@ -36,11 +36,17 @@ typedef struct ctl_cmd {
 
 typedef struct ctl_conn ctl_conn;
 
-/* Answers of a batch request, sent together once the last one is in. */
+/* A batch request. Its elements are started one by one as backpressure allows, only once the
+ * connection has no other call under way, and their answers are written as they come, as one
+ * array (JSON-RPC lets them come in any order): nothing else is written to the connection
+ * meanwhile, since no other request is read until the batch ends. */
 typedef struct ctl_batch {
     ctl_conn *conn;
-    json_object *answers; /* array */
-    int remaining;
+    json_object *doc; /* the batch (a reference) */
+    size_t next, n;   /* the next element to start, and how many there are */
+    int started;      /* its first element has started */
+    int outstanding;  /* calls started and not yet answered */
+    int answered;     /* "[" is written: at least one answer went out */
 } ctl_batch;
 
 struct hub_ctl_call {
@@ -66,6 +72,11 @@ struct ctl_conn {
     json_tokener *tok;
     char *out;
     size_t out_len, out_off, out_cap;
+    char *in; /* HUB_CTL_READ bytes: what was read and not yet parsed */
+    size_t in_len, in_off;
+    int calls;        /* calls started and not yet answered */
+    ctl_batch *batch; /* a batch under way */
+    int pumping;      /* conn_pump is running (calls it makes re-enter it) */
 };
 
 struct hub_ctl {
@@ -84,6 +95,7 @@ struct hub_ctl {
 
 static void conn_close(ctl_conn *c);
 static void conn_unref(ctl_conn *c);
+static void conn_pump(ctl_conn *c);
 
 static void linger_cb(struct ev_loop *loop, ev_timer *w, int revents)
 {
@@ -138,7 +150,8 @@ static void idle_cb(struct ev_loop *loop, ev_timer *w, int revents)
  * peer's EOF or HUB_CTL_LINGER seconds. */
 static void conn_close_if_done(ctl_conn *c)
 {
-    if (c->fd < 0 || !c->eof || c->refs != 1 || c->out_len != 0)
+    if (c->fd < 0 || !c->eof || c->refs != 1 || c->out_len != 0 || c->in_off < c->in_len ||
+        c->batch)
         return;
     if (!c->discard || c->ctl->nlinger >= HUB_CTL_MAX_CONNS) {
         conn_close(c);
@@ -183,31 +196,36 @@ static void conn_flush(ctl_conn *c)
     }
     c->out_off = c->out_len = 0;
     ev_io_stop(c->ctl->loop, &c->wio);
-    conn_close_if_done(c);
+    conn_pump(c); /* more requests may go now; it closes c if that was all */
 }
 
-static void conn_write_json(ctl_conn *c, json_object *o)
+/* Append pre, o's text (NULL: none) and post to c's answers and write what the socket takes.
+ * Past HUB_CTL_MAX_OUTPUT unsent, the connection is closed. */
+static void conn_put(ctl_conn *c, const char *pre, json_object *o, const char *post)
 {
-    size_t len;
+    size_t len = 0, plen = strlen(pre), qlen = strlen(post);
+    const char *s = "";
     if (c->fd < 0)
         return; /* nobody to read it: not even built */
-    const char *s = json_object_to_json_string_length(
-        o, JSON_C_TO_STRING_PLAIN | JSON_C_TO_STRING_NOSLASHESCAPE, &len);
+    if (o)
+        s = json_object_to_json_string_length(
+            o, JSON_C_TO_STRING_PLAIN | JSON_C_TO_STRING_NOSLASHESCAPE, &len);
+    size_t add = plen + len + qlen;
     if (c->out_off > 0) {
         /* Keep only what is unsent. */
         memmove(c->out, c->out + c->out_off, c->out_len - c->out_off);
         c->out_len -= c->out_off;
         c->out_off = 0;
     }
-    if (c->out_len + len + 1 > HUB_CTL_MAX_OUTPUT) {
+    if (c->out_len + add > HUB_CTL_MAX_OUTPUT) {
         hub_log(HUB_LOG_WARN, "control: client reads too slowly (%zu bytes unsent), closing",
                 c->out_len);
         conn_close(c);
         return;
     }
-    if (c->out_len + len + 1 > c->out_cap) {
+    if (c->out_len + add > c->out_cap) {
         size_t ncap = c->out_cap ? c->out_cap : 4096;
-        while (ncap < c->out_len + len + 1)
+        while (ncap < c->out_len + add)
             ncap *= 2;
         char *n = hub_realloc(c->out, ncap);
         if (!n) {
@@ -218,11 +236,14 @@ static void conn_write_json(ctl_conn *c, json_object *o)
         c->out = n;
         c->out_cap = ncap;
     }
-    memcpy(c->out + c->out_len, s, len);
-    c->out[c->out_len + len] = '\n';
-    c->out_len += len + 1;
+    memcpy(c->out + c->out_len, pre, plen);
+    memcpy(c->out + c->out_len + plen, s, len);
+    memcpy(c->out + c->out_len + plen + len, post, qlen);
+    c->out_len += add;
     conn_flush(c);
 }
+
+static void conn_write_json(ctl_conn *c, json_object *o) { conn_put(c, "", o, "\n"); }
 
 /* Write answer (owned, may be NULL) to c. */
 static void conn_answer(ctl_conn *c, json_object *answer)
@@ -258,17 +279,20 @@ static json_object *make_error(json_object *id, int code, const char *msg)
     return make_answer(id, "error", error_object(code, msg));
 }
 
-/* Add answer (owned, may be NULL) to b; the last one in sends them all. */
+static void batch_free(ctl_batch *b)
+{
+    json_object_put(b->doc);
+    hub_free(b);
+}
+
+/* An answer (owned, may be NULL) of one of b's elements: written at once, after "[" or ",". */
 static void batch_add(ctl_batch *b, json_object *answer)
 {
-    if (answer)
-        json_object_array_add(b->answers, answer);
-    if (--b->remaining > 0)
-        return;
-    if (json_object_array_length(b->answers) > 0)
-        conn_write_json(b->conn, b->answers);
-    json_object_put(b->answers);
-    hub_free(b);
+    if (answer) {
+        conn_put(b->conn, b->answered ? "," : "[", answer, "");
+        b->answered = 1;
+        json_object_put(answer);
+    }
 }
 
 /* Answer call with key:val (val owned; dropped for a notification or a closed connection)
@@ -281,12 +305,16 @@ static void call_finish(hub_ctl_call *call, const char *key, json_object *val)
         answer = make_answer(call->id, key, val);
     else
         json_object_put(val);
-    if (call->batch)
+    c->calls--;
+    if (call->batch) {
+        call->batch->outstanding--;
         batch_add(call->batch, answer);
-    else
+    } else {
         conn_answer(c, answer);
+    }
     json_object_put(call->id);
     hub_free(call);
+    conn_pump(c);
     conn_unref(c);
 }
 
@@ -435,8 +463,9 @@ static json_object *run_request(ctl_conn *c, json_object *req, ctl_batch *batch)
     call->batch = batch;
     call->method = cmd->spec->name;
     c->refs++;
+    c->calls++;
     if (batch)
-        batch->remaining++;
+        batch->outstanding++;
     hub_log(HUB_LOG_DEBUG, "control: %s %s", name, json_object_to_json_string(checked));
     cmd->fn(call, checked, cmd->ud); /* answers now or later */
     json_object_put(checked);
@@ -456,19 +485,37 @@ static void run_document(ctl_conn *c, json_object *doc)
         return;
     }
     ctl_batch *b = hub_calloc(1, sizeof(*b));
-    if (!b)
+    if (!b) {
+        count_request(c->ctl);
+        conn_answer(c, make_error(NULL, HUB_CTL_INTERNAL_ERROR, "out of memory"));
         return;
-    b->conn = c;
-    b->answers = json_object_new_array();
-    b->remaining = 1; /* held until every element has started */
-    c->refs++;
-    for (size_t i = 0; i < n && c->fd >= 0; i++) {
-        json_object *err = run_request(c, json_object_array_get_idx(doc, i), b);
-        if (err)
-            json_object_array_add(b->answers, err);
     }
-    batch_add(b, NULL); /* the hold */
-    conn_unref(c);
+    b->conn = c;
+    b->doc = json_object_get(doc);
+    b->n = n;
+    c->batch = b; /* started by conn_pump, element by element */
+}
+
+/* The batch's next step: start an element (once nothing else is under way), or end it once
+ * every element is answered. 1 when it did something. */
+static int batch_step(ctl_conn *c)
+{
+    ctl_batch *b = c->batch;
+    if (!b->started && c->calls > 0)
+        return 0;
+    if (b->next < b->n) {
+        b->started = 1;
+        json_object *err = run_request(c, json_object_array_get_idx(b->doc, b->next++), b);
+        batch_add(b, err);
+        return 1;
+    }
+    if (b->outstanding > 0)
+        return 0;
+    if (b->answered)
+        conn_put(c, "", NULL, "]\n");
+    c->batch = NULL;
+    batch_free(b);
+    return 1;
 }
 
 /* Answer a request that is not JSON, and read no more from c: the rest of a broken text
@@ -481,21 +528,25 @@ static void parse_failed(ctl_conn *c, const char *why)
     count_request(c->ctl);
     hub_log(HUB_LOG_DEBUG, "control: %s; closing the connection", msg);
     c->eof = 1;
-    c->discard = 1; /* still read, so that closing does not reset the connection */
+    c->discard = 1;        /* still read, so that closing does not reset the connection */
+    c->in_off = c->in_len; /* what is left of the read is dropped */
     /* closes c once written, if nothing else is pending */
     conn_answer(c, make_error(NULL, HUB_CTL_PARSE_ERROR, msg));
 }
 
 static int is_space(char ch) { return ch == ' ' || ch == '\t' || ch == '\r' || ch == '\n'; }
 
-/* Feed bytes to the tokener; run each complete document. */
-static void conn_feed(ctl_conn *c, const char *buf, size_t len)
+/* Feed what is left of the last read to the tokener, up to the end of one document, and run
+ * it. The rest stays in c->in for conn_pump. */
+static void feed_one(ctl_conn *c)
 {
-    while (len > 0 && c->fd >= 0 && !c->eof) {
+    while (c->in_off < c->in_len && c->fd >= 0 && !c->eof) {
+        const char *buf = c->in + c->in_off;
+        size_t len = c->in_len - c->in_off;
         if (c->doc_bytes == 0) {
             /* Whitespace between documents is not part of any. */
             while (len && is_space(*buf))
-                buf++, len--;
+                buf++, len--, c->in_off++;
             if (!len)
                 return;
         }
@@ -511,8 +562,7 @@ static void conn_feed(ctl_conn *c, const char *buf, size_t len)
         while (jerr == json_tokener_success && body > 0 && is_space(buf[body - 1]))
             body--;
         c->doc_bytes += body;
-        buf += used;
-        len -= used;
+        c->in_off += used;
         if (jerr == json_tokener_continue && c->doc_bytes <= HUB_CTL_MAX_REQUEST)
             continue;
         if (c->doc_bytes > HUB_CTL_MAX_REQUEST) {
@@ -529,7 +579,43 @@ static void conn_feed(ctl_conn *c, const char *buf, size_t len)
         c->active = ev_now(c->ctl->loop);
         run_document(c, doc);
         json_object_put(doc);
+        return;
     }
+}
+
+/* Too much under way or unsent on c to take more of its requests. */
+static int conn_busy(const ctl_conn *c)
+{
+    return c->calls >= HUB_CTL_MAX_INFLIGHT || c->out_len - c->out_off >= HUB_CTL_OUT_PAUSE;
+}
+
+/* Make progress on c as far as backpressure allows: the batch under way, else the next
+ * request already read; then read more only when all that is done (or to discard). */
+static void conn_pump(ctl_conn *c)
+{
+    if (c->pumping || c->fd < 0)
+        return;
+    c->pumping = 1;
+    c->refs++; /* a call may close c */
+    while (c->fd >= 0 && !c->discard && !conn_busy(c)) {
+        if (c->batch) {
+            if (!batch_step(c))
+                break;
+        } else if (c->in_off < c->in_len && !c->eof) {
+            feed_one(c);
+        } else {
+            break;
+        }
+    }
+    if (c->fd >= 0) {
+        int want = c->discard || (!c->eof && !c->batch && c->in_off == c->in_len && !conn_busy(c));
+        if (want)
+            ev_io_start(c->ctl->loop, &c->rio);
+        else
+            ev_io_stop(c->ctl->loop, &c->rio);
+    }
+    c->pumping = 0;
+    conn_unref(c);
 }
 
 /* ---- connections ---- */
@@ -537,9 +623,14 @@ static void conn_feed(ctl_conn *c, const char *buf, size_t len)
 static void conn_read_cb(struct ev_loop *loop, ev_io *w, int revents)
 {
     ctl_conn *c = w->data;
-    char buf[16384];
     (void)loop, (void)revents;
-    ssize_t n = recv(c->fd, buf, sizeof(buf), 0);
+    if (!c->in && !(c->in = hub_malloc(HUB_CTL_READ))) {
+        hub_log(HUB_LOG_ERR, "control: out of memory reading a request");
+        conn_close(c);
+        return;
+    }
+    /* Read only once what was read before is parsed (conn_pump stops the watcher till then). */
+    ssize_t n = recv(c->fd, c->in, HUB_CTL_READ, 0);
     if (n < 0 && (errno == EINTR || errno == EAGAIN || errno == EWOULDBLOCK))
         return;
     if (n < 0 || (n == 0 && c->discard)) {
@@ -560,9 +651,9 @@ static void conn_read_cb(struct ev_loop *loop, ev_io *w, int revents)
         conn_close_if_done(c);
         return;
     }
-    c->refs++; /* a handler may close c; keep it until feeding returns */
-    conn_feed(c, buf, (size_t)n);
-    conn_unref(c);
+    c->in_off = 0;
+    c->in_len = (size_t)n;
+    conn_pump(c);
 }
 
 static void conn_write_cb(struct ev_loop *loop, ev_io *w, int revents)
@@ -601,8 +692,11 @@ static void conn_unref(ctl_conn *c)
         conn_close_if_done(c);
         return;
     }
+    if (c->batch)
+        batch_free(c->batch);
     json_tokener_free(c->tok);
     hub_free(c->out);
+    hub_free(c->in);
     hub_free(c);
 }
 

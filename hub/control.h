@@ -16,7 +16,16 @@ typedef struct hub_ctl_call hub_ctl_call;
 #define HUB_CTL_MAX_CONNS   64                  /* control connections open at once */
 #define HUB_CTL_MAX_REQUEST (1024 * 1024)       /* bytes in one request */
 #define HUB_CTL_MAX_OUTPUT  (256 * 1024 * 1024) /* bytes of answers queued to one connection */
-#define HUB_CTL_LINGER      2.0 /* s a connection ended by a parse error reads on for the EOF */
+/* Backpressure: a connection's next request (or next element of a batch) is read and started
+ * only while fewer than HUB_CTL_MAX_INFLIGHT of its calls are under way and fewer than
+ * HUB_CTL_OUT_PAUSE bytes of its answers are unsent. So what one connection holds is at most
+ * HUB_CTL_OUT_PAUSE + HUB_CTL_MAX_INFLIGHT answers (a `clients` answer is ~170 bytes a
+ * listed client) + one read (HUB_CTL_READ) + one request being parsed (HUB_CTL_MAX_REQUEST),
+ * however many requests it pipelines and however it batches them. */
+#define HUB_CTL_MAX_INFLIGHT 4
+#define HUB_CTL_OUT_PAUSE    (64 * 1024)
+#define HUB_CTL_READ         16384
+#define HUB_CTL_LINGER       2.0 /* s a connection ended by a parse error reads on for the EOF */
 /* s a connection may go without progress before it is closed: no request from the peer and,
  * when answers wait for it, none of their bytes taken. A call the hub is still working on
  * (a reload, a listing) holds the clock. So idle connections cannot hold the 64 slots. */

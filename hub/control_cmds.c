@@ -269,8 +269,11 @@ static void cmd_clients(hub_ctl_call *call, json_object *params, void *ud)
     j->h = h;
     j->call = call;
     j->n = n;
-    j->next = h->list_jobs;
-    h->list_jobs = j;
+    /* At the tail: listings finishing in the same slice are answered in the order asked. */
+    hub_list_job **tail = &h->list_jobs;
+    while (*tail)
+        tail = &(*tail)->next;
+    *tail = j;
     if (!ev_is_active(&h->list_w)) {
         ev_timer_init(&h->list_w, list_step_cb, 0., 0.);
         h->list_w.data = h;

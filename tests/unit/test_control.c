@@ -27,6 +27,7 @@ typedef struct fixture {
     hub_ctl_call *held[8]; /* calls the "later" command has not answered yet */
     int nheld;
     int echo_calls;
+    int big_calls;
 } fixture;
 
 static fixture *current; /* the running test's, for send_str */
@@ -41,6 +42,7 @@ static const hub_ctl_param echo_params[] = {
 static const hub_ctl_spec echo_spec = {"echo", "answers its params", NULL, echo_params, 3};
 static const hub_ctl_spec later_spec = {"later", "answers when told to", NULL, NULL, 0};
 static const hub_ctl_spec fail_spec = {"fail", "always fails", NULL, NULL, 0};
+static const hub_ctl_spec big_spec = {"big", "answers 32 KiB", NULL, NULL, 0};
 
 static void echo_cmd(hub_ctl_call *call, json_object *params, void *ud)
 {
@@ -53,8 +55,18 @@ static void later_cmd(hub_ctl_call *call, json_object *params, void *ud)
 {
     fixture *f = ud;
     (void)params;
-    assert_true(f->nheld < 8);
+    assert_true(f->nheld < (int)(sizeof(f->held) / sizeof(f->held[0])));
     f->held[f->nheld++] = call;
+}
+
+static void big_cmd(hub_ctl_call *call, json_object *params, void *ud)
+{
+    fixture *f = ud;
+    static char text[32 * 1024];
+    (void)params;
+    f->big_calls++;
+    memset(text, 'x', sizeof(text));
+    hub_ctl_reply(call, json_object_new_string_len(text, sizeof(text)));
 }
 
 static void fail_cmd(hub_ctl_call *call, json_object *params, void *ud)
@@ -404,6 +416,106 @@ static void test_notifications_get_no_answer(void **state)
     close(fd);
 }
 
+/* Backpressure: a client that pipelines requests gets at most HUB_CTL_MAX_INFLIGHT of them
+ * under way; the rest wait unread until answers are taken. */
+static void test_pipelined_calls_are_bounded_in_flight(void **state)
+{
+    fixture *f = *state;
+    int fd = client(f);
+    char req[64 * 40], *p = req;
+    for (int i = 1; i <= 40; i++)
+        p += sprintf(p, "{\"jsonrpc\":\"2.0\",\"id\":%d,\"method\":\"later\"}\n", i);
+    send_str(fd, req);
+    for (int i = 0; i < 50; i++)
+        ev_run(f->loop, EVRUN_NOWAIT);
+    assert_int_equal(f->nheld, HUB_CTL_MAX_INFLIGHT);
+    /* answering them lets the next ones start, in order, and each answer comes */
+    for (int done = 0; done < 40;) {
+        int n = f->nheld;
+        assert_true(n > 0 && n <= HUB_CTL_MAX_INFLIGHT);
+        for (int i = 0; i < n; i++) {
+            hub_ctl_call *c = f->held[0];
+            memmove(f->held, f->held + 1, (size_t)(f->nheld - 1) * sizeof(f->held[0]));
+            f->nheld--;
+            hub_ctl_reply(c, json_object_new_int(done + i));
+        }
+        for (int i = 0; i < n; i++) {
+            json_object *a = answer(f, fd);
+            char want[16];
+            snprintf(want, sizeof(want), "%d", done + i + 1);
+            assert_string_equal(id_text(a), want);
+            json_object_put(a);
+        }
+        done += n;
+        for (int i = 0; i < 50 && done < 40 && f->nheld == 0; i++)
+            ev_run(f->loop, EVRUN_NOWAIT);
+    }
+    close(fd);
+}
+
+/* A client that asks for big answers and never reads: the hub builds a bounded number of
+ * them (unsent answers over HUB_CTL_OUT_PAUSE stop the reading), whether the requests come
+ * pipelined or as one batch; reading them all later gets every answer. */
+static void test_unread_answers_stop_the_reading(void **state)
+{
+    fixture *f = *state;
+    enum { N = 400 };
+    static char req[N * 48 + 4];
+    assert_int_equal(hub_ctl_register(f->ctl, &big_spec, big_cmd, f), 0);
+    for (int batch = 0; batch < 2; batch++) {
+        int fd = client(f);
+        int rcv = 4096;
+        setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &rcv, sizeof(rcv));
+        char *p = req;
+        if (batch)
+            *p++ = '[';
+        for (int i = 1; i <= N; i++)
+            p += sprintf(p, "%s{\"jsonrpc\":\"2.0\",\"id\":%d,\"method\":\"big\"}%s",
+                         batch && i > 1 ? "," : "", i, batch ? "" : "\n");
+        if (batch)
+            p += sprintf(p, "]\n");
+        f->big_calls = 0;
+        send_str(fd, req);
+        for (int i = 0; i < 200; i++)
+            ev_run(f->loop, EVRUN_NOWAIT);
+        /* what the socket buffers took, plus HUB_CTL_OUT_PAUSE unsent, plus one answer */
+        int bound = (int)((HUB_CTL_OUT_PAUSE + 4 * 1024 * 1024) / (32 * 1024)) + 2;
+        if (f->big_calls >= N || f->big_calls > bound)
+            fail_msg("%s: %d of %d answers built while the client read nothing",
+                     batch ? "batch" : "pipelined", f->big_calls, N);
+        /* now read everything: every answer arrives */
+        int got = 0;
+        if (batch) {
+            /* one line of N answers: too long for read_line */
+            size_t cap = (size_t)N * 33 * 1024, have = 0;
+            char *all = malloc(cap);
+            assert_non_null(all);
+            for (int i = 0; i < 100000 && (have == 0 || all[have - 1] != '\n'); i++) {
+                ev_run(f->loop, EVRUN_NOWAIT);
+                ssize_t r = recv(fd, all + have, cap - have, MSG_DONTWAIT);
+                assert_true(r != 0);
+                if (r > 0)
+                    have += (size_t)r;
+            }
+            all[have - 1] = '\0';
+            json_object *a = json_tokener_parse(all);
+            assert_non_null(a);
+            assert_true(json_object_is_type(a, json_type_array));
+            got = (int)json_object_array_length(a);
+            json_object_put(a);
+            free(all);
+        } else {
+            for (; got < N; got++)
+                json_object_put(answer(f, fd));
+        }
+        assert_int_equal(got, N);
+        assert_int_equal(f->big_calls, N);
+        close(fd);
+        for (int i = 0; i < 20; i++)
+            ev_run(f->loop, EVRUN_NOWAIT);
+    }
+}
+
 static void test_batch_with_late_answers(void **state)
 {
     fixture *f = *state;
@@ -413,11 +525,15 @@ static void test_batch_with_late_answers(void **state)
                  "{\"jsonrpc\":\"2.0\",\"method\":\"echo\",\"params\":[3]},"
                  "7,"
                  "{\"jsonrpc\":\"2.0\",\"id\":4,\"method\":\"nope\"}]\n");
-    /* nothing is sent while one part of the batch is still out */
+    /* answers go out as they come, but the line (the batch's array) is not complete while one
+     * part of the batch is still out */
     for (int i = 0; i < 20; i++)
         ev_run(f->loop, EVRUN_NOWAIT);
-    struct pollfd p = {fd, POLLIN, 0};
-    assert_int_equal(poll(&p, 1, 20), 0);
+    char part[4096];
+    ssize_t got = recv(fd, part, sizeof(part) - 1, MSG_DONTWAIT | MSG_PEEK);
+    assert_true(got > 0 && part[0] == '[');
+    part[got] = '\0';
+    assert_null(strchr(part, '\n'));
     assert_int_equal(f->nheld, 1);
     hub_ctl_reply(f->held[0], json_object_new_string("done"));
     f->nheld = 0;
@@ -555,6 +671,8 @@ int main(void)
         T(test_split_pipelined_and_multiline_requests),
         T(test_notifications_get_no_answer),
         T(test_batch_with_late_answers),
+        T(test_pipelined_calls_are_bounded_in_flight),
+        T(test_unread_answers_stop_the_reading),
         T(test_late_answer_after_asker_left),
         T(test_half_closed_asker_still_gets_answers),
         T(test_oversized_request_is_refused),
