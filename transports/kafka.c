@@ -785,6 +785,7 @@ static void rq_push(kconn *c, kjob *j)
         c->rq_head = j;
     c->rq_tail = j;
     c->rq_n++;
+    atomic_fetch_add(&c->qfull, 1);
     if (!ev_is_active(&c->retry)) {
         ev_timer_init(&c->retry, retry_cb, c->interval_ms / 1000.0, c->interval_ms / 1000.0);
         c->retry.data = c;
@@ -829,8 +830,8 @@ static int job_try(kconn *c, kjob *j)
 
 static void job_wait(kconn *c, kjob *j)
 {
-    atomic_fetch_add(&c->qfull, 1);
     if (c->retries == 0) {
+        atomic_fetch_add(&c->qfull, 1);
         job_fail(j, "queue full (queue.buffering.max.messages or .kbytes reached)");
         return;
     }
@@ -959,40 +960,36 @@ static int parse_options(json_object *o, pub_args *a, hub_call *call)
     {
         if (!strcmp(k, "key")) {
             if (!json_object_is_type(v, json_type_string))
-                return arg_fail(call, -EINVAL, "kafka.publish: key must be a string%s", "");
+                return arg_fail(call, -EINVAL, "key must be a string%s", "");
             a->key = json_object_get_string(v);
             a->klen = (size_t)json_object_get_string_len(v);
         } else if (!strcmp(k, "topic")) {
             if (!json_object_is_type(v, json_type_string) || !topic_ok(json_object_get_string(v)))
                 return arg_fail(call, -EINVAL,
-                                "kafka.publish: topic must be 1..249 of "
+                                "topic must be 1..249 of "
                                 "[A-Za-z0-9._-]%s",
                                 "");
             a->topic = json_object_get_string(v);
         } else if (!strcmp(k, "partition")) {
             int64_t p = json_object_get_int64(v);
             if (!json_object_is_type(v, json_type_int) || p < 0 || p > INT32_MAX)
-                return arg_fail(call, -EINVAL, "kafka.publish: partition must be an integer >= 0%s",
-                                "");
+                return arg_fail(call, -EINVAL, "partition must be an integer >= 0%s", "");
             a->partition = (int32_t)p;
         } else if (!strcmp(k, "headers")) {
             if (!json_object_is_type(v, json_type_object))
-                return arg_fail(call, -EINVAL,
-                                "kafka.publish: headers must be a table of name = string%s", "");
+                return arg_fail(call, -EINVAL, "headers must be a table of name = string%s", "");
             if (!a->hdrs)
                 a->hdrs = rd_kafka_headers_new((size_t)json_object_object_length(v));
             json_object_object_foreach(v, hn, hv)
             {
                 if (!json_object_is_type(hv, json_type_string))
-                    return arg_fail(call, -EINVAL, "kafka.publish: header '%.64s' is not a string",
-                                    hn);
+                    return arg_fail(call, -EINVAL, "header '%.64s' is not a string", hn);
                 rd_kafka_header_add(a->hdrs, hn, -1, json_object_get_string(hv),
                                     json_object_get_string_len(hv));
             }
         } else {
-            return arg_fail(
-                call, -EINVAL,
-                "kafka.publish: unknown option '%.64s' (key, topic, partition, headers)", k);
+            return arg_fail(call, -EINVAL,
+                            "unknown option '%.64s' (key, topic, partition, headers)", k);
         }
     }
     return 0;
@@ -1000,14 +997,14 @@ static int parse_options(json_object *o, pub_args *a, hub_call *call)
 
 /* Check a publish and fill a; a->hdrs may be set even on failure (the caller frees it). */
 static int check_publish(kafka_state *ks, kconn *c, json_object *args, int first, pub_args *a,
-                         hub_call *call, const char *who)
+                         hub_call *call)
 {
     json_object *m = json_object_array_get_idx(args, (size_t)first);
     json_object *x = json_object_array_get_idx(args, (size_t)first + 1);
     a->c = c;
     a->partition = RD_KAFKA_PARTITION_UA;
     if (!m || !json_object_is_type(m, json_type_string))
-        return arg_fail(call, -EINVAL, "%s: the message must be a string", who);
+        return arg_fail(call, -EINVAL, "the message must be a string%s", "");
     a->msg = json_object_get_string(m);
     a->len = (size_t)json_object_get_string_len(m);
     if (x && json_object_is_type(x, json_type_string)) {
@@ -1018,33 +1015,33 @@ static int check_publish(kafka_state *ks, kconn *c, json_object *args, int first
         if (rc < 0)
             return rc;
     } else if (x) {
-        return arg_fail(call, -EINVAL, "%s: the key must be a string (or an options table)", who);
+        return arg_fail(call, -EINVAL, "the key must be a string (or an options table)%s", "");
     }
     if (json_object_array_length(args) > (size_t)first + 2)
-        return arg_fail(call, -EINVAL, "%s: too many arguments", who);
+        return arg_fail(call, -EINVAL, "too many arguments%s", "");
     if (!a->topic)
         a->topic = c->topic;
     if (!a->topic[0]) {
-        snprintf(call->err, sizeof(call->err), "%s: %.64s has no default topic and none was given",
-                 who, c->name);
+        snprintf(call->err, sizeof(call->err), "%.64s has no default topic and none was given",
+                 c->name);
         return -EINVAL;
     }
     if (a->len + a->klen > c->max_bytes) {
         atomic_fetch_add(&c->refused, 1);
         snprintf(call->err, sizeof(call->err),
-                 "%s: message of %zu bytes is over message.max.bytes (%zu)", who, a->len + a->klen,
+                 "message of %zu bytes is over message.max.bytes (%zu)", a->len + a->klen,
                  c->max_bytes);
         return -EMSGSIZE;
     }
     if (atomic_load(&ks->stopped)) {
         atomic_fetch_add(&c->refused, 1);
-        snprintf(call->err, sizeof(call->err), "%s: the kafka module has stopped", who);
+        snprintf(call->err, sizeof(call->err), "the kafka module has stopped");
         return -ESHUTDOWN;
     }
     if (in_flight(c) >= (uint64_t)c->max_in_flight) {
         atomic_fetch_add(&c->refused, 1);
-        snprintf(call->err, sizeof(call->err), "%s: queue full (%d messages in flight on %.64s)",
-                 who, c->max_in_flight, c->name);
+        snprintf(call->err, sizeof(call->err), "queue full (%d messages in flight on %.64s)",
+                 c->max_in_flight, c->name);
         return -ENOBUFS;
     }
     return 0;
@@ -1094,13 +1091,12 @@ static int fn_publish(void *state, hub_call *call)
     kafka_state *ks = state;
     json_object *id = json_object_array_get_idx(call->args, 0);
     if (!id || !json_object_is_type(id, json_type_string))
-        return arg_fail(call, -EINVAL, "kafka.publish: the id must be a string%s", "");
+        return arg_fail(call, -EINVAL, "the id must be a string%s", "");
     kconn *c = find_conn(ks, json_object_get_string(id));
     if (!c)
-        return arg_fail(call, -ENOENT, "kafka.publish: unknown kafka id '%.64s'",
-                        json_object_get_string(id));
+        return arg_fail(call, -ENOENT, "unknown kafka id '%.64s'", json_object_get_string(id));
     pub_args a = {0};
-    int rc = check_publish(ks, c, call->args, 1, &a, call, "kafka.publish");
+    int rc = check_publish(ks, c, call->args, 1, &a, call);
     if (rc == 0)
         rc = do_publish(ks, &a, call);
     if (a.hdrs)
@@ -1109,44 +1105,36 @@ static int fn_publish(void *state, hub_call *call)
 }
 
 /* KSR.kafka.send(topic, msg) / send_key(topic, msg, key), on the KEMI connection. */
-static int kemi_send(kafka_state *ks, hub_call *call, int with_key, const char *who)
+static int kemi_send(kafka_state *ks, hub_call *call, int with_key)
 {
     kconn *c = ks->kemi;
     if (!c)
-        return arg_fail(call, -ENOENT, "%s: no kafka connection is configured", who);
+        return arg_fail(call, -ENOENT, "no kafka connection is configured%s", "");
     json_object *t = json_object_array_get_idx(call->args, 0);
     json_object *k = json_object_array_get_idx(call->args, 2);
     size_t want = with_key ? 3 : 2;
     if (json_object_array_length(call->args) != want)
-        return arg_fail(call, -EINVAL, "%s: wrong number of arguments", who);
+        return arg_fail(call, -EINVAL, "wrong number of arguments%s", "");
     if (!t || !json_object_is_type(t, json_type_string) || !topic_ok(json_object_get_string(t)))
-        return arg_fail(call, -EINVAL, "%s: the topic must be 1..249 of [A-Za-z0-9._-]", who);
+        return arg_fail(call, -EINVAL, "the topic must be 1..249 of [A-Za-z0-9._-]%s", "");
     if (with_key && (!k || !json_object_is_type(k, json_type_string)))
-        return arg_fail(call, -EINVAL, "%s: the key must be a string", who);
+        return arg_fail(call, -EINVAL, "the key must be a string%s", "");
     json_object *args = json_object_new_array();
     json_object_array_add(args, json_object_get(json_object_array_get_idx(call->args, 1)));
     json_object_array_add(args, with_key ? json_object_get(k) : NULL);
-    pub_args a = {0};
-    int rc = check_publish(ks, c, args, 0, &a, call, who);
-    if (rc == 0) {
-        a.topic = json_object_get_string(t);
+    pub_args a = {.topic = json_object_get_string(t)};
+    int rc = check_publish(ks, c, args, 0, &a, call);
+    if (rc == 0)
         rc = do_publish(ks, &a, call);
-    }
     if (a.hdrs)
         rd_kafka_headers_destroy(a.hdrs);
     json_object_put(args);
     return rc;
 }
 
-static int fn_send(void *state, hub_call *call)
-{
-    return kemi_send(state, call, 0, "KSR.kafka.send");
-}
+static int fn_send(void *state, hub_call *call) { return kemi_send(state, call, 0); }
 
-static int fn_send_key(void *state, hub_call *call)
-{
-    return kemi_send(state, call, 1, "KSR.kafka.send_key");
-}
+static int fn_send_key(void *state, hub_call *call) { return kemi_send(state, call, 1); }
 
 static const hub_script_fn kafka_fns[] = {
     {"kafka", "publish", HUB_FN_REPORT, fn_publish},
@@ -1640,7 +1628,7 @@ static size_t kafka_stats(void *state, hub_stat *out, size_t cap)
         {"kafka_failed", "messages reported failed (timeout, queue full, error, shutdown)", 0},
         {"kafka_in_flight", "messages accepted and not yet delivered or failed", 1},
         {"kafka_refused", "publishes refused at once (size, queue bound, stopped)", 0},
-        {"kafka_queue_full", "messages that met QUEUE_FULL and waited for a retry", 0},
+        {"kafka_queue_full", "messages that met QUEUE_FULL, or waited behind one, for a retry", 0},
         {"kafka_errors", "errors librdkafka reported (broker down, transport, ...)", 0},
         {"kafka_fatal", "fatal producer errors (the producer was made anew)", 0},
     };
