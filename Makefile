@@ -10,8 +10,8 @@ JOBS       ?= 2
 # Each module's libraries (build) and its broker and tools (tests): one line each.
 KAFKA_BUILD_PKGS    = librdkafka-dev
 KAFKA_TEST_PKGS     = kcat
-RABBITMQ_BUILD_PKGS =
-RABBITMQ_TEST_PKGS  =
+RABBITMQ_BUILD_PKGS = librabbitmq-dev
+RABBITMQ_TEST_PKGS  = rabbitmq-server amqp-tools
 BUILD_PKGS  = build-essential cmake pkg-config libev-dev liblua5.4-dev libjson-c-dev \
               libinih-dev libcmocka-dev $(KAFKA_BUILD_PKGS) $(RABBITMQ_BUILD_PKGS)
 TEST_PKGS   = python3 valgrind clang-format util-linux clang libclang-rt-14-dev \
