@@ -1,0 +1,219 @@
+#!/usr/bin/python3
+"""Kafka publishing benchmark (issue 8; not a test). One mock broker (kafka_mock) serves both
+sides, alternating, in the same run:
+
+  hub    messages published from Lua (kafka.publish with a report function for every one,
+         workers = 0) until every report has run: messages/s, and the hub's CPU per message
+  plain  kafkabench, a plain librdkafka producer with the same properties, same sizes
+
+and, meanwhile, a client relays frames through the hub to another client (a multicast by
+tag): frames/s relayed while the hub publishes, next to frames/s with no publishing (measured
+first). Figures are ratios within this one run; the machine is shared.
+
+  kafka_bench.py [--count N] [--size BYTES] [--rounds R] [--batch B]
+Environment: EVHUB_BIN (default build/evhub), the tools next to it under tests/bench/kafka/.
+"""
+
+import argparse
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "..", "integration"))
+from evhub_harness import BIN, Hub  # noqa: E402
+
+TOOLS = os.path.join(os.path.dirname(BIN), "tests", "bench", "kafka")
+PROPS = ["linger.ms=5", "acks=all"]  # the same for both sides (librdkafka's defaults, said)
+
+SCRIPT = r'''
+local target, got, fails, waiter, payload = 0, 0, 0, nil, ""
+local function rep(r)
+    if r.status == 0 then got = got + 1 else fails = fails + 1 end
+    if waiter and got + fails >= target then
+        waiter:send("done " .. got .. " " .. fails)
+        waiter = nil
+    end
+end
+evapi.on("message", function(conn, msg)
+    local cmd, a, b = msg:match("^(%a+) ?(%d*) ?(%d*)$")
+    if cmd == "reset" then
+        target, got, fails, waiter = tonumber(a), 0, 0, conn
+        payload = string.rep("x", tonumber(b))
+        conn:send("ready")
+    elseif cmd == "pub" then
+        local n0 = tonumber(b)
+        for i = n0, n0 + tonumber(a) - 1 do kafka.publish("b", payload, "k" .. i, rep) end
+        conn:send("ok")
+    elseif cmd == "sink" then
+        conn:set_tag("sink")
+        conn:send("sink")
+    else
+        evapi.multicast(msg, "sink")
+    end
+end)
+'''
+
+
+def ns(b):
+    return b"%d:%s," % (len(b), b)
+
+
+class Conn:
+    def __init__(self, addr):
+        self.s = socket.create_connection(addr)
+        self.s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.buf = b""
+
+    def send(self, b):
+        self.s.sendall(ns(b))
+
+    def frame(self, timeout=120):
+        self.s.settimeout(timeout)
+        while True:
+            colon = self.buf.find(b":")
+            if colon > 0:
+                n = int(self.buf[:colon])
+                if len(self.buf) >= colon + n + 2:
+                    f = self.buf[colon + 1:colon + 1 + n]
+                    self.buf = self.buf[colon + n + 2:]
+                    return f
+            d = self.s.recv(65536)
+            if not d:
+                raise RuntimeError("hub closed the connection")
+            self.buf += d
+
+
+class Relay:
+    """A sender multicasting 64-byte frames to a sink client as fast as a window of 256 frames
+    in flight allows; counts frames the sink got, per interval."""
+
+    def __init__(self, addr):
+        self.sink = Conn(addr)
+        self.sink.send(b"sink")
+        assert self.sink.frame() == b"sink"
+        self.src = Conn(addr)
+        self.got = 0
+        self.sent = 0
+        self.stop = False
+        self.lock = threading.Condition()
+        self.t1 = threading.Thread(target=self._send, daemon=True)
+        self.t2 = threading.Thread(target=self._recv, daemon=True)
+        self.t1.start()
+        self.t2.start()
+
+    def _send(self):
+        chunk = ns(b"r" * 64) * 64
+        while not self.stop:
+            with self.lock:
+                while self.sent - self.got > 256 and not self.stop:
+                    self.lock.wait(0.1)
+            self.src.s.sendall(chunk)
+            self.sent += 64
+
+    def _recv(self):
+        frame_len = len(ns(b"r" * 64))
+        pending = 0
+        while not self.stop:
+            d = self.sink.s.recv(1 << 16)
+            if not d:
+                return
+            pending += len(d)
+            with self.lock:
+                self.got += pending // frame_len
+                pending %= frame_len
+                self.lock.notify()
+
+    def rate(self, seconds):
+        g0, t0 = self.got, time.monotonic()
+        time.sleep(seconds)
+        return (self.got - g0) / (time.monotonic() - t0)
+
+
+def hub_round(hub, ctl, relay, count, size, batch):
+    ctl.send(b"reset %d %d" % (count, size))
+    assert ctl.frame() == b"ready"
+    cpu0, g0 = hub.cpu_seconds(), relay.got
+    t0 = time.monotonic()
+    # two batches in flight: each loop iteration publishes at most a batch or two, as a
+    # script serving live traffic would
+    sent = acked = 0
+    starts = list(range(0, count, batch))
+    while acked < len(starts):
+        while sent < len(starts) and sent - acked < 2:
+            ctl.send(b"pub %d %d" % (min(batch, count - starts[sent]), starts[sent] + 1))
+            sent += 1
+        f = ctl.frame()
+        if f == b"ok":
+            acked += 1
+        elif f.startswith(b"done"):
+            raise RuntimeError("done before every batch was acknowledged: %r" % f)
+    done = ctl.frame(timeout=300)
+    dt = time.monotonic() - t0
+    relayed = (relay.got - g0) / dt
+    parts = done.split()
+    if parts[0] != b"done" or int(parts[2]) != 0:
+        raise RuntimeError("hub round: %r" % done)
+    return count / dt, (hub.cpu_seconds() - cpu0) / count, relayed
+
+
+def plain_round(bootstrap, count, size):
+    out = subprocess.run([os.path.join(TOOLS, "kafkabench"), bootstrap, "bench", str(count),
+                          str(size)] + PROPS, capture_output=True, timeout=300)
+    if out.returncode != 0:
+        raise RuntimeError("kafkabench: %r" % out.stderr)
+    return float(out.stdout.split()[4])
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--count", type=int, default=200000)
+    ap.add_argument("--size", type=int, default=100)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=200)
+    o = ap.parse_args()
+    mock = subprocess.Popen([os.path.join(TOOLS, "kafka_mock"), "bench"], stdout=subprocess.PIPE)
+    hub = None
+    try:
+        bootstrap = mock.stdout.readline().decode().strip()
+        props = "&".join("g." + p for p in PROPS)
+        hub = Hub(script=SCRIPT, evapi={"workers": "0"},
+                  extra="[kafka]\nbroker = [b]%s/bench?%s\n" % (bootstrap, props)).start()
+        relay = Relay(hub.addr)
+        time.sleep(0.5)
+        relay_alone = relay.rate(2.0)
+        ctl = Conn(hub.addr)
+        hub_rates, plain_rates, cpus, relays = [], [], [], []
+        hub_round(hub, ctl, relay, min(o.count, 10000), o.size, o.batch)  # warm-up
+        for r in range(o.rounds):
+            h, cpu, rel = hub_round(hub, ctl, relay, o.count, o.size, o.batch)
+            p = plain_round(bootstrap, o.count, o.size)
+            hub_rates.append(h)
+            plain_rates.append(p)
+            cpus.append(cpu)
+            relays.append(rel)
+            print("round %d: hub %.0f msg/s, plain %.0f msg/s (ratio %.2f), hub CPU %.2f us/msg, "
+                  "relayed meanwhile %.0f frames/s" % (r + 1, h, p, h / p, cpu * 1e6, rel))
+            sys.stdout.flush()
+        relay.stop = True
+        hm, pm = statistics.median(hub_rates), statistics.median(plain_rates)
+        print("messages of %d bytes, %d per round, properties %s, workers = 0, reports on" %
+              (o.size, o.count, " ".join(PROPS)))
+        print("median: hub %.0f msg/s, plain librdkafka %.0f msg/s: ratio %.2f" % (hm, pm, hm / pm))
+        print("hub CPU per published message (median): %.2f us" % (statistics.median(cpus) * 1e6))
+        print("relay (multicast to 1 client): %.0f frames/s alone, %.0f frames/s while publishing"
+              " (ratio %.2f)" % (relay_alone, statistics.median(relays),
+                                 statistics.median(relays) / relay_alone))
+    finally:
+        if hub:
+            hub.kill()
+        mock.terminate()
+        mock.wait()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+/* kafkabench: a plain librdkafka producer, the baseline the hub's publishing from Lua is
+ * measured against (tests/bench/kafka/kafka_bench.py). It produces COUNT messages of SIZE
+ * bytes to TOPIC with the properties given (NAME=VALUE, as the hub's g. properties), serving
+ * delivery reports with rd_kafka_poll as a well-behaved application does (QUEUE_FULL: poll and
+ * try again), and prints one line: "count delivered failed seconds msgs_per_s", the time taken
+ * from the first produce to the last delivery report.
+ *
+ *   kafkabench BOOTSTRAP TOPIC COUNT SIZE [NAME=VALUE]...
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <librdkafka/rdkafka.h>
+
+static long delivered, failed;
+
+static void dr_cb(rd_kafka_t *rk, const rd_kafka_message_t *m, void *opaque)
+{
+    (void)rk;
+    (void)opaque;
+    if (m->err)
+        failed++;
+    else
+        delivered++;
+}
+
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+int main(int argc, char **argv)
+{
+    if (argc < 5) {
+        fprintf(stderr, "usage: kafkabench BOOTSTRAP TOPIC COUNT SIZE [NAME=VALUE]...\n");
+        return 2;
+    }
+    long count = atol(argv[3]), size = atol(argv[4]);
+    if (count < 1 || size < 0 || size > 1 << 20) {
+        fprintf(stderr, "kafkabench: COUNT >= 1, SIZE 0..1048576\n");
+        return 2;
+    }
+    char errstr[512];
+    rd_kafka_conf_t *conf = rd_kafka_conf_new();
+    if (rd_kafka_conf_set(conf, "bootstrap.servers", argv[1], errstr, sizeof(errstr))) {
+        fprintf(stderr, "kafkabench: %s\n", errstr);
+        return 2;
+    }
+    for (int i = 5; i < argc; i++) {
+        char name[256];
+        snprintf(name, sizeof(name), "%s", argv[i]);
+        char *eq = strchr(name, '=');
+        if (!eq) {
+            fprintf(stderr, "kafkabench: %s: expected NAME=VALUE\n", argv[i]);
+            return 2;
+        }
+        *eq = '\0';
+        if (rd_kafka_conf_set(conf, name, eq + 1, errstr, sizeof(errstr))) {
+            fprintf(stderr, "kafkabench: %s\n", errstr);
+            return 2;
+        }
+    }
+    rd_kafka_conf_set_dr_msg_cb(conf, dr_cb);
+    rd_kafka_t *rk = rd_kafka_new(RD_KAFKA_PRODUCER, conf, errstr, sizeof(errstr));
+    if (!rk) {
+        fprintf(stderr, "kafkabench: %s\n", errstr);
+        return 1;
+    }
+    char *payload = malloc((size_t)size + 1);
+    if (!payload)
+        return 1;
+    memset(payload, 'x', (size_t)size);
+    double t0 = now_s();
+    for (long i = 0; i < count; i++) {
+        char key[24];
+        int kl = snprintf(key, sizeof(key), "k%ld", i);
+        for (;;) {
+            rd_kafka_resp_err_t e = rd_kafka_producev(
+                rk, RD_KAFKA_V_TOPIC(argv[2]), RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY),
+                RD_KAFKA_V_VALUE(payload, (size_t)size), RD_KAFKA_V_KEY(key, (size_t)kl),
+                RD_KAFKA_V_END);
+            if (e == RD_KAFKA_RESP_ERR__QUEUE_FULL) {
+                rd_kafka_poll(rk, 10);
+                continue;
+            }
+            if (e) {
+                fprintf(stderr, "kafkabench: produce: %s\n", rd_kafka_err2str(e));
+                failed++;
+            }
+            break;
+        }
+        rd_kafka_poll(rk, 0);
+    }
+    while (delivered + failed < count)
+        rd_kafka_poll(rk, 100);
+    double dt = now_s() - t0;
+    printf("%ld %ld %ld %.6f %.1f\n", count, delivered, failed, dt, (double)count / dt);
+    rd_kafka_destroy(rk);
+    free(payload);
+    return failed ? 1 : 0;
+}
