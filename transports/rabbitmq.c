@@ -558,6 +558,7 @@ struct rmq_conn {
     msg_list queue;
     int sleeping;
     int quit;
+    int detached; /* closed while running: the thread's last post frees it (reap_cb) */
     char last_error[192];
     atomic_int state;
     atomic_uint_fast64_t held; /* queued + unconfirmed + being published */
@@ -585,6 +586,7 @@ struct rmq_state {
     rmq_settings defaults;
     rmq_conn *conns; /* named servers, in config order */
     rmq_conn *socks; /* rabbitmq: sockets */
+    rmq_conn *dying; /* sockets closed while their thread ran, until it ended */
     rmq_conn *kemi;  /* KSR.rabbitmq.publish's server */
     atomic_int started;
     atomic_int draining;
@@ -1195,6 +1197,8 @@ static int is_quit(rmq_conn *c)
     return q;
 }
 
+static void reap_cb(hub *h, void *arg);
+
 static void *conn_main(void *arg)
 {
     rmq_conn *c = arg;
@@ -1247,6 +1251,11 @@ static void *conn_main(void *arg)
         wait_wake(c, hb_ms, 1);
     }
     flush_done(c);
+    pthread_mutex_lock(&c->mu);
+    int detached = c->detached;
+    pthread_mutex_unlock(&c->mu);
+    if (detached)
+        hub_loop_post_retry(c->h, reap_cb, c); /* the last thing this thread does with c */
     return NULL;
 }
 
@@ -1468,11 +1477,26 @@ static const char *sock_state(void *ud, void *sock)
     return cstate_names[atomic_load(&c->state)];
 }
 
+/* Loop thread: a closed socket's thread ended (or the module stopped it first). */
+static void reap_cb(hub *h, void *arg)
+{
+    rmq_conn *c = arg;
+    rmq_state *rs = c->rs;
+    (void)h;
+    conn_finish(c, "the socket was closed"); /* joins; what is left was resolved at close */
+    for (rmq_conn **pp = &rs->dying; *pp; pp = &(*pp)->next) {
+        if (*pp == c) {
+            *pp = c->next;
+            break;
+        }
+    }
+    conn_free(c);
+}
+
 static void sock_close(void *ud, void *sock)
 {
     rmq_state *rs = ud;
     rmq_conn *c = sock;
-    conn_finish(c, hub_stopping(rs->h) ? "the hub stopped" : "the socket was closed");
     pthread_mutex_lock(&socks_lock);
     for (rmq_conn **pp = &rs->socks; *pp; pp = &(*pp)->next) {
         if (*pp == c) {
@@ -1481,7 +1505,26 @@ static void sock_close(void *ud, void *sock)
         }
     }
     pthread_mutex_unlock(&socks_lock);
-    conn_free(c);
+    if (hub_stopping(rs->h) || !c->running) {
+        conn_finish(c, hub_stopping(rs->h) ? "the hub stopped" : "the socket was closed");
+        conn_free(c);
+        return;
+    }
+    /* Unsubscribed while the hub runs: the thread may be inside a connect or a login for
+     * seconds, which the loop does not wait for. Every delivery fails now (the thread's own
+     * outcome, if it comes, is dropped); the thread's last post frees c (reap_cb). */
+    for (int i = 0; c->inflight && i < 100000000; i++) {
+        rmq_msg *m = c->inflight;
+        m->resolved = 1;
+        inflight_del(c, m);
+        tr_delivery_done(m->d, -1, "the socket was closed (unsubscribed)");
+    }
+    pthread_mutex_lock(&c->mu);
+    c->detached = 1;
+    pthread_mutex_unlock(&c->mu);
+    c->next = rs->dying;
+    rs->dying = c;
+    conn_quit(c);
 }
 
 static const tr_scheme rmq_scheme = {
@@ -1924,6 +1967,11 @@ static void rmq_free(void *state)
         n = c->next;
         conn_free(c);
     }
+    for (rmq_conn *c = rs->dying, *n; c; c = n) { /* reap_cb ran before, unless no loop did */
+        n = c->next;
+        conn_finish(c, "the socket was closed");
+        conn_free(c);
+    }
     hub_free(rs);
 }
 
@@ -1988,6 +2036,8 @@ static void rmq_stop(void *state)
     for (rmq_conn *c = rs->socks; c; c = c->next)
         conn_quit(c);
     tr_events_remove_scheme(rs->h, "rabbitmq"); /* closes the sockets: sock_close */
+    for (rmq_conn *c = rs->dying; c; c = c->next)
+        conn_finish(c, "the socket was closed"); /* joined; reap_cb (in the mailbox) frees */
     for (rmq_conn *c = rs->conns; c; c = c->next)
         conn_finish(c, "the hub stopped");
     if (ev_is_active(&rs->watch)) {

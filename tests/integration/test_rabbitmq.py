@@ -18,7 +18,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from evhub_harness import (BIN, SLOW, TIMEOUT, Hub, Suite, check, check_eq,  # noqa: E402
                            pump, request, run_once, wait_for)
-from rmq_broker import Broker, rmqtool_path  # noqa: E402
+from rmq_broker import Broker, free_port, rmqtool_path  # noqa: E402
 
 suite = Suite("rabbitmq")
 TOOL = rmqtool_path(BIN)
@@ -293,6 +293,25 @@ def event_subscribers():
     st = h.ctl_json("rabbitmq", "status")
     check_eq(len(st["sockets"]), 3, "three sockets listed")
     check(all("guest:guest" not in s["socket"] for s in st["sockets"]), "no password: %r" % st)
+    # a socket added at run time whose broker is unreachable: events wait; unsubscribing
+    # fails them at once without waiting for the thread
+    dead = "rabbitmq:127.0.0.1:%d/k" % free_port()
+    check_eq(h.ctl_json("subscribe", "E_DEAD", dead), "subscribed", "subscribe")
+    c.frames.clear()
+    c.send('raise:E_DEAD {"y":2}')
+    pump([c])
+    wait_for(lambda: h.ctl_json("rabbitmq", "status")["sockets"],
+             lambda ss: any(s["queued"] == 1 and s["reconnects"] >= 1 for s in ss),
+             "the event waiting for its broker")
+    check_eq(frames_text(c), [], "no report yet")
+    t0 = time.monotonic()
+    check_eq(h.ctl_json("unsubscribe", "E_DEAD", dead), "unsubscribed", "unsubscribe")
+    check(time.monotonic() - t0 < 1.0, "unsubscribe does not wait")
+    pump([c], until=lambda: c.frames, what="report")
+    r = json.loads(c.frames[0].decode()[7:])
+    check(r["status"] == -1 and "unsubscribed" in r["error"], "%r" % r)
+    check_eq(len(h.ctl_json("rabbitmq", "status")["sockets"]), 3, "the socket is gone")
+    check(all("guest:guest" not in s["socket"] for s in st["sockets"]), "no password: %r" % st)
     stats = h.ctl_json("stats")
     conf, failed = stats["rabbitmq_confirmed"], stats["rabbitmq_failed"]
     check_eq((len(conf), sum(conf.values()), sum(failed.values())), (3, 2, 1),
@@ -423,9 +442,20 @@ def restart_under_stream():
     c = h.client()
     wait_connected(h, "r1")
     n = 10000
-    c.send("many:r1 streamq %d" % n)
-    pump([c], until=lambda: c.frames, what="queued")
-    check(frames_text(c)[0].startswith("many queued=%d refused=0" % n), frames_text(c)[0])
+    # The broker is paused while the stream starts, so that the restart finds messages
+    # published and not confirmed whatever the speed of this machine.
+    beam = b.beam_pid()
+    os.kill(beam, signal.SIGSTOP)
+    try:
+        c.send("many:r1 streamq %d" % n)
+        pump([c], until=lambda: c.frames, what="queued")
+        check(frames_text(c)[0].startswith("many queued=%d refused=0" % n), frames_text(c)[0])
+        wait_for(lambda: status(h, "r1"), lambda s: s["unconfirmed"] > 0, "messages in flight")
+        t0 = time.monotonic()
+        check_eq(req(c, "echo:rt"), "rt", "round trip while the broker is paused")
+        check(time.monotonic() - t0 < 0.5, "the loop is not held")
+    finally:
+        os.kill(beam, signal.SIGCONT)
     b.stop()
     b.start()
     pump([c], until=lambda: any(f.startswith(b"done") for f in c.frames), timeout=TIMEOUT * 3,
@@ -442,9 +472,11 @@ def restart_under_stream():
     check_eq((s["confirmed"] + s["failed"], s["queued"], s["unconfirmed"]), (n, 0, 0),
              "counters")
     check(s["reconnects"] >= 1, "a reconnect counted")
+    resent = sum(h.ctl_json("stats")["rabbitmq_resent"].values())
+    check(resent > 0 or failed > 0, "the restart caught messages in flight")
     check_eq(req(c, "echo:still"), "still", "the hub relays")
-    print("    restart: %d confirmed, %d failed, %d distinct consumed, %d consumed" % (
-        ok, failed, len(bodies), len(msgs)))
+    print("    restart: %d confirmed, %d failed, %d resent, %d distinct consumed, %d consumed"
+          % (ok, failed, resent, len(bodies), len(msgs)))
 
 
 @suite.case
