@@ -907,7 +907,7 @@ static int produce_now(kconn *c, const char *topic, int32_t partition, const cha
         }
         if (e != RD_KAFKA_RESP_ERR__QUEUE_FULL) {
             snprintf(err, errlen, "%s", rd_kafka_err2str(e));
-            return e == RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE ? -EMSGSIZE : -EIO;
+            return e == RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE ? -EMSGSIZE : -EINVAL;
         }
     }
     kjob *j = job_new(c, topic, key, klen, msg, len);
@@ -1036,7 +1036,7 @@ static int check_publish(kafka_state *ks, kconn *c, json_object *args, int first
     if (atomic_load(&ks->stopped)) {
         atomic_fetch_add(&c->refused, 1);
         snprintf(call->err, sizeof(call->err), "the kafka module has stopped");
-        return -ESHUTDOWN;
+        return -EAGAIN;
     }
     if (in_flight(c) >= (uint64_t)c->max_in_flight) {
         atomic_fetch_add(&c->refused, 1);
