@@ -2,6 +2,7 @@
 #include <errno.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -186,7 +187,76 @@ int hub__client_enqueue(hub_client *c, hub_frame *f)
         return -ENOMEM;
     f->refcnt++;
     pending_add(c);
+    if (c->wq_bytes > h->cfg.max_outbuf / 2 && !(c->flags & HUB_CLIENT_CONGESTED)) {
+        c->flags |= HUB_CLIENT_CONGESTED;
+        c->congested_since = ev_now(h->loop);
+        c->cong_next = h->congested;
+        h->congested = c;
+        hub__hold_update(h);
+    }
     return 0;
+}
+
+/* ---- holding reads for congested readers (HUB_STALL) ---- */
+
+static void held_resume(hub *h)
+{
+    hub_client *list = h->held;
+    h->held = NULL;
+    while (list) {
+        hub_client *c = list;
+        list = c->held_next;
+        c->flags &= ~HUB_CLIENT_HELD;
+        if ((c->flags & HUB_CLIENT_READING) &&
+            !(c->flags & (HUB_CLIENT_PAUSED | HUB_CLIENT_CLOSING | HUB_CLIENT_HALF_CLOSED)))
+            ev_io_start(h->loop, &c->rio);
+    }
+}
+
+static void hold_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+    (void)loop, (void)revents;
+    hub__hold_update(w->data);
+}
+
+void hub__hold_init(hub *h)
+{
+    ev_init(&h->hold_w, hold_cb);
+    h->hold_w.data = h;
+}
+
+void hub__hold_update(hub *h)
+{
+    ev_tstamp now = ev_now(h->loop), next = 0;
+    int hold = 0;
+    for (hub_client **pp = &h->congested; *pp;) {
+        hub_client *c = *pp;
+        /* Below a quarter of max_outbuf (hysteresis), or closing: no longer congested. */
+        if ((c->flags & HUB_CLIENT_CLOSING) || c->wq_bytes <= h->cfg.max_outbuf / 4) {
+            c->flags &= ~HUB_CLIENT_CONGESTED;
+            *pp = c->cong_next;
+            continue;
+        }
+        ev_tstamp until = c->last_write + HUB_STALL;
+        if (until > c->congested_since + HUB_HOLD_MAX)
+            until = c->congested_since + HUB_HOLD_MAX;
+        if (until > now) {
+            hold = 1;
+            if (!next || until < next)
+                next = until;
+        }
+        pp = &c->cong_next;
+    }
+    if (hold && !h->hold_reads)
+        HUB_STAT_ADD(h, read_holds, 1);
+    h->hold_reads = hold;
+    ev_timer_stop(h->loop, &h->hold_w);
+    if (hold) {
+        ev_timer_set(&h->hold_w, next - now + 1e-3, 0.);
+        ev_timer_start(h->loop, &h->hold_w);
+    } else if (h->held) {
+        held_resume(h);
+    }
 }
 
 static void wq_clear(hub_client *c)
@@ -225,6 +295,8 @@ static int client_write(hub_client *c, size_t budget)
             return (errno == EAGAIN || errno == EWOULDBLOCK) ? -EAGAIN : -errno;
         }
         done += (size_t)w;
+        if (w > 0)
+            c->last_write = ev_now(c->h->loop);
         size_t left = (size_t)w, frames = 0;
         while (left) {
             hub_frame *f = c->wq[c->wq_head];
@@ -278,6 +350,8 @@ static void write_cb(struct ev_loop *loop, ev_io *w, int revents)
     hub_client *c = w->data;
     (void)revents;
     int r = client_write(c, HUB_WRITE_BUDGET);
+    if ((c->flags & HUB_CLIENT_CONGESTED) && c->wq_bytes <= c->h->cfg.max_outbuf / 4)
+        hub__hold_update(c->h);
     if (r == -EAGAIN || r == 0)
         return; /* 0: budget spent, the watcher fires again */
     ev_io_stop(loop, w);
@@ -288,6 +362,7 @@ static void write_cb(struct ev_loop *loop, ev_io *w, int revents)
 void hub__flush_pending(hub *h)
 {
     hub_client *list = h->pending, *again = NULL;
+    h->read_since_flush = 0;
     h->pending = NULL;
     for (int bound = 0; list && bound < 1 << 30; bound++) {
         hub_client *c = list;
@@ -361,6 +436,7 @@ static void timeout_cb(struct ev_loop *loop, ev_timer *w, int revents)
         if ((t = c->frame_start + ms(h->cfg.frame_timeout)) <= now) {
             snprintf(why, sizeof(why), "frame not completed within frame_timeout (%d ms)",
                      h->cfg.frame_timeout);
+            HUB_STAT_ADD(h, timeout_closes, 1);
             hub__client_close(c, "timeout", why);
             return;
         }
@@ -370,6 +446,7 @@ static void timeout_cb(struct ev_loop *loop, ev_timer *w, int revents)
         if ((t = c->last_frame + ms(h->cfg.idle_timeout)) <= now) {
             snprintf(why, sizeof(why), "no frame received within idle_timeout (%d ms)",
                      h->cfg.idle_timeout);
+            HUB_STAT_ADD(h, timeout_closes, 1);
             hub__client_close(c, "timeout", why);
             return;
         }
@@ -521,14 +598,26 @@ static void read_some(hub_client *c)
 static void read_cb(struct ev_loop *loop, ev_io *w, int revents)
 {
     hub_client *c = w->data;
-    uint64_t frames = c->frames_in;
-    (void)loop;
+    hub *h = c->h;
+    uint64_t frames = c->frames_in, bytes = c->bytes_in;
     (void)revents;
-    read_some(c);
-    if (c->flags & HUB_CLIENT_CLOSING)
+    if (h->hold_reads) {
+        /* A congested reader is catching up: this one waits (hub__hold_update resumes it). */
+        ev_io_stop(loop, w);
+        c->flags |= HUB_CLIENT_HELD;
+        c->held_next = h->held;
+        h->held = c;
         return;
-    note_progress(c, frames);
-    hub_ns_reader_shrink(c->reader);
+    }
+    read_some(c);
+    h->read_since_flush += c->bytes_in - bytes;
+    if (!(c->flags & HUB_CLIENT_CLOSING)) {
+        note_progress(c, frames);
+        hub_ns_reader_shrink(c->reader);
+    }
+    /* Many publishers readable at once: write what their frames queued before reading on. */
+    if (h->read_since_flush >= HUB_FLUSH_EVERY && h->pending)
+        hub__flush_pending(h);
 }
 
 void hub__client_start_reading(hub_client *c)
@@ -570,7 +659,14 @@ void hub__client_accepted(hub *h, int fd, const struct sockaddr *sa)
         goto fail;
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
     setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof(one));
+    if (h->cfg.sndbuf) {
+        /* Bounds what a client that stopped reading holds in the kernel (and what the hub
+         * spends copying into it): the auto-tuned default grows to 4 MiB a socket. */
+        int sb = (int)h->cfg.sndbuf;
+        setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &sb, sizeof(sb));
+    }
     c->info.id = c->id;
+    c->last_write = ev_now(h->loop);
     c->info.conidx = slot_take(h);
     h->slots[c->info.conidx] = c;
     hub_addr_str(sa, c->info.addr, sizeof(c->info.addr), &c->info.port);
@@ -721,8 +817,22 @@ void hub__drain_timeout_cb(struct ev_loop *loop, ev_timer *w, int revents)
         ev_timer_stop(loop, w);
 }
 
+static void unlink_from(hub_client **head, hub_client *c, size_t next_off)
+{
+    for (hub_client **pp = head; *pp; pp = (hub_client **)((char *)*pp + next_off)) {
+        if (*pp == c) {
+            *pp = *(hub_client **)((char *)c + next_off);
+            return;
+        }
+    }
+}
+
 static void client_destroy(hub *h, hub_client *c)
 {
+    if (c->flags & HUB_CLIENT_CONGESTED)
+        unlink_from(&h->congested, c, offsetof(hub_client, cong_next));
+    if (c->flags & HUB_CLIENT_HELD)
+        unlink_from(&h->held, c, offsetof(hub_client, held_next));
     if (c->flags & HUB_CLIENT_PENDING) {
         /* Rare: closed by a script after it was queued for writing this iteration. */
         hub_client **pp = &h->pending;

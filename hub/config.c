@@ -52,6 +52,7 @@ static const hub_conf_row evapi_rows[] = {
     NUM("max_clients", HUB_CONF_INT, max_clients, 1, 1000000, "1024"),
     NUM("max_frame_size", HUB_CONF_SIZE, max_frame_size, 1, GiB, "1m"),
     NUM("max_outbuf", HUB_CONF_SIZE, max_outbuf, 1024, GiB, "8m"),
+    NUM("sndbuf", HUB_CONF_SIZE, sndbuf, OFF_OR(4096), 64 * 1024 * 1024, "256k"),
     ENUM("outbuf_policy", outbuf_policy, outbuf_choices, "close"),
     ENUM("unicast", unicast_policy, unicast_choices, "first"),
     STR("event_callback", HUB_CONF_IDENT, event_callback, NULL),

@@ -122,6 +122,8 @@ typedef struct hub_config {
     int max_clients;          /* default 1024 */
     size_t max_frame_size;    /* inbound payload limit; default 1 MiB */
     size_t max_outbuf;        /* per-client write queue limit in bytes; default 8 MiB */
+    size_t sndbuf;            /* SO_SNDBUF asked for each client (the kernel doubles it);
+                               * 0 = the kernel's auto-tuning (up to 4 MiB); default 256 KiB */
     int outbuf_policy;        /* HUB_OUTBUF_*; default close */
     int unicast_policy;       /* HUB_UNICAST_*; default first */
     char event_callback[128]; /* KEMI callback name; empty = native evapi.on() */

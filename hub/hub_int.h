@@ -19,13 +19,17 @@
 #include "hub/netstring.h"
 #include "hub/script.h"
 
-#define HUB_READ_CHUNK        (64 * 1024)  /* bytes asked of read(2) at a time, at most */
-#define HUB_READ_MIN          4096         /* ...at first: it doubles while reads fill it */
-#define HUB_READS_PER_EVENT   4            /* reads per readable event on a client */
-#define HUB_WRITE_BUDGET      (256 * 1024) /* bytes written to one client per loop iteration */
-#define HUB_IOV_MAX           1024         /* iovecs per writev */
-#define HUB_SHUTDOWN_GRACE_MS 1000         /* flushing after in-flight deliveries were failed */
-#define HUB_EXIT_STUCK        3            /* exit status when a worker did not stop in time */
+#define HUB_READ_CHUNK      (64 * 1024)  /* bytes asked of read(2) at a time, at most */
+#define HUB_READ_MIN        4096         /* ...at first: it doubles while reads fill it */
+#define HUB_READS_PER_EVENT 4            /* reads per readable event on a client */
+#define HUB_WRITE_BUDGET    (256 * 1024) /* bytes written to one client per loop iteration */
+/* Bytes read from clients, in one loop iteration, after which queued output is written before
+ * more is read: a burst from many publishers reaches the readers in slices, instead of all of
+ * it landing in their queues first (and closing them as slow consumers). */
+#define HUB_FLUSH_EVERY       (256 * 1024)
+#define HUB_IOV_MAX           1024 /* iovecs per writev */
+#define HUB_SHUTDOWN_GRACE_MS 1000 /* flushing after in-flight deliveries were failed */
+#define HUB_EXIT_STUCK        3    /* exit status when a worker did not stop in time */
 #define HUB_STUCK_GRACE_MS    5000 /* a stopped worker's time to end before it is left behind */
 
 /* An encoded outbound frame shared by every recipient; loop thread only, so the count is
@@ -61,7 +65,18 @@ enum {
     HUB_CLIENT_CONNECTED = 1u << 6,     /* the connect event was delivered to the script */
     HUB_CLIENT_CLOSE_RAISED = 1u << 10, /* E_EVAPI_CONNECTION_CLOSED was raised */
     HUB_CLIENT_HALF_CLOSED = 1u << 11,  /* the peer sent EOF; its worker is catching up */
+    HUB_CLIENT_CONGESTED = 1u << 12,    /* on the congested list (queue over half max_outbuf) */
+    HUB_CLIENT_HELD = 1u << 13,         /* on the held list: reading waits for the congested */
 };
+
+/* Backpressure for readers that read, against publishers that outpace them. A client whose
+ * queue passes half of max_outbuf is congested. While one congested client is still taking
+ * bytes (its socket took some in the last HUB_STALL seconds) and has been congested for less
+ * than HUB_HOLD_MAX, the hub reads from no client: the publishers wait for it instead of it
+ * being closed. One that stopped taking bytes (stalled) or stays congested longer is not
+ * waited for: its queue grows to max_outbuf, and it is closed (or its frames dropped). */
+#define HUB_STALL    0.5
+#define HUB_HOLD_MAX 2.0
 
 struct hub_client {
     ev_io rio;
@@ -81,7 +96,11 @@ struct hub_client {
     hub_client *prev, *next;         /* in the hub's list of live clients */
     hub_client *pend_next;           /* in the pending-write list */
     hub_client *close_next;          /* in the reaper's list */
-    ev_tstamp drain_deadline;        /* when DRAINING gives up */
+    hub_client *cong_next;           /* in the congested list */
+    hub_client *held_next;           /* in the held list */
+    ev_tstamp last_write;            /* when its socket last took bytes (or it connected) */
+    ev_tstamp congested_since;
+    ev_tstamp drain_deadline; /* when DRAINING gives up */
     /* One timer for frame_timeout, idle_timeout and a half-closed client's wait for its
      * worker; it fires at the earliest deadline and is re-armed from the times below. */
     ev_timer tmo;
@@ -112,6 +131,7 @@ typedef struct hub_stats {
     _Atomic uint64_t accepted, refused, closed;
     _Atomic uint64_t frames_in, bytes_in, frames_out, bytes_out;
     _Atomic uint64_t decode_errors, slow_closes, dropped_frames, frames_lost;
+    _Atomic uint64_t timeout_closes, read_holds;
     _Atomic uint64_t reloads, reload_failures;
     _Atomic uint64_t script[HUB_SCRIPT_NCOUNTS]; /* the loop's own state (workers == 0) */
 } hub_stats;
@@ -167,8 +187,13 @@ struct hub {
     atomic_int tag_gc_pending;
     pthread_rwlock_t tags_lock; /* guards tagtab, intents and the tags' counts */
 
-    hub_client *pending; /* clients with queued output to flush this iteration */
-    hub_client *closing; /* clients to reap */
+    hub_client *pending;     /* clients with queued output to flush this iteration */
+    size_t read_since_flush; /* bytes read since hub__flush_pending last ran */
+    hub_client *congested;   /* clients with over half of max_outbuf queued (HUB_STALL) */
+    hub_client *held;        /* clients whose reading waits while hold_reads */
+    int hold_reads;          /* a congested client still reading: read from no one */
+    ev_timer hold_w;         /* re-checks the hold when a congested client's wait runs out */
+    hub_client *closing;     /* clients to reap */
 
     hub_worker *workers;
     int nworkers;
@@ -224,6 +249,9 @@ void hub__client_abort(hub_client *c, const char *reason);
 void hub__drain_timeout_cb(struct ev_loop *loop, ev_timer *w, int revents);
 void hub__client_accepted(hub *h, int fd, const struct sockaddr *sa);
 void hub__client_start_reading(hub_client *c);
+/* Loop thread: work out whether reading waits for a congested client (each iteration). */
+void hub__hold_update(hub *h);
+void hub__hold_init(hub *h);
 void hub__client_resume(hub_client *c);
 /* Loop thread: the worker of id has run every event queued before its peer's EOF (and its
  * commands are carried out), so a half-closed client begins to close now. */

@@ -53,6 +53,9 @@ static void prepare_cb(struct ev_loop *loop, ev_prepare *w, int revents)
         hub__reap_closing(h);
         hub__flush_pending(h);
     }
+    /* Writes may have drained a congested reader: reading may go on. */
+    if (h->congested)
+        hub__hold_update(h);
     /* Whatever is left (the round bound was hit) must not wait for the next event. */
     if ((h->closing || h->pending) && !ev_is_active(&h->idle_w))
         ev_idle_start(loop, &h->idle_w);
@@ -200,6 +203,7 @@ hub *hub_new(const hub_config *cfg, const hub_script_ops *ops, char *err, size_t
     ev_init(&h->drain_w, hub__drain_timeout_cb);
     h->drain_w.repeat = 1.0;
     h->drain_w.data = h;
+    hub__hold_init(h);
     ev_prepare_init(&h->prepare_w, prepare_cb);
     ev_idle_init(&h->idle_w, idle_cb);
     h->prepare_w.data = h->idle_w.data = h;

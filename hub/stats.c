@@ -58,6 +58,11 @@ size_t hub__stats_collect(hub *h, hub_stat *out, size_t cap)
         HUB_STAT_GET(h, decode_errors));
     put(&c, "slow_consumer_closes", "connections closed for a write queue over max_outbuf", 0, -1,
         HUB_STAT_GET(h, slow_closes));
+    put(&c, "timeout_closes", "connections closed by frame_timeout or idle_timeout", 0, -1,
+        HUB_STAT_GET(h, timeout_closes));
+    put(&c, "read_holds",
+        "times reading from every client waited for a congested reader to catch up", 0, -1,
+        HUB_STAT_GET(h, read_holds));
     put(&c, "frames_lost",
         "frames that could not be queued for the script (out of memory); each closed its "
         "connection",
