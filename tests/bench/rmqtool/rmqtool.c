@@ -1,5 +1,6 @@
 /* rmqtool: a plain rabbitmq-c client for evhub's RabbitMQ tests and benchmark.
  *   rmqtool declare URL QUEUE [EXCHANGE KEY]   declare QUEUE (and bind it to EXCHANGE/KEY)
+ *   rmqtool purge URL QUEUE                    empty QUEUE
  *   rmqtool consume URL QUEUE COUNT IDLE_MS    print one JSON line a message until COUNT
  *                                              arrived or none came for IDLE_MS
  *   rmqtool bench URL QUEUE N SIZE WINDOW      publish N SIZE-byte messages with confirms
@@ -146,6 +147,14 @@ int main(int argc, char **argv)
         amqp_destroy_connection(c);
         return 0;
     }
+    if (argc == 4 && !strcmp(argv[1], "purge")) {
+        amqp_connection_state_t c = connect_url(argv[2]);
+        amqp_queue_purge(c, 1, amqp_cstring_bytes(argv[3]));
+        die("queue.purge", amqp_get_rpc_reply(c));
+        amqp_connection_close(c, AMQP_REPLY_SUCCESS);
+        amqp_destroy_connection(c);
+        return 0;
+    }
     if (argc == 6 && !strcmp(argv[1], "consume")) {
         amqp_connection_state_t c = connect_url(argv[2]);
         long count = atol(argv[4]), idle = atol(argv[5]), got = 0;
@@ -209,7 +218,8 @@ int main(int argc, char **argv)
         free(body);
         return 0;
     }
-    fprintf(stderr, "usage: rmqtool declare URL QUEUE [EXCHANGE KEY] | consume URL QUEUE COUNT "
+    fprintf(stderr, "usage: rmqtool declare URL QUEUE [EXCHANGE KEY] | purge URL QUEUE | consume "
+                    "URL QUEUE COUNT "
                     "IDLE_MS | bench URL QUEUE N SIZE WINDOW\n");
     return 1;
 }
