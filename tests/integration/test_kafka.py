@@ -35,12 +35,18 @@ class Mock:
 
     def __init__(self, *topics):
         check(os.access(MOCK_BIN, os.X_OK), "kafka_mock not built: %s" % MOCK_BIN)
-        self.proc = subprocess.Popen([MOCK_BIN] + list(topics), stdin=subprocess.DEVNULL,
+        self.proc = subprocess.Popen([MOCK_BIN, "-c"] + list(topics), stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         _mocks.append(self)
         line = self.proc.stdout.readline().decode().strip()
         check(re.match(r"^127\.0\.0\.1:\d+$", line), "kafka_mock printed %r" % line)
         self.bootstrap = line
+
+    def cmd(self, line):
+        """A fault-injection command (kafka_mock -c): "down 1", "err 22 31 1", ..."""
+        self.proc.stdin.write(line.encode() + b"\n")
+        self.proc.stdin.flush()
+        check_eq(self.proc.stdout.readline().decode().strip(), "ok", "kafka_mock " + line)
 
     def kill(self):
         if self.proc.poll() is None:
@@ -442,6 +448,57 @@ def evhubctl_kafka():
         check(any(b["state"] == "UP" for b in conn["broker_states"]), conn["broker_states"])
         recs = consume(m.bootstrap, "ct", 1)
         check_eq((recs[0]["key"], recs[0]["payload"]), ("kk", "hello"), "record")
+        h.stop()
+    finally:
+        stop_mocks()
+
+
+@suite.case
+def outage_shorter_than_the_timeout_is_buffered():
+    m = Mock("ev")
+    try:
+        conf = ("[kafka]\nbroker = [k1]%s/ev?g.linger.ms=1&t.message.timeout.ms=20000"
+                "&g.reconnect.backoff.max.ms=200\n" % m.bootstrap)
+        h = hub_with(conf)
+        c = h.client()
+        check_eq(request(c, b"pub:k1|before"), b"pub true nil nil", "publish")
+        check_eq(reports(c, 1)[0]["status"], 0, "delivered")
+        m.cmd("down 1")
+        check_eq(request(c, b"many:k1 5"), b"many 5", "5 while the broker is down")
+        time.sleep(1.0)
+        check(not any(f.startswith(b"report ") for f in c.frames), "nothing reported yet")
+        check_eq(status_of(h, "k1")["in_flight"], 5, "waiting inside librdkafka")
+        m.cmd("up 1")
+        got = reports(c, 5, timeout=30)
+        check_eq([(r["msg"], r["status"]) for r in got], [("m%d" % i, 0) for i in range(1, 6)],
+                 "delivered once the broker is back, in order")
+        check_eq(len(consume(m.bootstrap, "ev", 6)), 6, "records")
+        h.stop()
+    finally:
+        stop_mocks()
+
+
+@suite.case
+def fatal_error_counted_and_producer_made_anew():
+    m = Mock("ev")
+    try:
+        # an idempotent producer refused its producer id: librdkafka's fatal error
+        m.cmd("err 22 31 1")  # InitProducerId -> CLUSTER_AUTHORIZATION_FAILED, once
+        conf = "[kafka]\nbroker = [k1]%s/ev?g.enable.idempotence=true&g.linger.ms=1\n" % \
+            m.bootstrap
+        h = hub_with(conf)
+        c = h.client()
+        check_eq(request(c, b"pub:k1|first"), b"pub true nil nil", "publish")
+        r = reports(c, 1)[0]
+        check_eq((r["msg"], r["status"]), ("first", -1), "failed by the fatal error")
+        h.wait_log("kafka: k1: fatal error: ")
+        check_eq(request(c, b"pub:k1|second"), b"pub true nil nil", "publish again")
+        r = reports(c, 1)[0]
+        check_eq((r["msg"], r["status"], r["offset"]), ("second", 0, 0), "a new producer")
+        h.wait_log("kafka: k1: producer made", count=2)
+        st = h.ctl_json("stats")
+        check_eq((st["kafka_fatal"]["k1"], st["kafka_produced"]["k1"], st["kafka_delivered"]["k1"],
+                  st["kafka_failed"]["k1"]), (1, 2, 1, 1), "counters")
         h.stop()
     finally:
         stop_mocks()
