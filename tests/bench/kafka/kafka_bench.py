@@ -10,7 +10,7 @@ and, meanwhile, a client relays frames through the hub to another client (a mult
 tag): frames/s relayed while the hub publishes, next to frames/s with no publishing (measured
 first). Figures are ratios within this one run; the machine is shared.
 
-  kafka_bench.py [--count N] [--size BYTES] [--rounds R] [--batch B]
+  kafka_bench.py [--count N] [--size BYTES] [--rounds R] [--batch B] [--workers W]
 Environment: EVHUB_BIN (default build/evhub), the tools next to it under tests/bench/kafka/.
 """
 
@@ -199,13 +199,14 @@ def main():
     ap.add_argument("--size", type=int, default=100)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--batch", type=int, default=200)
+    ap.add_argument("--workers", type=int, default=0)
     o = ap.parse_args()
     mock = subprocess.Popen([os.path.join(TOOLS, "kafka_mock"), "bench"], stdout=subprocess.PIPE)
     hub = None
     try:
         bootstrap = mock.stdout.readline().decode().strip()
         props = "&".join("g." + p for p in PROPS)
-        hub = Hub(script=SCRIPT, evapi={"workers": "0"},
+        hub = Hub(script=SCRIPT, evapi={"workers": str(o.workers)},
                   extra="[kafka]\nbroker = [b]%s/bench?%s\n" % (bootstrap, props)).start()
         relay = Relay(hub.addr)
         time.sleep(0.5)
@@ -229,8 +230,8 @@ def main():
             sys.stdout.flush()
         relay.stop = True
         hm, pm = statistics.median(hub_rates), statistics.median(plain_rates)
-        print("messages of %d bytes, %d per round, properties %s, workers = 0" %
-              (o.size, o.count, " ".join(PROPS)))
+        print("messages of %d bytes, %d per round, properties %s, workers = %d" %
+              (o.size, o.count, " ".join(PROPS), o.workers))
         print("median: hub (reports on) %.0f msg/s, plain librdkafka %.0f msg/s: ratio %.2f; "
               "hub without reports %.0f msg/s: ratio %.2f" %
               (hm, pm, hm / pm, statistics.median(bare), statistics.median(bare) / pm))
