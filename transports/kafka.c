@@ -166,6 +166,13 @@ static int parse_rest(char *p, tr_kafka_uri *u, int uri, const char *who, char *
         } else if ((o[0] == 'g' || o[0] == 't') && o[1] == '.' && o[2]) {
             if (u->nprops == TR_KAFKA_PROPS_MAX)
                 return fail_at(err, errlen, who, "more than 32 properties");
+            for (int j = 0; j < u->nprops; j++) {
+                if (!strcmp(u->props[j].name, o)) {
+                    char why[160];
+                    snprintf(why, sizeof(why), "'%.64s' given twice", o);
+                    return fail_at(err, errlen, who, why);
+                }
+            }
             u->props[u->nprops].name = o;
             u->props[u->nprops].value = eq + 1;
             u->nprops++;

@@ -56,6 +56,7 @@ static void test_kafka_bad_broker_lines_say_why(void **state)
         {"[k1]h:1/t?linger.ms=5", "broker: 'linger.ms': a property starts with g."},
         {"[k1]h:1/t?key=callid", "broker: 'key': a property starts with g."},
         {"[k1]h 1/t", "broker: the brokers hold a blank"},
+        {"[k1]h:1/t?g.linger.ms=1&t.acks=1&g.linger.ms=2", "broker: 'g.linger.ms' given twice"},
     };
     tr_kafka_uri u;
     char err[256];
