@@ -1113,6 +1113,9 @@ static int publish_some(rmq_conn *c, int *did, char *why, size_t len)
     atomic_fetch_sub(&c->n_queued, take.n);
     rmq_msg *m;
     size_t bound = take.n;
+    /* rabbitmq-c encodes into its connection pool, which only amqp_maybe_release_buffers
+     * empties (read_frames does after each frame; a batch may read none) */
+    amqp_maybe_release_buffers(c->amqp);
     while (bound-- > 0 && (m = list_pop(&take))) {
         amqp_basic_properties_t p;
         char mid[24];

@@ -5,7 +5,7 @@ publisher, into the same private rabbitmq-server in the same run.
 Starts a loopback rabbitmq-server (as the integration tests do), then:
   1. baseline: rmqtool bench (rabbitmq-c, confirm.select, at most WINDOW unconfirmed, 256-byte
      bodies, default exchange into a durable queue);
-  2. evhub (workers = 1): a client asks the script for CHUNK publishes at a time until N
+  2. evhub (workers = 2): a client asks the script for CHUNK publishes at a time until N
      (rabbitmq.publish with a report function each); the rate is N over the time from the
      first request to the last report. Meanwhile a second client relays ping round trips.
 Repeats both ROUNDS times, alternating, and prints each rate, the ratio hub / plain of the
@@ -147,7 +147,7 @@ def main():
             f.write(SCRIPT)
         port = None
         with open(os.path.join(d, "evhub.conf"), "w") as f:
-            f.write("[evapi]\nbind_addr = 127.0.0.1:0\nworkers = 1\n[lua]\nscript = bench.lua\n"
+            f.write("[evapi]\nbind_addr = 127.0.0.1:0\nworkers = 2\n[lua]\nscript = bench.lua\n"
                     "[control]\nsocket = %s/ctl.sock\n[log]\nlevel = notice\n"
                     "[rabbitmq]\nserver = [r1]%s\n" % (d, b.url()))
         log = open(os.path.join(d, "evhub.log"), "w+")

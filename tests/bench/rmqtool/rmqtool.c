@@ -187,13 +187,23 @@ int main(int argc, char **argv)
         memset(body, 'x', (size_t)size);
         amqp_confirm_select(c, 1);
         die("confirm.select", amqp_get_rpc_reply(c));
-        long sent = 0, acked = 0;
+        /* Each message carries what evhub's carry (delivery_mode, message_id); acks are
+         * counted exactly, batched (multiple) or single, in any order. */
+        char *done = calloc((size_t)n + 2, 1);
+        long sent = 0, acked = 0, low = 1;
         double t0 = now_s();
         amqp_bytes_t b = {(size_t)size, body};
         while (acked < n) {
             while (sent < n && sent - acked < window) {
+                amqp_basic_properties_t p;
+                char mid[24];
+                memset(&p, 0, sizeof(p));
+                snprintf(mid, sizeof(mid), "%ld", sent + 1);
+                p._flags = AMQP_BASIC_DELIVERY_MODE_FLAG | AMQP_BASIC_MESSAGE_ID_FLAG;
+                p.delivery_mode = 1;
+                p.message_id = amqp_cstring_bytes(mid);
                 if (amqp_basic_publish(c, 1, amqp_empty_bytes, amqp_cstring_bytes(argv[3]), 0, 0,
-                                       NULL, b) != AMQP_STATUS_OK) {
+                                       &p, b) != AMQP_STATUS_OK) {
                     fprintf(stderr, "rmqtool: publish failed\n");
                     return 1;
                 }
@@ -207,10 +217,19 @@ int main(int argc, char **argv)
             }
             if (f.frame_type == AMQP_FRAME_METHOD && f.payload.method.id == AMQP_BASIC_ACK_METHOD) {
                 amqp_basic_ack_t *a = f.payload.method.decoded;
-                acked = (long)a->delivery_tag; /* acks cover everything up to the tag */
+                long tag = (long)a->delivery_tag;
+                for (long t = a->multiple ? low : tag; t <= tag && t <= n; t++) {
+                    if (!done[t]) {
+                        done[t] = 1;
+                        acked++;
+                    }
+                }
+                while (low <= n && done[low])
+                    low++;
             }
             amqp_maybe_release_buffers(c);
         }
+        free(done);
         double dt = now_s() - t0;
         printf("{\"messages\":%ld,\"seconds\":%.3f,\"rate\":%.0f}\n", n, dt, n / dt);
         amqp_connection_close(c, AMQP_REPLY_SUCCESS);
