@@ -19,7 +19,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from evhub_harness import (BIN, TIMEOUT, Hub, Suite, TestFailure, check, check_eq,  # noqa: E402
-                           pump, request, run_once, wait_for, wait_frames)
+                           pump, run_once, wait_for, wait_frames)
 
 suite = Suite("kafka")
 
@@ -137,6 +137,19 @@ def hub_with(conf_kafka, workers=0, extra="", script=SCRIPT, evapi=None):
     return Hub(script=script, evapi=ev, extra=conf_kafka + extra).start()
 
 
+def ask(client, payload, timeout=None):
+    """Send one frame and return the script's direct answer to it: the first frame that is not
+    a report (reports may come before it; they stay in client.frames, in order)."""
+    def answers():
+        return [f for f in client.frames if not f.startswith((b"report ", b"raised "))]
+    n = len(answers())
+    client.send(payload)
+    pump([client], lambda: len(answers()) > n, timeout, "the answer to %r" % payload[:40])
+    a = answers()[n]
+    client.frames.remove(a)
+    return a
+
+
 def reports(client, n, timeout=None):
     """Wait for n report frames on client; return them decoded (other frames stay)."""
     pump([client], lambda: sum(f.startswith(b"report ") for f in client.frames) >= n, timeout,
@@ -168,7 +181,7 @@ def publish_case(workers):
         h = hub_with(conf, workers)
         c = h.client()
         for i in range(5):
-            check_eq(request(c, b"pub:k1|msg %d|key%d" % (i, i)), b"pub true nil nil", "publish")
+            check_eq(ask(c, b"pub:k1|msg %d|key%d" % (i, i)), b"pub true nil nil", "publish")
         got = reports(c, 5)
         check_eq([r["msg"] for r in got], ["msg %d" % i for i in range(5)], "report order")
         for i, r in enumerate(got):
@@ -176,10 +189,10 @@ def publish_case(workers):
                      ("k1", 0, "key%d" % i, "ev", 0, i), "report %d" % i)
             check("error" not in r, "no error in a delivered report")
         # no key; the options table: topic, key, headers; the named connection's default topic
-        check_eq(request(c, b"pub:k1|nokey"), b"pub true nil nil", "publish without key")
-        check_eq(request(c, b'opt:k1|withopts|{"topic":"other","key":"ok1",'
+        check_eq(ask(c, b"pub:k1|nokey"), b"pub true nil nil", "publish without key")
+        check_eq(ask(c, b'opt:k1|withopts|{"topic":"other","key":"ok1",'
                             b'"headers":{"h1":"v1"}}'), b"pub true nil nil", "options")
-        check_eq(request(c, b"pub:named|to default topic"), b"pub true nil nil", "named")
+        check_eq(ask(c, b"pub:named|to default topic"), b"pub true nil nil", "named")
         got = reports(c, 3)  # in order per topic; the two topics' reports may interleave
         check_eq(sorted((r["msg"], r["topic"], r.get("key"), r["status"]) for r in got),
                  [("nokey", "ev", None, 0), ("to default topic", "other", None, 0),
@@ -216,17 +229,17 @@ def refusals_at_run_time():
                 "[kafka:notopic]\nbrokers = %s\n" % (m.bootstrap, m.bootstrap))
         h = hub_with(conf)
         c = h.client()
-        check_eq(request(c, b"pub:nope|x"), b"pub nil unknown kafka id 'nope' ENOENT",
+        check_eq(ask(c, b"pub:nope|x"), b"pub nil unknown kafka id 'nope' ENOENT",
                  "unknown id")
-        check_eq(request(c, b"big:k1 5000"), b"pub nil message of 5000 bytes is over "
+        check_eq(ask(c, b"big:k1 5000"), b"pub nil message of 5000 bytes is over "
                  b"message.max.bytes (2000) EMSGSIZE", "too large")
-        r = request(c, b"pub:notopic|x")
+        r = ask(c, b"pub:notopic|x")
         check(r.startswith(b"pub nil notopic has no default topic"), r)
-        r = request(c, b'opt:k1|x|{"color":"red"}')
+        r = ask(c, b'opt:k1|x|{"color":"red"}')
         check(b"unknown option 'color'" in r and r.endswith(b"EINVAL"), r)
-        r = request(c, b'opt:k1|x|{"topic":"bad/topic"}')
+        r = ask(c, b'opt:k1|x|{"topic":"bad/topic"}')
         check(b"topic must be" in r, r)
-        check_eq(request(c, b"big:k1 100"), b"pub true nil nil", "a small one")
+        check_eq(ask(c, b"big:k1 100"), b"pub true nil nil", "a small one")
         check_eq(reports(c, 1)[0]["status"], 0, "delivered")
         s = status_of(h, "k1")
         check_eq((s["produced"], s["delivered"], s["failed"]), (1, 1, 0), "counters")
@@ -264,6 +277,27 @@ def bad_config_stops_start_up():
         check(re.search(pat, out), "want %s in:\n%s" % (pat, out))
 
 
+@suite.case
+def eager_connect():
+    # a rule librdkafka checks only when it makes the producer: start-up stops when eager
+    text = ("[kafka]\nconnect = eager\n"
+            "broker = [k1]127.0.0.1:9/ev?g.enable.idempotence=true&t.acks=1\n")
+    h = Hub(script=SCRIPT, extra=text)
+    rc, out = run_once(["-c", h.conf, "-f"])
+    pat = re.escape(h.conf) + r":%d: kafka k1: cannot create the producer: .*acks" % (
+        3 + _conf_offset(h, text))
+    check(rc != 0 and re.search(pat, out), "want %s in:\n%s" % (pat, out))
+    # eager and fine: the producer exists before anything is published
+    m = Mock("ev")
+    try:
+        h = hub_with("[kafka:e]\nconnect = eager\nbrokers = %s\ntopic = ev\n" % m.bootstrap)
+        h.wait_log("kafka: e: producer made")
+        check_eq(status_of(h, "e")["produced"], 0, "nothing published yet")
+        h.stop()
+    finally:
+        stop_mocks()
+
+
 def _conf_offset(h, text):
     """Lines of the generated config before the extra text."""
     return h.conf_text[:h.conf_text.rindex(text)].count("\n")
@@ -276,7 +310,7 @@ def subscriber_case(workers):
         h = hub_with("", workers, extra=extra)
         c = h.client()
         for i in range(3):
-            check_eq(request(c, b'raise:E_CALL {"n":%d,"who":"alice"}' % i), b"raise sent", "raise")
+            check_eq(ask(c, b'raise:E_CALL {"n":%d,"who":"alice"}' % i), b"raise sent", "raise")
         pump([c], lambda: sum(f.startswith(b"raised ") for f in c.frames) >= 3, None, "reports")
         got = [json.loads(f[7:]) for f in c.frames if f.startswith(b"raised ")]
         check_eq([(r["status"], r["socket"]) for r in got],
@@ -305,9 +339,9 @@ def kemi_send_and_send_key():
                 "[kafka:second]\nbrokers = %s\n" % (dead_port(), m.bootstrap))
         h = hub_with(conf)
         c = h.client()
-        check_eq(request(c, b"kemi:kt|plain"), b"kemi 1", "send")
-        check_eq(request(c, b"kemi:kt|keyed|kk"), b"kemi 1", "send_key")
-        check_eq(request(c, b"kemi:bad/topic|x"), b"kemi -1", "bad topic")
+        check_eq(ask(c, b"kemi:kt|plain"), b"kemi 1", "send")
+        check_eq(ask(c, b"kemi:kt|keyed|kk"), b"kemi 1", "send_key")
+        check_eq(ask(c, b"kemi:bad/topic|x"), b"kemi -1", "bad topic")
         recs = consume(m.bootstrap, "kt", 2)
         check_eq([(r["key"], r["payload"]) for r in recs], [(None, "plain"), ("kk", "keyed")],
                  "records")
@@ -327,11 +361,11 @@ def outage_case(workers):
                 "&g.reconnect.backoff.max.ms=200\n" % m.bootstrap)
         h = hub_with(conf, workers)
         c, other = h.client(), h.client()
-        check_eq(request(c, b"many:k1 20"), b"many 20", "first 20")
+        check_eq(ask(c, b"many:k1 20"), b"many 20", "first 20")
         got = reports(c, 20)
         check(all(r["status"] == 0 for r in got), "first 20 delivered")
         m.kill()
-        check_eq(request(c, b"many:k1 20"), b"many 20", "20 with the broker gone")
+        check_eq(ask(c, b"many:k1 20"), b"many 20", "20 with the broker gone")
         # meanwhile the hub keeps relaying clients
         t0 = time.monotonic()
         for i in range(50):
@@ -363,7 +397,7 @@ def queue_full_retried_then_delivered():
                 m.bootstrap)
         h = hub_with(conf)
         c = h.client()
-        check_eq(request(c, b"many:k1 30"), b"many 30", "accepted")
+        check_eq(ask(c, b"many:k1 30"), b"many 30", "accepted")
         got = reports(c, 30)
         check_eq([(r["status"], r["offset"]) for r in got], [(0, i) for i in range(30)],
                  "delivered in order")
@@ -383,7 +417,7 @@ def queue_full_still_full_fails_and_counts():
             dead_port())
     h = hub_with(conf)
     c, other = h.client(), h.client()
-    check_eq(request(c, b"many:k1 10"), b"many 10", "accepted")
+    check_eq(ask(c, b"many:k1 10"), b"many 10", "accepted")
     c.send(b"relay:still here")
     wait_frames([other], 1, others=[c])
     got = reports(c, 8)
@@ -402,7 +436,7 @@ def sigterm_with_messages_in_flight():
     conf = ("[kafka]\nbroker = [k1]%s/ev?t.message.timeout.ms=60000\n" % dead_port())
     h = hub_with(conf, evapi={"shutdown_timeout": "600"})
     c = h.client()
-    check_eq(request(c, b"many:k1 5"), b"many 5", "accepted")
+    check_eq(ask(c, b"many:k1 5"), b"many 5", "accepted")
     t0 = time.monotonic()
     h.stop()
     check(time.monotonic() - t0 < 5, "the shutdown deadline held")
@@ -415,7 +449,7 @@ def reload_with_reports_pending():
     conf = ("[kafka]\nbroker = [k1]%s/ev?t.message.timeout.ms=1000\n" % dead_port())
     h = hub_with(conf)
     c = h.client()
-    check_eq(request(c, b"many:k1 3"), b"many 3", "accepted")
+    check_eq(ask(c, b"many:k1 3"), b"many 3", "accepted")
     h.ctl_json("reload")
     wait_for(lambda: status_of(h, "k1"), lambda s: s["failed"] == 3, "3 failed", timeout=30)
     s = status_of(h, "k1")
@@ -461,10 +495,10 @@ def outage_shorter_than_the_timeout_is_buffered():
                 "&g.reconnect.backoff.max.ms=200\n" % m.bootstrap)
         h = hub_with(conf)
         c = h.client()
-        check_eq(request(c, b"pub:k1|before"), b"pub true nil nil", "publish")
+        check_eq(ask(c, b"pub:k1|before"), b"pub true nil nil", "publish")
         check_eq(reports(c, 1)[0]["status"], 0, "delivered")
         m.cmd("down 1")
-        check_eq(request(c, b"many:k1 5"), b"many 5", "5 while the broker is down")
+        check_eq(ask(c, b"many:k1 5"), b"many 5", "5 while the broker is down")
         time.sleep(1.0)
         check(not any(f.startswith(b"report ") for f in c.frames), "nothing reported yet")
         check_eq(status_of(h, "k1")["in_flight"], 5, "waiting inside librdkafka")
@@ -488,11 +522,11 @@ def fatal_error_counted_and_producer_made_anew():
             m.bootstrap
         h = hub_with(conf)
         c = h.client()
-        check_eq(request(c, b"pub:k1|first"), b"pub true nil nil", "publish")
+        check_eq(ask(c, b"pub:k1|first"), b"pub true nil nil", "publish")
         r = reports(c, 1)[0]
         check_eq((r["msg"], r["status"]), ("first", -1), "failed by the fatal error")
         h.wait_log("kafka: k1: fatal error: ")
-        check_eq(request(c, b"pub:k1|second"), b"pub true nil nil", "publish again")
+        check_eq(ask(c, b"pub:k1|second"), b"pub true nil nil", "publish again")
         r = reports(c, 1)[0]
         check_eq((r["msg"], r["status"], r["offset"]), ("second", 0, 0), "a new producer")
         h.wait_log("kafka: k1: producer made", count=2)
