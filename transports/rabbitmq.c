@@ -1964,8 +1964,10 @@ static void rmq_free(void *state)
         for (rmq_conn *c = rs->conns; c; c = c->next)
             conn_finish(c, "the hub stopped");
     }
-    if (rs->loop)
+    if (rs->loop && ev_is_active(&rs->watch)) {
+        ev_ref(rs->loop); /* start unref'd it */
         ev_timer_stop(rs->loop, &rs->watch);
+    }
     for (rmq_conn *c = rs->conns, *n; c; c = n) {
         n = c->next;
         conn_free(c);

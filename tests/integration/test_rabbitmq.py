@@ -407,6 +407,30 @@ def heartbeats():
 
 
 @suite.case
+def heartbeats_while_busy():
+    """Heartbeat 1 s and a stream of publishes for about 4 s: the thread services heartbeats
+    between publishes; the connection is never dropped and every message is confirmed."""
+    b = broker()
+    b.declare("busyq")
+    h = hub_with(b, server_conf(b, extra="heartbeat = 1\n"))
+    c = h.client()
+    wait_connected(h, "r1")
+    total, t0 = 0, time.monotonic()
+    while time.monotonic() - t0 < 4.0:
+        c.frames.clear()
+        got = req(c, "many:r1 busyq 2000")
+        check(got.startswith("many queued=2000 refused=0"), got)
+        pump([c], until=lambda: any(f.startswith(b"done") for f in c.frames),
+             what="the chunk confirmed")
+        check(frames_text(c)[-1].startswith("done ok=2000 failed=0"), frames_text(c)[-1])
+        total += 2000
+        time.sleep(0.2)
+    s = status(h, "r1")
+    check_eq((s["state"], s["reconnects"], s["confirmed"], s["failed"]),
+             ("connected", 0, total, 0), "busy connection kept up")
+
+
+@suite.case
 def queue_full_while_broker_down():
     b = broker()
     b.declare("fullq")
