@@ -272,6 +272,11 @@ typedef struct kmsg {
     uint64_t token;     /* 0: no report function */
     tr_delivery *d;     /* a kafka: subscriber's delivery, or NULL */
     hub_ctl_call *call; /* evhubctl kafka send, or NULL */
+    /* With a report function or a send: copies of what the report tells, for a failure the
+     * hub reports itself (the producer dropped: stop, fatal error, unsubscribe) */
+    char *topic, *key, *msg; /* into data, or NULL */
+    size_t klen, len;
+    char data[];
 } kmsg;
 
 /* A message not (yet) in librdkafka's hands: a worker's publish on its way to the loop, or one
@@ -540,7 +545,8 @@ static void prod_drop(kconn *c, const char *why)
         m->prev->next = m->next;
         m->next->prev = m->prev;
         c->nout--;
-        report(c, m->token, m->d, m->call, 0, why, NULL, -1, -1, NULL, 0, NULL, 0);
+        report(c, m->token, m->d, m->call, 0, why, m->topic, -1, -1, m->key, m->klen, m->msg,
+               m->len);
         hub_free(m);
     }
     if (n)
@@ -719,10 +725,10 @@ static int prod_start(kconn *c, char *err, size_t errlen)
 static void serve(kconn *c)
 {
     rd_kafka_poll(c->rk, 0); /* every report, error, log and statistics queued */
-    if (c->fatal) {
-        rd_kafka_poll(c->rk, 0); /* the purged messages' reports, if already there */
+    /* A fatal error: librdkafka purges what it holds, each with its report; once they are
+     * all in, the producer goes (or at the next publish, which fails what is left). */
+    if (c->fatal && c->nout == 0)
         prod_drop(c, c->last_error);
-    }
 }
 
 static void io_cb(struct ev_loop *loop, ev_io *w, int revents)
@@ -752,12 +758,28 @@ static rd_kafka_resp_err_t try_produce(kconn *c, const char *topic, int32_t part
                                        rd_kafka_headers_t *hdrs, uint64_t token, tr_delivery *d,
                                        hub_ctl_call *call)
 {
-    kmsg *km = hub_malloc(sizeof(*km));
+    int keep = token || call;
+    size_t tl = strlen(topic);
+    kmsg *km = hub_malloc(sizeof(*km) + (keep ? tl + 1 + klen + len : 0));
     if (!km)
         return RD_KAFKA_RESP_ERR__FAIL; /* out of memory: "Local: Failed" */
     km->token = token;
     km->d = d;
     km->call = call;
+    km->topic = km->key = km->msg = NULL;
+    km->klen = km->len = 0;
+    if (keep) {
+        km->topic = km->data;
+        memcpy(km->topic, topic, tl + 1);
+        km->msg = km->topic + tl + 1;
+        memcpy(km->msg, msg, len);
+        km->len = len;
+        if (key) {
+            km->key = km->msg + len;
+            memcpy(km->key, key, klen);
+            km->klen = klen;
+        }
+    }
     rd_kafka_resp_err_t e;
     if (hdrs)
         e = rd_kafka_producev(c->rk, RD_KAFKA_V_TOPIC(topic), RD_KAFKA_V_PARTITION(partition),
