@@ -13,6 +13,7 @@
  * failed, once, and the counters say which: produced = delivered + failed + in flight. */
 #define _GNU_SOURCE /* pipe2 */
 #include <errno.h>
+#include <stdarg.h>
 #include <fcntl.h>
 #include <pthread.h>
 #include <stdatomic.h>
@@ -976,9 +977,15 @@ typedef struct pub_args {
     rd_kafka_headers_t *hdrs; /* owned */
 } pub_args;
 
-static int arg_fail(hub_call *call, int rc, const char *fmt, const char *a)
+/* The call fails with rc; its reason (what the script gets, or the KEMI layer logs). */
+static int arg_fail(hub_call *call, int rc, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+static int arg_fail(hub_call *call, int rc, const char *fmt, ...)
 {
-    snprintf(call->err, sizeof(call->err), fmt, a);
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(call->err, sizeof(call->err), fmt, ap);
+    va_end(ap);
     return rc;
 }
 
@@ -989,24 +996,21 @@ static int parse_options(json_object *o, pub_args *a, hub_call *call)
     {
         if (!strcmp(k, "key")) {
             if (!json_object_is_type(v, json_type_string))
-                return arg_fail(call, -EINVAL, "key must be a string%s", "");
+                return arg_fail(call, -EINVAL, "key must be a string");
             a->key = json_object_get_string(v);
             a->klen = (size_t)json_object_get_string_len(v);
         } else if (!strcmp(k, "topic")) {
             if (!json_object_is_type(v, json_type_string) || !topic_ok(json_object_get_string(v)))
-                return arg_fail(call, -EINVAL,
-                                "topic must be 1..249 of "
-                                "[A-Za-z0-9._-]%s",
-                                "");
+                return arg_fail(call, -EINVAL, "topic must be 1..249 of [A-Za-z0-9._-]");
             a->topic = json_object_get_string(v);
         } else if (!strcmp(k, "partition")) {
             int64_t p = json_object_get_int64(v);
             if (!json_object_is_type(v, json_type_int) || p < 0 || p > INT32_MAX)
-                return arg_fail(call, -EINVAL, "partition must be an integer >= 0%s", "");
+                return arg_fail(call, -EINVAL, "partition must be an integer >= 0");
             a->partition = (int32_t)p;
         } else if (!strcmp(k, "headers")) {
             if (!json_object_is_type(v, json_type_object))
-                return arg_fail(call, -EINVAL, "headers must be a table of name = string%s", "");
+                return arg_fail(call, -EINVAL, "headers must be a table of name = string");
             if (!a->hdrs)
                 a->hdrs = rd_kafka_headers_new((size_t)json_object_object_length(v));
             json_object_object_foreach(v, hn, hv)
@@ -1033,7 +1037,7 @@ static int check_publish(kafka_state *ks, kconn *c, json_object *args, int first
     a->c = c;
     a->partition = RD_KAFKA_PARTITION_UA;
     if (!m || !json_object_is_type(m, json_type_string))
-        return arg_fail(call, -EINVAL, "the message must be a string%s", "");
+        return arg_fail(call, -EINVAL, "the message must be a string");
     a->msg = json_object_get_string(m);
     a->len = (size_t)json_object_get_string_len(m);
     if (x && json_object_is_type(x, json_type_string)) {
@@ -1044,10 +1048,10 @@ static int check_publish(kafka_state *ks, kconn *c, json_object *args, int first
         if (rc < 0)
             return rc;
     } else if (x) {
-        return arg_fail(call, -EINVAL, "the key must be a string (or an options table)%s", "");
+        return arg_fail(call, -EINVAL, "the key must be a string (or an options table)");
     }
     if (json_object_array_length(args) > (size_t)first + 2)
-        return arg_fail(call, -EINVAL, "too many arguments%s", "");
+        return arg_fail(call, -EINVAL, "too many arguments");
     if (!a->topic)
         a->topic = c->topic;
     if (!a->topic[0]) {
@@ -1099,7 +1103,7 @@ static int do_publish(kafka_state *ks, pub_args *a, hub_call *call)
     }
     kjob *j = job_new(c, a->topic, a->key, a->klen, a->msg, a->len);
     if (!j)
-        return arg_fail(call, -ENOMEM, "out of memory%s", "");
+        return arg_fail(call, -ENOMEM, "out of memory");
     j->partition = a->partition;
     j->hdrs = a->hdrs;
     j->token = call->token;
@@ -1108,7 +1112,7 @@ static int do_publish(kafka_state *ks, pub_args *a, hub_call *call)
         atomic_fetch_sub(&c->produced, 1);
         j->hdrs = NULL;
         hub_free(j);
-        return arg_fail(call, -ENOMEM, "out of memory%s", "");
+        return arg_fail(call, -ENOMEM, "out of memory");
     }
     a->hdrs = NULL;
     return 0;
@@ -1120,7 +1124,7 @@ static int fn_publish(void *state, hub_call *call)
     kafka_state *ks = state;
     json_object *id = json_object_array_get_idx(call->args, 0);
     if (!id || !json_object_is_type(id, json_type_string))
-        return arg_fail(call, -EINVAL, "the id must be a string%s", "");
+        return arg_fail(call, -EINVAL, "the id must be a string");
     kconn *c = find_conn(ks, json_object_get_string(id));
     if (!c)
         return arg_fail(call, -ENOENT, "unknown kafka id '%.64s'", json_object_get_string(id));
@@ -1138,16 +1142,16 @@ static int kemi_send(kafka_state *ks, hub_call *call, int with_key)
 {
     kconn *c = ks->kemi;
     if (!c)
-        return arg_fail(call, -ENOENT, "no kafka connection is configured%s", "");
+        return arg_fail(call, -ENOENT, "no kafka connection is configured");
     json_object *t = json_object_array_get_idx(call->args, 0);
     json_object *k = json_object_array_get_idx(call->args, 2);
     size_t want = with_key ? 3 : 2;
     if (json_object_array_length(call->args) != want)
-        return arg_fail(call, -EINVAL, "wrong number of arguments%s", "");
+        return arg_fail(call, -EINVAL, "wrong number of arguments");
     if (!t || !json_object_is_type(t, json_type_string) || !topic_ok(json_object_get_string(t)))
-        return arg_fail(call, -EINVAL, "the topic must be 1..249 of [A-Za-z0-9._-]%s", "");
+        return arg_fail(call, -EINVAL, "the topic must be 1..249 of [A-Za-z0-9._-]");
     if (with_key && (!k || !json_object_is_type(k, json_type_string)))
-        return arg_fail(call, -EINVAL, "the key must be a string%s", "");
+        return arg_fail(call, -EINVAL, "the key must be a string");
     json_object *args = json_object_new_array();
     json_object_array_add(args, json_object_get(json_object_array_get_idx(call->args, 1)));
     json_object_array_add(args, with_key ? json_object_get(k) : NULL);
