@@ -369,12 +369,18 @@ def bad_urls_are_config_errors():
 @suite.case
 def bad_credentials_retried():
     b = broker()
-    conf = "[rabbitmq]\nserver = [r1]%s\n" % b.url(password="wrong")
+    conf = "[rabbitmq]\nserver = [r1]%s\nserver = [r2]%s\n" % (
+        b.url(password="wrong"), b.url(vhost="no-such-vhost"))
     h = hub_with(b, conf)
     s = wait_for(lambda: status(h, "r1"), lambda s: s["reconnects"] >= 3,
                  "three failed attempts")
-    check("ACCESS_REFUSED" in s["last_error"] or "login" in s["last_error"], s["last_error"])
+    check("login as guest" in s["last_error"] and "ACCESS_REFUSED" in s["last_error"],
+          s["last_error"])
     check(s["state"] in ("down", "connecting"), s["state"])
+    s2 = wait_for(lambda: status(h, "r2"), lambda s: s["reconnects"] >= 2, "bad vhost retried")
+    check("no-such-vhost" in s2["last_error"] and "NOT_ALLOWED" in s2["last_error"],
+          s2["last_error"])
+    check(h.count_log("rabbitmq: r1 ") >= 3 and "retrying in" in h.log(), "logged with backoff")
     c = h.client()
     check_eq(req(c, "echo:alive"), "alive", "the hub answers")
 
@@ -501,6 +507,23 @@ def restart_under_stream():
     check_eq(req(c, "echo:still"), "still", "the hub relays")
     print("    restart: %d confirmed, %d failed, %d resent, %d distinct consumed, %d consumed"
           % (ok, failed, resent, len(bodies), len(msgs)))
+
+
+@suite.case
+def sigterm_drains_a_healthy_queue():
+    b = broker()
+    b.declare("drainq")
+    h = hub_with(b, server_conf(b))
+    c = h.client()
+    wait_connected(h, "r1")
+    got = req(c, "many:r1 drainq 5000")
+    check(got.startswith("many queued=5000"), got)
+    h.signal(signal.SIGTERM)
+    check_eq(h.wait_exit(TIMEOUT), 0, "exit status")
+    reps = [json.loads(r) for r in re.findall(r"report (\{.*\})", h.log())]
+    check_eq((len(reps), sum(r["status"] == 0 for r in reps)), (5000, 5000),
+             "every queued message confirmed before the exit")
+    check_eq(len(b.consume("drainq", 6000)), 5000, "consumed")
 
 
 @suite.case
