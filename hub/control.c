@@ -285,12 +285,15 @@ static void batch_free(ctl_batch *b)
     hub_free(b);
 }
 
-/* An answer (owned, may be NULL) of one of b's elements: written at once, after "[" or ",". */
+/* An answer (owned, may be NULL) of one of b's elements: written at once, after "[" or ",".
+ * Writing may end the batch (its last answer, flushed, lets conn_pump close the array and
+ * free b): b is not touched after conn_put. */
 static void batch_add(ctl_batch *b, json_object *answer)
 {
     if (answer) {
-        conn_put(b->conn, b->answered ? "," : "[", answer, "");
+        const char *pre = b->answered ? "," : "[";
         b->answered = 1;
+        conn_put(b->conn, pre, answer, "");
         json_object_put(answer);
     }
 }
