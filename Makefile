@@ -12,11 +12,15 @@ KAFKA_BUILD_PKGS    = librdkafka-dev
 KAFKA_TEST_PKGS     = kcat
 RABBITMQ_BUILD_PKGS = librabbitmq-dev
 RABBITMQ_TEST_PKGS  = rabbitmq-server amqp-tools
+CLUSTER_BUILD_PKGS  = libnats-dev
+CLUSTER_TEST_PKGS   = nats-server
 BUILD_PKGS  = build-essential cmake pkg-config libev-dev liblua5.4-dev libjson-c-dev \
-              libinih-dev libcmocka-dev $(KAFKA_BUILD_PKGS) $(RABBITMQ_BUILD_PKGS)
+              libinih-dev libcmocka-dev $(KAFKA_BUILD_PKGS) $(RABBITMQ_BUILD_PKGS) \
+              $(CLUSTER_BUILD_PKGS)
 TEST_PKGS   = python3 valgrind clang-format util-linux clang libclang-rt-14-dev \
               kamailio kamailio-extra-modules kamailio-lua-modules socat iproute2 \
-              $(KAFKA_TEST_PKGS) $(RABBITMQ_TEST_PKGS)
+              $(KAFKA_TEST_PKGS) $(RABBITMQ_TEST_PKGS) \
+              $(CLUSTER_TEST_PKGS)
 # Node.js and npm (for the third-party netstring client test) come from Debian only when the
 # machine has no node/npm of its own: a NodeSource nodejs bundles npm and conflicts with it.
 NODE_PKGS   = nodejs npm

@@ -325,7 +325,8 @@ static void cmd_close(hub_ctl_call *call, json_object *params, void *ud)
     const char *reason = str_param(params, "reason", NULL);
     if (id_param(call, params, &id) < 0)
         return;
-    if (hub__close_id(h, (uint64_t)id, reason && *reason ? reason : "closed by the operator") < 0) {
+    if (hub__route_close(h, (uint64_t)id, reason && *reason ? reason : "closed by the operator") <
+        0) {
         no_such_client(call, id);
         return;
     }
@@ -348,7 +349,7 @@ static void cmd_tag(hub_ctl_call *call, json_object *params, void *ud)
         invalid_tag(call);
         return;
     }
-    int rc = hub__set_tag_id(h, (uint64_t)id, tag, len, 0);
+    int rc = hub__route_set_tag(h, (uint64_t)id, tag, len, 0);
     if (rc == -ENOENT) {
         no_such_client(call, id);
         return;
@@ -357,7 +358,9 @@ static void cmd_tag(hub_ctl_call *call, json_object *params, void *ud)
         hub_ctl_fail(call, HUB_CTL_INTERNAL_ERROR, "%s", strerror(-rc));
         return;
     }
-    hub__tag_changed(h, hub__client_by_id(h, (uint64_t)id));
+    hub_client *c = hub__client_by_id(h, (uint64_t)id);
+    if (c) /* else another hub's (a router took it) */
+        hub__tag_changed(h, c);
     json_object *r = json_object_new_object();
     json_object_object_add(r, "id", json_object_new_int64(id));
     json_object_object_add(r, "tag", len ? json_object_new_string_len(tag, (int)len) : NULL);
@@ -370,7 +373,7 @@ static void cmd_route(hub_ctl_call *call, json_object *params, hub *h,
 {
     size_t taglen, len;
     const char *tag = str_param(params, "tag", &taglen), *data = str_param(params, "data", &len);
-    int n = route ? route(h, tag, taglen, data, len) : hub__relay(h, data, len);
+    int n = route ? route(h, tag, taglen, data, len) : hub__route_relay(h, data, len, 0);
     if (n == -EINVAL) {
         invalid_tag(call);
     } else if (n == -EMSGSIZE) {
@@ -390,6 +393,11 @@ static void cmd_route(hub_ctl_call *call, json_object *params, hub *h,
     }
 }
 
+static int route_multicast(hub *h, const char *tag, size_t taglen, const char *data, size_t len)
+{
+    return hub__route_multicast(h, tag, taglen, data, len, 0);
+}
+
 static void cmd_relay(hub_ctl_call *call, json_object *params, void *ud)
 {
     cmd_route(call, params, ud, NULL);
@@ -397,12 +405,12 @@ static void cmd_relay(hub_ctl_call *call, json_object *params, void *ud)
 
 static void cmd_multicast(hub_ctl_call *call, json_object *params, void *ud)
 {
-    cmd_route(call, params, ud, hub__multicast);
+    cmd_route(call, params, ud, route_multicast);
 }
 
 static void cmd_unicast(hub_ctl_call *call, json_object *params, void *ud)
 {
-    cmd_route(call, params, ud, hub__unicast);
+    cmd_route(call, params, ud, hub__route_unicast);
 }
 
 static int same_metric(const hub_stat *a, const hub_stat *b)

@@ -82,9 +82,57 @@ hub_ctl *hub_get_ctl(hub *h);
 /* Any thread: 1 when tag is a valid tag (1..HUB_TAG_MAX printable ASCII bytes, no spaces). */
 int hub_tag_valid(const char *tag, size_t len);
 
-/* Loop thread: multicast data to every client carrying tag (framed as the hub frames).
- * Recipients, 0 for none, or <0 (-EINVAL bad tag, -EMSGSIZE too large). */
+/* Loop thread: multicast data to every client of this hub carrying tag (framed as the hub
+ * frames; never routed beyond it). Recipients, 0 for none, or <0 (-EINVAL bad tag,
+ * -EMSGSIZE too large). */
 int hub_multicast(hub *h, const char *tag, size_t taglen, const char *data, size_t len);
+
+/* Loop thread: how many connections are open on this hub. */
+int hub_clients(const hub *h);
+
+/* ---- the router seam: one module (e.g. a cluster of hubs) routes beyond this process ----
+ *
+ * The hub calls the router for what scripts and the control socket ask (never for what the
+ * hub_local_* functions below deliver, which is how a router hands in what arrives from
+ * elsewhere, so nothing it delivers comes back to it). Every callback runs on the loop
+ * thread unless it says otherwise, must not block, and may be NULL. A hub with no router
+ * pays one pointer test per call. */
+typedef struct hub_router {
+    /* After the local delivery of a relay (tag NULL) or multicast of n local recipients
+     * (not for one with scope local). Returns how many remote recipients to add to the
+     * caller's count (>= 0; failures are the router's to count). */
+    int (*relay)(void *ud, const char *data, size_t len);
+    int (*multicast)(void *ud, const char *tag, size_t taglen, const char *data, size_t len);
+    /* Before a unicast, nlocal being the local members of tag: > 0 when the router took it
+     * (the count to return), 0 to deliver it locally as without a router, < 0 an error. */
+    int (*unicast)(void *ud, const char *tag, size_t taglen, const char *data, size_t len,
+                   uint32_t nlocal);
+    /* id is no connection of this hub: 1 when handed to where it may be, or -ENOENT. */
+    int (*send)(void *ud, uint64_t id, const char *data, size_t len);
+    int (*set_tag)(void *ud, uint64_t id, const char *tag, size_t taglen); /* taglen 0: none */
+    int (*close)(void *ud, uint64_t id, const char *reason);
+    /* tag got its first local member (present 1) or lost its last (present 0). */
+    void (*tag_members)(void *ud, const char *tag, size_t taglen, int present);
+    /* Any thread: how many remote recipients a relay (tag NULL) or multicast to tag would
+     * reach as far as the router knows (what a worker's call returns, beside the local). */
+    int (*reach)(void *ud, const char *tag, size_t taglen);
+} hub_router;
+
+/* Loop thread, from a module's init: the one router (a second is -EEXIST). */
+int hub_set_router(hub *h, const hub_router *router, void *ud);
+/* Loop thread, from a module's init: ids of connections accepted from now on are base + 1,
+ * base + 2, ... (a node's prefix in the high bits makes them unique across hubs). 0, or
+ * -EINVAL when base is below the next id or leaves fewer than 2^32 ids. */
+int hub_set_id_base(hub *h, uint64_t base);
+
+/* Loop thread: deliver to this hub's connections only, as a relay / multicast / unicast /
+ * send / set_tag / close of the control socket would, without the router. Recipients (or 1),
+ * 0 for none, or <0 (-EINVAL bad tag, -EMSGSIZE too large, -ENOENT no such id). */
+int hub_local_relay(hub *h, const char *data, size_t len);
+int hub_local_unicast(hub *h, const char *tag, size_t taglen, const char *data, size_t len);
+int hub_local_send(hub *h, uint64_t id, const char *data, size_t len);
+int hub_local_set_tag(hub *h, uint64_t id, const char *tag, size_t taglen);
+int hub_local_close(hub *h, uint64_t id, const char *reason);
 
 /* ---- completions ---- */
 

@@ -130,6 +130,119 @@ int hub_multicast(hub *h, const char *tag, size_t taglen, const char *data, size
     return hub__multicast(h, tag, taglen, data, len);
 }
 
+/* ---- the router seam (hub_router in core.h) ---- */
+
+int hub_set_router(hub *h, const hub_router *router, void *ud)
+{
+    if (h->router)
+        return -EEXIST;
+    h->router = router;
+    h->router_ud = ud;
+    return 0;
+}
+
+int hub_set_id_base(hub *h, uint64_t base)
+{
+    if (base + 1 < h->next_id || base > UINT64_MAX - (UINT64_C(1) << 32))
+        return -EINVAL;
+    h->next_id = base + 1;
+    return 0;
+}
+
+int hub_clients(const hub *h) { return atomic_load(&h->nclients); }
+
+int hub_local_relay(hub *h, const char *data, size_t len) { return hub__relay(h, data, len); }
+
+int hub_local_unicast(hub *h, const char *tag, size_t taglen, const char *data, size_t len)
+{
+    return hub__unicast(h, tag, taglen, data, len);
+}
+
+int hub_local_send(hub *h, uint64_t id, const char *data, size_t len)
+{
+    return hub__send(h, id, data, len);
+}
+
+int hub_local_set_tag(hub *h, uint64_t id, const char *tag, size_t taglen)
+{
+    if (taglen && !hub_tag_valid(tag, taglen))
+        return -EINVAL;
+    int rc = hub__set_tag_id(h, id, tag, taglen, 0);
+    if (rc > 0)
+        hub__tag_changed(h, hub__client_by_id(h, id));
+    return rc;
+}
+
+int hub_local_close(hub *h, uint64_t id, const char *reason)
+{
+    return hub__close_id(h, id, reason);
+}
+
+int hub__route_relay(hub *h, const char *data, size_t len, int local)
+{
+    int n = hub__relay(h, data, len);
+    if (n < 0 || local || !h->router || !h->router->relay)
+        return n;
+    int r = h->router->relay(h->router_ud, data, len);
+    return r > 0 ? n + r : n;
+}
+
+int hub__route_multicast(hub *h, const char *tag, size_t taglen, const char *data, size_t len,
+                         int local)
+{
+    int n = hub__multicast(h, tag, taglen, data, len);
+    if (n < 0 || local || !h->router || !h->router->multicast)
+        return n;
+    /* 0 local recipients is no reason not to route: the frame size was not checked then */
+    if (hub__frame_too_big(h, len))
+        return -EMSGSIZE;
+    int r = h->router->multicast(h->router_ud, tag, taglen, data, len);
+    return r > 0 ? n + r : n;
+}
+
+int hub__route_unicast(hub *h, const char *tag, size_t taglen, const char *data, size_t len)
+{
+    if (h->router && h->router->unicast) {
+        if (!hub_tag_valid(tag, taglen))
+            return -EINVAL;
+        if (hub__frame_too_big(h, len))
+            return -EMSGSIZE;
+        hub_tag *t = hub__tag_find(h, tag, taglen);
+        int r = h->router->unicast(h->router_ud, tag, taglen, data, len,
+                                   t && t->head ? t->nmembers : 0);
+        if (r != 0)
+            return r;
+    }
+    return hub__unicast(h, tag, taglen, data, len);
+}
+
+int hub__route_send(hub *h, uint64_t id, const char *data, size_t len)
+{
+    int rc = hub__send(h, id, data, len);
+    if (rc == -ENOENT && h->router && h->router->send && !hub__client_by_id(h, id)) {
+        if (hub__frame_too_big(h, len))
+            return -EMSGSIZE;
+        rc = h->router->send(h->router_ud, id, data, len);
+    }
+    return rc;
+}
+
+int hub__route_set_tag(hub *h, uint64_t id, const char *tag, size_t len, int from_worker)
+{
+    int rc = hub__set_tag_id(h, id, tag, len, from_worker);
+    if (rc == -ENOENT && h->router && h->router->set_tag && !hub__client_by_id(h, id))
+        rc = h->router->set_tag(h->router_ud, id, tag, len);
+    return rc;
+}
+
+int hub__route_close(hub *h, uint64_t id, const char *reason)
+{
+    int rc = hub__close_id(h, id, reason);
+    if (rc == -ENOENT && h->router && h->router->close && !hub__client_by_id(h, id))
+        rc = h->router->close(h->router_ud, id, reason);
+    return rc;
+}
+
 /* ---- executors: the loop (workers = 0) and each worker run the same events ---- */
 
 void hub__event_run(hub *h, hub_script *s, int type, uint64_t id, const void *data, size_t len)

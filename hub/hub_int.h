@@ -219,6 +219,8 @@ struct hub {
     int markers_waiting; /* ...and how many have not come back */
     const hub_event_sink *sink;
     void *sink_ud;
+    const hub_router *router; /* hub_set_router, or NULL */
+    void *router_ud;
     atomic_uint_fast64_t next_token;
     atomic_uint_fast64_t completions_undelivered;
 
@@ -288,6 +290,16 @@ int hub__send(hub *h, uint64_t id, const char *data, size_t len);
 /* from_worker: the worker already recorded the intent; an unknown id clears it. */
 int hub__set_tag_id(hub *h, uint64_t id, const char *tag, size_t len, int from_worker);
 int hub__close_id(hub *h, uint64_t id, const char *reason);
+/* The same, as scripts and the control socket ask them: through the router when there is
+ * one (hub_router). local: a relay / multicast with scope local (the router is not asked). */
+int hub__route_relay(hub *h, const char *data, size_t len, int local);
+int hub__route_multicast(hub *h, const char *tag, size_t taglen, const char *data, size_t len,
+                         int local);
+int hub__route_unicast(hub *h, const char *tag, size_t taglen, const char *data, size_t len);
+int hub__route_send(hub *h, uint64_t id, const char *data, size_t len);
+/* from_worker as hub__set_tag_id. */
+int hub__route_set_tag(hub *h, uint64_t id, const char *tag, size_t len, int from_worker);
+int hub__route_close(hub *h, uint64_t id, const char *reason);
 
 /* kinds of events handed to a worker */
 enum {

@@ -69,6 +69,10 @@ typedef struct hub_api {
     int (*subscribe)(void *ud, const char *event, const char *socket, long expire_s, char *err,
                      size_t errlen);
     int (*unsubscribe)(void *ud, const char *event, const char *socket, char *err, size_t errlen);
+    /* As relay and multicast, to this hub's connections only (scope "local": never routed
+     * to other hubs of a cluster). */
+    int (*relay_local)(void *ud, const char *data, size_t len);
+    int (*multicast_local)(void *ud, const char *tag, size_t taglen, const char *data, size_t len);
 } hub_api;
 
 /* ---- functions a module offers scripts (hub_module.fns) ----

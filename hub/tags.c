@@ -245,6 +245,11 @@ int hub__tag_set(hub *h, hub_client *c, const char *tag, size_t len)
         return 0;
     if (!c->tag && !len)
         return 0;
+    /* A router hears of a tag's first local member and of its last (hub_router). */
+    const hub_router *r = h->router && h->router->tag_members ? h->router : NULL;
+    char gone[HUB_TAG_MAX + 1];
+    size_t gone_len = 0;
+    int first = 0;
     pthread_rwlock_wrlock(&h->tags_lock);
     hub_tag *t = len ? tag_get(h, tag, len) : NULL;
     if (len && !t) {
@@ -252,12 +257,24 @@ int hub__tag_set(hub *h, hub_client *c, const char *tag, size_t len)
     } else {
         if (t)
             t->nmembers++; /* before the old tag goes, so t cannot be freed with it */
-        if (c->tag)
+        if (c->tag) {
+            if (r && c->tag->head == c && !c->tag_next) {
+                gone_len = c->tag->len;
+                memcpy(gone, c->tag->name, gone_len);
+            }
             tag_remove_member(h, c);
-        if (t)
+        }
+        if (t) {
+            first = r && !t->head;
             tag_insert_member(t, c);
+        }
     }
     pthread_rwlock_unlock(&h->tags_lock);
+    /* After the lock: the router may look at tags (hub_tag_count...) */
+    if (gone_len)
+        r->tag_members(h->router_ud, gone, gone_len, 0);
+    if (first)
+        r->tag_members(h->router_ud, tag, len, 1);
     return rc;
 }
 

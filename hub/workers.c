@@ -108,11 +108,23 @@ static void cmd_free(hub *h, hub_post *p)
 
 static void run_relay(hub *h, hub_post *p)
 {
+    hub__route_relay(h, CMD(p)->data, CMD(p)->len, 0);
+    cmd_free(h, p);
+}
+
+static void run_relay_local(hub *h, hub_post *p)
+{
     hub__relay(h, CMD(p)->data, CMD(p)->len);
     cmd_free(h, p);
 }
 
 static void run_multicast(hub *h, hub_post *p)
+{
+    hub__route_multicast(h, CMD(p)->tag, CMD(p)->taglen, CMD(p)->data, CMD(p)->len, 0);
+    cmd_free(h, p);
+}
+
+static void run_multicast_local(hub *h, hub_post *p)
 {
     hub__multicast(h, CMD(p)->tag, CMD(p)->taglen, CMD(p)->data, CMD(p)->len);
     cmd_free(h, p);
@@ -120,14 +132,14 @@ static void run_multicast(hub *h, hub_post *p)
 
 static void run_unicast(hub *h, hub_post *p)
 {
-    hub__unicast(h, CMD(p)->tag, CMD(p)->taglen, CMD(p)->data, CMD(p)->len);
+    hub__route_unicast(h, CMD(p)->tag, CMD(p)->taglen, CMD(p)->data, CMD(p)->len);
     cmd_free(h, p);
 }
 
 static void run_send(hub *h, hub_post *p)
 {
     hub_cmd *c = CMD(p);
-    if (hub__send(h, c->id, c->data, c->len) == -ENOENT)
+    if (hub__route_send(h, c->id, c->data, c->len) == -ENOENT)
         hub_log(HUB_LOG_DEBUG, "send to client id=%llu: no such connection",
                 (unsigned long long)c->id);
     cmd_free(h, p);
@@ -138,15 +150,15 @@ static void run_set_tag(hub *h, hub_post *p)
     hub_cmd *c = CMD(p);
     hub_client *cl;
     /* The owner's state learns of a tag another worker set. */
-    if (hub__set_tag_id(h, c->id, c->tag, c->taglen, 1) > 0 && (cl = hub__client_by_id(h, c->id)) &&
-        cl->worker != c->worker)
+    if (hub__route_set_tag(h, c->id, c->tag, c->taglen, 1) > 0 &&
+        (cl = hub__client_by_id(h, c->id)) && cl->worker != c->worker)
         hub__tag_changed(h, cl);
     hub_free(c);
 }
 
 static void run_close(hub *h, hub_post *p)
 {
-    hub__close_id(h, CMD(p)->id, CMD(p)->data);
+    hub__route_close(h, CMD(p)->id, CMD(p)->data);
     cmd_free(h, p);
 }
 
@@ -262,19 +274,36 @@ static int calls_room(hub_worker *w, size_t len)
     return -ENOBUFS;
 }
 
-static int api_relay(void *ud, const char *data, size_t len)
+/* What a relay or multicast reaches beyond this hub, as far as its router knows. */
+static int remote_reach(hub *h, const char *tag, size_t taglen, int local)
+{
+    if (local || !h->router || !h->router->reach)
+        return 0;
+    int r = h->router->reach(h->router_ud, tag, taglen);
+    return r > 0 ? r : 0;
+}
+
+static int relay_as(void *ud, const char *data, size_t len, int local)
 {
     hub_worker *w = ud;
     if (w->index < 0)
-        return hub__relay(w->h, data, len);
+        return hub__route_relay(w->h, data, len, local);
     if (hub__frame_too_big(w->h, len))
         return -EMSGSIZE;
-    if (atomic_load(&w->h->nclients) == 0)
+    int reach = remote_reach(w->h, NULL, 0, local);
+    if (atomic_load(&w->h->nclients) == 0 && !reach)
         return 0;
     if (calls_room(w, len) < 0)
         return -ENOBUFS;
-    int rc = worker_cmd(w, run_relay, 0, NULL, 0, data, len);
+    int rc = worker_cmd(w, local ? run_relay_local : run_relay, 0, NULL, 0, data, len);
     return rc < 0 ? rc : 1;
+}
+
+static int api_relay(void *ud, const char *data, size_t len) { return relay_as(ud, data, len, 0); }
+
+static int api_relay_local(void *ud, const char *data, size_t len)
+{
+    return relay_as(ud, data, len, 1);
 }
 
 static int api_tagged(hub_worker *w, void (*type)(hub *, hub_post *), const char *tag,
@@ -289,6 +318,8 @@ static int api_tagged(hub_worker *w, void (*type)(hub *, hub_post *), const char
     /* The command goes even when the count is 0: a set_tag queued just before it by this
      * same script is applied first. */
     uint32_t n = hub__tag_count(w->h, tag, taglen);
+    if (!n)
+        n = (uint32_t)remote_reach(w->h, tag, taglen, type == run_multicast_local);
     int rc = worker_cmd(w, type, 0, tag, taglen, data, len);
     if (rc < 0)
         return rc;
@@ -299,15 +330,24 @@ static int api_multicast(void *ud, const char *tag, size_t taglen, const char *d
 {
     hub_worker *w = ud;
     if (w->index < 0)
-        return hub__multicast(w->h, tag, taglen, data, len);
+        return hub__route_multicast(w->h, tag, taglen, data, len, 0);
     return api_tagged(ud, run_multicast, tag, taglen, data, len);
+}
+
+static int api_multicast_local(void *ud, const char *tag, size_t taglen, const char *data,
+                               size_t len)
+{
+    hub_worker *w = ud;
+    if (w->index < 0)
+        return hub__route_multicast(w->h, tag, taglen, data, len, 1);
+    return api_tagged(ud, run_multicast_local, tag, taglen, data, len);
 }
 
 static int api_unicast(void *ud, const char *tag, size_t taglen, const char *data, size_t len)
 {
     hub_worker *w = ud;
     if (w->index < 0)
-        return hub__unicast(w->h, tag, taglen, data, len);
+        return hub__route_unicast(w->h, tag, taglen, data, len);
     return api_tagged(ud, run_unicast, tag, taglen, data, len);
 }
 
@@ -315,7 +355,7 @@ static int api_send(void *ud, uint64_t id, const char *data, size_t len)
 {
     hub_worker *w = ud;
     if (w->index < 0)
-        return hub__send(w->h, id, data, len);
+        return hub__route_send(w->h, id, data, len);
     if (hub__frame_too_big(w->h, len))
         return -EMSGSIZE;
     if (calls_room(w, len) < 0)
@@ -328,7 +368,7 @@ static int api_set_tag(void *ud, uint64_t id, const char *tag, size_t taglen)
 {
     hub_worker *w = ud;
     if (w->index < 0)
-        return hub__set_tag_id(w->h, id, tag, taglen, 0);
+        return hub__route_set_tag(w->h, id, tag, taglen, 0);
     /* The command first: an intent recorded with no command behind it would never be
      * applied. */
     hub_cmd *c = cmd_new(run_set_tag, w->index, id, tag, taglen, NULL, 0);
@@ -348,7 +388,7 @@ static int api_close(void *ud, uint64_t id, const char *reason)
 {
     hub_worker *w = ud;
     if (w->index < 0)
-        return hub__close_id(w->h, id, reason);
+        return hub__route_close(w->h, id, reason);
     /* The reason is cut at 255 bytes: it only goes to a log line and an error frame. */
     size_t rl = reason ? strnlen(reason, 255) : 0;
     hub_cmd *c = cmd_new(run_close, w->index, id, NULL, 0, reason, rl);
@@ -521,6 +561,8 @@ const hub_api hub__api = {
     .close = api_close,
     .stats = api_stats,
     .count = api_count,
+    .relay_local = api_relay_local,
+    .multicast_local = api_multicast_local,
 };
 
 /* ---- the worker thread ---- */

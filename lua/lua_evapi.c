@@ -252,11 +252,29 @@ static void open_client(lua_State *L)
 
 /* ---- evapi module ---- */
 
+/* The options table at i of evapi.relay / evapi.multicast: 1 for {scope = "local"} (this
+ * hub's connections only), 0 for none or {scope = "cluster"} (the default). */
+static int check_scope_local(lua_State *L, int i)
+{
+    if (lua_isnoneornil(L, i))
+        return 0;
+    luaL_checktype(L, i, LUA_TTABLE);
+    lua_getfield(L, i, "scope");
+    const char *scope = luaL_optstring(L, -1, "cluster");
+    int local = strcmp(scope, "local") == 0;
+    if (!local && strcmp(scope, "cluster") != 0)
+        return luaL_argerror(L, i, "scope must be \"local\" or \"cluster\"");
+    lua_pop(L, 1);
+    return local;
+}
+
 static int evapi_relay(lua_State *L)
 {
     hub_script *s = hlua__script(L);
     size_t len;
     const char *data = luaL_checklstring(L, 1, &len);
+    if (check_scope_local(L, 2))
+        return hlua__push_result(L, s->api->relay_local(s->ud, data, len));
     return hlua__push_result(L, s->api->relay(s->ud, data, len));
 }
 
@@ -273,7 +291,8 @@ static int route_by_tag(lua_State *L,
 
 static int evapi_multicast(lua_State *L)
 {
-    return route_by_tag(L, hlua__script(L)->api->multicast);
+    const hub_api *api = hlua__script(L)->api;
+    return route_by_tag(L, check_scope_local(L, 3) ? api->multicast_local : api->multicast);
 }
 
 static int evapi_unicast(lua_State *L) { return route_by_tag(L, hlua__script(L)->api->unicast); }
