@@ -44,8 +44,10 @@
 #define CL_NID_MAX   ((1u << CL_NID_BITS) - 1)
 #define CL_HB_TAGS   1000 /* tags listed in a heartbeat; past it "tags_more" is set */
 #define CL_ENV_MAGIC 0xE1
-#define CL_ENV_HEAD  24   /* magic, kind, aux length (2), origin (4), seq (8), id (8) */
-#define CL_SOON      0.02 /* s: a heartbeat after a tag came or went, to tell the others */
+/* magic, kind, aux length (2), origin (4), seq (8), id (8), stream seq (8) */
+#define CL_ENV_HEAD 32
+#define CL_STREAMS  4096 /* buckets of the stream tables */
+#define CL_SOON     0.02 /* s: a heartbeat after a tag came or went, to tell the others */
 
 /* ---- config ---- */
 
@@ -132,6 +134,18 @@ enum {
 typedef struct cl_ev cl_ev;
 typedef struct cluster cluster;
 
+/* A stream: what one origin publishes on one subject (its relays, its multicasts to one tag,
+ * its messages to one node), numbered 1, 2, ... so that a receiver sees what it missed. The
+ * publisher keeps the last number it gave (key origin 0), a receiver the last it took. */
+typedef struct cl_stream {
+    struct cl_stream *next;
+    uint64_t seq;
+    uint32_t origin;
+    char kind;
+    uint8_t len;
+    char tag[HUB_TAG_MAX];
+} cl_stream;
+
 /* A tag with local members: its two subscriptions. */
 typedef struct cl_tag {
     struct cl_tag *next;
@@ -196,10 +210,12 @@ struct cluster {
     pthread_mutex_t mu; /* guards nodes */
     cl_node *nodes;
     int id_conflict_logged;
+    cl_stream **sent, **seen; /* CL_STREAMS buckets each */
     /* counters: written on the loop (or by libnats' threads, for the connection's), read
      * anywhere */
     _Atomic uint64_t out[K_NKINDS], in[K_NKINDS], bytes_out, bytes_in;
     _Atomic uint64_t publish_failed, unicast_lost, direct_unknown, bad_messages, slow_dropped;
+    _Atomic uint64_t gaps;
     _Atomic uint64_t reconnects, disconnects, id_conflicts, heartbeats_in;
     _Atomic int connected, nnodes;
     uint64_t dropped_gone; /* slow-consumer drops of subscriptions since removed */
@@ -469,6 +485,66 @@ static int cl_reach(void *ud, const char *tag, size_t taglen)
     return n;
 }
 
+/* ---- streams ---- */
+
+static size_t stream_bucket(uint32_t origin, char kind, const char *tag, size_t len)
+{
+    uint32_t hsh = 2166136261u ^ origin;
+    hsh = (hsh ^ (unsigned char)kind) * 16777619u;
+    for (size_t i = 0; i < len; i++)
+        hsh = (hsh ^ (unsigned char)tag[i]) * 16777619u;
+    return hsh % CL_STREAMS;
+}
+
+/* The stream's record in table t, made (seq 0) when create is set; NULL if none / no memory. */
+static cl_stream *stream_get(cl_stream **t, uint32_t origin, char kind, const char *tag, size_t len,
+                             int create)
+{
+    if (!t)
+        return NULL;
+    cl_stream **b = &t[stream_bucket(origin, kind, tag, len)];
+    for (cl_stream *x = *b; x; x = x->next)
+        if (x->origin == origin && x->kind == kind && x->len == len &&
+            (!len || memcmp(x->tag, tag, len) == 0))
+            return x;
+    if (!create)
+        return NULL;
+    cl_stream *x = hub_calloc(1, sizeof(*x));
+    if (!x)
+        return NULL;
+    x->origin = origin;
+    x->kind = kind;
+    x->len = (uint8_t)len;
+    if (len)
+        memcpy(x->tag, tag, len);
+    x->next = *b;
+    *b = x;
+    return x;
+}
+
+/* Forget the streams that match (origin 0: any origin; kind 0: any kind; tag NULL: any). */
+static void streams_forget(cl_stream **t, uint32_t origin, char kind, const char *tag, size_t len)
+{
+    for (size_t i = 0; t && i < CL_STREAMS; i++) {
+        for (cl_stream **pp = &t[i]; *pp;) {
+            cl_stream *x = *pp;
+            if ((!origin || x->origin == origin) && (!kind || x->kind == kind) &&
+                (!tag || (x->len == len && memcmp(x->tag, tag, len) == 0))) {
+                *pp = x->next;
+                hub_free(x);
+            } else {
+                pp = &x->next;
+            }
+        }
+    }
+}
+
+static void streams_free(cl_stream **t)
+{
+    streams_forget(t, 0, 0, NULL, 0);
+    hub_free(t);
+}
+
 /* ---- publishing ---- */
 
 static void put_be(char *p, uint64_t v, int bytes)
@@ -489,6 +565,13 @@ static uint64_t get_be(const unsigned char *p, int bytes)
 static int publish(cluster *cl, const char *subj, int kidx, char kind, uint64_t id, const char *aux,
                    size_t auxlen, const char *data, size_t len)
 {
+    /* the stream: relays, multicasts to a tag, messages to a node (unicasts, shared by a
+     * queue group, are not numbered: each node sees a part of them) */
+    cl_stream *st = NULL;
+    if (kind == E_RELAY || kind == E_MULTICAST)
+        st = stream_get(cl->sent, 0, kind, aux, auxlen, 1);
+    else if (kind != E_UNICAST)
+        st = stream_get(cl->sent, (uint32_t)(id >> CL_ID_SHIFT), 'N', NULL, 0, 1);
     if (!cl->nc || cl->stopping) {
         BUMP(cl->publish_failed, 1);
         return -EAGAIN;
@@ -514,6 +597,7 @@ static int publish(cluster *cl, const char *subj, int kidx, char kind, uint64_t 
     put_be(p + 4, cl->nid, 4);
     put_be(p + 8, ++cl->seq, 8);
     put_be(p + 16, id, 8);
+    put_be(p + 24, st ? st->seq + 1 : 0, 8);
     if (auxlen)
         memcpy(p + CL_ENV_HEAD, aux, auxlen);
     if (len)
@@ -532,6 +616,8 @@ static int publish(cluster *cl, const char *subj, int kidx, char kind, uint64_t 
         hub_log(HUB_LOG_DEBUG, "cluster: publish on %s failed: %s", subj, natsStatus_GetText(s));
         return s == NATS_INSUFFICIENT_BUFFER ? -ENOBUFS : -EIO;
     }
+    if (st) /* numbered once NATS took it: a refusal is counted as failed, not as a gap */
+        st->seq++;
     BUMP(cl->out[kidx], 1);
     BUMP(cl->bytes_out, need);
     return 0;
@@ -650,6 +736,8 @@ static void cl_tag_members(void *ud, const char *tag, size_t taglen, int present
                 drain_subs(cl);
                 *pp = t->next;
                 tag_unsub(cl, t);
+                /* with no interest, nothing of this tag is missed: numbering starts afresh */
+                streams_forget(cl->seen, 0, E_MULTICAST, tag, taglen);
                 hub_free(t);
                 cl->ntags--;
                 hb_soon(cl);
@@ -741,6 +829,16 @@ static void deliver(cluster *cl, const cl_in *in)
     if (in->origin == cl->nid && (kind == E_RELAY || kind == E_MULTICAST))
         return;
     BUMP(cl->bytes_in, len);
+    uint64_t sseq = get_be(d + 24, 8);
+    if (sseq) {
+        int direct = kind != E_RELAY && kind != E_MULTICAST;
+        cl_stream *st = stream_get(cl->seen, in->origin, direct ? 'N' : kind, direct ? NULL : aux,
+                                   direct ? 0 : auxlen, 1);
+        if (st && st->seq && sseq > st->seq + 1)
+            BUMP(cl->gaps, sseq - st->seq - 1); /* missed: NATS had no interest, or dropped */
+        if (st) /* a number at or below the last: the origin restarted */
+            st->seq = sseq;
+    }
     if (in->origin != cl->nid) {
         pthread_mutex_lock(&cl->mu);
         cl_node *n = node_find(cl, in->origin);
@@ -858,6 +956,7 @@ static void node_drop(cluster *cl, cl_node **pp, const char *why)
 {
     cl_node *n = *pp;
     hub_log(HUB_LOG_NOTICE, "cluster: node %s (%u) %s", n->name, n->nid, why);
+    streams_forget(cl->seen, n->nid, 0, NULL, 0);
     *pp = n->next;
     node_tags_free(n);
     hub_free(n);
@@ -1120,6 +1219,7 @@ static void cmd_cluster(hub_ctl_call *call, json_object *params, void *ud)
     json_object_object_add(c, "publish_failed",
                            json_object_new_int64((int64_t)GET(cl->publish_failed)));
     json_object_object_add(c, "slow_dropped", json_object_new_int64((int64_t)slow_dropped(cl)));
+    json_object_object_add(c, "gaps", json_object_new_int64((int64_t)GET(cl->gaps)));
     json_object_object_add(c, "unicast_lost",
                            json_object_new_int64((int64_t)GET(cl->unicast_lost)));
     json_object_object_add(c, "direct_unknown",
@@ -1257,6 +1357,12 @@ static int cluster_init(hub *h, void **state, char *err, size_t errlen)
     if (rc < 0) {
         snprintf(err, errlen, "cluster: cannot take the hub's routing: %s", strerror(-rc));
         return rc;
+    }
+    cl->sent = hub_calloc(CL_STREAMS, sizeof(*cl->sent));
+    cl->seen = hub_calloc(CL_STREAMS, sizeof(*cl->seen));
+    if (!cl->sent || !cl->seen) {
+        snprintf(err, errlen, "cluster: out of memory");
+        return -ENOMEM;
     }
     cl->enabled = 1;
     return 0;
@@ -1412,6 +1518,8 @@ static void cluster_free(void *state)
         nats_CloseAndWait(2000); /* libnats' own threads end here */
     }
     ev_adapter_free(cl, cl->ev);
+    streams_free(cl->sent);
+    streams_free(cl->seen);
     hub_free(cl->buf);
     hub_free(cl->inv);
     pthread_mutex_destroy(&cl->mu);
@@ -1452,6 +1560,10 @@ static size_t cluster_stats(void *state, hub_stat *out, size_t cap)
         "messages NATS dropped at this node's subscriptions (pending limit; as of the last "
         "heartbeat)",
         0, GET(cl->slow_dropped), "");
+    PUT("cluster_gaps",
+        "messages of another node's relays, multicasts or messages to this node that never "
+        "came (numbering gaps: NATS had no interest yet, or dropped them)",
+        0, GET(cl->gaps), "");
     PUT("cluster_unicast_lost", "unicasts that reached this node after its last member left", 0,
         GET(cl->unicast_lost), "");
     PUT("cluster_direct_unknown", "send/tag/close by id for an id this node does not hold", 0,

@@ -1,0 +1,108 @@
+"""A private nats-server for the cluster tests: started on a free loopback port, optionally
+routed to others of one NATS cluster, stopped by pid. Python standard library only."""
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+
+from evhub_harness import TIMEOUT, TestFailure
+
+NATS_BIN = os.environ.get("NATS_SERVER_BIN") or shutil.which("nats-server") or "/usr/bin/nats-server"
+
+_servers = []
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+class NatsServer:
+    """nats-server -a 127.0.0.1 -p PORT [--cluster nats://127.0.0.1:CPORT --routes ...]."""
+
+    def __init__(self, name="n", cluster_port=None, routes=(), port=None):
+        self.name = name
+        self.port = port or free_port()
+        self.cluster_port = cluster_port
+        self.routes = list(routes)
+        self.dir = tempfile.mkdtemp(prefix="evhub-nats-")
+        self.logfile = os.path.join(self.dir, "nats.log")
+        self.proc = None
+        _servers.append(self)
+
+    @property
+    def url(self):
+        return "nats://127.0.0.1:%d" % self.port
+
+    def command(self):
+        cmd = [NATS_BIN, "-a", "127.0.0.1", "-p", str(self.port), "-n", self.name,
+               "-l", self.logfile]
+        if self.cluster_port:
+            cmd += ["--cluster_name", "evhubtest", "--cluster",
+                    "nats://127.0.0.1:%d" % self.cluster_port]
+            if self.routes:
+                cmd += ["--routes", ",".join("nats://127.0.0.1:%d" % p for p in self.routes)]
+        return cmd
+
+    def start(self):
+        if not os.access(NATS_BIN, os.X_OK):
+            raise TestFailure("nats-server not found (%s): install the nats-server package"
+                              % NATS_BIN)
+        self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            if self.proc.poll() is not None:
+                raise TestFailure("nats-server exited (rc %s): %s" % (self.proc.returncode,
+                                                                      self.log()[-2000:]))
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return self
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise TestFailure("nats-server did not listen on %d" % self.port)
+            time.sleep(0.02)
+
+    def wait_routes(self, n):
+        """Wait until the log shows n route connections made."""
+        deadline = time.monotonic() + TIMEOUT
+        while self.log().count("Route connection created") < n:
+            if time.monotonic() > deadline:
+                raise TestFailure("nats-server %s: no route after %.0fs: %s" % (
+                    self.name, TIMEOUT, self.log()[-2000:]))
+            time.sleep(0.05)
+
+    def log(self):
+        try:
+            with open(self.logfile) as f:
+                return f.read()
+        except OSError:
+            return ""
+
+    def stop(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def kill(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def stop_all():
+    for s in _servers:
+        s.stop()
+        shutil.rmtree(s.dir, ignore_errors=True)
+    del _servers[:]
