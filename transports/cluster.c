@@ -1486,13 +1486,19 @@ static void cluster_stop(void *state)
     ev_timer_stop(cl->loop, &cl->hb_w);
     ev_timer_stop(cl->loop, &cl->soon_w);
     if (cl->nc) {
-        for (cl_tag *t = cl->tags; t; t = t->next)
-            tag_unsub(cl, t);
+        /* Close first: with nothing buffered (drain waited for that) it does not flush, and a
+         * flush would wait up to 500 ms for a PONG only this thread could read. The
+         * subscriptions then go without an UNSUB each (the server drops them with us). */
+        natsConnection_Close(cl->nc);
+        for (cl_tag *t = cl->tags; t; t = t->next) {
+            natsSubscription_Destroy(t->msub);
+            natsSubscription_Destroy(t->usub);
+            t->msub = t->usub = NULL;
+        }
         natsSubscription *fixed[3] = {cl->relay_sub, cl->direct_sub, cl->hb_sub};
         for (int i = 0; i < 3; i++)
             natsSubscription_Destroy(fixed[i]);
         cl->relay_sub = cl->direct_sub = cl->hb_sub = NULL;
-        natsConnection_Close(cl->nc);
         natsConnection_Destroy(cl->nc);
         cl->nc = NULL;
     }
