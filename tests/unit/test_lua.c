@@ -99,6 +99,22 @@ static int fake_unicast(void *ud, const char *tag, size_t taglen, const char *da
     return ((fake_hub *)ud)->ret;
 }
 
+static int fake_relay_local(void *ud, const char *data, size_t len)
+{
+    fake_call *c = record(ud, "relay_local");
+    copy_data(c, data, len);
+    return ((fake_hub *)ud)->ret;
+}
+
+static int fake_multicast_local(void *ud, const char *tag, size_t taglen, const char *data,
+                                size_t len)
+{
+    fake_call *c = record(ud, "multicast_local");
+    copy_tag(c, tag, taglen);
+    copy_data(c, data, len);
+    return ((fake_hub *)ud)->ret;
+}
+
 static int fake_send(void *ud, uint64_t id, const char *data, size_t len)
 {
     fake_call *c = record(ud, "send");
@@ -248,6 +264,8 @@ static const hub_api fake_api = {
     .raise = fake_raise,
     .subscribe = fake_subscribe,
     .unsubscribe = fake_unsubscribe,
+    .relay_local = fake_relay_local,
+    .multicast_local = fake_multicast_local,
 };
 
 /* ---- fixture: a fake hub, a script file, captured logs ---- */
@@ -726,6 +744,27 @@ static void test_native_evapi_by_id(void **state)
     assert_string_equal(f->hub.calls[1].op, "set_tag");
     assert_string_equal(f->hub.calls[3].op, "close");
     assert_int_equal(f->hub.calls[3].has_reason, 0);
+}
+
+/* {scope = "local"} picks the hub's local-only calls; "cluster" (or no options) the routed ones. */
+static void test_native_scope_local(void **state)
+{
+    fixture *f = *state;
+    hub_script *s = load_ok(f, native_script, "");
+    lua_ok(s, "assert(evapi.relay('a', {scope = 'local'}) == true)\n"
+              "assert(evapi.multicast('b', 'red', {scope = 'local'}) == true)\n"
+              "assert(evapi.relay('c', {scope = 'cluster'}) == true)\n"
+              "assert(evapi.multicast('d', 'red', {}) == true)\n"
+              "local ok, err = pcall(evapi.relay, 'e', {scope = 'nowhere'})\n"
+              "assert(not ok and tostring(err):find('scope must be', 1, true), err)\n"
+              "ok, err = pcall(evapi.multicast, 'f', 'red', 'local')\n"
+              "assert(not ok and tostring(err):find('table expected', 1, true), err)\n");
+    assert_int_equal(f->hub.ncalls, 4);
+    assert_string_equal(f->hub.calls[0].op, "relay_local");
+    assert_string_equal(f->hub.calls[1].op, "multicast_local");
+    assert_string_equal(f->hub.calls[1].tag, "red");
+    assert_string_equal(f->hub.calls[2].op, "relay");
+    assert_string_equal(f->hub.calls[3].op, "multicast");
 }
 
 static void test_native_misuse_raises(void **state)
@@ -1907,6 +1946,7 @@ int main(void)
         T(test_native_conn_fields_and_methods),
         T(test_native_results_are_nil_msg_code),
         T(test_native_evapi_by_id),
+        T(test_native_scope_local),
         T(test_native_misuse_raises),
         T(test_native_close_event_marks_closed),
         T(test_native_on_replaces_and_unsets),
