@@ -143,6 +143,18 @@ int hub_local_close(hub *h, uint64_t id, const char *reason);
  * state is gone (reloaded, stopped) is counted as undelivered (completions_undelivered). */
 void hub_complete(hub *h, uint64_t token, struct json_object *result);
 
+/* ---- requests: a module (SIP) hands requests to the scripts' request route ---- */
+
+/* Loop thread: run the request route for r in the executor key picks (the same key, e.g. a
+ * hash of the Call-ID, always the same executor, in order). The hub takes r's reference and
+ * calls route_done and unref once the route ran (route_done also when it never could). */
+void hub_request(hub *h, uint64_t key, hub_req *r);
+/* Loop thread, from a module's init: the one module that resolves t_continue's (index,
+ * label) pairs; resume is called from any thread running a script. -EEXIST for a second. */
+typedef hub_req *(*hub_req_resume_fn)(void *ud, unsigned index, unsigned label, char *err,
+                                      size_t errlen);
+int hub_set_req_resolver(hub *h, hub_req_resume_fn resume, void *ud);
+
 /* ---- the event interface seam: one module (events) is the sink ---- */
 
 #define HUB_EVENT_MAX 64 /* bytes in an event name */

@@ -266,6 +266,16 @@ void hub__event_run(hub *h, hub_script *s, int type, uint64_t id, const void *da
             h->ops->on_tag(s, id, tag, tl);
         break;
     }
+    case HUB_EV_REQUEST: {
+        /* s NULL: it can no longer run (its worker stopped); the module answers it. */
+        hub_req *r;
+        memcpy(&r, data, sizeof(r));
+        if (s && h->ops->on_request)
+            h->ops->on_request(s, r);
+        r->ops->route_done(r, 0);
+        r->ops->unref(r);
+        break;
+    }
     case HUB_EV_COMPLETE: {
         json_object *res;
         memcpy(&res, data, sizeof(res));
@@ -275,6 +285,30 @@ void hub__event_run(hub *h, hub_script *s, int type, uint64_t id, const void *da
         break;
     }
     }
+}
+
+void hub_request(hub *h, uint64_t key, hub_req *r)
+{
+    int exec = h->nworkers && !h->workers_stopped ? (int)(key % (uint64_t)h->nworkers) : -1;
+    if (h->nworkers && h->workers_stopped) {
+        r->ops->route_done(r, 0);
+        r->ops->unref(r);
+        return;
+    }
+    /* r's reference travels as the event's data */
+    if (hub__exec_post(h, exec, HUB_EV_REQUEST, key, &r, sizeof(r)) < 0) {
+        r->ops->route_done(r, 0);
+        r->ops->unref(r);
+    }
+}
+
+int hub_set_req_resolver(hub *h, hub_req_resume_fn resume, void *ud)
+{
+    if (h->req_resume)
+        return -EEXIST;
+    h->req_resume = resume;
+    h->req_resume_ud = ud;
+    return 0;
 }
 
 int hub__exec_post(hub *h, int exec, int type, uint64_t id, const void *data, size_t len)

@@ -221,6 +221,8 @@ struct hub {
     void *sink_ud;
     const hub_router *router; /* hub_set_router, or NULL */
     void *router_ud;
+    hub_req_resume_fn req_resume; /* the module that resolves t_continue pairs, or NULL */
+    void *req_resume_ud;
     atomic_uint_fast64_t next_token;
     atomic_uint_fast64_t completions_undelivered;
 
@@ -313,7 +315,8 @@ enum {
     HUB_EV_STOP,
     HUB_EV_COMPLETE, /* a completion for the worker's state: id is the token */
     HUB_EV_MARK,     /* shutdown: answer once everything before it has run */
-    HUB_EV_EOF       /* the peer of id half-closed: answer once its events before it ran */
+    HUB_EV_EOF,      /* the peer of id half-closed: answer once its events before it ran */
+    HUB_EV_REQUEST   /* a module's request for the request route: data is a hub_req * (owned) */
 };
 
 /* Executors (dispatch.c): the loop's own state (exec -1, workers = 0) and each worker run the

@@ -95,7 +95,14 @@ static int noapi_unsubscribe(void *ud, const char *event, const char *socket, ch
 {
     return noapi_subscribe(ud, event, socket, 0, err, errlen);
 }
+static hub_req *noapi_req_resume(void *ud, unsigned index, unsigned label, char *err, size_t errlen)
+{
+    (void)ud, (void)index, (void)label;
+    snprintf(err, errlen, "not available while the script is checked");
+    return NULL;
+}
 static const hub_api no_api = {
+    .req_resume = noapi_req_resume,
     .relay = noapi_data,
     .multicast = noapi_tagged,
     .unicast = noapi_tagged,

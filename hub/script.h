@@ -40,6 +40,44 @@ enum {
     HUB_SCRIPT_NCOUNTS = 3
 };
 
+/* ---- requests a module hands to scripts (a SIP request): the script's request route ----
+ * A hub_req is the module's object; its ops may be called from any thread running a script
+ * and must not block. The engine holds a reference while it uses one. */
+typedef struct hub_req hub_req;
+
+/* The value of a pseudo-variable: a string (s, len) or an integer (is_int, i). */
+typedef struct hub_pv {
+    int is_int;
+    long long i;
+    const char *s; /* valid while the engine holds its reference */
+    size_t len;
+} hub_pv;
+
+typedef struct hub_req_ops {
+    /* $rm, $ru, $hdr(Name), $T(id_index)...: 0 with *out set; -ENOENT when the request has
+     * no such value ($null); -EINVAL when name is not a variable of this kind of request. */
+    int (*pv)(hub_req *r, const char *name, hub_pv *out);
+    /* Reply now (code 100..699) with the headers appended so far (then forgotten). 0, or <0
+     * with err set (-EALREADY: a final reply went already; -ECANCELED: cancelled or expired). */
+    int (*reply)(hub_req *r, int code, const char *reason, char *err, size_t errlen);
+    /* Add a header line (or lines, with or without the CRLF) to the next reply. */
+    int (*append_to_reply)(hub_req *r, const char *text, size_t len, char *err, size_t errlen);
+    /* Suspend the request (an INVITE gets 100 Trying): once its route returns it waits for a
+     * resume (hub_api.req_resume) or its deadline. 0, or <0 with err. unsuspend takes it back
+     * (the relay that was to reach an application reached none). */
+    int (*suspend)(hub_req *r, char *err, size_t errlen);
+    void (*unsuspend)(hub_req *r);
+    /* A route ran with r as the current request (the first, or one resumed): a request left
+     * neither answered nor suspended is answered by the module (500, logged). */
+    void (*route_done)(hub_req *r, int resumed);
+    void (*ref)(hub_req *r);
+    void (*unref)(hub_req *r);
+} hub_req_ops;
+
+struct hub_req {
+    const hub_req_ops *ops; /* the first member of the module's own struct */
+};
+
 /* What a script may ask of the hub. Each call is made from the thread running the script,
  * with the ud given at load. Results: n > 0 success (n recipients when known, else 1),
  * 0 no eligible connection, < 0 a negative errno (-EINVAL bad tag, -ENOENT no such id,
@@ -73,6 +111,10 @@ typedef struct hub_api {
      * to other hubs of a cluster). */
     int (*relay_local)(void *ud, const char *data, size_t len);
     int (*multicast_local)(void *ud, const char *tag, size_t taglen, const char *data, size_t len);
+    /* t_continue: the suspended request (index, label), now resumed (a reference the caller
+     * drops with ops->unref after ops->route_done), or NULL with err set (unknown, expired,
+     * cancelled, already resumed, or no module offers requests). */
+    hub_req *(*req_resume)(void *ud, unsigned index, unsigned label, char *err, size_t errlen);
 } hub_api;
 
 /* ---- functions a module offers scripts (hub_module.fns) ----
@@ -158,6 +200,9 @@ typedef struct hub_script_ops {
      * any other is its last. 0 when the state knew the token, -ENOENT when not (it was
      * started by a state since replaced): the hub counts and logs those. */
     int (*on_complete)(hub_script *s, uint64_t token, struct json_object *result);
+    /* Run the request route (KEMI ksr_request_route, native evapi.on("request")) with r as
+     * the current request; r is borrowed (the hub calls route_done and unref after). */
+    void (*on_request)(hub_script *s, hub_req *r);
 } hub_script_ops;
 
 #endif

@@ -546,6 +546,17 @@ static int api_unsubscribe(void *ud, const char *event, const char *socket, char
     return post_sub(w, event, socket, -1, err, errlen);
 }
 
+static hub_req *api_req_resume(void *ud, unsigned index, unsigned label, char *err, size_t errlen)
+{
+    hub_worker *w = ud;
+    hub *h = w->h;
+    if (!h->req_resume) {
+        snprintf(err, errlen, "no module offers requests to resume (no [sip])");
+        return NULL;
+    }
+    return h->req_resume(h->req_resume_ud, index, label, err, errlen);
+}
+
 /* The one API every executor's script uses, ud being its executor: the loop's own (index
  * -1, workers = 0) calls straight in; a worker's hands commands to the loop, in order. */
 const hub_api hub__api = {
@@ -563,6 +574,7 @@ const hub_api hub__api = {
     .count = api_count,
     .relay_local = api_relay_local,
     .multicast_local = api_multicast_local,
+    .req_resume = api_req_resume,
 };
 
 /* ---- the worker thread ---- */
@@ -653,6 +665,7 @@ static int worker_run(hub_worker *w, hub_item *it)
     case HUB_EV_CLOSE:
     case HUB_EV_TAG:
     case HUB_EV_COMPLETE:
+    case HUB_EV_REQUEST:
         hub__event_run(h, w->script, it->type, it->id, it->data, it->len);
         if (it->type == HUB_EV_CONNECT) /* the loop starts reading once the script saw it */
             worker_cmd(w, run_start_read, it->id, NULL, 0, NULL, 0);
@@ -699,6 +712,11 @@ static void deadline_after(struct timespec *ts, long usec)
 /* Release what an item never run carries (a completion's result, counted as undelivered). */
 static void item_drop(hub *h, hub_item *it)
 {
+    if (it->type == HUB_EV_REQUEST) {
+        hub__event_run(h, NULL, it->type, it->id, it->data, it->len); /* answered, released */
+        it->type = HUB_EV_STOP;
+        return;
+    }
     if (it->type != HUB_EV_COMPLETE)
         return;
     json_object *res;

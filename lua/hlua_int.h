@@ -15,7 +15,13 @@ struct json_object;
 #define HLUA_CLIENT_MT "evhub.client"
 
 /* Events, also the codes passed to the KEMI dispatcher in ksr.lua. */
-enum { HLUA_EV_CONNECT = 1, HLUA_EV_MESSAGE = 2, HLUA_EV_CLOSE = 3, HLUA_EV_COUNT = 3 };
+enum {
+    HLUA_EV_CONNECT = 1,
+    HLUA_EV_MESSAGE = 2,
+    HLUA_EV_CLOSE = 3,
+    HLUA_EV_REQUEST = 4, /* native only: KEMI runs ksr_request_route */
+    HLUA_EV_COUNT = 4
+};
 
 /* The full userdata behind a conn object. It is a copy of what the hub told us; the hub
  * stays the owner of the connection, Lua only holds its id. */
@@ -41,6 +47,7 @@ struct hub_script {
     int budget_hit;                 /* the current callback ran out of budget */
     atomic_int *cancel;             /* while loading: non-zero stops the load */
     int worker;                     /* the executor running it: -1 the loop thread */
+    hub_req *cur_req;               /* the request of the route running, or NULL */
     int handler[HLUA_EV_COUNT + 1]; /* evapi.on() registry refs, LUA_NOREF when unset */
     int conns_ref;                  /* registry ref: id -> conn userdata */
     int dispatch_ref;               /* ksr.lua's KEMI dispatcher, which then gets every event
@@ -114,6 +121,13 @@ struct json_object *hlua__json_take(lua_State *L, int idx);
 const char *hlua__json_push(lua_State *L, struct json_object *o);
 /* Push json.null. */
 void hlua__push_json_null(lua_State *L);
+/* The traceback message handler of every protected call, and the test for KSR.x.exit(). */
+int hlua__traceback(lua_State *L);
+int hlua__is_exit(lua_State *L, int idx);
+/* Push the table of request helpers ksr.lua receives as H.req. */
+void hlua__push_req_helpers(lua_State *L);
+/* Push a native request object holding a reference to r. */
+void hlua__push_request(lua_State *L, hub_req *r);
 /* Define every function conf->fns offers at its TABLE.NAME (after ksr.lua made KSR). */
 void hlua__open_module_fns(lua_State *L, const hub_script_conf *conf);
 

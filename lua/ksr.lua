@@ -26,12 +26,18 @@ local E = module("KSR.evapi.")
 local P = module("KSR.pv.")
 local X = module("KSR.x.")
 local TMX = module("KSR.tmx.")
+local TM = module("KSR.tm.")
+local SL = module("KSR.sl.")
+local HDR = module("KSR.hdr.")
 local KAFKA = module("KSR.kafka.")
 local RABBITMQ = module("KSR.rabbitmq.")
 rawset(KSR, "evapi", E)
 rawset(KSR, "pv", P)
 rawset(KSR, "x", X)
 rawset(KSR, "tmx", TMX)
+rawset(KSR, "tm", TM)
+rawset(KSR, "sl", SL)
+rawset(KSR, "hdr", HDR)
 rawset(KSR, "kafka", KAFKA)
 rawset(KSR, "rabbitmq", RABBITMQ)
 
@@ -94,12 +100,38 @@ local function unavailable(name, why)
         return -1
     end
 end
-local no_sip = "no SIP transaction to suspend (SIP not enabled)"
 local not_built = "not available in this build"
-E.async_relay = unavailable("KSR.evapi.async_relay", no_sip)
-E.async_multicast = unavailable("KSR.evapi.async_multicast", no_sip)
-E.async_unicast = unavailable("KSR.evapi.async_unicast", no_sip)
-TMX.t_continue = unavailable("KSR.tmx.t_continue", not_built)
+
+-- SIP: the current request of a request route (or of a route t_continue runs). Without one
+-- (an evapi event, no [sip]) they log why and return -1, as Kamailio's do.
+local R = H.req
+function E.async_relay(data)
+    return R.async(0, data)
+end
+function E.async_multicast(data, tag)
+    return R.async(1, data, tag)
+end
+function E.async_unicast(data, tag)
+    return R.async(2, data, tag)
+end
+function TMX.t_continue(index, label, fname)
+    return R.t_continue(index, label, fname)
+end
+function TM.t_newtran()
+    return R.newtran()
+end
+function TM.t_reply(code, reason)
+    return R.reply("KSR.tm.t_reply", code, reason)
+end
+function SL.sl_send_reply(code, reason)
+    return R.reply("KSR.sl.sl_send_reply", code, reason)
+end
+function SL.send_reply(code, reason)
+    return R.reply("KSR.sl.send_reply", code, reason)
+end
+function HDR.append_to_reply(text)
+    return R.append_to_reply(text)
+end
 KAFKA.send = unavailable("KSR.kafka.send", not_built)
 KAFKA.send_key = unavailable("KSR.kafka.send_key", not_built)
 RABBITMQ.publish = unavailable("KSR.rabbitmq.publish", not_built)
@@ -131,7 +163,8 @@ local function pv_get(name)
     if f then
         return f()
     end
-    return nil
+    -- $rm, $ru, $hdr(Name), $T(id_index)...: the current SIP request's, or $null
+    return R.pv(name)
 end
 P.get = pv_get
 

@@ -28,6 +28,8 @@ static const struct {
     {EAGAIN, "EAGAIN", "not available now"},
     {ENOTCONN, "ENOTCONN", "not connected"},
     {ETIMEDOUT, "ETIMEDOUT", "timed out"},
+    {EALREADY, "EALREADY", "answered already"},
+    {ECANCELED, "ECANCELED", "cancelled"},
 };
 
 static int push_error(lua_State *L, const char *msg, const char *code)
@@ -481,7 +483,7 @@ static int evapi_unsubscribe(lua_State *L)
 /* evapi.on(event, fn|nil): keep fn in the registry; the old handler is released first. */
 static int evapi_on(lua_State *L)
 {
-    static const char *const names[] = {"connect", "message", "close", NULL};
+    static const char *const names[] = {"connect", "message", "close", "request", NULL};
     hub_script *s = hlua__script(L);
     int ev = luaL_checkoption(L, 1, NULL, names) + 1;
     if (!lua_isnoneornil(L, 2))
@@ -572,4 +574,6 @@ void hlua__push_ksr_helpers(lua_State *L)
     lua_setfield(L, -2, "exit");       /* [h] */
     push_log_table(L, 0);              /* [h, log] */
     lua_setfield(L, -2, "log");        /* [h] */
+    hlua__push_req_helpers(L);         /* [h, req] */
+    lua_setfield(L, -2, "req");        /* [h] */
 }

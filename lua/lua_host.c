@@ -182,6 +182,9 @@ static int traceback_cb(lua_State *L)
     return 1;
 }
 
+int hlua__traceback(lua_State *L) { return traceback_cb(L); }
+int hlua__is_exit(lua_State *L, int idx) { return is_exit(L, idx); }
+
 static void kemi_reset(hub_script *s)
 {
     lua_State *L = s->L;
@@ -328,6 +331,37 @@ static void hlua_on_close(hub_script *s, uint64_t id)
     lua_pushnil(L);                                  /* [conns, nil] */
     lua_rawseti(L, -2, (lua_Integer)id);             /* [conns] */
     lua_pop(L, 1);                                   /* [] */
+}
+
+/* The request route: KEMI's ksr_request_route(), or the native "request" handler with a
+ * request object. */
+static int request_tramp(lua_State *L)
+{
+    hub_script *s = hlua__script(L);
+    if (s->dispatch_ref != LUA_NOREF) {
+        if (lua_getglobal(L, "ksr_request_route") != LUA_TFUNCTION)
+            return luaL_error(L, "a SIP request came and the script defines no "
+                                 "ksr_request_route()");
+        lua_call(L, 0, 0);
+        return 0;
+    }
+    if (s->handler[HLUA_EV_REQUEST] == LUA_NOREF)
+        return luaL_error(L, "a SIP request came and the script has no evapi.on(\"request\") "
+                             "handler");
+    lua_rawgeti(L, LUA_REGISTRYINDEX, s->handler[HLUA_EV_REQUEST]);
+    hlua__push_request(L, s->cur_req);
+    lua_call(L, 1, 0);
+    return 0;
+}
+
+static void hlua_on_request(hub_script *s, hub_req *r)
+{
+    lua_State *L = s->L;
+    s->cur_req = r;
+    lua_pushcfunction(L, traceback_cb);  /* [tb] */
+    lua_pushcfunction(L, request_tramp); /* [tb, tramp] */
+    hlua_pcall(s, 0, "request");
+    s->cur_req = NULL;
 }
 
 /* Trampoline for a report function: [fn] -> fn(result). */
@@ -799,4 +833,5 @@ const hub_script_ops hlua_script_ops = {
     .idle = hlua_idle,
     .on_tag = hlua_on_tag,
     .on_complete = hlua_on_complete,
+    .on_request = hlua_on_request,
 };

@@ -251,7 +251,118 @@ static void fake_count(void *ud, int what)
     h->counts[what]++;
 }
 
+/* ---- a fake request (hub_req) ---- */
+
+typedef struct fake_req {
+    hub_req base;
+    int refs, suspended, unsuspends, route_done, resumed_done;
+    int codes[8], ncodes;
+    char reasons[8][32];
+    char appended[256];
+    char last_hdrs[256]; /* what the last reply carried */
+    unsigned index, label;
+} fake_req;
+
+static fake_req *resumable; /* what fake_req_resume hands out */
+
+static int freq_pv(hub_req *r, const char *name, hub_pv *out)
+{
+    fake_req *q = (fake_req *)r;
+    static const char *const kv[][2] = {
+        {"$rm", "INVITE"}, {"$ru", "sip:100@example.com"},
+        {"$rU", "100"},    {"$rd", "example.com"},
+        {"$ci", "call-1"}, {"$si", "127.0.0.1"},
+        {"$fU", "alice"},  {"$hdr(X-Test)", "yes"},
+    };
+    if (strcmp(name, "$sp") == 0 || strcmp(name, "$T(id_index)") == 0 ||
+        strcmp(name, "$T(id_label)") == 0) {
+        out->is_int = 1;
+        out->i = name[1] == 's' ? 5061 : name[6] == 'i' ? (long long)q->index : (long long)q->label;
+        return 0;
+    }
+    for (size_t i = 0; i < sizeof(kv) / sizeof(kv[0]); i++) {
+        if (strcmp(name, kv[i][0]) == 0) {
+            out->is_int = 0;
+            out->s = kv[i][1];
+            out->len = strlen(kv[i][1]);
+            return 0;
+        }
+    }
+    return strncmp(name, "$hdr(", 5) == 0 ? -ENOENT : -EINVAL;
+}
+
+static int freq_reply(hub_req *r, int code, const char *reason, char *err, size_t errlen)
+{
+    fake_req *q = (fake_req *)r;
+    if (q->ncodes && q->codes[q->ncodes - 1] >= 200) {
+        snprintf(err, errlen, "a final reply was sent already");
+        return -EALREADY;
+    }
+    q->codes[q->ncodes] = code;
+    snprintf(q->reasons[q->ncodes++], 32, "%s", reason);
+    snprintf(q->last_hdrs, sizeof(q->last_hdrs), "%s", q->appended);
+    q->appended[0] = '\0';
+    return 0;
+}
+
+static int freq_append(hub_req *r, const char *text, size_t len, char *err, size_t errlen)
+{
+    fake_req *q = (fake_req *)r;
+    (void)err, (void)errlen;
+    strncat(q->appended, text, len);
+    return 0;
+}
+
+static int freq_suspend(hub_req *r, char *err, size_t errlen)
+{
+    (void)err, (void)errlen;
+    ((fake_req *)r)->suspended++;
+    return 0;
+}
+
+static void freq_unsuspend(hub_req *r)
+{
+    fake_req *q = (fake_req *)r;
+    q->suspended--;
+    q->unsuspends++;
+}
+
+static void freq_route_done(hub_req *r, int resumed)
+{
+    fake_req *q = (fake_req *)r;
+    if (resumed)
+        q->resumed_done++;
+    else
+        q->route_done++;
+}
+
+static void freq_ref(hub_req *r) { ((fake_req *)r)->refs++; }
+static void freq_unref(hub_req *r) { ((fake_req *)r)->refs--; }
+
+static const hub_req_ops freq_ops = {
+    .pv = freq_pv,
+    .reply = freq_reply,
+    .append_to_reply = freq_append,
+    .suspend = freq_suspend,
+    .unsuspend = freq_unsuspend,
+    .route_done = freq_route_done,
+    .ref = freq_ref,
+    .unref = freq_unref,
+};
+
+static hub_req *fake_req_resume(void *ud, unsigned index, unsigned label, char *err, size_t errlen)
+{
+    (void)ud;
+    if (!resumable || resumable->index != index || resumable->label != label) {
+        snprintf(err, errlen, "no such transaction");
+        return NULL;
+    }
+    freq_ref(&resumable->base);
+    return &resumable->base;
+}
+
 static const hub_api fake_api = {
+    .req_resume = fake_req_resume,
     .relay = fake_relay,
     .multicast = fake_multicast,
     .unicast = fake_unicast,
@@ -632,13 +743,15 @@ static void test_kemi_unavailable_functions(void **state)
               "assert(KSR.kafka.send('t', 'm') == -1 and KSR.kafka.send_key('t', 'm', 'k') == -1)\n"
               "assert(KSR.rabbitmq.publish('e', 'r', 'c', 'b') == -1)\n"
               "local ok, err = pcall(function() return KSR.hdr.get('X') end)\n"
-              "assert(not ok and err:find('KSR.hdr is not available in evhub', 1, true), err)\n"
+              "assert(not ok and err:find('KSR.hdr.get is not available in evhub', 1, true), err)\n"
+              "assert(KSR.tm.t_reply(404, 'x') == -1 and KSR.sl.sl_send_reply(200, 'OK') == -1)\n"
+              "assert(KSR.tm.t_newtran() == -1 and KSR.pv.get('$rm') == nil)\n"
               "ok, err = pcall(function() return KSR.evapi.bogus() end)\n"
               "assert(not ok and err:find('KSR.evapi.bogus is not available', 1, true), err)\n");
     const char *log = capture_end(f);
-    assert_non_null(strstr(log, "KSR.evapi.async_relay: no SIP transaction to suspend (SIP not "
-                                "enabled)"));
-    assert_non_null(strstr(log, "KSR.tmx.t_continue: not available in this build"));
+    assert_non_null(strstr(log, "KSR.evapi.async_relay: no SIP transaction to suspend"));
+    assert_non_null(strstr(log, "KSR.tmx.t_continue(1, 2): no such transaction"));
+    assert_non_null(strstr(log, "KSR.tm.t_reply: no SIP request in this route"));
     assert_non_null(strstr(log, "KSR.kafka.send_key: not available in this build"));
     assert_non_null(strstr(log, "KSR.rabbitmq.publish: not available in this build"));
     assert_int_equal(f->hub.ncalls, 0);
@@ -1925,11 +2038,128 @@ static void test_module_fn_kemi_codes_and_inert(void **state)
     assert_int_equal(pending_count(s), 0);
 }
 
+/* ---- requests (hub_req): the request route and what it may do ---- */
+
+static const char kemi_sip_script[] =
+    "function ksr_evapi_event(evname)\n"
+    "  if evname == 'evapi:message-received' then\n"
+    "    local a = json.decode(KSR.pv.get('$evapi(msg)'))\n"
+    "    CONTACT = a.contact\n"
+    "    RC = KSR.tmx.t_continue(a.tindex, a.tlabel, 'ksr_route_resume')\n"
+    "  end\n"
+    "end\n"
+    "function ksr_request_route()\n"
+    "  SEEN = {KSR.pv.get('$rm'), KSR.pv.get('$rU'), KSR.pv.get('$sp'), "
+    "KSR.pv.get('$hdr(X-Test)'),\n"
+    "          KSR.pv.get('$hdr(Nope)'), KSR.pv.get('$nosuch'), KSR.tm.t_newtran()}\n"
+    "  if KSR.pv.get('$rU') == '100' then\n"
+    "    local data = json.encode({tindex = KSR.pv.get('$T(id_index)'),\n"
+    "                              tlabel = KSR.pv.get('$T(id_label)')})\n"
+    "    if KSR.evapi.async_relay(data) < 0 then KSR.sl.sl_send_reply(503, 'No app') end\n"
+    "    return\n"
+    "  end\n"
+    "  KSR.sl.sl_send_reply(200, 'OK')\n"
+    "end\n"
+    "function ksr_route_resume()\n"
+    "  KSR.hdr.append_to_reply('Contact: <' .. CONTACT .. '>\\r\\n')\n"
+    "  KSR.tm.t_reply(302, 'Moved')\n"
+    "end\n";
+
+static void test_request_kemi_async_and_continue(void **state)
+{
+    fixture *f = *state;
+    hub_script *s = load_ok(f, kemi_sip_script, CB);
+    fake_req q = {.base = {&freq_ops}, .refs = 1, .index = 7, .label = 42};
+    hlua_script_ops.on_request(s, &q.base);
+    lua_ok(s, "assert(SEEN[1] == 'INVITE' and SEEN[2] == '100' and SEEN[3] == 5061)\n"
+              "assert(math.type(SEEN[3]) == 'integer' and SEEN[4] == 'yes')\n"
+              "assert(SEEN[5] == nil and SEEN[6] == nil and SEEN[7] == 1)\n");
+    assert_int_equal(q.suspended, 1); /* relayed to a client: suspended */
+    assert_int_equal(q.ncodes, 0);
+    fake_call *c = last_call(f);
+    assert_string_equal(c->op, "relay");
+    c->data[c->len] = '\0';
+    assert_non_null(strstr(c->data, "\"tindex\":7"));
+    assert_non_null(strstr(c->data, "\"tlabel\":42"));
+    /* the application answers: t_continue runs the route with the request, at once */
+    resumable = &q;
+    connect(s, 9, 0, "127.0.0.1", 4000);
+    message(s, 9, "{\"tindex\":7,\"tlabel\":42,\"contact\":\"sip:100@10.0.0.1\"}");
+    resumable = NULL;
+    assert_int_equal(lua_int(s, "return RC"), 1);
+    assert_int_equal(q.ncodes, 1);
+    assert_int_equal(q.codes[0], 302);
+    assert_string_equal(q.reasons[0], "Moved");
+    assert_string_equal(q.last_hdrs, "Contact: <sip:100@10.0.0.1>\r\n");
+    assert_int_equal(q.resumed_done, 1);
+    assert_int_equal(q.refs, 1); /* every reference taken was dropped */
+    /* an unknown pair: -1 and a log line, nothing runs */
+    capture_begin(f);
+    message(s, 9, "{\"tindex\":7,\"tlabel\":43,\"contact\":\"x\"}");
+    const char *log = capture_end(f);
+    assert_int_equal(lua_int(s, "return RC"), -1);
+    assert_non_null(strstr(log, "KSR.tmx.t_continue(7, 43): no such transaction"));
+    assert_int_equal(q.ncodes, 1);
+}
+
+static void test_request_kemi_no_client_is_not_suspended(void **state)
+{
+    fixture *f = *state;
+    hub_script *s = load_ok(f, kemi_sip_script, CB);
+    f->hub.ret = 0; /* no client receives the relay */
+    fake_req q = {.base = {&freq_ops}, .refs = 1, .index = 1, .label = 2};
+    hlua_script_ops.on_request(s, &q.base);
+    assert_int_equal(q.suspended, 0);
+    assert_int_equal(q.unsuspends, 1);
+    assert_int_equal(q.ncodes, 1);
+    assert_int_equal(q.codes[0], 503);
+    /* a plain request: answered in the route; a second final reply is refused (-1) */
+    fake_req o = {.base = {&freq_ops}, .refs = 1};
+    lua_ok(s, "function ksr_request_route() RC1 = KSR.sl.sl_send_reply(200, 'OK')\n"
+              "  RC2 = KSR.tm.t_reply(500, 'again') end");
+    hlua_script_ops.on_request(s, &o.base);
+    assert_int_equal(lua_int(s, "return RC1"), 1);
+    assert_int_equal(lua_int(s, "return RC2"), -1);
+    assert_int_equal(o.ncodes, 1);
+    assert_int_equal(o.refs, 1);
+}
+
+static void test_request_native_object(void **state)
+{
+    fixture *f = *state;
+    hub_script *s =
+        load_ok(f,
+                "evapi.on('message', function() end)\n"
+                "evapi.on('request', function(req)\n"
+                "  R = {req.method, req.ruser, req.src_port, req.index, req.label,\n"
+                "       req:header('X-Test'), req:header('Nope'), req.bogus, tostring(req)}\n"
+                "  KEPT = req\n"
+                "  assert(req:reply(486, 'Busy', 'X-Why: test\\r\\n') == true)\n"
+                "  local ok, msg, code = req:reply(200, 'late')\n"
+                "  assert(ok == nil and code == 'EALREADY', tostring(code))\n"
+                "end)\n",
+                "");
+    fake_req q = {.base = {&freq_ops}, .refs = 1, .index = 3, .label = 4};
+    hlua_script_ops.on_request(s, &q.base);
+    lua_ok(s, "assert(R[1] == 'INVITE' and R[2] == '100' and R[3] == 5061 and R[4] == 3)\n"
+              "assert(R[5] == 4 and R[6] == 'yes' and R[7] == nil and R[8] == nil)\n"
+              "assert(R[9] == 'request INVITE call-1', R[9])\n");
+    assert_int_equal(q.ncodes, 1);
+    assert_int_equal(q.codes[0], 486);
+    assert_string_equal(q.last_hdrs, "X-Why: test\r\n");
+    assert_int_equal(q.refs, 2); /* KEPT holds one */
+    lua_ok(s, "KEPT = nil collectgarbage()");
+    assert_int_equal(q.refs, 1);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
 #define T(name) cmocka_unit_test_setup_teardown(name, setup, teardown)
         T(test_kemi_relay_returns_1_or_minus_1),
+        T(test_request_kemi_async_and_continue),
+        T(test_request_kemi_no_client_is_not_suspended),
+        T(test_request_native_object),
         T(test_module_fn_native_args_results_report),
         T(test_module_fn_kemi_codes_and_inert),
         T(test_kemi_multicast_and_unicast),
