@@ -70,6 +70,9 @@ typedef struct hub_req_ops {
     /* A route ran with r as the current request (the first, or one resumed): a request left
      * neither answered nor suspended is answered by the module (500, logged). */
     void (*route_done)(hub_req *r, int resumed);
+    /* NULL for the request route; else the name of the global function that is to run
+     * instead (e.g. the route for a suspended request whose deadline passed). May be NULL. */
+    const char *(*route)(hub_req *r);
     void (*ref)(hub_req *r);
     void (*unref)(hub_req *r);
 } hub_req_ops;

@@ -338,6 +338,13 @@ static void hlua_on_close(hub_script *s, uint64_t id)
 static int request_tramp(lua_State *L)
 {
     hub_script *s = hlua__script(L);
+    const char *route = s->cur_req->ops->route ? s->cur_req->ops->route(s->cur_req) : NULL;
+    if (route) {
+        if (lua_getglobal(L, route) != LUA_TFUNCTION)
+            return luaL_error(L, "route '%s' is not a function", route);
+        lua_call(L, 0, 0);
+        return 0;
+    }
     if (s->dispatch_ref != LUA_NOREF) {
         if (lua_getglobal(L, "ksr_request_route") != LUA_TFUNCTION)
             return luaL_error(L, "a SIP request came and the script defines no "
