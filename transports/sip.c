@@ -1285,7 +1285,7 @@ static int sip_start(void *state, char *err, size_t errlen)
         return 0;
     for (int i = 0; i < m->nls; i++) {
         ev_io_start(m->loop, &m->ls[i].io);
-        hub_log(HUB_LOG_INFO, "sip: listening on %s", m->ls[i].desc);
+        hub_log(HUB_LOG_INFO, "sip: receiving on %s", m->ls[i].desc);
     }
     return 0;
 }
