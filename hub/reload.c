@@ -40,6 +40,7 @@ hub_script_conf hub__script_conf(const hub *h, int worker)
     sc.fns = h->fns;
     sc.nfns = h->nfns;
     sc.fns_inert = 0;
+    sc.requests = h->req_resume != NULL;
     return sc;
 }
 

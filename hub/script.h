@@ -67,6 +67,13 @@ typedef struct hub_req_ops {
      * (the relay that was to reach an application reached none). */
     int (*suspend)(hub_req *r, char *err, size_t errlen);
     void (*unsuspend)(hub_req *r);
+    /* Native async: suspend as above, and when an answer comes (wake) or timeout_ms passes
+     * (0: the module's default), complete token with {"answer": ANSWER} or
+     * {"error": "timeout"} (hub_complete) instead of running a route. May be NULL. */
+    int (*suspend_wait)(hub_req *r, uint64_t token, int timeout_ms, char *err, size_t errlen);
+    /* An application's answer for r, resumed through req_resume: 0 when r waits for one
+     * (suspend_wait; the answer's reference passes), -EINVAL when it does not. */
+    int (*wake)(hub_req *r, struct json_object *answer);
     /* A route ran with r as the current request (the first, or one resumed): a request left
      * neither answered nor suspended is answered by the module (500, logged). */
     void (*route_done)(hub_req *r, int resumed);
@@ -171,6 +178,7 @@ typedef struct hub_script_conf {
     const hub_script_fn_ref *fns; /* the modules' functions (outlive the state) */
     size_t nfns;
     int fns_inert; /* a state being checked: the functions exist but every call fails */
+    int requests;  /* a module offers requests: frames carrying "evhub_id" may be answers */
 } hub_script_conf;
 
 typedef struct hub_script hub_script;

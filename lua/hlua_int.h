@@ -48,6 +48,7 @@ struct hub_script {
     atomic_int *cancel;             /* while loading: non-zero stops the load */
     int worker;                     /* the executor running it: -1 the loop thread */
     hub_req *cur_req;               /* the request of the route running, or NULL */
+    int requests;                   /* frames carrying "evhub_id" may be answers */
     int handler[HLUA_EV_COUNT + 1]; /* evapi.on() registry refs, LUA_NOREF when unset */
     int conns_ref;                  /* registry ref: id -> conn userdata */
     int dispatch_ref;               /* ksr.lua's KEMI dispatcher, which then gets every event
@@ -126,6 +127,19 @@ int hlua__traceback(lua_State *L);
 int hlua__is_exit(lua_State *L, int idx);
 /* Push the table of request helpers ksr.lua receives as H.req. */
 void hlua__push_req_helpers(lua_State *L);
+/* Arm the instruction budget for a callback (or a coroutine's resume). */
+void hlua__arm_budget(hub_script *s);
+/* A frame that is an application's answer ({"evhub_id": "I.L", ...}) for a native handler
+ * waiting in evapi.async_*: handed to it (through the module and a completion); 1 when the
+ * frame was one (consumed), 0 when not. */
+int hlua__take_answer(hub_script *s, const char *data, size_t len);
+/* The completion entry at the top of L's stack is a native handler waiting for an answer
+ * ({co =, r =}): resume it with result. Pops the entry. */
+void hlua__resume_waiter(hub_script *s, struct json_object *result);
+/* Run the native request handler for r in a new coroutine (inside the protected call). */
+int hlua__run_request_handler(lua_State *L, hub_script *s, int handler_ref);
+/* Add evapi.async_relay/multicast/unicast (native, inside a request handler). */
+void hlua__open_async(lua_State *L);
 /* Push a native request object holding a reference to r. */
 void hlua__push_request(lua_State *L, hub_req *r);
 /* Define every function conf->fns offers at its TABLE.NAME (after ksr.lua made KSR). */

@@ -555,8 +555,9 @@ void hlua__open_evapi(lua_State *L, int worker)
     lua_pushinteger(L, worker);    /* [evapi, worker] */
     lua_setfield(L, -2, "worker"); /* [evapi] */
     lua_setglobal(L, "evapi");     /* [] */
-    push_log_table(L, 1);          /* [log] */
-    lua_setglobal(L, "log");       /* [] */
+    hlua__open_async(L);
+    push_log_table(L, 1);    /* [log] */
+    lua_setglobal(L, "log"); /* [] */
 }
 
 /* ---- helpers for ksr.lua ---- */

@@ -183,6 +183,7 @@ static int traceback_cb(lua_State *L)
 }
 
 int hlua__traceback(lua_State *L) { return traceback_cb(L); }
+void hlua__arm_budget(hub_script *s) { arm_budget(s); }
 int hlua__is_exit(lua_State *L, int idx) { return is_exit(L, idx); }
 
 static void kemi_reset(hub_script *s)
@@ -292,6 +293,8 @@ static void hlua_on_message(hub_script *s, uint64_t id, const char *data, size_t
 {
     lua_State *L = s->L;
 
+    if (s->requests && len > 12 && data[0] == '{' && hlua__take_answer(s, data, len))
+        return;
     if (s->dispatch_ref == LUA_NOREF && s->handler[HLUA_EV_MESSAGE] == LUA_NOREF)
         return;
     lua_pushcfunction(L, traceback_cb);  /* [tb] */
@@ -355,10 +358,7 @@ static int request_tramp(lua_State *L)
     if (s->handler[HLUA_EV_REQUEST] == LUA_NOREF)
         return luaL_error(L, "a SIP request came and the script has no evapi.on(\"request\") "
                              "handler");
-    lua_rawgeti(L, LUA_REGISTRYINDEX, s->handler[HLUA_EV_REQUEST]);
-    hlua__push_request(L, s->cur_req);
-    lua_call(L, 1, 0);
-    return 0;
+    return hlua__run_request_handler(L, s, s->handler[HLUA_EV_REQUEST]);
 }
 
 static void hlua_on_request(hub_script *s, hub_req *r)
@@ -401,7 +401,17 @@ static int hlua_on_complete(hub_script *s, uint64_t token, struct json_object *r
     lua_pushcfunction(L, traceback_cb);                    /* [tb] */
     lua_pushcfunction(L, complete_tramp);                  /* [tb, tramp] */
     lua_rawgeti(L, LUA_REGISTRYINDEX, s->completions_ref); /* [tb, tramp, done] */
-    if (lua_rawgeti(L, -1, (lua_Integer)token) != LUA_TFUNCTION) {
+    if (lua_rawgeti(L, -1, (lua_Integer)token) == LUA_TTABLE) {
+        /* A native request handler waiting in evapi.async_*: resumed, not called. */
+        lua_pushnil(L);                         /* [tb, tramp, done, entry, nil] */
+        lua_rawseti(L, -3, (lua_Integer)token); /* [tb, tramp, done, entry] */
+        lua_remove(L, -2);                      /* [tb, tramp, entry] */
+        lua_remove(L, -2);                      /* [tb, entry] */
+        lua_remove(L, -2);                      /* [entry] */
+        hlua__resume_waiter(s, result);         /* [] */
+        return 0;
+    }
+    if (lua_type(L, -1) != LUA_TFUNCTION) {
         lua_pop(L, 4); /* [] */
         hub_log(HUB_LOG_DEBUG, "lua: result for unknown token %llu", (unsigned long long)token);
         return -ENOENT;
@@ -720,6 +730,7 @@ static hub_script *hlua_load(const hub_script_conf *conf, const hub_api *api, vo
     s->max_instructions = conf->max_instructions > 0 ? conf->max_instructions : 0;
     s->max_memory = conf->max_memory;
     s->worker = conf->worker;
+    s->requests = conf->requests;
     for (int ev = 0; ev <= HLUA_EV_COUNT; ev++)
         s->handler[ev] = LUA_NOREF;
     s->conns_ref = s->dispatch_ref = s->reset_ref = s->completions_ref = LUA_NOREF;

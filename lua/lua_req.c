@@ -1,7 +1,9 @@
 /* Requests a module hands to scripts (hub_req: a SIP request): the current request of a
  * route, what KSR.pv/sl/tm/hdr/tmx and the KEMI async relays do with it, and the native
  * request object. */
+#define _GNU_SOURCE 1 /* memmem */
 #include <errno.h>
+#include <json-c/json.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -314,4 +316,212 @@ void hlua__push_request(lua_State *L, hub_req *r)
     lua_setmetatable(L, -2);
     r->ops->ref(r);
     q->r = r;
+}
+
+/* ---- native async: the request handler as a coroutine ---- */
+
+/* Resume co (its request r) with nargs values on its stack; then either it waits again (a
+ * completion entry holds it), or it ended: its request's route is done. Errors are logged
+ * with co's traceback and counted. */
+static void resume_co(hub_script *s, lua_State *co, hub_req *r, int nargs, int first)
+{
+    lua_State *L = s->L;
+    hub_req *prev = s->cur_req;
+    int nres = 0;
+    s->cur_req = r;
+    hlua__arm_budget(s);
+    int st = lua_resume(co, L, nargs, &nres);
+    s->cur_req = prev;
+    if (st == LUA_YIELD) {
+        lua_pop(co, nres);
+        return;
+    }
+    if (st != LUA_OK && !hlua__is_exit(co, -1)) {
+        const char *msg = lua_tostring(co, -1);
+        luaL_traceback(L, co, msg ? msg : "(error object is not a string)", 0);
+        hub_log(HUB_LOG_ERR, "lua: request: %s", lua_tostring(L, -1));
+        lua_pop(L, 1);
+        s->api->count(s->ud, HUB_SCRIPT_ERROR);
+    }
+    lua_settop(co, 0);
+    if (!first)
+        r->ops->route_done(r, 1); /* the first run's is the hub's */
+}
+
+int hlua__run_request_handler(lua_State *L, hub_script *s, int handler_ref)
+{
+    lua_State *co = lua_newthread(L); /* [co]: anchored by the entry while it waits */
+    lua_rawgeti(co, LUA_REGISTRYINDEX, handler_ref);
+    hlua__push_request(co, s->cur_req);
+    resume_co(s, co, s->cur_req, 1, 1);
+    lua_pop(L, 1);
+    return 0;
+}
+
+void hlua__resume_waiter(hub_script *s, struct json_object *result)
+{
+    lua_State *L = s->L; /* [entry] */
+    lua_getfield(L, -1, "co");
+    lua_State *co = lua_tothread(L, -1);
+    lua_getfield(L, -2, "r");
+    hub_req *r = lua_touserdata(L, -1);
+    lua_pop(L, 1); /* [entry, co]: co stays anchored until it ran */
+    if (!co || !r) {
+        lua_pop(L, 2);
+        return;
+    }
+    struct json_object *v = NULL;
+    int n;
+    if (json_object_object_get_ex(result, "answer", &v)) {
+        const char *why = hlua__json_push(co, v);
+        if (why) {
+            lua_pushnil(co);
+            lua_pushstring(co, why);
+            n = 2;
+        } else {
+            n = 1;
+        }
+    } else {
+        json_object_object_get_ex(result, "error", &v);
+        lua_pushnil(co);
+        lua_pushstring(co, v ? json_object_get_string(v) : "failed");
+        n = 2;
+    }
+    resume_co(s, co, r, n, 0);
+    r->ops->unref(r); /* the entry's */
+    lua_pop(L, 2);
+}
+
+/* evapi.async_relay(data[, opts]), async_multicast(data, tag[, opts]),
+ * async_unicast(data, tag[, opts]): inside a request handler, relay data (a table, sent as
+ * JSON with "evhub_id" added) and wait for the application's answer: the answer (a table),
+ * or nil, "timeout" | "no client" | reason. opts.timeout: ms (default [sip] async_timeout). */
+static int n_async(lua_State *L, int kind)
+{
+    static const char *const who[] = {"evapi.async_relay", "evapi.async_multicast",
+                                      "evapi.async_unicast"};
+    hub_script *s = hlua__script(L);
+    luaL_checktype(L, 1, LUA_TTABLE);
+    size_t taglen = 0;
+    const char *tag = kind ? luaL_checklstring(L, 2, &taglen) : NULL;
+    int oi = kind ? 3 : 2;
+    lua_Integer timeout = 0;
+    if (!lua_isnoneornil(L, oi)) {
+        luaL_checktype(L, oi, LUA_TTABLE);
+        lua_getfield(L, oi, "timeout");
+        timeout = lua_isnil(L, -1) ? 0 : luaL_checkinteger(L, -1);
+        luaL_argcheck(L, timeout >= 0 && timeout <= 3600000, oi, "timeout: 0..3600000 ms");
+        lua_pop(L, 1);
+    }
+    hub_req *r = s->cur_req;
+    if (!r || !r->ops->suspend_wait || !lua_isyieldable(L))
+        return luaL_error(L, "%s: only inside a request handler (evapi.on(\"request\"))",
+                          who[kind]);
+    hub_pv iv = {0}, lv = {0};
+    r->ops->pv(r, "$T(id_index)", &iv);
+    r->ops->pv(r, "$T(id_label)", &lv);
+    /* A copy of data with the envelope's id: the script's table is left as it was. */
+    lua_newtable(L); /* [.., copy] */
+    int copy = lua_gettop(L);
+    lua_pushnil(L);
+    while (lua_next(L, 1)) {
+        lua_pushvalue(L, -2);
+        lua_insert(L, -2);
+        lua_rawset(L, copy);
+    }
+    lua_pushfstring(L, "%d.%d", (int)iv.i, (int)lv.i);
+    lua_setfield(L, copy, "evhub_id");
+    hlua__json_push_box(L, copy, who[kind]); /* [.., copy, box]: raises on what JSON refuses */
+    struct json_object *o = hlua__json_take(L, -1);
+    size_t len = 0;
+    const char *text = json_object_to_json_string_length(
+        o, JSON_C_TO_STRING_PLAIN | JSON_C_TO_STRING_NOSLASHESCAPE, &len);
+    lua_pushlstring(L, text, len); /* [.., copy, box, json] */
+    json_object_put(o);
+    text = lua_tolstring(L, -1, &len);
+
+    /* The waiting entry exists before the application can answer. */
+    uint64_t token = s->api->token(s->ud);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, s->completions_ref); /* [.., json, done] */
+    lua_createtable(L, 0, 2);
+    lua_pushthread(L);
+    lua_setfield(L, -2, "co");
+    lua_pushlightuserdata(L, r);
+    lua_setfield(L, -2, "r");
+    lua_rawseti(L, -2, (lua_Integer)token);
+    lua_pop(L, 1); /* [.., json] */
+    char err[160] = "";
+    const char *fail = NULL;
+    if (r->ops->suspend_wait(r, token, (int)timeout, err, sizeof(err)) < 0) {
+        fail = err;
+    } else {
+        int n = kind == 0   ? s->api->relay(s->ud, text, len)
+                : kind == 1 ? s->api->multicast(s->ud, tag, taglen, text, len)
+                            : s->api->unicast(s->ud, tag, taglen, text, len);
+        if (n <= 0) {
+            r->ops->unsuspend(r);
+            fail = n == 0 ? "no client" : strerror(-n);
+        }
+    }
+    if (fail) {
+        lua_rawgeti(L, LUA_REGISTRYINDEX, s->completions_ref);
+        lua_pushnil(L);
+        lua_rawseti(L, -2, (lua_Integer)token);
+        lua_pushnil(L);
+        lua_pushstring(L, fail);
+        return 2;
+    }
+    r->ops->ref(r); /* the entry's, dropped once it resumed */
+    return lua_yield(L, 0);
+}
+
+static int n_async_relay(lua_State *L) { return n_async(L, 0); }
+static int n_async_multicast(lua_State *L) { return n_async(L, 1); }
+static int n_async_unicast(lua_State *L) { return n_async(L, 2); }
+
+void hlua__open_async(lua_State *L)
+{
+    lua_getglobal(L, "evapi");
+    lua_pushcfunction(L, n_async_relay);
+    lua_setfield(L, -2, "async_relay");
+    lua_pushcfunction(L, n_async_multicast);
+    lua_setfield(L, -2, "async_multicast");
+    lua_pushcfunction(L, n_async_unicast);
+    lua_setfield(L, -2, "async_unicast");
+    lua_pop(L, 1);
+}
+
+int hlua__take_answer(hub_script *s, const char *data, size_t len)
+{
+    if (!memmem(data, len, "\"evhub_id\"", 10))
+        return 0;
+    struct json_tokener *tok = json_tokener_new();
+    struct json_object *o = tok ? json_tokener_parse_ex(tok, data, (int)len) : NULL;
+    json_tokener_free(tok);
+    struct json_object *id = NULL;
+    unsigned index = 0, label = 0;
+    char tail;
+    if (!o || !json_object_object_get_ex(o, "evhub_id", &id) ||
+        !json_object_is_type(id, json_type_string) ||
+        sscanf(json_object_get_string(id), "%u.%u%c", &index, &label, &tail) != 2) {
+        json_object_put(o);
+        return 0; /* not an answer: the message handler gets it */
+    }
+    char err[160] = "";
+    hub_req *r = s->api->req_resume(s->ud, index, label, err, sizeof(err));
+    if (!r) {
+        hub_log(HUB_LOG_INFO, "lua: answer for request %u.%u dropped: %s", index, label, err);
+        json_object_put(o);
+        return 1;
+    }
+    if (!r->ops->wake || r->ops->wake(r, o) < 0) {
+        json_object_put(o);
+        hub_log(HUB_LOG_WARN,
+                "lua: answer for request %u.%u: it waits for t_continue, not for "
+                "an evhub_id answer",
+                index, label);
+        r->ops->route_done(r, 1);
+    }
+    r->ops->unref(r);
+    return 1;
 }

@@ -91,6 +91,8 @@ typedef struct sip_req {
     sip_txn *txn;      /* loop only: NULL once the transaction is gone */
     /* under m->mu */
     int final_sent, suspended, resumed, cancelled, expired, provisional_sent;
+    uint64_t token; /* native async: the completion its coroutine waits on, or 0 */
+    int wait_ms;    /* native async: its own timeout, or 0 */
     char *append;
     size_t append_len;
 } sip_req;
@@ -406,6 +408,43 @@ static int req_suspend(hub_req *r, char *err, size_t errlen)
     return 0;
 }
 
+static int req_suspend_wait(hub_req *r, uint64_t token, int timeout_ms, char *err, size_t errlen)
+{
+    sip_req *q = (sip_req *)r;
+    pthread_mutex_lock(&q->m->mu);
+    q->token = token;
+    q->wait_ms = timeout_ms;
+    pthread_mutex_unlock(&q->m->mu);
+    int rc = req_suspend(r, err, errlen);
+    if (rc < 0) {
+        pthread_mutex_lock(&q->m->mu);
+        q->token = 0;
+        pthread_mutex_unlock(&q->m->mu);
+    }
+    return rc;
+}
+
+/* Complete a native waiter's token with key: value (value's reference passes). */
+static void wake_token(sip_mod *m, uint64_t token, const char *key, json_object *value)
+{
+    json_object *o = json_object_new_object();
+    json_object_object_add(o, key, value);
+    hub_complete(m->h, token, o);
+}
+
+static int req_wake(hub_req *r, json_object *answer)
+{
+    sip_req *q = (sip_req *)r;
+    pthread_mutex_lock(&q->m->mu);
+    uint64_t tok = q->token;
+    q->token = 0;
+    pthread_mutex_unlock(&q->m->mu);
+    if (!tok)
+        return -EINVAL;
+    wake_token(q->m, tok, "answer", answer);
+    return 0;
+}
+
 static void req_unsuspend(hub_req *r)
 {
     sip_req *q = (sip_req *)r;
@@ -414,6 +453,7 @@ static void req_unsuspend(hub_req *r)
         q->suspended = 0;
         q->m->suspended--;
     }
+    q->token = 0;
     pthread_mutex_unlock(&q->m->mu);
     post_op(q, OP_RELEASE, 0, NULL, NULL);
 }
@@ -445,6 +485,8 @@ static const hub_req_ops req_ops = {
     .append_to_reply = req_append,
     .suspend = req_suspend,
     .unsuspend = req_unsuspend,
+    .suspend_wait = req_suspend_wait,
+    .wake = req_wake,
     .route_done = req_route_done,
     .route = req_route,
     .ref = req_ref,
@@ -605,15 +647,23 @@ static void deadline_cb(struct ev_loop *loop, ev_timer *w, int revents)
     (void)loop, (void)revents;
     pthread_mutex_lock(&m->mu);
     int expire = q->suspended && !q->final_sent;
+    uint64_t tok = 0;
     if (expire) {
         q->suspended = 0;
         q->expired = 1;
         m->suspended--;
+        tok = q->token;
+        q->token = 0;
     }
     pthread_mutex_unlock(&m->mu);
     if (!expire)
         return;
     atomic_fetch_add(&m->async_timeouts, 1);
+    if (tok) {
+        /* A native handler waits: it resumes with nil, "timeout" and answers itself. */
+        wake_token(m, tok, "error", json_object_new_string("timeout"));
+        return;
+    }
     if (m->conf.async_timeout_route[0]) {
         /* The route runs as a request route would; one that answers nothing gets 500. */
         q->route = m->conf.async_timeout_route;
@@ -648,7 +698,8 @@ static void run_op(hub *h, void *arg)
                 q->provisional_sent = 1;
             pthread_mutex_unlock(&m->mu);
             if (still && !ev_is_active(&t->dl)) {
-                ev_timer_set(&t->dl, m->conf.async_timeout / 1000.0, 0.);
+                ev_timer_set(&t->dl, (q->wait_ms ? q->wait_ms : m->conf.async_timeout) / 1000.0,
+                             0.);
                 ev_timer_start(m->loop, &t->dl);
             }
             if (still && trying)
@@ -1320,7 +1371,11 @@ static void sip_stop(void *state)
             pthread_mutex_lock(&m->mu);
             int send = !q->final_sent;
             q->final_sent = 1;
+            uint64_t tok = q->token;
+            q->token = 0;
             pthread_mutex_unlock(&m->mu);
+            if (tok)
+                wake_token(m, tok, "error", json_object_new_string("stopping"));
             if (send) {
                 /* txn_respond may destroy t (a 2xx); a 503 never does */
                 txn_respond(t, 503, "Shutting Down", NULL);

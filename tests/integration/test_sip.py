@@ -38,7 +38,9 @@ def free_udp_port():
 
 def start(script=None, workers=0, timeout_ms=2000, route="ksr_route_timeout", kemi=True):
     port = free_udp_port()
-    text = script if script is not None else open(os.path.join(EXAMPLE, "kemi.lua")).read()
+    if script is None:
+        script = open(os.path.join(EXAMPLE, "kemi.lua" if kemi else "native.lua")).read()
+    text = script
     sip = "[sip]\nlisten = udp:127.0.0.1:%d\nasync_timeout = %d\n" % (port, timeout_ms)
     if route:
         sip += "async_timeout_route = %s\n" % route
@@ -83,8 +85,8 @@ def sipp(h, scenario, calls, rate=50, extra=()):
     return int(ok.group(1)), int(bad.group(1)), text
 
 
-def kemi_calls(workers):
-    h = start(workers=workers)
+def calls(workers, kemi=True):
+    h = start(workers=workers, kemi=kemi, route="ksr_route_timeout" if kemi else None)
     a = app(h)
     n = scaled(100, 20)
     ok, bad, log = sipp(h, "uac_302.xml", n)
@@ -102,12 +104,36 @@ def kemi_calls(workers):
 
 @suite.case
 def kemi_async_round_trip_workers0():
-    kemi_calls(0)
+    calls(0)
 
 
 @suite.case
 def kemi_async_round_trip_workers2():
-    kemi_calls(2)
+    calls(2)
+
+
+@suite.case
+def native_async_round_trip_workers0():
+    calls(0, kemi=False)
+
+
+@suite.case
+def native_async_round_trip_workers2():
+    calls(2, kemi=False)
+
+
+@suite.case
+def native_no_application_and_silent_application():
+    h = start(kemi=False, route=None, timeout_ms=300)
+    ok, bad, _ = sipp(h, "uac_503.xml", 3)
+    check_eq((ok, bad), (3, 0), "no application: 503 from the handler")
+    a = app(h, "--silent")
+    ok, bad, _ = sipp(h, "uac_408.xml", 3, rate=20)
+    check_eq((ok, bad), (3, 0), "the handler's 408 after evapi.async_unicast's timeout")
+    st = stats(h)
+    check_eq((st["sip_suspended"], st["sip_async_timeouts"]), (0, 3), "timeouts, none left")
+    a.kill()
+    h.stop()
 
 
 @suite.case
