@@ -11,16 +11,18 @@ JOBS       ?= 2
 KAFKA_BUILD_PKGS    = librdkafka-dev
 KAFKA_TEST_PKGS     = kcat
 RABBITMQ_BUILD_PKGS = librabbitmq-dev
+SIP_BUILD_PKGS      = libosip2-dev
+SIP_TEST_PKGS       = sip-tester
 RABBITMQ_TEST_PKGS  = rabbitmq-server amqp-tools
 CLUSTER_BUILD_PKGS  = libnats-dev
 CLUSTER_TEST_PKGS   = nats-server
 BUILD_PKGS  = build-essential cmake pkg-config libev-dev liblua5.4-dev libjson-c-dev \
               libinih-dev libcmocka-dev $(KAFKA_BUILD_PKGS) $(RABBITMQ_BUILD_PKGS) \
-              $(CLUSTER_BUILD_PKGS)
+              $(CLUSTER_BUILD_PKGS) $(SIP_BUILD_PKGS)
 TEST_PKGS   = python3 valgrind clang-format util-linux clang libclang-rt-14-dev \
               kamailio kamailio-extra-modules kamailio-lua-modules socat iproute2 \
               $(KAFKA_TEST_PKGS) $(RABBITMQ_TEST_PKGS) \
-              $(CLUSTER_TEST_PKGS)
+              $(CLUSTER_TEST_PKGS) $(SIP_TEST_PKGS)
 # Node.js and npm (for the third-party netstring client test) come from Debian only when the
 # machine has no node/npm of its own: a NodeSource nodejs bundles npm and conflicts with it.
 NODE_PKGS   = nodejs npm
@@ -80,7 +82,7 @@ test-valgrind: test-deps build
 # The netstring reader under libFuzzer for a short run (clang only; longer runs by hand).
 test-fuzz: test-deps
 	CC=clang cmake -S . -B $(BUILD_FUZZ) -DCMAKE_BUILD_TYPE=Debug -DEVHUB_FUZZ=ON
-	cmake --build $(BUILD_FUZZ) -j $(JOBS) --target fuzz_netstring
+	cmake --build $(BUILD_FUZZ) -j $(JOBS) --target fuzz_netstring fuzz_sip
 	cd $(BUILD_FUZZ) && ctest -L fuzz --output-on-failure
 
 format:

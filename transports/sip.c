@@ -30,6 +30,7 @@
 #include "hub/control.h"
 #include "hub/core.h"
 #include "hub/log.h"
+#include "transports/sip_msg.h"
 
 #define SIP_T1         0.5
 #define SIP_T2         4.0
@@ -136,10 +137,7 @@ struct sip_mod {
     size_t nstate[TS_NSTATES];
     int draining;
     pthread_mutex_t mu; /* guards slots, labels and every sip_req's state fields */
-    sip_req **slots;    /* index - 1 -> request while its transaction lives */
-    unsigned *free_slots;
-    int nfree;
-    unsigned next_label;
+    tr_sip_slots slots; /* (index, label) -> request while its transaction lives */
     size_t suspended;
     double last_malformed_log;
     unsigned long malformed_quiet;
@@ -500,9 +498,8 @@ static hub_req *resume(void *ud, unsigned index, unsigned label, char *err, size
     sip_req *q = NULL;
     const char *why = "no such transaction (unknown, or finished)";
     pthread_mutex_lock(&m->mu);
-    if (index >= 1 && index <= (unsigned)m->conf.max_transactions && m->slots[index - 1] &&
-        m->slots[index - 1]->label == label) {
-        sip_req *c = m->slots[index - 1];
+    sip_req *c = tr_sip_slots_get(&m->slots, index, label);
+    if (c) {
         if (c->suspended) {
             c->suspended = 0;
             c->resumed = 1;
@@ -555,10 +552,7 @@ static void txn_destroy(sip_txn *t)
     m->nstate[t->state]--;
     sip_req *q = t->req;
     pthread_mutex_lock(&m->mu);
-    if (m->slots[q->index - 1] == q) {
-        m->slots[q->index - 1] = NULL;
-        m->free_slots[m->nfree++] = q->index;
-    }
+    tr_sip_slots_release(&m->slots, q->index, q->label);
     if (q->suspended) {
         q->suspended = 0;
         m->suspended--;
@@ -1001,7 +995,7 @@ static void on_request(sip_mod *m, int lfd, osip_message_t *msg, const char *buf
     }
     int invite = strcmp(method, "INVITE") == 0;
     sip_txn tmp = {.m = m, .lfd = lfd};
-    if (m->draining || m->ntxn >= (size_t)m->conf.max_transactions || m->nfree == 0) {
+    if (m->draining || m->ntxn >= (size_t)m->conf.max_transactions || m->slots.nfree < 2) {
         if (build_skel(&tmp, msg, ip, port, src, srclen) == 0 && build_to(&tmp, msg, hv) == 0) {
             if (m->draining)
                 stateless_reply(m, &tmp, 503, "Shutting Down");
@@ -1036,11 +1030,8 @@ static void on_request(sip_mod *m, int lfd, osip_message_t *msg, const char *buf
             return;
         }
         pthread_mutex_lock(&m->mu);
-        unsigned idx = m->free_slots[--m->nfree];
-        cq->index = idx;
-        cq->label = ++m->next_label ? m->next_label : ++m->next_label;
+        tr_sip_slots_take(&m->slots, cq, &cq->index, &cq->label); /* nfree checked above */
         cq->final_sent = 1;
-        m->slots[idx - 1] = cq;
         pthread_mutex_unlock(&m->mu);
         cq->txn = t;
         t->req = cq;
@@ -1079,10 +1070,7 @@ static void on_request(sip_mod *m, int lfd, osip_message_t *msg, const char *buf
         return;
     }
     pthread_mutex_lock(&m->mu);
-    unsigned idx = m->free_slots[--m->nfree];
-    q->index = idx;
-    q->label = ++m->next_label ? m->next_label : ++m->next_label; /* never 0 */
-    m->slots[idx - 1] = q;
+    tr_sip_slots_take(&m->slots, q, &q->index, &q->label); /* nfree checked above */
     pthread_mutex_unlock(&m->mu);
     q->txn = t;
     t->req = q; /* the transaction's reference */
@@ -1105,22 +1093,15 @@ static void handle_datagram(sip_mod *m, int lfd, const char *buf, size_t n,
     if (n < 4 || (n <= 4 && strspn(buf, "\r\n") == n))
         return; /* keep-alive CRLFs */
     osip_message_t *msg = NULL;
-    if (osip_message_init(&msg) != 0) {
-        hub_log(HUB_LOG_ERR, "sip: out of memory parsing");
+    const char *why;
+    if (tr_sip_parse(buf, n, &msg, &why) < 0) {
+        log_malformed(m, ip, why);
         return;
     }
-    if (osip_message_parse(msg, buf, n) != 0) {
-        log_malformed(m, ip, "not a SIP message");
-    } else if (!msg->call_id || !msg->call_id->number || !msg->cseq || !msg->cseq->method ||
-               !msg->from || !msg->to || osip_list_size(&msg->vias) < 1) {
-        log_malformed(m, ip, "a header SIP requires is missing (Via, From, To, Call-ID, CSeq)");
-    } else if (MSG_IS_RESPONSE(msg)) {
+    if (MSG_IS_RESPONSE(msg))
         atomic_fetch_add(&m->stray, 1); /* evhub sends no requests */
-    } else if (!msg->sip_method || !msg->req_uri) {
-        log_malformed(m, ip, "no request line");
-    } else {
+    else
         on_request(m, lfd, msg, buf, n, src, srclen, ip, port);
-    }
     osip_message_free(msg);
 }
 
@@ -1291,20 +1272,15 @@ static int sip_init(hub *h, void **state, char *err, size_t errlen)
                  m->conf.listen.items[SIP_MAX_LISTEN].line, SIP_MAX_LISTEN);
         return -EINVAL;
     }
-    if (parser_init() != 0) {
+    if (tr_sip_parser_init() != 0) {
         snprintf(err, errlen, "sip: libosip2's parser did not initialise");
         return -EINVAL;
     }
     m->buckets = hub_calloc(SIP_BUCKETS, sizeof(*m->buckets));
-    m->slots = hub_calloc((size_t)m->conf.max_transactions, sizeof(*m->slots));
-    m->free_slots = hub_malloc((size_t)m->conf.max_transactions * sizeof(*m->free_slots));
-    if (!m->buckets || !m->slots || !m->free_slots) {
+    if (!m->buckets || tr_sip_slots_init(&m->slots, m->conf.max_transactions) < 0) {
         snprintf(err, errlen, "sip: out of memory");
         return -ENOMEM;
     }
-    for (int i = 0; i < m->conf.max_transactions; i++)
-        m->free_slots[i] = (unsigned)(m->conf.max_transactions - i);
-    m->nfree = m->conf.max_transactions;
     for (size_t i = 0; i < m->conf.listen.n; i++) {
         char why[200];
         sip_listener *l = &m->ls[i];
@@ -1409,8 +1385,7 @@ static void sip_free(void *state)
             close(m->ls[i].fd);
     }
     hub_free(m->buckets);
-    hub_free(m->slots);
-    hub_free(m->free_slots);
+    tr_sip_slots_free(&m->slots);
     pthread_mutex_destroy(&m->mu);
     hub_free(m);
 }

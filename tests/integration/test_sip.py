@@ -309,6 +309,50 @@ def cancel_answers_200_and_487_and_the_late_answer_is_refused():
 
 
 @suite.case
+def an_answer_after_the_deadline_is_refused():
+    h = start(timeout_ms=300, route=None)
+    a = RawApp(h)
+    wait_for(lambda: stats(h)["clients"], lambda n: n >= 1, "the app's connection")
+    p = Peer(h)
+    inv, _, _ = p.request("INVITE")
+    p.send(inv)
+    reqs = a.wait(1)
+    p.expect(408)
+    a.answer(reqs[0], contact="sip:late@10.0.0.1")
+    h.wait_log("the transaction expired (async_timeout)")
+    check_eq([c for c, _ in p.recv_all(0.3) if c == 302], [], "no 302 after the 408")
+    h.stop()
+
+
+RAISE = r'''
+evapi.on("message", function(conn, msg) end)
+evapi.subscribe("sip.message", "evapi:watch")
+evapi.on("request", function(req)
+    evapi.raise("sip.message", {from = req.from_user, body = req.body})
+    req:reply(202, "Accepted")
+end)
+'''
+
+
+@suite.case
+def a_message_request_raises_an_event():
+    h = start(script=RAISE, kemi=False, route=None)
+    w = h.client(name="watch")
+    w.send(b"x")  # any frame; the tag is set below
+    h.ctl("tag", "1", "watch")
+    p = Peer(h)
+    m, _, _ = p.request("MESSAGE", extra="Content-Type: text/plain\r\n")
+    m = m.replace("Content-Length: 0\r\n\r\n", "Content-Length: 5\r\n\r\nhello")
+    p.send(m)
+    p.expect(202)
+    wait_frames([w], 1)
+    ev = json.loads(w.frames[-1])
+    check_eq((ev["method"], ev["params"]["from"], ev["params"]["body"]),
+             ("sip.message", "alice", "hello"), "the event")
+    h.stop()
+
+
+@suite.case
 def malformed_datagrams_are_counted_and_dropped():
     h = start()
     p = Peer(h)
