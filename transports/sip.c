@@ -1150,7 +1150,9 @@ static int open_udp(sip_listener *l, const char *spec, char *err, size_t errlen)
     int one = 1, rcv = 4 * 1024 * 1024;
     if (fd >= 0 && ai->ai_family == AF_INET6)
         setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof(one));
-    if (fd >= 0)
+    /* A burst of datagrams waits in the kernel, not dropped: 4 MiB (past rmem_max when the
+     * hub may, as root). */
+    if (fd >= 0 && setsockopt(fd, SOL_SOCKET, SO_RCVBUFFORCE, &rcv, sizeof(rcv)) < 0)
         setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &rcv, sizeof(rcv));
     if (fd < 0 || bind(fd, ai->ai_addr, ai->ai_addrlen) < 0) {
         snprintf(err, errlen, "listen '%s': %s", spec, strerror(errno));

@@ -1,0 +1,142 @@
+#!/usr/bin/python3
+"""SIP through the async round trip, next to answering directly (not a test).
+
+  sipbench.py EVHUB [--rates 1000,2000,4000,8000] [--seconds 5] [--workers 0]
+
+For each rate, alternately: (a) direct: the KEMI request route answers 302 itself;
+(b) async: the route suspends the INVITE, relays it to the routing application
+(examples/async-routing/app.py), and t_continue answers 302 with its Contact. sipp (UAC,
+INVITE -> 302 -> ACK) offers the rate for SECONDS; printed: calls completed and failed, the
+rate reached, response time p50/p90/p99 (sipp's rtd, from the INVITE to the 302), and the
+hub's CPU seconds per 1,000 calls."""
+
+import argparse
+import csv
+import glob
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SRC = os.path.dirname(os.path.dirname(HERE))
+SCEN = os.path.join(SRC, "tests", "integration", "sip", "uac_302.xml")
+APP = os.path.join(SRC, "examples", "async-routing", "app.py")
+
+DIRECT = r'''
+function ksr_evapi_event(evname) end
+function ksr_request_route()
+    KSR.hdr.append_to_reply("Contact: <sip:" .. KSR.pv.get("$rU") .. "@10.0.0.101:5060>\r\n")
+    KSR.sl.sl_send_reply(302, "Moved Temporarily")
+end
+'''
+
+
+def free_port(kind):
+    s = socket.socket(socket.AF_INET, kind)
+    s.bind(("127.0.0.1", 0))
+    p = s.getsockname()[1]
+    s.close()
+    return p
+
+
+def cpu(pid):
+    with open("/proc/%d/stat" % pid) as f:
+        fl = f.read().rsplit(")", 1)[1].split()
+    return (int(fl[11]) + int(fl[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run(evhub, mode, rate, seconds, workers):
+    d = tempfile.mkdtemp(prefix="sipbench-")
+    script = os.path.join(d, "s.lua")
+    if mode == "direct":
+        open(script, "w").write(DIRECT)
+    else:
+        shutil.copy(os.path.join(SRC, "examples", "async-routing", "kemi.lua"), script)
+    sport, eport = free_port(socket.SOCK_DGRAM), free_port(socket.SOCK_STREAM)
+    conf = os.path.join(d, "evhub.conf")
+    open(conf, "w").write(
+        "[evapi]\nbind_addr = 127.0.0.1:%d\nworkers = %d\nevent_callback = ksr_evapi_event\n"
+        "[lua]\nscript = %s\n[log]\nlevel = notice\n[control]\nsocket = %s/ctl.sock\n"
+        "[sip]\nlisten = udp:127.0.0.1:%d\nasync_timeout = 5000\n"
+        % (eport, workers, script, d, sport))
+    hub = subprocess.Popen(["taskset", "-c", "0", evhub, "-f", "-c", conf],
+                           stdout=subprocess.DEVNULL, stderr=open(os.path.join(d, "log"), "w"))
+    time.sleep(0.5)
+    app = None
+    if mode == "async":
+        app = subprocess.Popen(["taskset", "-c", "1", sys.executable, APP,
+                                "127.0.0.1:%d" % eport], stdout=subprocess.PIPE, text=True)
+        app.stdout.readline()
+        time.sleep(0.2)
+    c0 = cpu(hub.pid)
+    n = rate * seconds
+    r = subprocess.run(["taskset", "-c", "1", "sipp", "-sf", SCEN, "127.0.0.1:%d" % sport,
+                        "-s", "100", "-r", str(rate), "-m", str(n), "-l", str(rate * 10),
+                        "-i", "127.0.0.1", "-p", str(free_port(socket.SOCK_DGRAM)),
+                        "-nostdin", "-timeout", str(seconds + 30), "-trace_rtt",
+                        "-rtt_freq", "100", "-trace_stat", "-stf", "stat.csv"],
+                       cwd=d, capture_output=True, text=True)
+    c1 = cpu(hub.pid)
+    hub.terminate()
+    hub.wait()
+    if app:
+        app.kill()
+    ok = bad = 0
+    elapsed = seconds
+    rows = list(csv.reader(open(os.path.join(d, "stat.csv")), delimiter=";"))
+    if len(rows) >= 2:
+        h = rows[0]
+        last = rows[-1]
+        ok = int(last[h.index("SuccessfulCall(C)")])
+        bad = int(last[h.index("FailedCall(C)")])
+        t = last[h.index("ElapsedTime(C)")].split(":")
+        elapsed = int(t[0]) * 3600 + int(t[1]) * 60 + float(t[2])
+    rtts = []
+    for fn in glob.glob(os.path.join(d, "*_rtt.csv")):
+        for row in list(csv.reader(open(fn), delimiter=";"))[1:]:
+            try:
+                rtts.append(float(row[1]))
+            except (ValueError, IndexError):
+                pass
+    rtts.sort()
+
+    def pct(p):
+        return rtts[min(len(rtts) - 1, int(len(rtts) * p))] if rtts else float("nan")
+
+    shutil.rmtree(d, ignore_errors=True)
+    if r.returncode not in (0, 1):
+        sys.stderr.write(r.stdout[-500:] + r.stderr[-500:])
+    return {"ok": ok, "bad": bad, "cps": ok / elapsed if elapsed else 0, "p50": pct(0.5),
+            "p90": pct(0.9), "p99": pct(0.99), "cpu_per_k": (c1 - c0) * 1000.0 / max(ok, 1)}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("evhub")
+    ap.add_argument("--rates", default="1000,2000,4000,8000")
+    ap.add_argument("--seconds", type=int, default=5)
+    ap.add_argument("--workers", type=int, default=0)
+    a = ap.parse_args()
+    print("%-6s %6s %8s %7s %9s %8s %8s %8s %12s" % ("mode", "rate", "ok", "failed", "calls/s",
+                                                   "p50 ms", "p90 ms", "p99 ms", "cpu s/1k"))
+    for rate in [int(x) for x in a.rates.split(",")]:
+        res = {}
+        for mode in ("direct", "async"):
+            res[mode] = run(a.evhub, mode, rate, a.seconds, a.workers)
+            x = res[mode]
+            print("%-6s %6d %8d %7d %9.0f %8.2f %8.2f %8.2f %12.3f" % (
+                mode, rate, x["ok"], x["bad"], x["cps"], x["p50"], x["p90"], x["p99"],
+                x["cpu_per_k"]))
+            sys.stdout.flush()
+        d, s = res["direct"], res["async"]
+        if d["cps"]:
+            print("       async/direct: calls/s %.2f, p99 %+.2f ms" % (s["cps"] / d["cps"],
+                                                                  s["p99"] - d["p99"]))
+
+
+if __name__ == "__main__":
+    main()
