@@ -183,6 +183,9 @@ int hub_set_event_sink(hub *h, const hub_event_sink *sink, void *ud);
 /* Loop thread: as sink->raise; -ENOSYS when no events module is built in. */
 int hub_raise(hub *h, const char *event, struct json_object *params, uint64_t token, char *err,
               size_t errlen);
+/* Loop thread, inside sink->raise: the Call-ID of the SIP message whose route raised the
+ * event (hub_api.context), or NULL. */
+const char *hub_raise_context(const hub *h);
 /* Loop thread: 1 when the event has a subscriber. */
 int hub_event_wanted(hub *h, const char *event);
 

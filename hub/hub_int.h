@@ -222,6 +222,7 @@ struct hub {
     const hub_router *router; /* hub_set_router, or NULL */
     void *router_ud;
     hub_req_resume_fn req_resume; /* the module that resolves t_continue pairs, or NULL */
+    const char *raise_ctx;        /* hub_raise_context: set around a raise from a route */
     void *req_resume_ud;
     atomic_uint_fast64_t next_token;
     atomic_uint_fast64_t completions_undelivered;

@@ -297,6 +297,8 @@ int hub__raise_check(const hub *h, const char *event, char *err, size_t errlen)
     return h->sink ? 0 : no_sink(err, errlen);
 }
 
+const char *hub_raise_context(const hub *h) { return h->raise_ctx; }
+
 int hub_raise(hub *h, const char *event, struct json_object *params, uint64_t token, char *err,
               size_t errlen)
 {

@@ -9,8 +9,9 @@
 
 struct json_object;
 
-#define HUB_TAG_MAX  64 /* bytes in a tag, without NUL */
-#define HUB_ADDR_MAX 46 /* INET6_ADDRSTRLEN */
+#define HUB_TAG_MAX  64  /* bytes in a tag, without NUL */
+#define HUB_ADDR_MAX 46  /* INET6_ADDRSTRLEN */
+#define HUB_CTX_MAX  255 /* bytes of a raise's context (a Call-ID) */
 
 /* What a script learns about a connection when it connects. */
 typedef struct hub_conn_info {
@@ -125,6 +126,10 @@ typedef struct hub_api {
      * drops with ops->unref after ops->route_done), or NULL with err set (unknown, expired,
      * cancelled, already resumed, or no module offers requests). */
     hub_req *(*req_resume)(void *ud, unsigned index, unsigned label, char *err, size_t errlen);
+    /* The Call-ID of the SIP message the script's route is about (NULL: none), carried with
+     * the raises the script makes from now on (kafka: sockets with key=callid key records
+     * with it). At most HUB_CTX_MAX bytes are kept. May be NULL in a hub_api. */
+    void (*context)(void *ud, const char *callid, size_t len);
 } hub_api;
 
 /* ---- functions a module offers scripts (hub_module.fns) ----

@@ -42,6 +42,8 @@ typedef struct hub_cmd {
 struct hub_worker {
     hub *h;
     int index;
+    size_t ctx_len; /* hub_api.context of its script's route now, 0: none */
+    char ctx[HUB_CTX_MAX + 1];
     pthread_t thread;
     int started;
     hub_script *script;
@@ -434,14 +436,19 @@ typedef struct raise_cmd {
     hub_post node;
     uint64_t token;
     json_object *params;
+    int has_ctx;
     char event[HUB_EVENT_MAX + 1];
+    char ctx[]; /* the route's Call-ID, when has_ctx */
 } raise_cmd;
 
 static void run_raise(hub *h, hub_post *p)
 {
     raise_cmd *rc = (raise_cmd *)(void *)p;
     char err[256];
-    if (hub_raise(h, rc->event, rc->params, rc->token, err, sizeof(err)) < 0) {
+    h->raise_ctx = rc->has_ctx ? rc->ctx : NULL;
+    int r = hub_raise(h, rc->event, rc->params, rc->token, err, sizeof(err));
+    h->raise_ctx = NULL;
+    if (r < 0) {
         hub_log(HUB_LOG_WARN, "raise %s: %s", rc->event, err);
         /* The script was told "queued": its report function hears of the failure. */
         if (rc->token)
@@ -457,12 +464,14 @@ static int api_raise(void *ud, const char *event, json_object *params, uint64_t 
     int rc;
     raise_cmd *c = NULL;
     if (w->index < 0) {
+        w->h->raise_ctx = w->ctx_len ? w->ctx : NULL;
         rc = hub_raise(w->h, event, params, token, err, errlen);
+        w->h->raise_ctx = NULL;
         return rc < 0 ? rc : 1;
     }
     /* Checked here too, so that the script hears at once what the loop would refuse. */
     rc = hub__raise_check(w->h, event, err, errlen);
-    if (rc == 0 && !(c = hub_malloc(sizeof(*c)))) {
+    if (rc == 0 && !(c = hub_malloc(sizeof(*c) + w->ctx_len + 1))) {
         snprintf(err, errlen, "out of memory");
         rc = -ENOMEM;
     }
@@ -475,6 +484,9 @@ static int api_raise(void *ud, const char *event, json_object *params, uint64_t 
     c->token = token;
     c->params = params; /* owned by the command from here */
     snprintf(c->event, sizeof(c->event), "%s", event);
+    c->has_ctx = w->ctx_len > 0;
+    memcpy(c->ctx, w->ctx, w->ctx_len);
+    c->ctx[w->ctx_len] = '\0';
     post_append(w, &c->node);
     return 1;
 }
@@ -546,6 +558,14 @@ static int api_unsubscribe(void *ud, const char *event, const char *socket, char
     return post_sub(w, event, socket, -1, err, errlen);
 }
 
+static void api_context(void *ud, const char *callid, size_t len)
+{
+    hub_worker *w = ud;
+    w->ctx_len = callid ? (len > HUB_CTX_MAX ? HUB_CTX_MAX : len) : 0;
+    memcpy(w->ctx, callid ? callid : "", w->ctx_len);
+    w->ctx[w->ctx_len] = '\0';
+}
+
 static hub_req *api_req_resume(void *ud, unsigned index, unsigned label, char *err, size_t errlen)
 {
     hub_worker *w = ud;
@@ -575,6 +595,7 @@ const hub_api hub__api = {
     .relay_local = api_relay_local,
     .multicast_local = api_multicast_local,
     .req_resume = api_req_resume,
+    .context = api_context,
 };
 
 /* ---- the worker thread ---- */

@@ -127,6 +127,8 @@ int hlua__traceback(lua_State *L);
 int hlua__is_exit(lua_State *L, int idx);
 /* Push the table of request helpers ksr.lua receives as H.req. */
 void hlua__push_req_helpers(lua_State *L);
+/* Make r (NULL: none) the current request: its Call-ID goes with raises (hub_api.context). */
+void hlua__set_current(hub_script *s, hub_req *r);
 /* Arm the instruction budget for a callback (or a coroutine's resume). */
 void hlua__arm_budget(hub_script *s);
 /* A frame that is an application's answer ({"evhub_id": "I.L", ...}) for a native handler

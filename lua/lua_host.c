@@ -364,11 +364,11 @@ static int request_tramp(lua_State *L)
 static void hlua_on_request(hub_script *s, hub_req *r)
 {
     lua_State *L = s->L;
-    s->cur_req = r;
+    hlua__set_current(s, r);
     lua_pushcfunction(L, traceback_cb);  /* [tb] */
     lua_pushcfunction(L, request_tramp); /* [tb, tramp] */
     hlua_pcall(s, 0, "request");
-    s->cur_req = NULL;
+    hlua__set_current(s, NULL);
 }
 
 /* Trampoline for a report function: [fn] -> fn(result). */

@@ -30,6 +30,19 @@ static int push_pv(lua_State *L, hub_req *r, const char *name)
     return 1;
 }
 
+/* Make r the current request of s: its Call-ID goes with the raises from now on. */
+void hlua__set_current(hub_script *s, hub_req *r)
+{
+    s->cur_req = r;
+    if (!s->api->context)
+        return;
+    hub_pv ci = {0};
+    if (r && r->ops->pv(r, "$ci", &ci) == 0 && !ci.is_int)
+        s->api->context(s->ud, ci.s, ci.len);
+    else
+        s->api->context(s->ud, NULL, 0);
+}
+
 /* ---- the KEMI helpers (ksr.lua's H.req) ---- */
 
 /* H.req.pv(name): a SIP pseudo-variable of the current request, or nil. */
@@ -148,7 +161,7 @@ static int k_async(lua_State *L)
 static void run_route(lua_State *L, hub_script *s, hub_req *r, const char *fname)
 {
     hub_req *prev = s->cur_req;
-    s->cur_req = r;
+    hlua__set_current(s, r);
     lua_pushcfunction(L, hlua__traceback); /* [.., tb] */
     if (lua_getglobal(L, fname) != LUA_TFUNCTION) {
         hub_log(HUB_LOG_ERR, "lua: t_continue: '%s' is not a function", fname);
@@ -163,7 +176,7 @@ static void run_route(lua_State *L, hub_script *s, hub_req *r, const char *fname
     } else {
         lua_pop(L, 1);
     }
-    s->cur_req = prev;
+    hlua__set_current(s, prev);
 }
 
 /* H.req.t_continue(index, label, fname): 1, or -1 (logged) for an unknown, expired,
@@ -328,10 +341,10 @@ static void resume_co(hub_script *s, lua_State *co, hub_req *r, int nargs, int f
     lua_State *L = s->L;
     hub_req *prev = s->cur_req;
     int nres = 0;
-    s->cur_req = r;
+    hlua__set_current(s, r);
     hlua__arm_budget(s);
     int st = lua_resume(co, L, nargs, &nres);
-    s->cur_req = prev;
+    hlua__set_current(s, prev);
     if (st == LUA_YIELD) {
         lua_pop(co, nres);
         return;

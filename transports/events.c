@@ -57,6 +57,7 @@ typedef struct ev_sub {
 /* One raise, shared by its deliveries. */
 typedef struct raise_rec {
     tr_event ev;
+    char *ctx; /* ev.callid's copy */
     uint64_t token;
     size_t pending; /* reports still to come (for "more") */
     size_t refs;    /* deliveries alive, plus the raise itself while it sends */
@@ -402,8 +403,10 @@ void *tr_delivery_room(tr_delivery *d) { return d->room; }
 
 static void raise_unref(raise_rec *r)
 {
-    if (--r->refs == 0)
+    if (--r->refs == 0) {
+        hub_free(r->ctx);
         hub_free(r);
+    }
 }
 
 /* Report one outcome to r's token. hub_complete goes through the mailbox, so the report
@@ -511,6 +514,11 @@ static int do_raise(events_state *es, const char *event, json_object *params, ui
     memset(r, 0, sizeof(*r));
     memcpy(r->name, event, strlen(event) + 1);
     r->ev.name = r->name;
+    const char *ctx = hub_raise_context(es->h);
+    if (ctx && n && (r->ctx = hub_malloc(strlen(ctx) + 1))) {
+        memcpy(r->ctx, ctx, strlen(ctx) + 1);
+        r->ev.callid = r->ctx;
+    }
     memcpy(r->text, es->scratch.data ? es->scratch.data : "", tl);
     r->text[tl] = '\0';
     if (has) {

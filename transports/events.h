@@ -18,6 +18,7 @@ typedef struct tr_event {
     const char *name;   /* valid event name, NUL-terminated */
     const char *params; /* params serialized as compact JSON (an object or an array), or NULL */
     size_t params_len;
+    const char *callid; /* the Call-ID of the SIP message whose route raised it, or NULL */
 } tr_event;
 
 /* One notification for one subscriber, handed to a scheme's send. The scheme completes it

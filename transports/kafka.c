@@ -313,6 +313,7 @@ struct kconn {
     rd_kafka_conf_t *conf;
     json_object *settings; /* for evhubctl kafka connection */
     int eager, max_in_flight, retries, interval_ms;
+    int key_callid; /* a kafka: socket with key=callid */
     size_t max_bytes;
     char file[HUB_PATH_MAX];
     int line;
@@ -1210,8 +1211,10 @@ static void *sock_open(void *ud, const char *uri, char *err, size_t errlen)
         if (set_or_fail(c, u->props[i].name, u->props[i].value, why, sizeof(why)) < 0)
             goto fail;
     }
-    if (u->key_callid)
+    if (u->key_callid) {
+        c->key_callid = 1;
         conn_settings_add(c, "key", "callid");
+    }
     conn_limits(c);
     c->next = ks->socks;
     ks->socks = c;
@@ -1248,9 +1251,10 @@ static void sock_send(void *ud, void *sock, tr_delivery *d)
         tr_delivery_done(d, -1, WHY_STOPPED);
         return;
     }
-    /* no Call-ID without the SIP module: key=callid keys nothing yet */
-    if (produce_now(c, c->topic, RD_KAFKA_PARTITION_UA, NULL, 0, doc, (size_t)n, NULL, 0, d, NULL,
-                    err, sizeof(err)) < 0)
+    /* key=callid: the Call-ID of the SIP message whose route raised it (none: no key) */
+    const char *key = c->key_callid ? e->callid : NULL;
+    if (produce_now(c, c->topic, RD_KAFKA_PARTITION_UA, key, key ? strlen(key) : 0, doc, (size_t)n,
+                    NULL, 0, d, NULL, err, sizeof(err)) < 0)
         tr_delivery_done(d, -1, err);
 }
 
