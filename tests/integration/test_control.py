@@ -67,8 +67,10 @@ evapi.on("message", function(conn, msg)
             connections_accepted = s.connections_accepted, nworkers = #s.workers,
             worker0 = w and w.worker or json.null, worker0_events = w and w.events or json.null}))
     elseif cmd == "busy" then
-        local t0 = os.clock()
-        while os.clock() - t0 < tonumber(rest) do end
+        -- wall time (os.clock is CPU time: on a loaded machine 3 s of it can take longer
+        -- than the 5 s a stopping worker gets); lasts rest to rest + 1 seconds
+        local t0 = os.time()
+        while os.time() - t0 < tonumber(rest) do end
     elseif cmd == "boom" then
         error("boom requested")
     elseif cmd == "spin" then
