@@ -86,16 +86,17 @@ test-fuzz: test-deps
 	cd $(BUILD_FUZZ) && ctest -L fuzz --output-on-failure
 
 format:
-	clang-format -i hub/*.[ch] lua/*.[ch] transports/*.[ch] tests/unit/*.c tests/bench/*.[ch] tests/bench/raisebench/*.c tests/bench/kafka/*.c tests/fuzz/*.c
+	clang-format -i hub/*.[ch] lua/*.[ch] transports/*.[ch] tests/unit/*.c tests/bench/*.[ch] tests/bench/raisebench/*.c tests/bench/kafka/*.c tests/bench/cluster/*.c tests/fuzz/*.c
 
 format-check: test-deps
-	clang-format --dry-run -Werror hub/*.[ch] lua/*.[ch] transports/*.[ch] tests/unit/*.c tests/bench/*.[ch] tests/bench/raisebench/*.c tests/bench/kafka/*.c tests/fuzz/*.c
+	clang-format --dry-run -Werror hub/*.[ch] lua/*.[ch] transports/*.[ch] tests/unit/*.c tests/bench/*.[ch] tests/bench/raisebench/*.c tests/bench/kafka/*.c tests/bench/cluster/*.c tests/fuzz/*.c
 
 bench: build
 	./$(BUILD)/tests/bench/evbench --evhub ./$(BUILD)/evhub
 	python3 tests/bench/ctlbench.py --evhub ./$(BUILD)/evhub
 	./$(BUILD)/tests/bench/raisebench/raisebench --evhub ./$(BUILD)/evhub
 	EVHUB_BIN=./$(BUILD)/evhub python3 tests/bench/kafka/kafka_bench.py
+	EVHUB_BIN=./$(BUILD)/evhub python3 tests/bench/cluster/cluster_bench.py
 
 clean:
 	rm -rf $(BUILD) $(BUILD_SAN) $(BUILD_FUZZ)

@@ -623,22 +623,28 @@ static int publish(cluster *cl, const char *subj, int kidx, char kind, uint64_t 
     return 0;
 }
 
+/* A relay or multicast is published only when a heartbeat says another node takes it: with
+ * no other node (or none with members of the tag) it costs nothing beyond this lookup. */
 static int cl_relay(void *ud, const char *data, size_t len)
 {
     cluster *cl = ud;
-    if (publish(cl, cl->subj_relay, K_RELAY, E_RELAY, 0, NULL, 0, data, len) < 0)
+    int reach = cl_reach(cl, NULL, 0);
+    if (!reach || publish(cl, cl->subj_relay, K_RELAY, E_RELAY, 0, NULL, 0, data, len) < 0)
         return 0;
-    return cl_reach(cl, NULL, 0);
+    return reach;
 }
 
 static int cl_multicast(void *ud, const char *tag, size_t taglen, const char *data, size_t len)
 {
     cluster *cl = ud;
+    int reach = cl_reach(cl, tag, taglen);
+    if (!reach)
+        return 0;
     char subj[SUBJ_MAX];
     tag_subject(cl, 't', tag, taglen, subj, sizeof(subj));
     if (publish(cl, subj, K_MULTICAST, E_MULTICAST, 0, tag, taglen, data, len) < 0)
         return 0;
-    return cl_reach(cl, tag, taglen);
+    return reach;
 }
 
 static int cl_unicast(void *ud, const char *tag, size_t taglen, const char *data, size_t len,
@@ -1053,8 +1059,17 @@ static void take_heartbeat(cluster *cl, natsMsg *m)
 static void expire_nodes(cluster *cl)
 {
     ev_tstamp now = ev_now(cl->loop), limit = cl->conf.node_timeout / 1000.0;
+    int connected = atomic_load(&cl->connected);
     pthread_mutex_lock(&cl->mu);
     for (cl_node **pp = &cl->nodes; *pp;) {
+        if (!connected) {
+            /* Cut off from NATS we hear nobody: that is no sign the others went. The view
+             * stays as it was (what is published meanwhile waits in the reconnect buffer
+             * for them), and after the reconnect each node gets node_timeout afresh. */
+            (*pp)->last_seen = now;
+            pp = &(*pp)->next;
+            continue;
+        }
         if (now - (*pp)->last_seen > limit)
             node_drop(cl, pp, "timed out (no heartbeat)");
         else

@@ -282,6 +282,9 @@ def unicast_cluster_policy_spreads():
     n = scaled(300, 90)
     for i in range(n):
         pub.send("uc:pool:p-%04d" % i)
+    # A's own member gets its share back from NATS (the queue group includes A), later than
+    # A's local deliveries: wait for the count, then fence with a relay
+    pump(members, lambda: sum(len(x.frames) for x in members) >= n, what="%d unicasts" % n)
     pub.send("relay:p-end")
     pump(members, lambda: all(b"p-end" in x.frames for x in members), what="p-end")
     got = [[f for f in x.take() if f != b"p-end"] for x in members]
