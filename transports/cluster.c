@@ -21,6 +21,7 @@
  * SendAsap (no flusher thread) and synchronous subscriptions drained on the loop after each
  * read, so no message is handed between threads. libnats' own threads (timers, reconnects)
  * only call the adapter, which hands their wishes to the loop through an ev_async. */
+#define _GNU_SOURCE /* strcasestr */
 #include <errno.h>
 #include <pthread.h>
 #include <stdatomic.h>
@@ -1134,6 +1135,16 @@ static void on_connected(natsConnection *nc, void *closure)
     hub_log(HUB_LOG_NOTICE, "cluster: connected to NATS at %s", url);
 }
 
+static void on_closed(natsConnection *nc, void *closure)
+{
+    (void)nc;
+    cluster *cl = closure;
+    atomic_store(&cl->connected, 0);
+    if (!cl->stopping)
+        hub_log(HUB_LOG_ERR, "cluster: the NATS connection is closed for good (credentials "
+                             "refused?): this node is alone until it restarts");
+}
+
 static void on_error(natsConnection *nc, natsSubscription *sub, natsStatus err, void *closure)
 {
     (void)nc;
@@ -1424,6 +1435,7 @@ static int cluster_start(void *state, char *err, size_t errlen)
     NATS_TRY(natsOptions_SetDisconnectedCB(cl->opts, on_disconnected, cl));
     NATS_TRY(natsOptions_SetReconnectedCB(cl->opts, on_reconnected, cl));
     NATS_TRY(natsOptions_SetErrorHandler(cl->opts, on_error, cl));
+    NATS_TRY(natsOptions_SetClosedCB(cl->opts, on_closed, cl));
     if (c->token[0])
         NATS_TRY(natsOptions_SetToken(cl->opts, c->token));
     if (c->user[0])
@@ -1453,10 +1465,18 @@ static int cluster_start(void *state, char *err, size_t errlen)
      * in the background (RetryOnFailedConnect): the hub starts without it. */
     natsStatus s = natsConnection_Connect(&cl->nc, cl->opts);
     if (s == NATS_NOT_YET_CONNECTED) {
+        const char *why = NULL;
+        natsConnection_GetLastError(cl->nc, &why);
+        if (why && (strcasestr(why, "authorization") || strcasestr(why, "authentication"))) {
+            /* libnats gives up on credentials refused twice: no use starting */
+            snprintf(err, errlen, "cluster: NATS (%s) refused this node's credentials: %s", c->nats,
+                     why);
+            return -EACCES;
+        }
         hub_log(HUB_LOG_WARN,
-                "cluster: NATS (%s) not reachable yet; node %s keeps trying (local delivery "
-                "works meanwhile)",
-                c->nats, c->node);
+                "cluster: NATS (%s) not reachable yet (%s); node %s keeps trying (local "
+                "delivery works meanwhile)",
+                c->nats, why && *why ? why : "no server answered", c->node);
     } else if (s != NATS_OK) {
         snprintf(err, errlen, "cluster: cannot connect to NATS (%s): %s", c->nats,
                  natsStatus_GetText(s));

@@ -26,8 +26,9 @@ def free_port():
 class NatsServer:
     """nats-server -a 127.0.0.1 -p PORT [--cluster nats://127.0.0.1:CPORT --routes ...]."""
 
-    def __init__(self, name="n", cluster_port=None, routes=(), port=None):
+    def __init__(self, name="n", cluster_port=None, routes=(), port=None, extra=()):
         self.name = name
+        self.extra = list(extra)
         self.port = port or free_port()
         self.cluster_port = cluster_port
         self.routes = list(routes)
@@ -42,7 +43,7 @@ class NatsServer:
 
     def command(self):
         cmd = [NATS_BIN, "-a", "127.0.0.1", "-p", str(self.port), "-n", self.name,
-               "-l", self.logfile]
+               "-l", self.logfile] + self.extra
         if self.cluster_port:
             cmd += ["--cluster_name", "evhubtest", "--cluster",
                     "nats://127.0.0.1:%d" % self.cluster_port]

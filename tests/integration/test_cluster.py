@@ -10,8 +10,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from evhub_harness import (Hub, Suite, check, check_eq, pump, request, scaled,  # noqa: E402
-                           wait_eof, wait_for, wait_frames)
+from evhub_harness import (Hub, Suite, check, check_eq, pump, request, run_once,  # noqa: E402
+                           scaled, wait_eof, wait_for, wait_frames)
 from nats_server import NatsServer, free_port, stop_all  # noqa: E402
 
 suite = Suite("cluster")
@@ -398,6 +398,57 @@ def slow_node_does_not_slow_others():
     # B closed its slow reader (8 MiB queue) or still holds its frames; either way the
     # others were served in full above
     check(b.alive(), "B is alive")
+
+
+@suite.case
+def bad_cluster_config_stops_startup():
+    # (lines, the reason, the key whose line is named; None: the section's own line)
+    for lines, why, key in (
+            ("nats = http://127.0.0.1:4222\n", "expected nats://host:port", None),
+            ("nats = nats://127.0.0.1:4222\nprefix = a..b\n", "prefix 'a..b'", None),
+            ("nats = nats://127.0.0.1:4222\nuser = u\n", "user and password go together", None),
+            ("nats = nats://127.0.0.1:4222\nheartbeat = 1000\nnode_timeout = 500\n",
+             "node_timeout must be longer than heartbeat", None),
+            ("nats = nats://127.0.0.1:4222\nunicast = sometimes\n", "sometimes", "unicast"),
+            ("nats = nats://127.0.0.1:4222\nnode_id = 524288\n", "524288", "node_id")):
+        h = Hub(SCRIPT, extra="[cluster]\n" + lines)
+        rc, out = run_once(["-c", h.conf, "-f"])
+        text = h.conf_text
+        at = text.index("[cluster]") if key is None else text.index("\n" + key + " =") + 1
+        line = text.count("\n", 0, at) + 1
+        check(rc != 0 and why in out and ("%s:%d:" % (h.conf, line)) in out,
+              "bad [cluster] (%r): want rc != 0 and %s:%d: ... %s; rc %s, output %r" % (
+                  lines, h.conf, line, why, rc, out))
+
+
+@suite.case
+@with_servers
+def token_auth_and_a_server_down_at_start():
+    s = NatsServer(extra=["--auth", "s3cret"])
+    port = s.port
+    # the server is not there yet: the node starts, serves its clients, and keeps trying
+    a = node("A", [s], more="token = s3cret\n").start()
+    a.wait_log("NATS (%s) not reachable yet" % s.url)
+    la = a.client(name="la")
+    tag(la, "t")
+    check_eq(cluster_view(a)["connected"], False, "not connected yet")
+    s.start()
+    check_eq(s.port, port, "same port")
+    wait_for(lambda: cluster_view(a), lambda v: v["connected"], "A connects once NATS is up")
+    b = node("B", [s], more="token = s3cret\n").start()
+    wait_nodes([a, b])
+    lb = b.client(name="lb")
+    tag(lb, "t")
+    wait_tag_seen([a, b], "t", ["A", "B"])
+    la.send("mc:t:with-token")
+    wait_frames([la, lb], 1)
+    check_eq(lb.take(), [b"with-token"], "across with token auth")
+    # a wrong token: the server refuses it, and start-up stops saying so
+    c = node("C", [s], more="token = wrong\n")
+    rc, out = run_once(["-c", c.conf, "-f"])
+    check(rc != 0 and "refused this node's credentials: Authorization Violation" in out,
+          "a wrong token stops start-up: rc %s, %r" % (rc, out))
+    check_eq([x["node"] for x in cluster_view(a)["nodes"]], ["B"], "A does not see C")
 
 
 if __name__ == "__main__":
