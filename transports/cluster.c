@@ -207,6 +207,7 @@ struct cluster {
     size_t incap;
     ev_timer hb_w, soon_w;
     int stopping, said_bye;
+    int draining; /* drain_subs is handing messages out */
     int ipayload_warned;
     pthread_mutex_t mu; /* guards nodes */
     cl_node *nodes;
@@ -718,6 +719,10 @@ static void hb_soon(cluster *cl)
 static void tag_unsub(cluster *cl, cl_tag *t)
 {
     int64_t d = 0;
+    int pending = 0;
+    /* unicasts still queued here would have gone to another node's member: counted */
+    if (t->usub && natsSubscription_GetPending(t->usub, &pending, NULL) == NATS_OK && pending > 0)
+        BUMP(cl->unicast_lost, (uint64_t)pending);
     natsSubscription *subs[2] = {t->msub, t->usub};
     for (int i = 0; i < 2; i++) {
         if (!subs[i])
@@ -736,11 +741,13 @@ static void cl_tag_members(void *ud, const char *tag, size_t taglen, int present
     if (!cl->nc)
         return;
     if (!present) {
+        /* What the subscriptions hold goes out first (a member may be back by then). Inside a
+         * drain (a delivery closed the last member) it is not drained again: what the drain
+         * under way took goes out, what is still queued is counted below. */
+        drain_subs(cl);
         for (cl_tag **pp = &cl->tags; *pp; pp = &(*pp)->next) {
             cl_tag *t = *pp;
             if (t->len == taglen && memcmp(t->name, tag, taglen) == 0) {
-                /* What its subscriptions hold still goes out first: a member may be back. */
-                drain_subs(cl);
                 *pp = t->next;
                 tag_unsub(cl, t);
                 /* with no interest, nothing of this tag is missed: numbering starts afresh */
@@ -893,6 +900,11 @@ static void deliver(cluster *cl, const cl_in *in)
 static void drain_subs(cluster *cl)
 {
     natsMsg *m;
+    /* A delivery may close a client or change a tag, and so come back here: the messages
+     * being handed out (cl->inv) stay untouched until they all went. */
+    if (cl->draining)
+        return;
+    cl->draining = 1;
     while (cl->hb_sub && natsSubscription_NextMsg(&m, cl->hb_sub, 0) == NATS_OK) {
         take_heartbeat(cl, m);
         natsMsg_Destroy(m);
@@ -910,6 +922,7 @@ static void drain_subs(cluster *cl)
         deliver(cl, &cl->inv[i]);
         natsMsg_Destroy(cl->inv[i].m);
     }
+    cl->draining = 0;
 }
 
 /* ---- heartbeats ---- */
