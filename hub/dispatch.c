@@ -180,6 +180,8 @@ int hub_local_close(hub *h, uint64_t id, const char *reason)
 
 int hub__route_relay(hub *h, const char *data, size_t len, int local)
 {
+    if (!h->router) /* a single hub: the plain call, nothing more */
+        return hub__relay(h, data, len);
     int n = hub__relay(h, data, len);
     if (n < 0 || local || !h->router || !h->router->relay)
         return n;
@@ -190,6 +192,8 @@ int hub__route_relay(hub *h, const char *data, size_t len, int local)
 int hub__route_multicast(hub *h, const char *tag, size_t taglen, const char *data, size_t len,
                          int local)
 {
+    if (!h->router)
+        return hub__multicast(h, tag, taglen, data, len);
     int n = hub__multicast(h, tag, taglen, data, len);
     if (n < 0 || local || !h->router || !h->router->multicast)
         return n;
@@ -202,6 +206,8 @@ int hub__route_multicast(hub *h, const char *tag, size_t taglen, const char *dat
 
 int hub__route_unicast(hub *h, const char *tag, size_t taglen, const char *data, size_t len)
 {
+    if (!h->router)
+        return hub__unicast(h, tag, taglen, data, len);
     if (h->router && h->router->unicast) {
         if (!hub_tag_valid(tag, taglen))
             return -EINVAL;

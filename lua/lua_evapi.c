@@ -258,7 +258,7 @@ static void open_client(lua_State *L)
  * hub's connections only), 0 for none or {scope = "cluster"} (the default). */
 static int check_scope_local(lua_State *L, int i)
 {
-    if (lua_isnoneornil(L, i))
+    if (lua_isnil(L, i))
         return 0;
     luaL_checktype(L, i, LUA_TTABLE);
     lua_getfield(L, i, "scope");
@@ -275,7 +275,7 @@ static int evapi_relay(lua_State *L)
     hub_script *s = hlua__script(L);
     size_t len;
     const char *data = luaL_checklstring(L, 1, &len);
-    if (check_scope_local(L, 2))
+    if (lua_gettop(L) >= 2 && check_scope_local(L, 2)) /* options are rare: test first */
         return hlua__push_result(L, s->api->relay_local(s->ud, data, len));
     return hlua__push_result(L, s->api->relay(s->ud, data, len));
 }
@@ -294,7 +294,9 @@ static int route_by_tag(lua_State *L,
 static int evapi_multicast(lua_State *L)
 {
     const hub_api *api = hlua__script(L)->api;
-    return route_by_tag(L, check_scope_local(L, 3) ? api->multicast_local : api->multicast);
+    if (lua_gettop(L) >= 3 && check_scope_local(L, 3)) /* options are rare: test first */
+        return route_by_tag(L, api->multicast_local);
+    return route_by_tag(L, api->multicast);
 }
 
 static int evapi_unicast(lua_State *L) { return route_by_tag(L, hlua__script(L)->api->unicast); }
