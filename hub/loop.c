@@ -54,7 +54,7 @@ static void prepare_cb(struct ev_loop *loop, ev_prepare *w, int revents)
         hub__flush_pending(h);
     }
     /* Writes may have drained a congested reader: reading may go on. */
-    if (h->congested)
+    if (h->congested || h->hold_reads)
         hub__hold_update(h);
     /* Whatever is left (the round bound was hit) must not wait for the next event. */
     if ((h->closing || h->pending) && !ev_is_active(&h->idle_w))

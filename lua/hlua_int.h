@@ -60,6 +60,9 @@ struct hub_script {
     size_t arg_len;
     const hub_conn_info *arg_ci;
     struct json_object *arg_result;
+    hub_req *arg_req;  /* the request of a waiting handler being resumed */
+    lua_State *cur_co; /* the request handler's coroutine while it runs, or NULL */
+    int arg_done;      /* ...and whether its resume ran to the end */
     /* The library functions the sandbox wraps, called by pointer: kept as upvalues they
      * would be one debug.getupvalue() away from the script. */
     lua_CFunction orig_resume, orig_setmetatable, orig_debug_setmetatable;
@@ -129,6 +132,8 @@ int hlua__is_exit(lua_State *L, int idx);
 void hlua__push_req_helpers(lua_State *L);
 /* Make r (NULL: none) the current request: its Call-ID goes with raises (hub_api.context). */
 void hlua__set_current(hub_script *s, hub_req *r);
+/* The state's main thread. */
+static inline lua_State *hlua__script_main(hub_script *s) { return s->L; }
 /* Arm the instruction budget for a callback (or a coroutine's resume). */
 void hlua__arm_budget(hub_script *s);
 /* A frame that is an application's answer ({"evhub_id": "I.L", ...}) for a native handler

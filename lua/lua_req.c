@@ -338,12 +338,15 @@ void hlua__push_request(lua_State *L, hub_req *r)
  * with co's traceback and counted. */
 static void resume_co(hub_script *s, lua_State *co, hub_req *r, int nargs, int first)
 {
-    lua_State *L = s->L;
+    lua_State *L = hlua__script_main(s);
     hub_req *prev = s->cur_req;
     int nres = 0;
+    lua_State *prev_co = s->cur_co;
     hlua__set_current(s, r);
     hlua__arm_budget(s);
+    s->cur_co = co;
     int st = lua_resume(co, L, nargs, &nres);
+    s->cur_co = prev_co;
     hlua__set_current(s, prev);
     if (st == LUA_YIELD) {
         lua_pop(co, nres);
@@ -357,52 +360,87 @@ static void resume_co(hub_script *s, lua_State *co, hub_req *r, int nargs, int f
         s->api->count(s->ud, HUB_SCRIPT_ERROR);
     }
     lua_settop(co, 0);
+    s->arg_done = 1;
     if (!first)
         r->ops->route_done(r, 1); /* the first run's is the hub's */
+}
+
+/* Move the top n values of L to co (nothing is allocated on co, which has no handler of its
+ * own: an error there would abort the process). */
+static void move_args(lua_State *L, lua_State *co, int n)
+{
+    if (!lua_checkstack(co, n + LUA_MINSTACK))
+        luaL_error(L, "out of memory for a coroutine's stack");
+    lua_xmove(L, co, n);
 }
 
 int hlua__run_request_handler(lua_State *L, hub_script *s, int handler_ref)
 {
     lua_State *co = lua_newthread(L); /* [co]: anchored by the entry while it waits */
-    lua_rawgeti(co, LUA_REGISTRYINDEX, handler_ref);
-    hlua__push_request(co, s->cur_req);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, handler_ref);
+    hlua__push_request(L, s->cur_req);
+    move_args(L, co, 2);
     resume_co(s, co, s->cur_req, 1, 1);
     lua_pop(L, 1);
+    return 0;
+}
+
+/* Protected: [co] at 1, the result in s->arg_result, the request in s->arg_req. */
+static int waiter_tramp(lua_State *L)
+{
+    hub_script *s = hlua__script(L);
+    lua_State *co = lua_tothread(L, 1);
+    struct json_object *v = NULL;
+    int n;
+    if (json_object_object_get_ex(s->arg_result, "answer", &v)) {
+        const char *why = hlua__json_push(L, v);
+        if (why) {
+            lua_pushnil(L);
+            lua_pushstring(L, why);
+            n = 2;
+        } else {
+            n = 1;
+        }
+    } else {
+        json_object_object_get_ex(s->arg_result, "error", &v);
+        lua_pushnil(L);
+        lua_pushstring(L, v ? json_object_get_string(v) : "failed");
+        n = 2;
+    }
+    move_args(L, co, n);
+    resume_co(s, co, s->arg_req, n, 0);
     return 0;
 }
 
 void hlua__resume_waiter(hub_script *s, struct json_object *result)
 {
     lua_State *L = s->L; /* [entry] */
-    lua_getfield(L, -1, "co");
-    lua_State *co = lua_tothread(L, -1);
-    lua_getfield(L, -2, "r");
+    lua_getfield(L, -1, "r");
     hub_req *r = lua_touserdata(L, -1);
-    lua_pop(L, 1); /* [entry, co]: co stays anchored until it ran */
-    if (!co || !r) {
-        lua_pop(L, 2);
+    lua_pop(L, 1);
+    lua_pushcfunction(L, waiter_tramp); /* [entry, tramp] */
+    lua_getfield(L, -2, "co");          /* [entry, tramp, co] */
+    if (!r || !lua_isthread(L, -1)) {
+        lua_pop(L, 3);
         return;
     }
-    struct json_object *v = NULL;
-    int n;
-    if (json_object_object_get_ex(result, "answer", &v)) {
-        const char *why = hlua__json_push(co, v);
-        if (why) {
-            lua_pushnil(co);
-            lua_pushstring(co, why);
-            n = 2;
-        } else {
-            n = 1;
-        }
-    } else {
-        json_object_object_get_ex(result, "error", &v);
-        lua_pushnil(co);
-        lua_pushstring(co, v ? json_object_get_string(v) : "failed");
-        n = 2;
+    /* Everything that may allocate runs protected: an answer too large for max_memory fails
+     * this request, not the hub. */
+    s->arg_result = result;
+    s->arg_req = r;
+    s->arg_done = 0;
+    if (lua_pcall(L, 1, 0, 0) != LUA_OK) {
+        const char *msg = lua_tostring(L, -1);
+        hub_log(HUB_LOG_ERR, "lua: request: resuming the handler: %s", msg ? msg : "error");
+        s->api->count(s->ud, HUB_SCRIPT_ERROR);
+        lua_pop(L, 1);
+        if (!s->arg_done)
+            r->ops->route_done(r, 1); /* it will not run again: the request is answered */
     }
-    resume_co(s, co, r, n, 0);
+    s->arg_result = NULL;
+    s->arg_req = NULL;
     r->ops->unref(r); /* the entry's */
-    lua_pop(L, 2);
+    lua_pop(L, 1);    /* [] */
 }
 
 /* evapi.async_relay(data[, opts]), async_multicast(data, tag[, opts]),
@@ -430,6 +468,11 @@ static int n_async(lua_State *L, int kind)
     if (!r || !r->ops->suspend_wait || !lua_isyieldable(L))
         return luaL_error(L, "%s: only inside a request handler (evapi.on(\"request\"))",
                           who[kind]);
+    if (L != s->cur_co)
+        return luaL_error(L,
+                          "%s: from the request handler itself, not from a coroutine of its "
+                          "own",
+                          who[kind]);
     hub_pv iv = {0}, lv = {0};
     r->ops->pv(r, "$T(id_index)", &iv);
     r->ops->pv(r, "$T(id_label)", &lv);
@@ -442,7 +485,7 @@ static int n_async(lua_State *L, int kind)
         lua_insert(L, -2);
         lua_rawset(L, copy);
     }
-    lua_pushfstring(L, "%d.%d", (int)iv.i, (int)lv.i);
+    lua_pushfstring(L, "%I.%I", (lua_Integer)iv.i, (lua_Integer)lv.i);
     lua_setfield(L, copy, "evhub_id");
     hlua__json_push_box(L, copy, who[kind]); /* [.., copy, box]: raises on what JSON refuses */
     struct json_object *o = hlua__json_take(L, -1);

@@ -39,6 +39,9 @@
 #define SIP_READS      64 /* datagrams read per readable event */
 #define SIP_MAX_LISTEN 8
 #define SIP_TO_TAG_LEN 16
+/* A native handler woken (an answer, its timeout, a cancel) has this long to answer before
+ * the module does (500): its state may be gone (a reload), and a request never hangs. */
+#define SIP_WAKE_GRACE 2.0
 
 /* ---- configuration ---- */
 
@@ -70,8 +73,9 @@ enum { PV_RM, PV_RU, PV_RUSER, PV_RDOM, PV_FU, PV_FUSER, PV_TU, PV_TUSER, PV_CI,
 static const char *const pv_names[PV_N] = {"$rm", "$ru", "$rU", "$rd", "$fu",
                                            "$fU", "$tu", "$tU", "$ci"};
 
-enum { TS_TRYING, TS_PROCEEDING, TS_COMPLETED, TS_CONFIRMED, TS_NSTATES };
-static const char *const ts_names[TS_NSTATES] = {"trying", "proceeding", "completed", "confirmed"};
+enum { TS_TRYING, TS_PROCEEDING, TS_COMPLETED, TS_CONFIRMED, TS_ACCEPTED, TS_NSTATES };
+static const char *const ts_names[TS_NSTATES] = {"trying", "proceeding", "completed", "confirmed",
+                                                 "accepted"};
 
 typedef struct sip_mod sip_mod;
 typedef struct sip_txn sip_txn;
@@ -88,8 +92,9 @@ typedef struct sip_req {
     size_t pvlen[PV_N];
     char si[HUB_ADDR_MAX];
     int sp;
-    const char *route; /* the timeout route while it runs, else NULL */
-    sip_txn *txn;      /* loop only: NULL once the transaction is gone */
+    sip_txn *txn;       /* loop only: NULL once the transaction is gone */
+    int woken;          /* loop only: a native waiter was woken; the grace timer runs */
+    ev_tstamp dl_armed; /* loop only: when its deadline was armed */
     /* under m->mu */
     int final_sent, suspended, resumed, cancelled, expired, provisional_sent;
     uint64_t token; /* native async: the completion its coroutine waits on, or 0 */
@@ -301,7 +306,7 @@ static int req_pv(hub_req *r, const char *name, hub_pv *out)
 }
 
 /* Work for the loop, posted by whichever thread a script runs on. */
-enum { OP_REPLY, OP_SUSPEND, OP_RELEASE };
+enum { OP_REPLY, OP_SUSPEND, OP_RELEASE, OP_WOKEN };
 typedef struct sip_op {
     int op;
     sip_req *q; /* a reference */
@@ -332,6 +337,10 @@ static int req_reply(hub_req *r, int code, const char *reason, char *err, size_t
 {
     sip_req *q = (sip_req *)r;
     sip_mod *m = q->m;
+    if (reason && strpbrk(reason, "\r\n")) {
+        snprintf(err, errlen, "a reason phrase must not contain CR or LF");
+        return -EINVAL;
+    }
     pthread_mutex_lock(&m->mu);
     if (q->final_sent || q->cancelled) {
         int cancelled = q->cancelled;
@@ -357,12 +366,42 @@ static int req_reply(hub_req *r, int code, const char *reason, char *err, size_t
     return 0;
 }
 
+/* NULL when text is header lines ("Name: value", CRLF between them): no NUL, no bare CR or
+ * LF, no blank line (it would end the headers), no Content-Length (evhub writes it). */
+static const char *header_lines_bad(const char *text, size_t len)
+{
+    size_t start = 0;
+    if (len == 0)
+        return "an empty header";
+    for (size_t i = 0; i <= len; i++) {
+        int eol = i == len || (text[i] == '\r' && i + 1 < len && text[i + 1] == '\n');
+        if (!eol) {
+            if (text[i] == '\0')
+                return "a header must not contain a NUL byte";
+            if (text[i] == '\r' || text[i] == '\n')
+                return "CR and LF only as CRLF between header lines";
+            continue;
+        }
+        const char *line = text + start, *colon = memchr(line, ':', i - start);
+        if (i == start)
+            return "a blank line would end the headers";
+        if (!colon || colon == line)
+            return "a header line needs a name and a ':'";
+        if (colon - line == 14 && strncasecmp(line, "Content-Length", 14) == 0)
+            return "Content-Length is evhub's to write";
+        start = i + 2;
+        i++;
+    }
+    return NULL;
+}
+
 static int req_append(hub_req *r, const char *text, size_t len, char *err, size_t errlen)
 {
     sip_req *q = (sip_req *)r;
     int crlf = len >= 2 && text[len - 2] == '\r' && text[len - 1] == '\n';
-    if (memchr(text, '\0', len)) {
-        snprintf(err, errlen, "a header must not contain a NUL byte");
+    const char *why = header_lines_bad(text, crlf ? len - 2 : len);
+    if (why) {
+        snprintf(err, errlen, "%s", why);
         return -EINVAL;
     }
     pthread_mutex_lock(&q->m->mu);
@@ -440,6 +479,7 @@ static int req_wake(hub_req *r, json_object *answer)
     if (!tok)
         return -EINVAL;
     wake_token(q->m, tok, "answer", answer);
+    post_op(q, OP_WOKEN, 0, NULL, NULL);
     return 0;
 }
 
@@ -460,7 +500,10 @@ static void req_route_done(hub_req *r, int resumed)
 {
     sip_req *q = (sip_req *)r;
     pthread_mutex_lock(&q->m->mu);
-    int answer = !q->final_sent && !q->suspended && !q->cancelled;
+    /* After the first route, a request resumed meanwhile (t_continue) or expired (the
+     * timeout route, 408) is someone else's to answer. */
+    int answer = !q->final_sent && !q->suspended && !q->cancelled &&
+                 (resumed || (!q->resumed && !q->expired));
     if (answer)
         q->final_sent = 1;
     pthread_mutex_unlock(&q->m->mu);
@@ -469,13 +512,9 @@ static void req_route_done(hub_req *r, int resumed)
     atomic_fetch_add(&q->m->no_reply, 1);
     hub_log(HUB_LOG_WARN, "sip: %.*s %.*s: %s without a reply: 500", (int)q->pvlen[PV_RM],
             q->pv[PV_RM], (int)q->pvlen[PV_CI], q->pv[PV_CI],
-            q->route  ? "the timeout route ended"
-            : resumed ? "resumed and the route ended"
-                      : "the request route ended");
+            resumed ? "a route ended" : "the request route ended");
     post_op(q, OP_REPLY, 500, "Server Internal Error", NULL);
 }
-
-static const char *req_route(hub_req *r) { return ((sip_req *)r)->route; }
 
 static const hub_req_ops req_ops = {
     .pv = req_pv,
@@ -486,7 +525,6 @@ static const hub_req_ops req_ops = {
     .suspend_wait = req_suspend_wait,
     .wake = req_wake,
     .route_done = req_route_done,
-    .route = req_route,
     .ref = req_ref,
     .unref = req_unref,
 };
@@ -557,7 +595,11 @@ static void txn_destroy(sip_txn *t)
         q->suspended = 0;
         m->suspended--;
     }
+    uint64_t tok = q->token;
+    q->token = 0;
     pthread_mutex_unlock(&m->mu);
+    if (tok) /* a native handler still waits (t_continue answered it): it resumes */
+        wake_token(m, tok, "error", json_object_new_string("the transaction ended"));
     q->txn = NULL;
     req_unref(&q->base);
     hub_free(t->key);
@@ -597,8 +639,12 @@ static void txn_respond(sip_txn *t, int code, const char *reason, const char *hd
     }
     ev_timer_stop(m->loop, &t->dl);
     if (t->invite && code < 300) {
-        /* 2xx: the transaction ends; the ACK is end to end. */
-        txn_destroy(t);
+        /* 2xx: Accepted (RFC 6026) for 64*T1: a retransmitted INVITE gets the 2xx again and
+         * never reaches the route twice. The ACK is end to end (another branch). */
+        txn_set_state(t, TS_ACCEPTED);
+        ev_timer_stop(m->loop, &t->t);
+        ev_timer_set(&t->t, 64 * SIP_T1, 0.);
+        ev_timer_start(m->loop, &t->t);
         return;
     }
     txn_set_state(t, TS_COMPLETED);
@@ -632,13 +678,99 @@ static void txn_timer_cb(struct ev_loop *loop, ev_timer *w, int revents)
     txn_destroy(t); /* timer I or J */
 }
 
-/* The deadline of a suspended request: the timeout route, or 408. */
+/* The timeout route runs with a view of the request whose route is that function and whose
+ * route_done answers (500) whatever it left unanswered: the expired request is its own. */
+typedef struct sip_troute {
+    hub_req base;
+    atomic_int refs;
+    sip_req *q; /* a reference */
+} sip_troute;
+
+static sip_req *tq(hub_req *r) { return ((sip_troute *)r)->q; }
+static int tr_pv(hub_req *r, const char *n, hub_pv *o) { return req_pv(&tq(r)->base, n, o); }
+static int tr_reply(hub_req *r, int code, const char *reason, char *err, size_t errlen)
+{
+    return req_reply(&tq(r)->base, code, reason, err, errlen);
+}
+static int tr_append(hub_req *r, const char *t, size_t n, char *err, size_t errlen)
+{
+    return req_append(&tq(r)->base, t, n, err, errlen);
+}
+static int tr_suspend(hub_req *r, char *err, size_t errlen)
+{
+    (void)r;
+    snprintf(err, errlen, "a request whose deadline passed cannot be suspended again");
+    return -EALREADY;
+}
+static void tr_unsuspend(hub_req *r) { (void)r; }
+static void tr_route_done(hub_req *r, int resumed)
+{
+    (void)resumed;
+    req_route_done(&tq(r)->base, 1); /* answered by this route, or 500 */
+}
+static const char *tr_route(hub_req *r) { return tq(r)->m->conf.async_timeout_route; }
+static void tr_ref(hub_req *r) { atomic_fetch_add(&((sip_troute *)r)->refs, 1); }
+static void tr_unref(hub_req *r)
+{
+    sip_troute *v = (sip_troute *)r;
+    if (atomic_fetch_sub(&v->refs, 1) == 1) {
+        req_unref(&v->q->base);
+        hub_free(v);
+    }
+}
+
+static const hub_req_ops troute_ops = {
+    .pv = tr_pv,
+    .reply = tr_reply,
+    .append_to_reply = tr_append,
+    .suspend = tr_suspend,
+    .unsuspend = tr_unsuspend,
+    .route_done = tr_route_done,
+    .route = tr_route,
+    .ref = tr_ref,
+    .unref = tr_unref,
+};
+
+/* Arm t's deadline timer to fire in after seconds. */
+static void arm_dl(sip_txn *t, double after)
+{
+    ev_timer_stop(t->m->loop, &t->dl);
+    ev_timer_set(&t->dl, after, 0.);
+    ev_timer_start(t->m->loop, &t->dl);
+    t->req->dl_armed = ev_now(t->m->loop);
+}
+
+/* A native waiter was woken: if nothing answers within SIP_WAKE_GRACE, the module does. */
+static void grace_start(sip_txn *t)
+{
+    t->req->woken = 1;
+    arm_dl(t, SIP_WAKE_GRACE);
+}
+
+/* The deadline of a suspended request: the timeout route, or 408; for a native waiter that
+ * was woken, the end of its grace (500). */
 static void deadline_cb(struct ev_loop *loop, ev_timer *w, int revents)
 {
     sip_txn *t = w->data;
     sip_mod *m = t->m;
     sip_req *q = t->req;
     (void)loop, (void)revents;
+    if (q->woken) {
+        pthread_mutex_lock(&m->mu);
+        int send = !q->final_sent;
+        q->final_sent = 1;
+        pthread_mutex_unlock(&m->mu);
+        if (send) {
+            atomic_fetch_add(&m->no_reply, 1);
+            hub_log(HUB_LOG_WARN,
+                    "sip: %.*s %.*s: the handler did not answer within %.0f s of its wake-up "
+                    "(its state may be gone): 500",
+                    (int)q->pvlen[PV_RM], q->pv[PV_RM], (int)q->pvlen[PV_CI], q->pv[PV_CI],
+                    SIP_WAKE_GRACE);
+            txn_respond(t, 500, "Server Internal Error", NULL);
+        }
+        return;
+    }
     pthread_mutex_lock(&m->mu);
     int expire = q->suspended && !q->final_sent;
     uint64_t tok = 0;
@@ -656,14 +788,20 @@ static void deadline_cb(struct ev_loop *loop, ev_timer *w, int revents)
     if (tok) {
         /* A native handler waits: it resumes with nil, "timeout" and answers itself. */
         wake_token(m, tok, "error", json_object_new_string("timeout"));
+        grace_start(t);
         return;
     }
     if (m->conf.async_timeout_route[0]) {
-        /* The route runs as a request route would; one that answers nothing gets 500. */
-        q->route = m->conf.async_timeout_route;
-        req_ref(&q->base);
-        hub_request(m->h, fnv(q->pv[PV_CI], q->pvlen[PV_CI]), &q->base);
-        return;
+        sip_troute *v = hub_malloc(sizeof(*v));
+        if (v) {
+            v->base.ops = &troute_ops;
+            atomic_init(&v->refs, 1);
+            v->q = q;
+            req_ref(&q->base);
+            hub_request(m->h, fnv(q->pv[PV_CI], q->pvlen[PV_CI]), &v->base);
+            return;
+        }
+        hub_log(HUB_LOG_ERR, "sip: out of memory for the timeout route: 408");
     }
     pthread_mutex_lock(&m->mu);
     int send = !q->final_sent;
@@ -691,11 +829,8 @@ static void run_op(hub *h, void *arg)
             if (trying)
                 q->provisional_sent = 1;
             pthread_mutex_unlock(&m->mu);
-            if (still && !ev_is_active(&t->dl)) {
-                ev_timer_set(&t->dl, (q->wait_ms ? q->wait_ms : m->conf.async_timeout) / 1000.0,
-                             0.);
-                ev_timer_start(m->loop, &t->dl);
-            }
+            if (still && !ev_is_active(&t->dl))
+                arm_dl(t, (q->wait_ms ? q->wait_ms : m->conf.async_timeout) / 1000.0);
             if (still && trying)
                 txn_respond(t, 100, "Trying", NULL);
             break;
@@ -703,9 +838,17 @@ static void run_op(hub *h, void *arg)
             pthread_mutex_lock(&m->mu);
             int susp = q->suspended;
             pthread_mutex_unlock(&m->mu);
-            if (!susp)
+            if (!susp && !q->woken)
                 ev_timer_stop(m->loop, &t->dl);
             break;
+        case OP_WOKEN: {
+            pthread_mutex_lock(&m->mu);
+            int open_ = !q->final_sent;
+            pthread_mutex_unlock(&m->mu);
+            if (open_)
+                grace_start(t);
+            break;
+        }
         }
     }
     hub_free(o->hdrs);
@@ -1048,6 +1191,7 @@ static void on_request(sip_mod *m, int lfd, osip_message_t *msg, const char *buf
         sip_req *iq = inv->req;
         pthread_mutex_lock(&m->mu);
         int cancel = !iq->final_sent;
+        uint64_t tok = 0;
         if (cancel) {
             iq->final_sent = 1;
             iq->cancelled = 1;
@@ -1055,8 +1199,12 @@ static void on_request(sip_mod *m, int lfd, osip_message_t *msg, const char *buf
                 iq->suspended = 0;
                 m->suspended--;
             }
+            tok = iq->token;
+            iq->token = 0;
         }
         pthread_mutex_unlock(&m->mu);
+        if (tok) /* a native handler waits: it resumes with nil, "cancelled" */
+            wake_token(m, tok, "error", json_object_new_string("cancelled"));
         if (cancel) {
             atomic_fetch_add(&m->cancels, 1);
             txn_respond(inv, 487, "Request Terminated", NULL);
@@ -1210,10 +1358,10 @@ static void cmd_sip(hub_ctl_call *call, json_object *params, void *ud)
     size_t susp = 0;
     for (size_t b = 0; b < SIP_BUCKETS; b++) {
         for (sip_txn *t = m->buckets[b]; t; t = t->hnext) {
-            if (!ev_is_active(&t->dl))
+            if (!ev_is_active(&t->dl) || t->req->woken)
                 continue;
             susp++;
-            double age = m->conf.async_timeout / 1000.0 - ev_timer_remaining(m->loop, &t->dl);
+            double age = ev_now(m->loop) - t->req->dl_armed;
             if (age > oldest)
                 oldest = age;
         }
@@ -1235,6 +1383,8 @@ static void cmd_sip(hub_ctl_call *call, json_object *params, void *ud)
         {"malformed_dropped", &m->malformed},
         {"cancels", &m->cancels},
         {"acks_absorbed", &m->acks_absorbed},
+        {"acks_unmatched", &m->acks_unmatched},
+        {"responses_received", &m->stray},
         {"replies", &m->replies},
         {"no_reply_500", &m->no_reply},
         {"overload_503", &m->overload},
@@ -1420,6 +1570,10 @@ static size_t sip_stats(void *state, hub_stat *out, size_t cap)
         {"sip_no_reply", "requests a route left unanswered (500)", 0, atomic_load(&m->no_reply)},
         {"sip_overload", "requests refused for max_transactions (503)", 0,
          atomic_load(&m->overload)},
+        {"sip_acks_unmatched", "ACKs that matched no transaction (for a 2xx: end to end)", 0,
+         atomic_load(&m->acks_unmatched)},
+        {"sip_responses_received", "SIP responses received and dropped (evhub sends no requests)",
+         0, atomic_load(&m->stray)},
     };
     size_t n = sizeof(s) / sizeof(s[0]);
     for (size_t i = 0; i < n && i < cap; i++)

@@ -6,6 +6,7 @@
 
 #include <errno.h>
 #include <string.h>
+#include <sys/random.h>
 
 #include <osipparser2/osip_parser.h>
 
@@ -48,6 +49,9 @@ int tr_sip_slots_init(tr_sip_slots *t, int cap)
         return -ENOMEM;
     }
     t->cap = cap;
+    if (getrandom(&t->rng, sizeof(t->rng), GRND_NONBLOCK) != sizeof(t->rng))
+        t->rng = (uint64_t)time(NULL) ^ (uint64_t)(uintptr_t)t;
+    t->rng |= 1;
     for (int i = 0; i < cap; i++)
         t->free[i] = (unsigned)(cap - i); /* index 1 is taken first */
     t->nfree = cap;
@@ -66,13 +70,17 @@ int tr_sip_slots_take(tr_sip_slots *t, void *obj, unsigned *index, unsigned *lab
 {
     if (t->nfree == 0)
         return -ENOSPC;
-    unsigned i = t->free[--t->nfree];
-    if (++t->next_label == 0)
-        t->next_label = 1;
+    unsigned i = t->free[--t->nfree], l;
+    do { /* xorshift64*: never 0, never what the slot had */
+        t->rng ^= t->rng >> 12;
+        t->rng ^= t->rng << 25;
+        t->rng ^= t->rng >> 27;
+        l = (unsigned)((t->rng * 2685821657736338717ull) >> 32);
+    } while (l == 0 || l == t->label[i - 1]);
     t->obj[i - 1] = obj;
-    t->label[i - 1] = t->next_label;
+    t->label[i - 1] = l;
     *index = i;
-    *label = t->next_label;
+    *label = l;
     return 0;
 }
 
@@ -88,6 +96,6 @@ void tr_sip_slots_release(tr_sip_slots *t, unsigned index, unsigned label)
     if (!tr_sip_slots_get(t, index, label))
         return;
     t->obj[index - 1] = NULL;
-    t->label[index - 1] = 0;
+    t->label[index - 1] = label; /* kept, so the next occupant's differs */
     t->free[t->nfree++] = index;
 }

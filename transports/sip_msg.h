@@ -4,6 +4,7 @@
 #define TR_SIP_MSG_H
 
 #include <stddef.h>
+#include <stdint.h>
 
 struct osip_message;
 
@@ -20,7 +21,7 @@ typedef struct tr_sip_slots {
     unsigned *label;
     unsigned *free;
     int nfree, cap;
-    unsigned next_label;
+    uint64_t rng; /* labels are random (an application cannot guess a pair it was not sent) */
 } tr_sip_slots;
 
 int tr_sip_slots_init(tr_sip_slots *t, int cap); /* 0 or -ENOMEM */

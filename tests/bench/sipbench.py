@@ -77,7 +77,7 @@ def run(evhub, mode, rate, seconds, workers):
     r = subprocess.run(["taskset", "-c", "1", "sipp", "-sf", SCEN, "127.0.0.1:%d" % sport,
                         "-s", "100", "-r", str(rate), "-m", str(n), "-l", str(rate * 10),
                         "-i", "127.0.0.1", "-p", str(free_port(socket.SOCK_DGRAM)),
-                        "-nostdin", "-timeout", str(seconds + 30), "-trace_rtt",
+                        "-nostdin", "-buff_size", "8388608", "-timeout", str(seconds + 30), "-trace_rtt",
                         "-rtt_freq", "100", "-trace_stat", "-stf", "stat.csv"],
                        cwd=d, capture_output=True, text=True)
     c1 = cpu(hub.pid)

@@ -403,5 +403,146 @@ def native_request_handler():
     h.stop()
 
 
+# ---- what a hostile review found (each failed before its fix) ----
+
+WAITER = r"""
+evapi.on("message", function(conn, msg) end)
+evapi.on("request", function(req)
+    local a, err = evapi.async_relay({callid = req.callid}, {timeout = %d})
+    log.notice("handler resumed: " .. tostring(a and "answer" or err))
+    req:reply(a and 200 or 480, a and "OK" or "Gone")
+end)
+"""
+
+
+def native_waiter(timeout_ms, **kw):
+    h = start(script=WAITER % timeout_ms, kemi=False, route=None, **kw)
+    c = h.client(name="app")
+    wait_for(lambda: stats(h)["clients"], lambda n: n >= 1, "the app's connection")
+    return h, c
+
+
+def answer_frame(c, frame, **kw):
+    a = {"evhub_id": json.loads(frame)["evhub_id"]}
+    a.update(kw)
+    body = json.dumps(a).encode()
+    c.send_now(b"%d:%s," % (len(body), body))
+
+
+@suite.case
+def an_answer_too_large_for_max_memory_fails_the_call_not_the_hub():
+    port = free_udp_port()
+    h = Hub(WAITER % 5000, evapi={"workers": 0, "max_frame_size": "4m"},
+            lua={"max_memory": "2m"}, extra="[sip]\nlisten = udp:127.0.0.1:%d\n" % port)
+    h.start()
+    h.wait_log("sip: receiving on")
+    h.sip_port = port
+    c = h.client(name="app")
+    wait_for(lambda: stats(h)["clients"], lambda n: n >= 1, "the app's connection")
+    p = Peer(h)
+    inv, _, _ = p.request("INVITE")
+    p.send(inv)
+    p.expect(100)
+    wait_frames([c], 1)
+    answer_frame(c, c.frames[0], pad="x" * 3000000)
+    p.expect(500, scaled(5, 20))
+    check(h.alive(), "the hub goes on")
+    h.stop()
+
+
+@suite.case
+def cancel_wakes_a_native_waiter():
+    h, c = native_waiter(5000)
+    p = Peer(h)
+    inv, _, _ = p.request("INVITE")
+    p.send(inv)
+    p.expect(100)
+    wait_frames([c], 1)
+    p.send(inv.replace("INVITE sip:", "CANCEL sip:", 1).replace("CSeq: 1 INVITE",
+                                                                "CSeq: 1 CANCEL"))
+    p.expect(487)
+    h.wait_log("handler resumed: cancelled")
+    h.stop()
+
+
+@suite.case
+def a_waiter_lost_in_a_reload_still_gets_an_answer():
+    h, c = native_waiter(300)
+    p = Peer(h)
+    inv, _, _ = p.request("INVITE")
+    p.send(inv)
+    p.expect(100)
+    wait_frames([c], 1)
+    h.ctl("reload")
+    h.wait_log("reload")
+    # the timeout wakes a coroutine the reload took away: the module answers after its grace
+    p.expect(500, scaled(5, 20))
+    check_eq(stats(h)["sip_transactions"] >= 1, True, "the transaction lives on its timers")
+    h.stop()
+
+
+@suite.case
+def a_retransmitted_invite_after_a_2xx_is_absorbed():
+    h = start(script=NATIVE.replace("403, \"Forbidden\"", "200, \"OK\""), kemi=False, route=None)
+    p = Peer(h)
+    inv, _, _ = p.request("INVITE")
+    p.send(inv)
+    p.expect(200)
+    p.send(inv)
+    p.expect(200)
+    st = stats(h)
+    check_eq((st["sip_requests"], st["sip_retransmissions_absorbed"]), (1, 1),
+             "one request, one retransmission absorbed")
+    h.stop()
+
+
+@suite.case
+def header_and_reason_injection_is_refused():
+    script = r"""
+evapi.on("message", function(conn, msg) end)
+evapi.on("request", function(req)
+    local ok1, e1 = req:reply(404, "Nope\r\nContact: <sip:evil@6.6.6.6>")
+    local ok2, e2 = req:reply(404, "Nope", "X-A: 1\r\n\r\nContact: <sip:evil@6.6.6.6>\r\n")
+    local ok3, e3 = req:reply(404, "Nope", "Content-Length: 99\r\n")
+    log.notice("refused: " .. tostring(e1) .. " | " .. tostring(e2) .. " | " .. tostring(e3))
+    req:reply(404, "Not Found", "X-Ok: yes\r\n")
+end)
+"""
+    h = start(script=script, kemi=False, route=None)
+    p = Peer(h)
+    m, _, _ = p.request("OPTIONS")
+    p.send(m)
+    r = p.expect(404)
+    check("evil" not in r and "X-Ok: yes" in r, "only the clean reply: %s" % r)
+    h.wait_log("refused: ")
+    log = h.log()
+    check("must not contain CR or LF" in log and "blank line" in log and
+          "Content-Length is evhub's" in log, "each refusal says why: %s" % log[-600:])
+    h.stop()
+
+
+@suite.case
+def the_deadline_before_the_route_returns_gets_the_timeout_route():
+    # A route that still works after suspending, a deadline shorter than that work: the
+    # timeout route answers (408), not the first route's end (500), with workers as without.
+    src = open(os.path.join(EXAMPLE, "kemi.lua")).read().replace(
+        """        KSR.sl.sl_send_reply(503, "No Routing Application")
+    end""", """        KSR.sl.sl_send_reply(503, "No Routing Application")
+    end
+    local t = os.time() while os.time() - t < 1 do end""")
+    for w in (0, 2):
+        h = start(script=src, workers=w, timeout_ms=10)
+        a = RawApp(h)
+        wait_for(lambda: stats(h)["clients"], lambda n: n >= 1, "the app's connection")
+        p = Peer(h)
+        inv, _, _ = p.request("INVITE")
+        p.send(inv)
+        got = [c for c, _ in p.recv_all(scaled(2.5, 8)) if c >= 200]
+        check_eq(sorted(set(got)), [408], "workers=%d: the timeout route's reply (repeated: no ACK)" % w)
+        check_eq(stats(h)["sip_no_reply"], 0, "no 500")
+        del a
+        h.stop()
+
+
 if __name__ == "__main__":
     suite.run()

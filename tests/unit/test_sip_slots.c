@@ -54,10 +54,17 @@ static void test_stale_and_bogus_pairs(void **state)
     tr_sip_slots_release(&t, i, l);
     tr_sip_slots_release(&t, i, l); /* twice: no double free of the index */
     assert_int_equal(t.nfree, 2);
-    /* labels never wrap to 0 */
-    t.next_label = UINT32_MAX;
-    assert_int_equal(tr_sip_slots_take(&t, &o, &i, &l), 0);
-    assert_int_equal(l, 1);
+    /* a slot's labels: never 0, never the one before, and not a counter one could guess */
+    unsigned prev = l;
+    int sequential = 0;
+    for (int k = 0; k < 10000; k++) {
+        assert_int_equal(tr_sip_slots_take(&t, &o, &i, &l), 0);
+        assert_true(l != 0 && l != prev);
+        sequential += l == prev + 1;
+        prev = l;
+        tr_sip_slots_release(&t, i, l);
+    }
+    assert_true(sequential < 5);
     tr_sip_slots_free(&t);
 }
 
