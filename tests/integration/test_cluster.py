@@ -53,6 +53,8 @@ evapi.on("message", function(conn, msg)
         conn:send("closeid " .. tostring(evapi.close(math.tointeger(tonumber(rest)), "bye")))
     elseif cmd == "nodeof" then
         conn:send("nodeof " .. tostring(cluster.node_of(math.tointeger(tonumber(rest)))))
+    elseif cmd == "stat" then
+        conn:send(tostring(evapi.stats()[rest]))
     elseif cmd == "echo" then
         conn:send(rest)
     end
@@ -171,6 +173,12 @@ def check_routing(hubs, workers):
     check_eq(stat(c, "cluster_in") - c_in_before, 1, "C took A's relay only")
     check_eq(stat(a, "cluster_out", "multicast"), n, "A published each multicast once")
     check_eq(stat(b, "cluster_in", "multicast"), 2 * n, "B took each multicast once")
+    # the same counters in Prometheus' text and in evapi.stats()
+    rc, prom, _ = b.ctl("stats", "--prometheus")
+    check(rc == 0 and ('evhub_cluster_in_total{kind="multicast"} %d' % (2 * n)) in prom,
+          "Prometheus: %r" % prom[:2000])
+    check_eq(request(cb[0], 'stat:cluster_in{kind="multicast"}'), str(2 * n).encode(),
+             "evapi.stats() on B")
     # scope local: C's blue member only, not across
     tag(ca[1], "blue")
     wait_tag_seen(hubs, "blue", ["A", "C"])
@@ -296,11 +304,10 @@ def unicast_cluster_policy_spreads():
         check_eq(fr, sorted(fr), "order of one member's share")
 
 
-@suite.case
 @with_servers
-def node_killed_is_dropped():
+def node_killed_is_dropped(workers):
     s = NatsServer().start()
-    a, b, c = start_cluster([s])
+    a, b, c = start_cluster([s], workers=workers)
     ca, cb = a.client(name="ca"), b.client(name="cb")
     tag(ca, "t")
     tag(cb, "t")
@@ -321,12 +328,12 @@ def node_killed_is_dropped():
     check("left the cluster" in a.log(), "B's goodbye was seen")
 
 
-@suite.case
 @with_servers
-def nats_restart_mid_stream():
+def nats_restart_mid_stream(workers):
     s = NatsServer().start()
     # a reconnect buffer that holds about half of what the outage publishes
-    a, b = start_cluster([s], names=("A", "B"), more="reconnect_buffer = 3000\n")
+    a, b = start_cluster([s], names=("A", "B"), workers=workers,
+                         more="reconnect_buffer = 3000\n")
     la, lb, pub = a.client(name="la"), b.client(name="lb"), a.client(name="pub")
     tag(la, "t")
     tag(lb, "t")
@@ -373,11 +380,10 @@ def nats_restart_mid_stream():
     del s2
 
 
-@suite.case
 @with_servers
-def slow_node_does_not_slow_others():
+def slow_node_does_not_slow_others(workers):
     s = NatsServer().start()
-    a, b, c = start_cluster([s])
+    a, b, c = start_cluster([s], workers=workers)
     pub, la = a.client(name="pub"), a.client(name="la")
     slow = b.client(name="slow", rcvbuf=4096)
     lc = c.client(name="lc")
@@ -449,6 +455,13 @@ def token_auth_and_a_server_down_at_start():
     check(rc != 0 and "refused this node's credentials: Authorization Violation" in out,
           "a wrong token stops start-up: rc %s, %r" % (rc, out))
     check_eq([x["node"] for x in cluster_view(a)["nodes"]], ["B"], "A does not see C")
+
+
+for _w in (0, 2):
+    suite.case_with("node_killed_is_dropped_workers%d" % _w, node_killed_is_dropped, _w)
+    suite.case_with("nats_restart_mid_stream_workers%d" % _w, nats_restart_mid_stream, _w)
+    suite.case_with("slow_node_does_not_slow_others_workers%d" % _w,
+                    slow_node_does_not_slow_others, _w)
 
 
 if __name__ == "__main__":
