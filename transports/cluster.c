@@ -1501,9 +1501,24 @@ static int cluster_start(void *state, char *err, size_t errlen)
         hub_log(HUB_LOG_NOTICE, "cluster: node %s (id %u) connected to NATS at %s", c->node,
                 cl->nid, url);
     }
-    NATS_TRY(natsConnection_SubscribeSync(&cl->relay_sub, cl->nc, cl->subj_relay));
-    NATS_TRY(natsConnection_SubscribeSync(&cl->direct_sub, cl->nc, cl->subj_direct));
-    NATS_TRY(natsConnection_SubscribeSync(&cl->hb_sub, cl->nc, cl->subj_hb));
+    s = natsConnection_SubscribeSync(&cl->relay_sub, cl->nc, cl->subj_relay);
+    if (s == NATS_OK)
+        s = natsConnection_SubscribeSync(&cl->direct_sub, cl->nc, cl->subj_direct);
+    if (s == NATS_OK)
+        s = natsConnection_SubscribeSync(&cl->hb_sub, cl->nc, cl->subj_hb);
+    if (s != NATS_OK) {
+        /* the server may refuse the credentials after Connect returned (libnats then closes
+         * the connection from its own thread): say so rather than "connection closed" */
+        const char *why = NULL;
+        natsConnection_GetLastError(cl->nc, &why);
+        if (why && (strcasestr(why, "authorization") || strcasestr(why, "authentication")))
+            snprintf(err, errlen, "cluster: NATS (%s) refused this node's credentials: %s", c->nats,
+                     why);
+        else
+            snprintf(err, errlen, "cluster: cannot subscribe on NATS (%s): %s", c->nats,
+                     why && *why ? why : natsStatus_GetText(s));
+        return -EIO;
+    }
     send_heartbeat(cl, 0);
     ev_timer_again(cl->loop, &cl->hb_w);
     return 0;
