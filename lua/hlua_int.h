@@ -143,6 +143,9 @@ int hlua__take_answer(hub_script *s, const char *data, size_t len);
 /* The completion entry at the top of L's stack is a native handler waiting for an answer
  * ({co =, r =}): resume it with result. Pops the entry. */
 void hlua__resume_waiter(hub_script *s, struct json_object *result);
+/* The state is going: drop the references its waiting handlers hold on their requests
+ * (the module answers those requests itself: SIP_WAKE_GRACE). */
+void hlua__drop_waiters(hub_script *s);
 /* Run the native request handler for r in a new coroutine (inside the protected call). */
 int hlua__run_request_handler(lua_State *L, hub_script *s, int handler_ref);
 /* Add evapi.async_relay/multicast/unicast (native, inside a request handler). */

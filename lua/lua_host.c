@@ -453,6 +453,7 @@ static void hlua_free(hub_script *s)
         return;
     if (s->L) {
         arm_budget(s);
+        hlua__drop_waiters(s);
         lua_close(s->L);
     }
     hub_free(s);

@@ -531,6 +531,27 @@ static int n_async(lua_State *L, int kind)
     return lua_yield(L, 0);
 }
 
+void hlua__drop_waiters(hub_script *s)
+{
+    lua_State *L = s->L;
+    if (s->completions_ref == LUA_NOREF || s->completions_ref == 0)
+        return;
+    lua_rawgeti(L, LUA_REGISTRYINDEX, s->completions_ref); /* [done] */
+    if (!lua_istable(L, -1)) {
+        lua_pop(L, 1);
+        return;
+    }
+    lua_pushnil(L);
+    while (lua_next(L, -2)) { /* [done, token, entry] */
+        if (lua_istable(L, -1) && lua_getfield(L, -1, "r") == LUA_TLIGHTUSERDATA) {
+            hub_req *r = lua_touserdata(L, -1);
+            r->ops->unref(r);
+        }
+        lua_settop(L, 2); /* [done, token] */
+    }
+    lua_pop(L, 1);
+}
+
 static int n_async_relay(lua_State *L) { return n_async(L, 0); }
 static int n_async_multicast(lua_State *L) { return n_async(L, 1); }
 static int n_async_unicast(lua_State *L) { return n_async(L, 2); }
