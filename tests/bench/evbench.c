@@ -22,6 +22,7 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
+#include <sched.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -59,9 +60,14 @@ struct options {
     char only;
     long idle_conns;
     int window;
+    const char *bare; /* --bare: compare with this forwarder, in rounds */
+    int rounds;
+    int pin;           /* hub on CPU 0, evbench on CPU 1 */
+    const char *evapi; /* --evapi LINE: added to evhub's [evapi] section */
 };
 
-static struct options opt = {"./build/evhub", NULL, 5.0, 20000.0, 0, 100000, 1024};
+static struct options opt = {
+    "./build/evhub", NULL, 5.0, 20000.0, 0, 100000, 1024, NULL, 3, 0, NULL};
 
 static char kam_missing[512] = "not looked for";
 static char kam_ver[128];
@@ -82,16 +88,25 @@ struct variant {
     int kemi;
     int workers;
     int kamailio; /* the reference row: Kamailio runs kemi_script, not evhub */
+    int bare;     /* the bare forwarder (--bare), not evhub */
 };
 
 static const struct variant variants[] = {
-    {"native workers=0", 0, 0, 0},   /* the baseline row */
-    {"kemi   workers=0", 1, 0, 0},   /* kemi_script on evhub */
-    {"native workers=1", 0, 1, 0},   /* [evapi] workers = 1 */
-    {"native workers=2", 0, 2, 0},   /* [evapi] workers = 2 */
-    {"kamailio 5.6 evapi", 1, 0, 1}, /* the reference row: kemi_script on Kamailio; A, B, C */
+    {"native workers=0", 0, 0, 0, 0},   /* the baseline row */
+    {"kemi   workers=0", 1, 0, 0, 0},   /* kemi_script on evhub */
+    {"native workers=1", 0, 1, 0, 0},   /* [evapi] workers = 1 */
+    {"native workers=2", 0, 2, 0, 0},   /* [evapi] workers = 2 */
+    {"kamailio 5.6 evapi", 1, 0, 1, 0}, /* the reference row: kemi_script on Kamailio; A, B, C */
 };
 #define NVARIANTS ((int)(sizeof(variants) / sizeof(variants[0])))
+
+/* --bare: the baseline first, then evhub running each script with workers = 0. */
+static const struct variant bare_variants[] = {
+    {"bare forwarder", 0, 0, 0, 1},
+    {"evhub kemi w=0", 1, 0, 0, 0},
+    {"evhub native w=0", 0, 0, 0, 0},
+};
+#define NBARE ((int)(sizeof(bare_variants) / sizeof(bare_variants[0])))
 
 static const char native_script[] = "-- evbench fan-out script (native dialect)\n"
                                     "evapi.on(\"message\", function(conn, msg)\n"
@@ -314,6 +329,16 @@ static double self_cpu_s(void)
            (double)ru.ru_stime.tv_sec + (double)ru.ru_stime.tv_usec / 1e6;
 }
 
+/* --pin: the calling thread (and what it forks or creates later) on one CPU. */
+static void pin_cpu(int cpu)
+{
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    CPU_SET(cpu, &set);
+    if (sched_setaffinity(0, sizeof(set), &set) < 0)
+        fprintf(stderr, "evbench: cannot pin to CPU %d: %s\n", cpu, strerror(errno));
+}
+
 /* Writes config and script into a fresh temp dir and starts evhub (Kamailio for the reference
  * variant); waits for the port. */
 static int hub_start(struct hub *h, const struct variant *v, const char *extra_evapi)
@@ -336,17 +361,21 @@ static int hub_start(struct hub *h, const struct variant *v, const char *extra_e
     snprintf(h->dir, sizeof(h->dir), "/tmp/evbench.XXXXXX");
     if (!mkdtemp(h->dir))
         die("mkdtemp: %s", strerror(errno));
+    snprintf(h->log, sizeof(h->log), "%s/evhub.log", h->dir);
+    if (v->bare)
+        goto spawn;
     snprintf(h->conf, sizeof(h->conf), "%s/evhub.conf", h->dir);
     snprintf(h->script, sizeof(h->script), "%s/bench.lua", h->dir);
-    snprintf(h->log, sizeof(h->log), "%s/evhub.log", h->dir);
     snprintf(conf, sizeof(conf),
              "[evapi]\nbind_addr = 127.0.0.1:0\nworkers = %d\nmax_outbuf = 64m\n"
-             "event_callback = %s\n%s\n[lua]\nscript = bench.lua\n[log]\nlevel = info\n"
+             "event_callback = %s\n%s\n%s\n[lua]\nscript = bench.lua\n[log]\nlevel = info\n"
              "[control]\nsocket = ctl.sock\n",
-             v->workers, v->kemi ? "ksr_evapi_event" : "", extra_evapi ? extra_evapi : "");
+             v->workers, v->kemi ? "ksr_evapi_event" : "", extra_evapi ? extra_evapi : "",
+             opt.evapi ? opt.evapi : "");
     if (bench_write_file(h->conf, conf) < 0 ||
         bench_write_file(h->script, v->kemi ? kemi_script : native_script) < 0)
         die("cannot write into %s", h->dir);
+spawn:
     h->pid = fork();
     if (h->pid < 0)
         die("fork: %s", strerror(errno));
@@ -359,8 +388,13 @@ static int hub_start(struct hub *h, const struct variant *v, const char *extra_e
         }
         signal(SIGINT, SIG_DFL);
         signal(SIGTERM, SIG_DFL);
-        execl(opt.evhub, opt.evhub, "-c", h->conf, "-f", (char *)NULL);
-        fprintf(stderr, "exec %s: %s\n", opt.evhub, strerror(errno));
+        if (opt.pin)
+            pin_cpu(0);
+        if (v->bare)
+            execl(opt.bare, opt.bare, "127.0.0.1", "0", (char *)NULL);
+        else
+            execl(opt.evhub, opt.evhub, "-c", h->conf, "-f", (char *)NULL);
+        fprintf(stderr, "exec %s: %s\n", v->bare ? opt.bare : opt.evhub, strerror(errno));
         _exit(127);
     }
     current_hub = h->pid;
@@ -377,7 +411,7 @@ static int hub_start(struct hub *h, const struct variant *v, const char *extra_e
         bench_sleep_ms(10);
     }
     if (h->port <= 0) {
-        fprintf(stderr, "evbench: evhub (%s) did not start\n", v->name);
+        fprintf(stderr, "evbench: %s did not start\n", v->name);
         hub_stop(h);
         return -1;
     }
@@ -411,8 +445,10 @@ static int hub_stop(struct hub *h)
     }
     if (status != 0)
         bench_log_tail(h->log);
-    unlink(h->conf);
-    unlink(h->script);
+    if (h->conf[0])
+        unlink(h->conf);
+    if (h->script[0])
+        unlink(h->script);
     unlink(h->log);
     rmdir(h->dir);
     return status;
@@ -442,7 +478,10 @@ static long hub_cpu_ticks(const struct hub *h)
     return bench_proc_stat(h->pid, NULL, NULL, &ticks) == 0 ? ticks : -1;
 }
 
-static const char *hub_kind(const struct variant *v) { return v->kamailio ? "kamailio" : "evhub"; }
+static const char *hub_kind(const struct variant *v)
+{
+    return v->kamailio ? "kamailio" : v->bare ? "bareforward" : "evhub";
+}
 
 /* ------------------------------------------------------------------------------------------ */
 /* workloads A, B, C: publishers and subscribers */
@@ -482,6 +521,8 @@ struct result {
     double deliveries_s, mb_s, sent_s, cpu_pct, self_cpu_pct;
     uint64_t p50, p99, p999, max, samples, errors;
     double rss_per_conn, connect_s;
+    double hub_cpu_s;      /* the hub's CPU seconds while measuring */
+    uint64_t measured_del; /* deliveries while measuring */
     long rss0, rss1;
     uint64_t lost; /* of the errors: deliveries missing from a publisher's seq */
 };
@@ -765,6 +806,7 @@ static int run_flow(const struct variant *v, int npub, int nsub, size_t msg_size
         free(fl);
         return -1;
     }
+    bench_sleep_ms(100); /* the hub settles after start-up (not measured either way) */
     for (int i = 0; i < nsub; i++) {
         fl->sub[i].fd = tcp_connect(h.port);
         if (fl->sub[i].fd < 0 || subscribe(fl->sub[i].fd) < 0) {
@@ -807,6 +849,8 @@ static int run_flow(const struct variant *v, int npub, int nsub, size_t msg_size
     res->cpu_pct =
         c0 >= 0 && c1 >= 0 ? (double)(c1 - c0) / (double)sysconf(_SC_CLK_TCK) / el * 100 : -1;
     res->self_cpu_pct = (sc1 - sc0) / el * 100;
+    res->hub_cpu_s = c0 >= 0 && c1 >= 0 ? (double)(c1 - c0) / (double)sysconf(_SC_CLK_TCK) : -1;
+    res->measured_del = d1 - d0;
     res->p50 = hist_quantile(&fl->hist, 0.50);
     res->p99 = hist_quantile(&fl->hist, 0.99);
     res->p999 = hist_quantile(&fl->hist, 0.999);
@@ -1017,8 +1061,127 @@ static void usage(FILE *f)
 {
     fprintf(f, "usage: evbench [--evhub PATH] [--seconds S] [--rate MSG_PER_S] [--only A|B|C|D]\n"
                "               [--idle-conns N] [--window MSGS] [--kamailio PATH|none]\n"
+               "               [--bare PATH [--rounds N]] [--pin] [--evapi 'KEY = VALUE']\n"
                "--kamailio: the reference row's Kamailio 5.6 (evapi + app_lua modules);\n"
-               "            default " KAM_DEFAULT_BIN " if it exists, none: no reference row\n");
+               "            default " KAM_DEFAULT_BIN " if it exists, none: no reference row\n"
+               "--bare:     compare with the bare forwarder at PATH instead (A, B, C): the bare\n"
+               "            forwarder, evhub KEMI and native (workers = 0) run alternately,\n"
+               "            --rounds times (3), each figure a ratio to the bare forwarder's\n"
+               "--pin:      the hub on CPU 0, evbench on CPU 1\n"
+               "--evapi:    a line added to evhub's [evapi] section (repeatable: join with \\n)\n");
+}
+
+static int want(char w) { return !opt.only || opt.only == w; }
+
+/* ------------------------------------------------------------------------------------------ */
+/* --bare: evhub against the bare forwarder, rounds alternating */
+
+static int cmp_double(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+static double median(double *v, int n)
+{
+    if (n == 0)
+        return 0;
+    qsort(v, (size_t)n, sizeof(*v), cmp_double);
+    return n % 2 ? v[n / 2] : (v[n / 2 - 1] + v[n / 2]) / 2;
+}
+
+#define MAX_ROUNDS 15
+
+/* One workload over every bare_variants row, --rounds times alternating. Per row: the median
+ * of each figure, and the median of its per-round ratios to the bare forwarder of the same
+ * round (a round's ratio compares runs made seconds apart). Returns 1 on an error. */
+static int bare_workload(char w, const char *title, int npub, int nsub, size_t size, double rate,
+                         int window)
+{
+    static struct result r[MAX_ROUNDS][NBARE];
+    int bad = 0, paced = rate > 0;
+    for (int k = 0; k < opt.rounds; k++) {
+        for (int i = 0; i < NBARE; i++) {
+            if (run_flow(&bare_variants[i], npub, nsub, size, rate, window, &r[k][i]) < 0 ||
+                r[k][i].errors)
+                bad = 1;
+        }
+    }
+    printf("\n%c  %s; %d rounds, medians\n", w, title, opt.rounds);
+    printf("   %-17s %12s %7s %7s %8s %9s %7s %8s %8s %8s %7s %6s\n", "variant",
+           paced ? "sent msg/s" : "deliveries/s", "x bare", "hub cpu", "cpu us/d", "x bare",
+           "p50 us", "p99 us", "p99.9 us", "x bare", "MB/s", "errors");
+    for (int i = 0; i < NBARE; i++) {
+        double thr[MAX_ROUNDS], thr_x[MAX_ROUNDS], cpu[MAX_ROUNDS], cpd[MAX_ROUNDS],
+            cpd_x[MAX_ROUNDS], p50[MAX_ROUNDS], p99[MAX_ROUNDS], p999[MAX_ROUNDS],
+            p99_x[MAX_ROUNDS], mb[MAX_ROUNDS];
+        int n = 0;
+        uint64_t errors = 0;
+        for (int k = 0; k < opt.rounds; k++) {
+            const struct result *x = &r[k][i], *b = &r[k][0];
+            errors += x->errors;
+            if (!x->ok || !b->ok)
+                continue;
+            double cd = x->measured_del ? x->hub_cpu_s * 1e6 / (double)x->measured_del : 0;
+            double bd = b->measured_del ? b->hub_cpu_s * 1e6 / (double)b->measured_del : 0;
+            thr[n] = paced ? x->sent_s : x->deliveries_s;
+            thr_x[n] = ratio(x->deliveries_s, b->deliveries_s);
+            cpu[n] = x->cpu_pct;
+            cpd[n] = cd;
+            cpd_x[n] = ratio(cd, bd);
+            p50[n] = us(x->p50);
+            p99[n] = us(x->p99);
+            p999[n] = us(x->p999);
+            p99_x[n] = ratio((double)x->p99, (double)b->p99);
+            mb[n] = x->mb_s;
+            n++;
+        }
+        if (!n) {
+            printf("   %-17s %12s\n", bare_variants[i].name, "FAILED");
+            continue;
+        }
+        printf(
+            "   %-17s %12.0f %6.2fx %6.0f%% %8.3f %8.2fx %7.1f %8.1f %8.1f %7.2fx %7.1f %6" PRIu64
+            "\n",
+            bare_variants[i].name, median(thr, n), median(thr_x, n), median(cpu, n), median(cpd, n),
+            median(cpd_x, n), median(p50, n), median(p99, n), median(p999, n), median(p99_x, n),
+            median(mb, n), errors);
+    }
+    printf("   per round (deliveries/s, hub cpu us per delivery):");
+    for (int k = 0; k < opt.rounds; k++) {
+        printf("\n     round %d:", k + 1);
+        for (int i = 0; i < NBARE; i++)
+            printf("  %s %.0f (%.3f)", bare_variants[i].name, r[k][i].deliveries_s,
+                   r[k][i].measured_del ? r[k][i].hub_cpu_s * 1e6 / (double)r[k][i].measured_del
+                                        : 0);
+    }
+    printf("\n");
+    fflush(stdout);
+    return bad;
+}
+
+static int bare_main(void)
+{
+    int bad = 0;
+    printf("baseline: the bare forwarder %s; x bare = the median of each round's ratio to\n"
+           "the bare forwarder's run of the same round; hub cpu = its CPU time / wall time;\n"
+           "cpu us/d = its CPU microseconds per delivered frame%s\n",
+           opt.bare, opt.pin ? "; hub on CPU 0, evbench on CPU 1" : "");
+    if (opt.evapi)
+        printf("evhub's [evapi] also has: %s\n", opt.evapi);
+    fflush(stdout);
+    if (want('A'))
+        bad |= bare_workload('A', "fanout: 4 publishers -> 16 subscribers, 128 B, flood", 4, 16,
+                             128, 0, opt.window);
+    if (want('B')) {
+        char title[128];
+        snprintf(title, sizeof(title), "paced: 4 -> 16, 128 B, %.0f msg/s total", opt.rate);
+        bad |= bare_workload('B', title, 4, 16, 128, opt.rate, opt.window);
+    }
+    if (want('C'))
+        bad |= bare_workload('C', "16 KiB: 1 publisher -> 4 subscribers, flood", 1, 4, 16384, 0,
+                             opt.window / 8 > 0 ? opt.window / 8 : 1);
+    return bad;
 }
 
 static void parse_args(int argc, char **argv)
@@ -1031,6 +1194,10 @@ static void parse_args(int argc, char **argv)
         {"idle-conns", required_argument, NULL, 'i'},
         {"window", required_argument, NULL, 'w'},
         {"kamailio", required_argument, NULL, 'k'},
+        {"bare", required_argument, NULL, 'b'},
+        {"rounds", required_argument, NULL, 'R'},
+        {"pin", no_argument, NULL, 'p'},
+        {"evapi", required_argument, NULL, 'E'},
         {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
     };
@@ -1059,6 +1226,18 @@ static void parse_args(int argc, char **argv)
         case 'k':
             kamailio = optarg;
             break;
+        case 'b':
+            opt.bare = optarg;
+            break;
+        case 'R':
+            opt.rounds = atoi(optarg);
+            break;
+        case 'p':
+            opt.pin = 1;
+            break;
+        case 'E':
+            opt.evapi = optarg;
+            break;
         case 'h':
             usage(stdout);
             exit(0);
@@ -1068,12 +1247,15 @@ static void parse_args(int argc, char **argv)
         }
     }
     if (opt.seconds <= 0 || opt.rate <= 0 || opt.idle_conns <= 0 || opt.window <= 0 ||
-        (opt.only && !strchr("ABCD", opt.only)) || optind != argc) {
+        (opt.only && !strchr("ABCD", opt.only)) || optind != argc || opt.rounds < 1 ||
+        opt.rounds > MAX_ROUNDS || (opt.bare && opt.only == 'D')) {
         usage(stderr);
         exit(2);
     }
     if (access(opt.evhub, X_OK) != 0)
         die("%s is not executable (use --evhub PATH)", opt.evhub);
+    if (opt.bare && access(opt.bare, X_OK) != 0)
+        die("%s is not executable (--bare PATH)", opt.bare);
     if (kamailio && strcmp(kamailio, "none") == 0) {
         snprintf(kam_missing, sizeof(kam_missing), "--kamailio none");
     } else if (kamailio && access(kamailio, X_OK) != 0) {
@@ -1116,8 +1298,6 @@ static void raise_fd_limit(long *n)
     *n = cap;
 }
 
-static int want(char w) { return !opt.only || opt.only == w; }
-
 int main(int argc, char **argv)
 {
     struct result r[NVARIANTS];
@@ -1130,6 +1310,10 @@ int main(int argc, char **argv)
     printf("evbench: evhub=%s seconds=%.1f rate=%.0f idle-conns=%ld window=%d cpus=%ld\n",
            opt.evhub, opt.seconds, opt.rate, opt.idle_conns, opt.window,
            sysconf(_SC_NPROCESSORS_ONLN));
+    if (opt.pin)
+        pin_cpu(1); /* evbench's threads, created from here on, inherit it */
+    if (opt.bare)
+        return bare_main() ? 1 : 0;
     if (opt.kamailio)
         printf("reference row (A, B, C): %s (%s), evapi + app_lua, same KEMI script\n",
                opt.kamailio, kam_ver);
