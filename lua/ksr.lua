@@ -55,12 +55,16 @@ function E.relay(data)
     return rc(relay(data))
 end
 
+-- The call every fan-out script makes once per message: rc() inlined.
 function E.relay_multicast(data, tag)
     -- Kamailio treats an empty tag as no tag at all: the data goes to everyone.
     if tag == "" then
         return rc(relay(data))
     end
-    return rc(multicast(data, tag))
+    if multicast(data, tag) then
+        return 1
+    end
+    return -1
 end
 
 function E.relay_unicast(data, tag)
@@ -166,7 +170,13 @@ local function pv_get(name)
     -- $rm, $ru, $hdr(Name), $T(id_index)...: the current SIP request's, or $null
     return R.pv(name)
 end
-P.get = pv_get
+-- $evapi(msg), read once per message by nearly every script, without the table and the call.
+function P.get(name)
+    if name == "$evapi(msg)" then
+        return cur_msg
+    end
+    return pv_get(name)
+end
 
 -- KSR.pv.gete / getw: the value, or what Kamailio prints for $null.
 local function pv_get_or(null)
@@ -217,6 +227,7 @@ if cbname == nil then
 end
 
 local evnames = { "evapi:connection-new", "evapi:message-received", "evapi:connection-closed" }
+local checked_cb = false -- the last value of the callback's global that was a function
 
 -- Called by the host for every event: (code, conn[, msg]). The callback is looked up by
 -- name each time, as Kamailio does, so a script may redefine it.
@@ -227,8 +238,12 @@ local function dispatch(ev, conn, msg)
     end
     cur_conn, cur_msg = conn, msg
     local f = G[cbname]
-    if type(f) ~= "function" then
-        error("event_callback '" .. cbname .. "' is not a function", 0)
+    -- type() only when the global changed (a script may redefine it): one comparison a call
+    if f ~= checked_cb then
+        if type(f) ~= "function" then
+            error("event_callback '" .. cbname .. "' is not a function", 0)
+        end
+        checked_cb = f
     end
     f(evnames[ev])
     cur_conn, cur_msg = nil, nil
