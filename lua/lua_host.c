@@ -6,6 +6,8 @@
 
 #include <errno.h>
 #include <limits.h>
+#include <pthread.h>
+#include <signal.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <string.h>
@@ -29,6 +31,8 @@ const char hlua__exit_sentinel = 0;
 #define HLUA_CANCEL_CHUNK (1 << 20)
 /* Instructions a second assumed when turning the budget into a deadline (see arm_budget). */
 #define HLUA_MIN_IPS 20e6
+/* The watchdog's period: a callback still running after one to two periods gets its hook. */
+#define HLUA_WATCH_MS 10
 
 static void *counting_alloc(void *ud, void *ptr, size_t osize, size_t nsize)
 {
@@ -97,6 +101,116 @@ static void set_hook(lua_State *L, const hub_script *s)
         lua_sethook(L, NULL, 0, 0);
 }
 
+/* ---- the watchdog: the budget's hook, armed only in callbacks that run long ----
+ *
+ * Lua 5.4 runs every instruction through its hook dispatcher while any hook is set (a count
+ * hook included), which made the hook most of a short callback's cost. So a loaded state's
+ * callbacks start with no hook: one watchdog thread per process looks at every state every
+ * HLUA_WATCH_MS, and a state still in the same callback as at its previous look gets a signal
+ * on the thread running it; the handler sets the count hook there, as lua.c's SIGINT handler
+ * does (lua_sethook may be called from a signal handler). From then on the callback's budget
+ * counts as before. A callback is thus stopped after max_instructions counted from at most
+ * 2 * HLUA_WATCH_MS into it; loading a script (its top level) counts from the start. */
+
+static pthread_once_t watch_once = PTHREAD_ONCE_INIT;
+static pthread_mutex_t watch_mu = PTHREAD_MUTEX_INITIALIZER;
+static hub_script *watch_list; /* under watch_mu */
+static int watch_sig;          /* 0: the watchdog could not start (hooks stay eager) */
+static __thread hub_script *tl_cb; /* the state whose callback this thread runs */
+static __thread int tl_unblocked;  /* this thread lets watch_sig through */
+
+static void watch_signal_cb(int sig)
+{
+    hub_script *s = tl_cb;
+    int saved = errno;
+    (void)sig;
+    if (s && !s->armed) {
+        unsigned seq = atomic_load_explicit(&s->cb_seq, memory_order_relaxed);
+        if ((seq & 1) && seq == atomic_load_explicit(&s->arm_req, memory_order_relaxed)) {
+            s->armed = 1;
+            lua_State *run = s->running ? s->running : s->L;
+            set_hook(run, s);
+            if (run != s->L)
+                set_hook(s->L, s);
+        }
+    }
+    errno = saved;
+}
+
+static void *watch_main(void *arg)
+{
+    (void)arg;
+    for (;;) {
+        struct timespec ts = {0, HLUA_WATCH_MS * 1000000L};
+        nanosleep(&ts, NULL);
+        pthread_mutex_lock(&watch_mu);
+        for (hub_script *s = watch_list; s; s = s->watch_next) {
+            unsigned seq = atomic_load_explicit(&s->cb_seq, memory_order_relaxed);
+            if ((seq & 1) && seq == s->watch_seen &&
+                atomic_load_explicit(&s->arm_req, memory_order_relaxed) != seq) {
+                atomic_store_explicit(&s->arm_req, seq, memory_order_relaxed);
+                pthread_kill(s->cb_thread, watch_sig);
+            }
+            s->watch_seen = seq;
+        }
+        pthread_mutex_unlock(&watch_mu);
+    }
+    return NULL;
+}
+
+static void watch_start(void)
+{
+    struct sigaction sa;
+    pthread_t t;
+    sigset_t all, old;
+    int sig = SIGRTMIN + 4;
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_handler = watch_signal_cb;
+    sa.sa_flags = SA_RESTART;
+    sigemptyset(&sa.sa_mask);
+    if (sigaction(sig, &sa, NULL) < 0)
+        return;
+    /* The watchdog itself never takes a signal meant for the hub's threads. */
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    int rc = pthread_create(&t, NULL, watch_main, NULL);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (rc != 0) {
+        hub_log(HUB_LOG_WARN, "lua: no budget watchdog (%s): budgets count every instruction",
+                strerror(rc));
+        return;
+    }
+    pthread_detach(t);
+    watch_sig = sig;
+}
+
+/* A loaded state with a budget: its callbacks arm the hook lazily from now on. */
+static void watch_add(hub_script *s)
+{
+    pthread_once(&watch_once, watch_start);
+    if (!watch_sig || s->max_instructions <= 0)
+        return;
+    pthread_mutex_lock(&watch_mu);
+    s->watch_next = watch_list;
+    watch_list = s;
+    s->lazy = 1;
+    pthread_mutex_unlock(&watch_mu);
+}
+
+static void watch_del(hub_script *s)
+{
+    if (!s->lazy)
+        return;
+    pthread_mutex_lock(&watch_mu);
+    for (hub_script **pp = &watch_list; *pp; pp = &(*pp)->watch_next) {
+        if (*pp == s) {
+            *pp = s->watch_next;
+            break;
+        }
+    }
+    pthread_mutex_unlock(&watch_mu);
+}
+
 static double now_mono(void)
 {
     struct timespec ts;
@@ -158,6 +272,13 @@ static void arm_budget(hub_script *s)
         s->budget_left = s->max_instructions;
         s->deadline = now_mono() + (double)s->max_instructions / HLUA_MIN_IPS + 0.05;
     }
+    if (s->lazy) {
+        /* No hook until the watchdog arms it (a budget error left one on every instruction) */
+        s->armed = 0;
+        if (lua_gethook(s->L))
+            lua_sethook(s->L, NULL, 0, 0);
+        return;
+    }
     set_hook(s->L, s);
 }
 
@@ -204,9 +325,27 @@ static int hlua_pcall(hub_script *s, int nargs, const char *what)
     lua_State *L = s->L;
     int base = lua_gettop(L) - nargs - 1;
 
+    tl_cb = s;
     arm_budget(s);
     s->budget_hit = 0;
+    s->running = NULL;
+    if (s->lazy) {
+        if (!tl_unblocked) {
+            /* Threads the hub starts block every signal; the watchdog's must get through. */
+            sigset_t one;
+            sigemptyset(&one);
+            sigaddset(&one, watch_sig);
+            pthread_sigmask(SIG_UNBLOCK, &one, NULL);
+            tl_unblocked = 1;
+        }
+        s->cb_thread = pthread_self();
+        atomic_store_explicit(&s->cb_seq, s->cb_seq + 1, memory_order_relaxed); /* odd */
+    }
     int rc = lua_pcall(L, nargs, 0, base);
+    if (s->lazy)
+        atomic_store_explicit(&s->cb_seq, s->cb_seq + 1, memory_order_relaxed); /* even */
+    s->running = NULL;
+    tl_cb = NULL;
     if (rc != LUA_OK) {
         if (!is_exit(L, -1)) {
             const char *msg = lua_tostring(L, -1);
@@ -451,6 +590,7 @@ static void hlua_free(hub_script *s)
 {
     if (s == NULL)
         return;
+    watch_del(s);
     if (s->L) {
         arm_budget(s);
         hlua__drop_waiters(s);
@@ -474,11 +614,25 @@ static int co_resume(lua_State *L)
     hub_script *s = hlua__script(L);
     lua_State *co = lua_tothread(L, 1);
     check_limits(L, s, 0);
+    if (!co)
+        return call_original(L, s->orig_resume); /* it raises the argument error */
     /* A fresh count for this resume: a coroutine living across callbacks must not carry
-     * what an earlier callback left of its count into this one. */
-    if (co)
+     * what an earlier callback left of its count into this one. Lazy and not armed yet:
+     * no hook, and the watchdog's signal hooks the coroutine that runs then. */
+    lua_State *prev = s->running;
+    s->running = co; /* first: the signal may come while the hook is being cleared */
+    if (!s->lazy || s->armed) {
         set_hook(co, s);
-    return call_original(L, s->orig_resume);
+    } else if (lua_gethook(co)) {
+        lua_sethook(co, NULL, 0, 0);
+        if (s->armed)
+            set_hook(co, s);
+    }
+    int n = call_original(L, s->orig_resume);
+    s->running = prev;
+    if (s->lazy && s->armed)
+        set_hook(L, s); /* armed while co ran: the resumer counts too */
+    return n;
 }
 
 /* 1 when the metatable argument at index 2 has a __gc field: Lua runs finalizers with hooks
@@ -752,6 +906,10 @@ static hub_script *hlua_load(const hub_script_conf *conf, const hub_api *api, vo
     s->cancel = NULL; /* only loading can be cancelled: callbacks run to their end */
     if (s->max_instructions <= 0)
         lua_sethook(s->L, NULL, 0, 0);
+    if (rc == LUA_OK) {
+        watch_add(s);
+        arm_budget(s); /* lazy: the loading's hook goes */
+    }
     if (rc != LUA_OK) {
         const char *msg = lua_tostring(s->L, -1);
         if (rc == LUA_ERRMEM)
