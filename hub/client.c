@@ -551,10 +551,28 @@ static void read_size_adapt(hub_client *c, size_t n)
         c->read_want /= 2;
 }
 
+/* An empty reader's buffer goes to the pool (or is freed): idle connections hold none. */
+static void rpool_put(hub *h, hub_client *c)
+{
+    size_t cap;
+    char *b = hub_ns_reader_take_buf(c->reader, &cap);
+    if (!b)
+        return;
+    if (h->nrpool < HUB_RPOOL_MAX && cap <= HUB_RPOOL_CAP) {
+        h->rpool[h->nrpool] = b;
+        h->rpool_cap[h->nrpool++] = cap;
+    } else {
+        hub_free(b);
+    }
+}
+
 /* Up to HUB_READS_PER_EVENT reads, each handed to the script. */
 static void read_some(hub_client *c)
 {
     hub *h = c->h;
+    if (h->nrpool && hub_ns_reader_give_buf(c->reader, h->rpool[h->nrpool - 1],
+                                            h->rpool_cap[h->nrpool - 1]) == 0)
+        h->nrpool--;
     for (int i = 0; i < HUB_READS_PER_EVENT; i++) {
         char *p;
         size_t avail;
@@ -613,7 +631,7 @@ static void read_cb(struct ev_loop *loop, ev_io *w, int revents)
     h->read_since_flush += c->bytes_in - bytes;
     if (!(c->flags & HUB_CLIENT_CLOSING)) {
         note_progress(c, frames);
-        hub_ns_reader_shrink(c->reader);
+        rpool_put(h, c);
     }
     /* Many publishers readable at once: write what their frames queued before reading on. */
     if (h->read_since_flush >= HUB_FLUSH_EVERY && h->pending)
@@ -896,4 +914,6 @@ void hub__client_free_all(hub *h)
     }
     h->closing = NULL;
     h->pending = NULL;
+    while (h->nrpool)
+        hub_free(h->rpool[--h->nrpool]);
 }

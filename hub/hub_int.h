@@ -28,6 +28,11 @@
  * it landing in their queues first (and closing them as slow consumers). */
 #define HUB_FLUSH_EVERY       (256 * 1024)
 #define HUB_IOV_MAX           1024 /* iovecs per writev */
+/* Read buffers a connection left empty are kept for the next read of any connection, up to
+ * this many (of at most HUB_RPOOL_CAP bytes): no malloc/free, nor brk, per read under load,
+ * while an idle connection still holds no buffer. */
+#define HUB_RPOOL_MAX 16
+#define HUB_RPOOL_CAP (256 * 1024)
 #define HUB_SHUTDOWN_GRACE_MS 1000 /* flushing after in-flight deliveries were failed */
 #define HUB_EXIT_STUCK        3    /* exit status when a worker did not stop in time */
 #define HUB_STUCK_GRACE_MS    5000 /* a stopped worker's time to end before it is left behind */
@@ -187,6 +192,9 @@ struct hub {
     atomic_int tag_gc_pending;
     pthread_rwlock_t tags_lock; /* guards tagtab, intents and the tags' counts */
 
+    char *rpool[HUB_RPOOL_MAX]; /* spare read buffers (client.c) */
+    size_t rpool_cap[HUB_RPOOL_MAX];
+    int nrpool;
     hub_client *pending;     /* clients with queued output to flush this iteration */
     size_t read_since_flush; /* bytes read since hub__flush_pending last ran */
     hub_client *congested;   /* clients with over half of max_outbuf queued (HUB_STALL) */

@@ -268,6 +268,27 @@ void hub_ns_reader_shrink(hub_ns_reader *r)
     r->cap = r->start = r->end = r->pos = r->payload = 0;
 }
 
+char *hub_ns_reader_take_buf(hub_ns_reader *r, size_t *cap)
+{
+    char *b = r->buf;
+    if (!b || r->start != r->end)
+        return NULL;
+    *cap = r->cap;
+    r->buf = NULL;
+    r->cap = r->start = r->end = r->pos = r->payload = 0;
+    return b;
+}
+
+int hub_ns_reader_give_buf(hub_ns_reader *r, char *buf, size_t cap)
+{
+    if (r->buf)
+        return -EBUSY;
+    r->buf = buf;
+    r->cap = cap;
+    r->start = r->end = r->pos = r->payload = 0;
+    return 0;
+}
+
 size_t hub_ns_encode_header(char *hdr, size_t len)
 {
     char tmp[HUB_NS_HDR_MAX];

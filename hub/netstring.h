@@ -43,6 +43,12 @@ size_t hub_ns_reader_pending(const hub_ns_reader *r);
 /* Release the buffer when nothing is pending, so idle connections cost little memory.
  * Pointers from _next() become invalid. */
 void hub_ns_reader_shrink(hub_ns_reader *r);
+/* Like _shrink, but the buffer is handed to the caller (NULL when the reader holds none or
+ * bytes are pending), *cap set to its size: a pool of buffers reused between connections. */
+char *hub_ns_reader_take_buf(hub_ns_reader *r, size_t *cap);
+/* Give a reader that holds no buffer one of cap bytes (from _take_buf); it owns it now.
+ * Returns 0, or -EBUSY (the reader has a buffer: the caller keeps buf). */
+int hub_ns_reader_give_buf(hub_ns_reader *r, char *buf, size_t cap);
 
 /* Writes "<len>:" into hdr (HUB_NS_HDR_MAX bytes) and returns its length. */
 size_t hub_ns_encode_header(char *hdr, size_t len);

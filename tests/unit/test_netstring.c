@@ -573,6 +573,48 @@ static void test_ns_reader_idle_reader_holds_no_buffer(void **state)
     hub_ns_reader_free(r);
 }
 
+/* The pool of read buffers (client.c): an empty reader hands its buffer over, a reader with
+ * pending bytes keeps it, and a reader given a buffer parses into it as into its own. */
+static void test_ns_reader_buffer_taken_and_given(void **state)
+{
+    (void)state;
+    hub_ns_reader *r = hub_ns_reader_new(MAX_FRAME), *r2 = hub_ns_reader_new(MAX_FRAME);
+    hub_slice s;
+    size_t cap = 0;
+    assert_non_null(r);
+    assert_non_null(r2);
+    assert_null(hub_ns_reader_take_buf(r, &cap)); /* none yet */
+    assert_int_equal(hub_ns_reader_feed(r, "5:hel", 5), 0);
+    assert_null(hub_ns_reader_take_buf(r, &cap)); /* a partial frame is pending */
+    assert_int_equal(hub_ns_reader_feed(r, "lo,", 3), 0);
+    assert_int_equal(hub_ns_reader_next(r, &s), 1);
+    assert_memory_equal(s.data, "hello", 5);
+    char *b = hub_ns_reader_take_buf(r, &cap);
+    assert_non_null(b);
+    assert_true(cap >= 8);
+    assert_int_equal(am.live, 3); /* two readers and the buffer, now nobody's */
+    /* r works on with a buffer of its own; r2 gets the taken one */
+    assert_int_equal(hub_ns_reader_feed(r, "1:x,", 4), 0);
+    assert_int_equal(hub_ns_reader_next(r, &s), 1);
+    assert_int_equal(hub_ns_reader_give_buf(r, b, cap), -EBUSY);
+    assert_int_equal(hub_ns_reader_give_buf(r2, b, cap), 0);
+    assert_int_equal(am.live, 4);
+    char *p;
+    size_t avail;
+    assert_int_equal(hub_ns_reader_space(r2, 4, &p, &avail), 0);
+    assert_ptr_equal(p, b); /* the given buffer, from its start */
+    assert_int_equal(avail, cap);
+    memcpy(p, "3:a\0b,2:", 8);
+    hub_ns_reader_commit(r2, 8);
+    assert_int_equal(hub_ns_reader_next(r2, &s), 1);
+    assert_memory_equal(s.data, "a\0b", 3);
+    assert_int_equal(hub_ns_reader_next(r2, &s), 0);
+    assert_int_equal(hub_ns_reader_pending(r2), 2);
+    hub_ns_reader_free(r);
+    hub_ns_reader_free(r2);
+    assert_int_equal(am.live, 0);
+}
+
 static void test_ns_reader_big_frame_byte_by_byte_grows_geometrically(void **state)
 {
     (void)state;
@@ -743,6 +785,7 @@ int main(void)
         T(test_ns_reader_error_is_sticky),
         T(test_ns_reader_leading_zeros_at_max_frame),
         T(test_ns_reader_idle_reader_holds_no_buffer),
+        T(test_ns_reader_buffer_taken_and_given),
         T(test_ns_reader_big_frame_byte_by_byte_grows_geometrically),
         T(test_ns_reader_consumed_bytes_are_compacted_not_grown),
         T(test_ns_reader_space_gives_at_least_want),
