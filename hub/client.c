@@ -36,22 +36,65 @@ static void frame_encode(const hub *h, char *out, const char *data, size_t len)
     }
 }
 
-hub_frame *hub__frame_new(hub *h, const char *data, size_t len)
+static hub_fblock *fblock_new(size_t cap)
+{
+    hub_fblock *b = hub_malloc(sizeof(*b) + cap);
+    if (!b)
+        return NULL;
+    b->refcnt = 1;
+    b->cap = cap;
+    b->used = 0;
+    return b;
+}
+
+static void fblock_unref(hub_fblock *b)
+{
+    if (b && --b->refcnt == 0)
+        hub_free(b);
+}
+
+/* Room for total bytes at the end of *cur (a block held by one reference), replacing it by a
+ * new block when full. The block, or NULL. */
+static hub_fblock *fblock_room(hub_fblock **cur, size_t total)
+{
+    hub_fblock *b = *cur;
+    if (b && b->cap - b->used >= total)
+        return b;
+    if (!(b = fblock_new(HUB_FBLOCK)))
+        return NULL;
+    fblock_unref(*cur);
+    *cur = b;
+    return b;
+}
+
+int hub__frame_new(hub *h, const char *data, size_t len, hub_frame *out)
 {
     size_t total = frame_len(h, len);
-    hub_frame *f = hub_malloc(sizeof(*f) + total);
-    if (!f)
-        return NULL;
-    f->refcnt = 1;
-    f->len = total;
-    frame_encode(h, f->data, data, len);
-    return f;
+    hub_fblock *b;
+    if (total > HUB_FBLOCK_BIG)
+        b = fblock_new(total); /* its own block: the reference is the caller's */
+    else if ((b = fblock_room(&h->fcur, total)))
+        b->refcnt++;
+    if (!b)
+        return -ENOMEM;
+    out->blk = b;
+    out->data = b->data + b->used;
+    out->len = total;
+    b->used += total;
+    frame_encode(h, out->data, data, len);
+    return 0;
 }
 
 void hub__frame_unref(hub_frame *f)
 {
-    if (f && --f->refcnt == 0)
-        hub_free(f);
+    fblock_unref(f->blk);
+    f->blk = NULL;
+}
+
+void hub__frames_free(hub *h)
+{
+    fblock_unref(h->fcur);
+    h->fcur = NULL;
 }
 
 /* JSON string escaping, cut short (never mid-escape) when dst is full. */
@@ -142,13 +185,13 @@ static void pending_add(hub_client *c)
         ev_idle_start(h->loop, &h->idle_w);
 }
 
-/* Append f to the ring, growing it if full. The queue holds one reference: the caller's, or
- * one the caller takes for it. 0 or -ENOMEM. */
-static int wq_push(hub_client *c, hub_frame *f)
+/* Append f to the ring, growing it if full. The queue takes a reference of its own to f's
+ * block. 0 or -ENOMEM. */
+static int wq_push(hub_client *c, const hub_frame *f)
 {
     if (c->wq_count == c->wq_cap) {
         uint32_t ncap = c->wq_cap ? c->wq_cap * 2 : 8;
-        hub_frame **n = hub_malloc(ncap * sizeof(*n));
+        hub_frame *n = hub_malloc(ncap * sizeof(*n));
         if (!n)
             return -ENOMEM;
         for (uint32_t i = 0; i < c->wq_count; i++)
@@ -158,13 +201,46 @@ static int wq_push(hub_client *c, hub_frame *f)
         c->wq_cap = ncap;
         c->wq_head = 0;
     }
-    c->wq[WQ_AT(c, c->wq_count)] = f;
+    /* A run of frames in one block counts the block once. */
+    if (!c->wq_count || c->wq[WQ_AT(c, c->wq_count - 1)].blk != f->blk)
+        c->wq_pinned += f->blk->cap;
+    c->wq[WQ_AT(c, c->wq_count)] = *f;
     c->wq_count++;
     c->wq_bytes += f->len;
+    f->blk->refcnt++;
     return 0;
 }
 
-int hub__client_enqueue(hub_client *c, hub_frame *f)
+/* Take the head frame off the ring (its reference passes to the caller). */
+static hub_frame wq_pop(hub_client *c)
+{
+    hub_frame f = c->wq[c->wq_head];
+    c->wq_head = WQ_AT(c, 1);
+    c->wq_count--;
+    c->wq_bytes -= f.len;
+    if (!c->wq_count || c->wq[c->wq_head].blk != f.blk)
+        c->wq_pinned -= f.blk->cap; /* the end of its block's run */
+    return f;
+}
+
+/* Queue f, or a copy of it in c's own block when sharing f's block would hold too much (see
+ * wq_pinned). 0 or -ENOMEM. */
+static int wq_push_shared(hub_client *c, const hub_frame *f)
+{
+    int tail_same = c->wq_count && c->wq[WQ_AT(c, c->wq_count - 1)].blk == f->blk;
+    if (tail_same || f->blk->cap <= f->len ||
+        c->wq_pinned + f->blk->cap <= 2 * (c->wq_bytes + f->len) + 4 * HUB_FBLOCK)
+        return wq_push(c, f);
+    hub_fblock *b = fblock_room(&c->pblk, f->len);
+    if (!b)
+        return -ENOMEM;
+    hub_frame copy = {b, b->data + b->used, f->len};
+    memcpy(copy.data, f->data, f->len);
+    b->used += f->len;
+    return wq_push(c, &copy);
+}
+
+int hub__client_enqueue(hub_client *c, const hub_frame *f)
 {
     hub *h = c->h;
     if (c->flags & HUB_CLIENT_CLOSING)
@@ -183,9 +259,8 @@ int hub__client_enqueue(hub_client *c, hub_frame *f)
         hub__client_abort(c, why);
         return -ENOBUFS;
     }
-    if (wq_push(c, f) < 0)
+    if (wq_push_shared(c, f) < 0)
         return -ENOMEM;
-    f->refcnt++;
     pending_add(c);
     if (c->wq_bytes > h->cfg.max_outbuf / 2 && !(c->flags & HUB_CLIENT_CONGESTED)) {
         c->flags |= HUB_CLIENT_CONGESTED;
@@ -261,8 +336,12 @@ void hub__hold_update(hub *h)
 
 static void wq_clear(hub_client *c)
 {
-    for (uint32_t i = 0; i < c->wq_count; i++)
-        hub__frame_unref(c->wq[WQ_AT(c, i)]);
+    while (c->wq_count) {
+        hub_frame f = wq_pop(c);
+        hub__frame_unref(&f);
+    }
+    fblock_unref(c->pblk);
+    c->pblk = NULL;
     hub_free(c->wq);
     c->wq = NULL;
     c->wq_cap = c->wq_count = c->wq_head = 0;
@@ -279,12 +358,21 @@ static int client_write(hub_client *c, size_t budget)
         struct iovec iov[HUB_IOV_MAX];
         int n = 0;
         size_t want = 0;
-        for (uint32_t i = 0; i < c->wq_count && n < HUB_IOV_MAX && want < budget; i++) {
-            hub_frame *f = c->wq[WQ_AT(c, i)];
+        for (uint32_t i = 0; i < c->wq_count && want < budget; i++) {
+            hub_frame *f = &c->wq[WQ_AT(c, i)];
             size_t off = i == 0 ? c->wq_off : 0;
+            want += f->len - off;
+            /* Frames next to each other in a block: one span. */
+            if (n && (char *)iov[n - 1].iov_base + iov[n - 1].iov_len == f->data) {
+                iov[n - 1].iov_len += f->len;
+                continue;
+            }
+            if (n == HUB_IOV_MAX) {
+                want -= f->len - off;
+                break;
+            }
             iov[n].iov_base = f->data + off;
             iov[n].iov_len = f->len - off;
-            want += iov[n].iov_len;
             n++;
         }
         struct msghdr mh = {.msg_iov = iov, .msg_iovlen = (size_t)n};
@@ -299,19 +387,16 @@ static int client_write(hub_client *c, size_t budget)
             c->last_write = ev_now(c->h->loop);
         size_t left = (size_t)w, frames = 0;
         while (left) {
-            hub_frame *f = c->wq[c->wq_head];
-            size_t rest = f->len - c->wq_off;
+            size_t rest = c->wq[c->wq_head].len - c->wq_off;
             if (left < rest) {
                 c->wq_off += left;
                 break;
             }
             left -= rest;
             c->wq_off = 0;
-            c->wq_bytes -= f->len;
-            c->wq_head = WQ_AT(c, 1);
-            c->wq_count--;
+            hub_frame f = wq_pop(c);
             frames++;
-            hub__frame_unref(f);
+            hub__frame_unref(&f);
         }
         c->bytes_out += (size_t)w;
         c->frames_out += frames;
@@ -726,9 +811,11 @@ static void queue_error_frame(hub_client *c, const char *code, const char *reaso
     size_t n = error_body(body, sizeof(body), code, reason);
     if (!n)
         return;
-    hub_frame *f = hub__frame_new(h, body, n);
-    if (f && wq_push(c, f) < 0)
-        hub__frame_unref(f);
+    hub_frame f;
+    if (hub__frame_new(h, body, n, &f) < 0)
+        return;
+    wq_push(c, &f);
+    hub__frame_unref(&f);
 }
 
 static void reaper_add(hub_client *c)
@@ -809,12 +896,15 @@ void hub__client_abort(hub_client *c, const char *reason)
     CLOG(HUB_LOG_WARN, c, "%s, closing", reason);
     /* Drop the queue but finish a frame already begun: the peer never sees half a frame. */
     uint32_t keep = c->wq_off ? 1 : 0;
-    for (uint32_t i = keep; i < c->wq_count; i++) {
-        hub_frame *f = c->wq[WQ_AT(c, i)];
-        c->wq_bytes -= f->len;
-        hub__frame_unref(f);
+    while (c->wq_count > keep) {
+        /* from the tail: the run accounting of wq_pop works from the head, so undo it here */
+        hub_frame f = c->wq[WQ_AT(c, c->wq_count - 1)];
+        c->wq_count--;
+        c->wq_bytes -= f.len;
+        if (!c->wq_count || c->wq[WQ_AT(c, c->wq_count - 1)].blk != f.blk)
+            c->wq_pinned -= f.blk->cap;
+        hub__frame_unref(&f);
     }
-    c->wq_count = keep;
     queue_error_frame(c, "slow_consumer", reason);
     begin_close(c);
 }
@@ -916,4 +1006,5 @@ void hub__client_free_all(hub *h)
     h->pending = NULL;
     while (h->nrpool)
         hub_free(h->rpool[--h->nrpool]);
+    hub__frames_free(h);
 }

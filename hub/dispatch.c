@@ -8,31 +8,30 @@
 #include "hub/log.h"
 
 /* Build the frame once; every recipient shares it. */
-static int frame_for(hub *h, const char *data, size_t len, hub_frame **out)
+static int frame_for(hub *h, const char *data, size_t len, hub_frame *out)
 {
     if (hub__frame_too_big(h, len))
         return -EMSGSIZE;
-    *out = hub__frame_new(h, data, len);
-    return *out ? 0 : -ENOMEM;
+    return hub__frame_new(h, data, len, out);
 }
 
 int hub__relay(hub *h, const char *data, size_t len)
 {
-    hub_frame *f;
+    hub_frame f;
     int n = 0, rc = frame_for(h, data, len, &f);
     if (rc < 0)
         return rc;
     for (hub_client *c = h->clients; c; c = c->next) {
-        if (hub__client_enqueue(c, f) == 0)
+        if (hub__client_enqueue(c, &f) == 0)
             n++;
     }
-    hub__frame_unref(f);
+    hub__frame_unref(&f);
     return n;
 }
 
 int hub__multicast(hub *h, const char *tag, size_t taglen, const char *data, size_t len)
 {
-    hub_frame *f;
+    hub_frame f;
     if (!hub_tag_valid(tag, taglen))
         return -EINVAL;
     hub_tag *t = hub__tag_find(h, tag, taglen);
@@ -45,22 +44,22 @@ int hub__multicast(hub *h, const char *tag, size_t taglen, const char *data, siz
     hub_client *next;
     for (hub_client *c = t->head; c; c = next) {
         next = c->tag_next;
-        if (hub__client_enqueue(c, f) == 0)
+        if (hub__client_enqueue(c, &f) == 0)
             n++;
     }
-    hub__frame_unref(f);
+    hub__frame_unref(&f);
     return n;
 }
 
 /* One recipient: 1 when queued, 0 when its queue refused the frame, or <0. */
 static int deliver_one(hub *h, hub_client *c, const char *data, size_t len)
 {
-    hub_frame *f;
+    hub_frame f;
     int rc = frame_for(h, data, len, &f);
     if (rc < 0)
         return rc;
-    rc = hub__client_enqueue(c, f);
-    hub__frame_unref(f);
+    rc = hub__client_enqueue(c, &f);
+    hub__frame_unref(&f);
     return rc == 0 ? 1 : 0;
 }
 

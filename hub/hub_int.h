@@ -26,23 +26,36 @@
 /* Bytes read from clients, in one loop iteration, after which queued output is written before
  * more is read: a burst from many publishers reaches the readers in slices, instead of all of
  * it landing in their queues first (and closing them as slow consumers). */
-#define HUB_FLUSH_EVERY       (256 * 1024)
-#define HUB_IOV_MAX           1024 /* iovecs per writev */
+#define HUB_FLUSH_EVERY (256 * 1024)
+#define HUB_IOV_MAX     1024 /* iovecs per writev */
 /* Read buffers a connection left empty are kept for the next read of any connection, up to
  * this many (of at most HUB_RPOOL_CAP bytes): no malloc/free, nor brk, per read under load,
  * while an idle connection still holds no buffer. */
-#define HUB_RPOOL_MAX 16
-#define HUB_RPOOL_CAP (256 * 1024)
+#define HUB_RPOOL_MAX         16
+#define HUB_RPOOL_CAP         (256 * 1024)
 #define HUB_SHUTDOWN_GRACE_MS 1000 /* flushing after in-flight deliveries were failed */
 #define HUB_EXIT_STUCK        3    /* exit status when a worker did not stop in time */
 #define HUB_STUCK_GRACE_MS    5000 /* a stopped worker's time to end before it is left behind */
 
-/* An encoded outbound frame shared by every recipient; loop thread only, so the count is
- * plain. */
-typedef struct hub_frame {
+/* Outbound frames are encoded back to back into shared blocks (loop thread only, so counts
+ * are plain): every recipient's queue holds a reference to the block, and frames that lie
+ * next to each other in a block go to the kernel as one iovec. Per iovec the kernel's copy
+ * costs about what a 128-byte frame's bytes do, so a subscriber that gets every frame of a
+ * block is written in spans of up to HUB_FBLOCK bytes, as a bare forwarder writes what it
+ * read. A frame over HUB_FBLOCK_BIG gets a block of its own. */
+#define HUB_FBLOCK     (16 * 1024)
+#define HUB_FBLOCK_BIG (4 * 1024)
+typedef struct hub_fblock {
     uint32_t refcnt;
-    size_t len;
+    size_t cap, used;
     char data[];
+} hub_fblock;
+
+/* One encoded frame: len bytes at data, inside blk (a reference to blk goes with it). */
+typedef struct hub_frame {
+    hub_fblock *blk;
+    char *data;
+    size_t len;
 } hub_frame;
 
 /* A mailbox node (mailbox.c): run gets the node and owns it from then on. Embedded in what
@@ -93,9 +106,15 @@ struct hub_client {
     int worker; /* index of the worker that runs its events, -1 for the loop */
     hub_ns_reader *reader;
     /* write queue: a ring of frames; wq_off bytes of the head frame are already written */
-    hub_frame **wq;
+    hub_frame *wq;
     uint32_t wq_cap, wq_head, wq_count;
     size_t wq_off, wq_bytes;
+    /* Bytes of the blocks its queue holds (each run of frames in one block counts the block
+     * once): kept under 2 * wq_bytes + 4 * HUB_FBLOCK by copying a frame into its own block
+     * (pblk) when sharing would hold more, so a reader that gets one frame now and then
+     * does not keep whole blocks of others' frames alive. */
+    size_t wq_pinned;
+    hub_fblock *pblk;
     hub_tag *tag;
     hub_client *tag_prev, *tag_next; /* in tag's list, in the order tags were set */
     hub_client *prev, *next;         /* in the hub's list of live clients */
@@ -195,6 +214,7 @@ struct hub {
     char *rpool[HUB_RPOOL_MAX]; /* spare read buffers (client.c) */
     size_t rpool_cap[HUB_RPOOL_MAX];
     int nrpool;
+    hub_fblock *fcur;        /* the block frames are encoded into now (one reference) */
     hub_client *pending;     /* clients with queued output to flush this iteration */
     size_t read_since_flush; /* bytes read since hub__flush_pending last ran */
     hub_client *congested;   /* clients with over half of max_outbuf queued (HUB_STALL) */
@@ -246,14 +266,18 @@ struct hub {
 };
 
 /* frames and queues (client.c) */
-hub_frame *hub__frame_new(hub *h, const char *data, size_t len);
+/* Encode a frame into the hub's current block (or one of its own when big): *out holds a
+ * reference, released with _unref. 0 or -ENOMEM. */
+int hub__frame_new(hub *h, const char *data, size_t len, hub_frame *out);
 void hub__frame_unref(hub_frame *f);
+/* At exit: release the current block. */
+void hub__frames_free(hub *h);
 /* 1 when a payload of len would take more than max_outbuf on the wire: a frame that alone
  * fills a queue could never be sent to anyone. */
 int hub__frame_too_big(const hub *h, size_t len);
 /* Queue f (a reference is taken). 0, -EPIPE if closing, -ENOBUFS if over max_outbuf (the
  * client is then closed or the frame dropped, per outbuf_policy). */
-int hub__client_enqueue(hub_client *c, hub_frame *f);
+int hub__client_enqueue(hub_client *c, const hub_frame *f);
 /* Stop reading and routing to c; it is freed once its queue is written (or after
  * shutdown_timeout). reason is logged, and sent as an error frame when code is set. */
 void hub__client_close(hub_client *c, const char *code, const char *reason);
