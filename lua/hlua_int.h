@@ -40,22 +40,22 @@ struct hub_script {
     lua_State *L;
     const hub_api *api;
     void *ud;
-    long max_instructions;          /* 0: unlimited */
-    size_t max_memory;              /* 0: unlimited */
-    size_t mem_used;                /* bytes currently allocated by L */
-    long budget_left;               /* instructions left in the current callback */
-    double deadline;                /* CLOCK_MONOTONIC seconds the current callback may run to */
-    int budget_hit;                 /* the current callback ran out of budget */
-    atomic_int *cancel;             /* while loading: non-zero stops the load */
+    long max_instructions; /* 0: unlimited */
+    size_t max_memory;     /* 0: unlimited */
+    size_t mem_used;       /* bytes currently allocated by L */
+    long budget_left;      /* instructions left in the current callback */
+    double deadline;       /* CLOCK_MONOTONIC seconds the current callback may run to */
+    int budget_hit;        /* the current callback ran out of budget */
+    atomic_int *cancel;    /* while loading: non-zero stops the load */
     /* The budget's hook is armed lazily in callbacks (lua_host.c, "the watchdog"): */
-    int lazy;                /* loaded: callbacks run with no hook until the watchdog arms it */
-    int armed;               /* the hook is set for the callback under way */
-    _Atomic unsigned cb_seq; /* odd while a callback runs; changed by the owner thread only */
+    int lazy;                 /* loaded: callbacks run with no hook until the watchdog arms it */
+    int armed;                /* the hook is set for the callback under way */
+    _Atomic unsigned cb_seq;  /* odd while a callback runs; changed by the owner thread only */
     _Atomic unsigned arm_req; /* the callback (cb_seq) the watchdog asked to arm */
     unsigned watch_seen;      /* cb_seq at the watchdog's previous look (watchdog only) */
     pthread_t cb_thread;      /* the thread running the callback under way */
     lua_State *running;       /* the coroutine a callback resumed and runs now, or NULL */
-    struct hub_script *watch_next; /* in the watchdog's list */
+    struct hub_script *watch_next;  /* in the watchdog's list */
     int worker;                     /* the executor running it: -1 the loop thread */
     hub_req *cur_req;               /* the request of the route running, or NULL */
     int requests;                   /* frames carrying "evhub_id" may be answers */

@@ -114,8 +114,8 @@ static void set_hook(lua_State *L, const hub_script *s)
 
 static pthread_once_t watch_once = PTHREAD_ONCE_INIT;
 static pthread_mutex_t watch_mu = PTHREAD_MUTEX_INITIALIZER;
-static hub_script *watch_list; /* under watch_mu */
-static int watch_sig;          /* 0: the watchdog could not start (hooks stay eager) */
+static hub_script *watch_list;     /* under watch_mu */
+static int watch_sig;              /* 0: the watchdog could not start (hooks stay eager) */
 static __thread hub_script *tl_cb; /* the state whose callback this thread runs */
 static __thread int tl_unblocked;  /* this thread lets watch_sig through */
 
