@@ -202,11 +202,14 @@ static int wq_push(hub_client *c, const hub_frame *f)
         c->wq_head = 0;
     }
     /* A run of frames in one block counts the block once. */
-    if (!c->wq_count || c->wq[WQ_AT(c, c->wq_count - 1)].blk != f->blk)
+    if (!c->wq_count || c->wq[WQ_AT(c, c->wq_count - 1)].blk != f->blk) {
         c->wq_pinned += f->blk->cap;
+        HUB_STAT_ADD(c->h, outq_blocks, f->blk->cap);
+    }
     c->wq[WQ_AT(c, c->wq_count)] = *f;
     c->wq_count++;
     c->wq_bytes += f->len;
+    HUB_STAT_ADD(c->h, outq_bytes, f->len);
     f->blk->refcnt++;
     return 0;
 }
@@ -218,8 +221,11 @@ static hub_frame wq_pop(hub_client *c)
     c->wq_head = WQ_AT(c, 1);
     c->wq_count--;
     c->wq_bytes -= f.len;
-    if (!c->wq_count || c->wq[c->wq_head].blk != f.blk)
+    HUB_STAT_ADD(c->h, outq_bytes, -f.len);
+    if (!c->wq_count || c->wq[c->wq_head].blk != f.blk) {
         c->wq_pinned -= f.blk->cap; /* the end of its block's run */
+        HUB_STAT_ADD(c->h, outq_blocks, -f.blk->cap);
+    }
     return f;
 }
 
@@ -901,8 +907,11 @@ void hub__client_abort(hub_client *c, const char *reason)
         hub_frame f = c->wq[WQ_AT(c, c->wq_count - 1)];
         c->wq_count--;
         c->wq_bytes -= f.len;
-        if (!c->wq_count || c->wq[WQ_AT(c, c->wq_count - 1)].blk != f.blk)
+        HUB_STAT_ADD(c->h, outq_bytes, -f.len);
+        if (!c->wq_count || c->wq[WQ_AT(c, c->wq_count - 1)].blk != f.blk) {
             c->wq_pinned -= f.blk->cap;
+            HUB_STAT_ADD(c->h, outq_blocks, -f.blk->cap);
+        }
         hub__frame_unref(&f);
     }
     queue_error_frame(c, "slow_consumer", reason);

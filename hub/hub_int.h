@@ -156,6 +156,7 @@ typedef struct hub_stats {
     _Atomic uint64_t frames_in, bytes_in, frames_out, bytes_out;
     _Atomic uint64_t decode_errors, slow_closes, dropped_frames, frames_lost;
     _Atomic uint64_t timeout_closes, read_holds;
+    _Atomic uint64_t outq_bytes, outq_blocks; /* gauges: every client's wq_bytes, wq_pinned */
     _Atomic uint64_t reloads, reload_failures;
     _Atomic uint64_t script[HUB_SCRIPT_NCOUNTS]; /* the loop's own state (workers == 0) */
 } hub_stats;

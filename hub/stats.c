@@ -69,6 +69,10 @@ size_t hub__stats_collect(hub *h, hub_stat *out, size_t cap)
         0, -1, HUB_STAT_GET(h, frames_lost));
     put(&c, "dropped_frames", "frames dropped for a full write queue (outbuf_policy drop)", 0, -1,
         HUB_STAT_GET(h, dropped_frames));
+    put(&c, "outq_bytes", "bytes of frames queued for clients, not yet written", 1, -1,
+        HUB_STAT_GET(h, outq_bytes));
+    put(&c, "outq_block_bytes", "bytes of the frame blocks the clients' queues hold", 1, -1,
+        HUB_STAT_GET(h, outq_blocks));
     size_t totals = c.n; /* the loop's script counts, plus the workers' added below */
     for (int i = 0; i < HUB_SCRIPT_NCOUNTS; i++)
         put(&c, script_names[i], script_help[i], 0, -1, HUB_STAT_GET(h, script[i]));

@@ -12,7 +12,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from evhub_harness import (CMD_SCRIPT, Hub, Suite, check, check_eq, ns, pump,  # noqa: E402
-                           request, scaled, wait_frames)
+                           request, scaled, wait_for, wait_frames)
 
 suite = Suite("fanout_blocks")
 
@@ -145,10 +145,16 @@ def rare_reader_holds_no_blocks_of_others():
                 pub.send(b"mc:all:" + filler)
         wait_frames([busy], 4 * per, others=[pub])
         busy.take()
-    grown = h.rss_kb() - rss0
-    # Held as shared blocks, the rare frames would keep n blocks of 16 KiB alive (24 MB at
-    # 1500); copied into the reader's own blocks they take about what they are (0.5 MB).
-    check(grown < n * 16 // 2, "the hub grew by %d KiB for %d rare frames queued" % (grown, n))
+    st = h.ctl_json("stats")
+    queued, blocks = st["outq_bytes"], st["outq_block_bytes"]
+    print("  %d rare frames queued: outq_bytes %d, outq_block_bytes %d, RSS +%d KiB" % (
+        n, queued, blocks, h.rss_kb() - rss0))
+    # The queue holds what the reader was not yet given (its socket takes a few KiB).
+    check(queued > n * 300 // 2, "the rare frames are queued in the hub (outq_bytes %d)" % queued)
+    # Held as shared blocks, the rare frames would keep n blocks of 16 KiB alive (8 MB at
+    # 500); copied into the reader's own blocks they take about what they are.
+    check(blocks <= 2 * queued + 3 * 64 * 1024,
+          "outq_block_bytes %d for outq_bytes %d" % (blocks, queued))
     rare.paused = False
     wait_frames([rare], n, timeout=scaled(30, 120))
     got = rare.take()
@@ -158,6 +164,10 @@ def rare_reader_holds_no_blocks_of_others():
             check(False, "rare frame %d is %r..." % (i, g[:20]))
     check_eq(busy.take(), [], "busy got only its own")
     pump([pub])
+    # everything written: both gauges back to nothing
+    wait_for(lambda: h.ctl_json("stats"),
+             lambda st: st["outq_bytes"] == 0 and st["outq_block_bytes"] == 0,
+             "outq_bytes and outq_block_bytes back to 0")
 
 
 suite.run()
