@@ -86,10 +86,10 @@ test-fuzz: test-deps
 	cd $(BUILD_FUZZ) && ctest -L fuzz --output-on-failure
 
 format:
-	clang-format -i hub/*.[ch] lua/*.[ch] transports/*.[ch] tests/unit/*.c tests/bench/*.[ch] tests/bench/raisebench/*.c tests/bench/kafka/*.c tests/bench/cluster/*.c tests/fuzz/*.c
+	clang-format -i hub/*.[ch] lua/*.[ch] transports/*.[ch] tests/unit/*.c tests/bench/*.[ch] tests/bench/raisebench/*.c tests/bench/kafka/*.c tests/bench/cluster/*.c tests/bench/bare/*.c tests/fuzz/*.c
 
 format-check: test-deps
-	clang-format --dry-run -Werror hub/*.[ch] lua/*.[ch] transports/*.[ch] tests/unit/*.c tests/bench/*.[ch] tests/bench/raisebench/*.c tests/bench/kafka/*.c tests/bench/cluster/*.c tests/fuzz/*.c
+	clang-format --dry-run -Werror hub/*.[ch] lua/*.[ch] transports/*.[ch] tests/unit/*.c tests/bench/*.[ch] tests/bench/raisebench/*.c tests/bench/kafka/*.c tests/bench/cluster/*.c tests/bench/bare/*.c tests/fuzz/*.c
 
 bench: build
 	./$(BUILD)/tests/bench/evbench --evhub ./$(BUILD)/evhub
