@@ -144,8 +144,11 @@ void hlua__push_req_helpers(lua_State *L);
 void hlua__set_current(hub_script *s, hub_req *r);
 /* The state's main thread. */
 static inline lua_State *hlua__script_main(hub_script *s) { return s->L; }
-/* Arm the instruction budget for a callback (or a coroutine's resume). */
-void hlua__arm_budget(hub_script *s);
+/* Around a coroutine co resumed from C (a native request handler): the budget is armed
+ * afresh, co is what the watchdog's signal hooks, and when no callback is under way on this
+ * thread one begins (see lua_host.c). Pass enter's result and *prev to leave. */
+int hlua__enter(hub_script *s, lua_State *co, lua_State **prev);
+void hlua__leave(hub_script *s, int began, lua_State *prev);
 /* A frame that is an application's answer ({"evhub_id": "I.L", ...}) for a native handler
  * waiting in evapi.async_*: handed to it (through the module and a completion); 1 when the
  * frame was one (consumed), 0 when not. */

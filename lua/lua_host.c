@@ -273,8 +273,10 @@ static void arm_budget(hub_script *s)
         s->deadline = now_mono() + (double)s->max_instructions / HLUA_MIN_IPS + 0.05;
     }
     if (s->lazy) {
-        /* No hook until the watchdog arms it (a budget error left one on every instruction) */
+        /* No hook until the watchdog arms it (a budget error left one on every instruction);
+         * a callback under way (a coroutine resumed inside it) gets signalled again. */
         s->armed = 0;
+        atomic_store_explicit(&s->arm_req, 0, memory_order_relaxed);
         if (lua_gethook(s->L))
             lua_sethook(s->L, NULL, 0, 0);
         return;
@@ -304,7 +306,68 @@ static int traceback_cb(lua_State *L)
 }
 
 int hlua__traceback(lua_State *L) { return traceback_cb(L); }
-void hlua__arm_budget(hub_script *s) { arm_budget(s); }
+/* A callback begins or ends on this thread: the watchdog sees it (cb_seq odd while it runs). */
+static void cb_begin(hub_script *s)
+{
+    tl_cb = s;
+    s->running = NULL;
+    if (!s->lazy)
+        return;
+    if (!tl_unblocked) {
+        /* Threads the hub starts block every signal; the watchdog's must get through. */
+        sigset_t one;
+        sigemptyset(&one);
+        sigaddset(&one, watch_sig);
+        pthread_sigmask(SIG_UNBLOCK, &one, NULL);
+        tl_unblocked = 1;
+    }
+    s->cb_thread = pthread_self();
+    atomic_store_explicit(&s->cb_seq, s->cb_seq + 1, memory_order_relaxed); /* odd */
+}
+
+static void cb_end(hub_script *s)
+{
+    if (s->lazy)
+        atomic_store_explicit(&s->cb_seq, s->cb_seq + 1, memory_order_relaxed); /* even */
+    s->running = NULL;
+    tl_cb = NULL;
+}
+
+/* co is about to run: a fresh count when the hook is on, else no hook at all (the
+ * watchdog's signal hooks whatever runs then: s->running). */
+static void hook_coroutine(hub_script *s, lua_State *co)
+{
+    if (!s->lazy || s->armed) {
+        set_hook(co, s);
+    } else if (lua_gethook(co)) {
+        lua_sethook(co, NULL, 0, 0);
+        if (s->armed) /* the signal came while the hook was being cleared */
+            set_hook(co, s);
+    }
+}
+
+int hlua__enter(hub_script *s, lua_State *co, lua_State **prev)
+{
+    int began = tl_cb != s;
+    arm_budget(s);
+    if (began)
+        cb_begin(s);
+    *prev = s->running;
+    s->running = co; /* before the hook: the signal may come in between */
+    hook_coroutine(s, co);
+    return began;
+}
+
+void hlua__leave(hub_script *s, int began, lua_State *prev)
+{
+    if (began) {
+        cb_end(s);
+        return;
+    }
+    s->running = prev;
+    if (s->lazy && s->armed)
+        set_hook(prev ? prev : s->L, s); /* armed while co ran: the resumer counts too */
+}
 int hlua__is_exit(lua_State *L, int idx) { return is_exit(L, idx); }
 
 static void kemi_reset(hub_script *s)
@@ -325,27 +388,11 @@ static int hlua_pcall(hub_script *s, int nargs, const char *what)
     lua_State *L = s->L;
     int base = lua_gettop(L) - nargs - 1;
 
-    tl_cb = s;
     arm_budget(s);
     s->budget_hit = 0;
-    s->running = NULL;
-    if (s->lazy) {
-        if (!tl_unblocked) {
-            /* Threads the hub starts block every signal; the watchdog's must get through. */
-            sigset_t one;
-            sigemptyset(&one);
-            sigaddset(&one, watch_sig);
-            pthread_sigmask(SIG_UNBLOCK, &one, NULL);
-            tl_unblocked = 1;
-        }
-        s->cb_thread = pthread_self();
-        atomic_store_explicit(&s->cb_seq, s->cb_seq + 1, memory_order_relaxed); /* odd */
-    }
+    cb_begin(s);
     int rc = lua_pcall(L, nargs, 0, base);
-    if (s->lazy)
-        atomic_store_explicit(&s->cb_seq, s->cb_seq + 1, memory_order_relaxed); /* even */
-    s->running = NULL;
-    tl_cb = NULL;
+    cb_end(s);
     if (rc != LUA_OK) {
         if (!is_exit(L, -1)) {
             const char *msg = lua_tostring(L, -1);
@@ -621,13 +668,7 @@ static int co_resume(lua_State *L)
      * no hook, and the watchdog's signal hooks the coroutine that runs then. */
     lua_State *prev = s->running;
     s->running = co; /* first: the signal may come while the hook is being cleared */
-    if (!s->lazy || s->armed) {
-        set_hook(co, s);
-    } else if (lua_gethook(co)) {
-        lua_sethook(co, NULL, 0, 0);
-        if (s->armed)
-            set_hook(co, s);
-    }
+    hook_coroutine(s, co);
     int n = call_original(L, s->orig_resume);
     s->running = prev;
     if (s->lazy && s->armed)

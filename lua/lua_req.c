@@ -341,12 +341,13 @@ static void resume_co(hub_script *s, lua_State *co, hub_req *r, int nargs, int f
     lua_State *L = hlua__script_main(s);
     hub_req *prev = s->cur_req;
     int nres = 0;
-    lua_State *prev_co = s->cur_co;
+    lua_State *prev_co = s->cur_co, *prev_run;
     hlua__set_current(s, r);
-    hlua__arm_budget(s);
+    int began = hlua__enter(s, co, &prev_run);
     s->cur_co = co;
     int st = lua_resume(co, L, nargs, &nres);
     s->cur_co = prev_co;
+    hlua__leave(s, began, prev_run);
     hlua__set_current(s, prev);
     if (st == LUA_YIELD) {
         lua_pop(co, nres);

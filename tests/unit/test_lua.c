@@ -2152,6 +2152,31 @@ static void test_request_native_object(void **state)
     assert_int_equal(q.refs, 1);
 }
 
+/* The native request handler runs as a coroutine resumed from C: a runaway one is stopped
+ * by the budget as any callback (the watchdog hooks the coroutine that runs). */
+static void test_request_native_runaway_is_stopped(void **state)
+{
+    fixture *f = *state;
+    hub_script *s = load_full(f,
+                              "evapi.on('message', function() end)\n"
+                              "evapi.on('request', function(req)\n"
+                              "  if req.ruser == '100' then while true do end end\n"
+                              "end)\n",
+                              "", 100000, 0);
+    assert_non_null(s);
+    f->s = s;
+    fake_req q = {.base = {&freq_ops}, .refs = 1, .index = 3, .label = 4};
+    capture_begin(f);
+    hlua_script_ops.on_request(s, &q.base);
+    const char *log = capture_end(f);
+    assert_non_null(strstr(log, "instruction budget exceeded (100000 instructions)"));
+    assert_int_equal(f->hub.counts[HUB_SCRIPT_ERROR], 1);
+    /* and the state goes on; the failed handler's coroutine lets go of the request */
+    assert_int_equal(lua_int(s, "return 7"), 7);
+    lua_ok(s, "collectgarbage()");
+    assert_int_equal(q.refs, 1);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -2160,6 +2185,7 @@ int main(void)
         T(test_request_kemi_async_and_continue),
         T(test_request_kemi_no_client_is_not_suspended),
         T(test_request_native_object),
+        T(test_request_native_runaway_is_stopped),
         T(test_module_fn_native_args_results_report),
         T(test_module_fn_kemi_codes_and_inert),
         T(test_kemi_multicast_and_unicast),
