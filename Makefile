@@ -93,6 +93,7 @@ format-check: test-deps
 
 bench: build
 	./$(BUILD)/tests/bench/evbench --evhub ./$(BUILD)/evhub
+	./$(BUILD)/tests/bench/evbench --evhub ./$(BUILD)/evhub --bare ./$(BUILD)/tests/bench/bare/bareforward --pin
 	python3 tests/bench/ctlbench.py --evhub ./$(BUILD)/evhub
 	./$(BUILD)/tests/bench/raisebench/raisebench --evhub ./$(BUILD)/evhub
 	EVHUB_BIN=./$(BUILD)/evhub python3 tests/bench/kafka/kafka_bench.py
