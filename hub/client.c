@@ -226,6 +226,11 @@ static hub_frame wq_pop(hub_client *c)
         c->wq_pinned -= f.blk->cap; /* the end of its block's run */
         HUB_STAT_ADD(c->h, outq_blocks, -f.blk->cap);
     }
+    if (!c->wq_count && c->pblk) {
+        /* Caught up: its own block goes (f may still hold it), so no idle client keeps one. */
+        fblock_unref(c->pblk);
+        c->pblk = NULL;
+    }
     return f;
 }
 
