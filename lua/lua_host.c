@@ -137,13 +137,28 @@ static void watch_signal_cb(int sig)
     errno = saved;
 }
 
+/* The watchdog thread runs while at least one state with a budget exists, and is joined
+ * when the last one goes (so nothing of it outlives the states, and an idle process with no
+ * script has no thread waking every HLUA_WATCH_MS). */
+static pthread_cond_t watch_cv = PTHREAD_COND_INITIALIZER;
+static pthread_t watch_thread;
+static int watch_running, watch_stop; /* under watch_mu */
+
 static void *watch_main(void *arg)
 {
     (void)arg;
-    for (;;) {
-        struct timespec ts = {0, HLUA_WATCH_MS * 1000000L};
-        nanosleep(&ts, NULL);
-        pthread_mutex_lock(&watch_mu);
+    pthread_mutex_lock(&watch_mu);
+    while (!watch_stop) {
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        ts.tv_nsec += HLUA_WATCH_MS * 1000000L;
+        if (ts.tv_nsec >= 1000000000L) {
+            ts.tv_sec++;
+            ts.tv_nsec -= 1000000000L;
+        }
+        pthread_cond_timedwait(&watch_cv, &watch_mu, &ts);
+        if (watch_stop)
+            break;
         for (hub_script *s = watch_list; s; s = s->watch_next) {
             unsigned seq = atomic_load_explicit(&s->cb_seq, memory_order_relaxed);
             if ((seq & 1) && seq == s->watch_seen &&
@@ -153,47 +168,58 @@ static void *watch_main(void *arg)
             }
             s->watch_seen = seq;
         }
-        pthread_mutex_unlock(&watch_mu);
     }
+    pthread_mutex_unlock(&watch_mu);
     return NULL;
 }
 
-static void watch_start(void)
+/* Once per process: the signal the watchdog sends (0 when it cannot be installed). */
+static void watch_init(void)
 {
     struct sigaction sa;
-    pthread_t t;
-    sigset_t all, old;
     int sig = SIGRTMIN + 4;
     memset(&sa, 0, sizeof(sa));
     sa.sa_handler = watch_signal_cb;
     sa.sa_flags = SA_RESTART;
     sigemptyset(&sa.sa_mask);
-    if (sigaction(sig, &sa, NULL) < 0)
-        return;
+    if (sigaction(sig, &sa, NULL) == 0)
+        watch_sig = sig;
+}
+
+/* Under watch_mu: the thread runs, or 0 when it cannot be started. */
+static int watch_ensure_running(void)
+{
+    if (watch_running)
+        return 1;
+    sigset_t all, old;
     /* The watchdog itself never takes a signal meant for the hub's threads. */
     sigfillset(&all);
     pthread_sigmask(SIG_SETMASK, &all, &old);
-    int rc = pthread_create(&t, NULL, watch_main, NULL);
+    watch_stop = 0;
+    int rc = pthread_create(&watch_thread, NULL, watch_main, NULL);
     pthread_sigmask(SIG_SETMASK, &old, NULL);
     if (rc != 0) {
         hub_log(HUB_LOG_WARN, "lua: no budget watchdog (%s): budgets count every instruction",
                 strerror(rc));
-        return;
+        return 0;
     }
-    pthread_detach(t);
-    watch_sig = sig;
+    watch_running = 1;
+    return 1;
 }
 
-/* A loaded state with a budget: its callbacks arm the hook lazily from now on. */
+/* A loaded state with a budget: its callbacks arm the hook lazily from now on (eagerly when
+ * there can be no watchdog). */
 static void watch_add(hub_script *s)
 {
-    pthread_once(&watch_once, watch_start);
+    pthread_once(&watch_once, watch_init);
     if (!watch_sig || s->max_instructions <= 0)
         return;
     pthread_mutex_lock(&watch_mu);
-    s->watch_next = watch_list;
-    watch_list = s;
-    s->lazy = 1;
+    if (watch_ensure_running()) {
+        s->watch_next = watch_list;
+        watch_list = s;
+        s->lazy = 1;
+    }
     pthread_mutex_unlock(&watch_mu);
 }
 
@@ -208,7 +234,15 @@ static void watch_del(hub_script *s)
             break;
         }
     }
+    int join = watch_running && !watch_list;
+    if (join) {
+        watch_stop = 1;
+        watch_running = 0;
+        pthread_cond_signal(&watch_cv);
+    }
     pthread_mutex_unlock(&watch_mu);
+    if (join)
+        pthread_join(watch_thread, NULL);
 }
 
 static double now_mono(void)
