@@ -333,6 +333,26 @@ static void post_op(sip_req *q, int op, int code, const char *reason, char *hdrs
     hub_loop_post_retry(q->m->h, run_op, o);
 }
 
+/* Under m->mu: q is suspended no more (the gauge follows). */
+static void unsuspend_locked(sip_req *q)
+{
+    if (q->suspended) {
+        q->suspended = 0;
+        q->m->suspended--;
+    }
+}
+
+/* Any thread: 1 when the caller is the one to send q's final reply (it was not sent yet, and
+ * now counts as sent), 0 when someone else did. */
+static int claim_final(sip_req *q)
+{
+    pthread_mutex_lock(&q->m->mu);
+    int mine = !q->final_sent;
+    q->final_sent = 1;
+    pthread_mutex_unlock(&q->m->mu);
+    return mine;
+}
+
 static int req_reply(hub_req *r, int code, const char *reason, char *err, size_t errlen)
 {
     sip_req *q = (sip_req *)r;
@@ -351,10 +371,7 @@ static int req_reply(hub_req *r, int code, const char *reason, char *err, size_t
     }
     if (code >= 200) {
         q->final_sent = 1;
-        if (q->suspended) {
-            q->suspended = 0;
-            m->suspended--;
-        }
+        unsuspend_locked(q);
     } else {
         q->provisional_sent = 1;
     }
@@ -487,10 +504,7 @@ static void req_unsuspend(hub_req *r)
 {
     sip_req *q = (sip_req *)r;
     pthread_mutex_lock(&q->m->mu);
-    if (q->suspended) {
-        q->suspended = 0;
-        q->m->suspended--;
-    }
+    unsuspend_locked(q);
     q->token = 0;
     pthread_mutex_unlock(&q->m->mu);
     post_op(q, OP_RELEASE, 0, NULL, NULL);
@@ -539,9 +553,8 @@ static hub_req *resume(void *ud, unsigned index, unsigned label, char *err, size
     sip_req *c = tr_sip_slots_get(&m->slots, index, label);
     if (c) {
         if (c->suspended) {
-            c->suspended = 0;
+            unsuspend_locked(c);
             c->resumed = 1;
-            m->suspended--;
             req_ref(&c->base);
             q = c;
         } else {
@@ -576,6 +589,17 @@ static void txn_send(sip_txn *t, const char *buf, size_t len)
         hub_log(HUB_LOG_DEBUG, "sip: sendto: %s", strerror(errno));
 }
 
+/* What a transaction owns, once it is in no list and holds no request. */
+static void txn_free_unlinked(sip_txn *t)
+{
+    hub_free(t->key);
+    hub_free(t->skel);
+    hub_free(t->to);
+    hub_free(t->to_tagged);
+    hub_free(t->last);
+    hub_free(t);
+}
+
 static void txn_destroy(sip_txn *t)
 {
     sip_mod *m = t->m;
@@ -591,10 +615,7 @@ static void txn_destroy(sip_txn *t)
     sip_req *q = t->req;
     pthread_mutex_lock(&m->mu);
     tr_sip_slots_release(&m->slots, q->index, q->label);
-    if (q->suspended) {
-        q->suspended = 0;
-        m->suspended--;
-    }
+    unsuspend_locked(q);
     uint64_t tok = q->token;
     q->token = 0;
     pthread_mutex_unlock(&m->mu);
@@ -602,18 +623,14 @@ static void txn_destroy(sip_txn *t)
         wake_token(m, tok, "error", json_object_new_string("the transaction ended"));
     q->txn = NULL;
     req_unref(&q->base);
-    hub_free(t->key);
-    hub_free(t->skel);
-    hub_free(t->to);
-    hub_free(t->to_tagged);
-    hub_free(t->last);
-    hub_free(t);
+    txn_free_unlinked(t);
 }
 
 /* Build and send a response; a final one moves the transaction on and arms its timers. */
-static void txn_respond(sip_txn *t, int code, const char *reason, const char *hdrs)
+/* A response for t's request, hub_malloc'd (NULL for no memory, logged). */
+static char *build_response(const sip_txn *t, int code, const char *reason, const char *hdrs,
+                            size_t *lenp)
 {
-    sip_mod *m = t->m;
     char *b = NULL, line[160];
     size_t len = 0, cap = 0;
     snprintf(line, sizeof(line), "SIP/2.0 %d %s\r\n", code, reason && *reason ? reason : "-");
@@ -624,8 +641,19 @@ static void txn_respond(sip_txn *t, int code, const char *reason, const char *hd
     if (fail) {
         hub_free(b);
         hub_log(HUB_LOG_ERR, "sip: out of memory building a %d", code);
-        return;
+        return NULL;
     }
+    *lenp = len;
+    return b;
+}
+
+static void txn_respond(sip_txn *t, int code, const char *reason, const char *hdrs)
+{
+    sip_mod *m = t->m;
+    size_t len;
+    char *b = build_response(t, code, reason, hdrs, &len);
+    if (!b)
+        return;
     txn_send(t, b, len);
     atomic_fetch_add(&m->replies, 1);
     hub_free(t->last);
@@ -756,11 +784,7 @@ static void deadline_cb(struct ev_loop *loop, ev_timer *w, int revents)
     sip_req *q = t->req;
     (void)loop, (void)revents;
     if (q->woken) {
-        pthread_mutex_lock(&m->mu);
-        int send = !q->final_sent;
-        q->final_sent = 1;
-        pthread_mutex_unlock(&m->mu);
-        if (send) {
+        if (claim_final(q)) {
             atomic_fetch_add(&m->no_reply, 1);
             hub_log(HUB_LOG_WARN,
                     "sip: %.*s %.*s: the handler did not answer within %.0f s of its wake-up "
@@ -775,9 +799,8 @@ static void deadline_cb(struct ev_loop *loop, ev_timer *w, int revents)
     int expire = q->suspended && !q->final_sent;
     uint64_t tok = 0;
     if (expire) {
-        q->suspended = 0;
+        unsuspend_locked(q);
         q->expired = 1;
-        m->suspended--;
         tok = q->token;
         q->token = 0;
     }
@@ -803,11 +826,7 @@ static void deadline_cb(struct ev_loop *loop, ev_timer *w, int revents)
         }
         hub_log(HUB_LOG_ERR, "sip: out of memory for the timeout route: 408");
     }
-    pthread_mutex_lock(&m->mu);
-    int send = !q->final_sent;
-    q->final_sent = 1;
-    pthread_mutex_unlock(&m->mu);
-    if (send)
+    if (claim_final(q))
         txn_respond(t, 408, "Request Timeout", NULL);
 }
 
@@ -885,12 +904,9 @@ static void log_malformed(sip_mod *m, const char *from, const char *why)
  * no INVITE): built from a transaction on the stack. */
 static void stateless_reply(sip_mod *m, sip_txn *tmp, int code, const char *reason)
 {
-    char *b = NULL, line[160];
-    size_t len = 0, cap = 0;
-    snprintf(line, sizeof(line), "SIP/2.0 %d %s\r\n", code, reason);
-    if (sbuf_str(&b, &len, &cap, line) == 0 && sbuf_str(&b, &len, &cap, tmp->skel) == 0 &&
-        sbuf_str(&b, &len, &cap, tmp->to_tagged) == 0 &&
-        sbuf_str(&b, &len, &cap, "Server: evhub\r\nContent-Length: 0\r\n\r\n") == 0) {
+    size_t len;
+    char *b = build_response(tmp, code, reason, NULL, &len);
+    if (b) {
         txn_send(tmp, b, len);
         atomic_fetch_add(&m->replies, 1);
     }
@@ -1089,16 +1105,6 @@ static sip_txn *txn_new(sip_mod *m, const char *key, size_t klen, uint32_t hv, i
     return t;
 }
 
-static void txn_free_unlinked(sip_txn *t)
-{
-    hub_free(t->key);
-    hub_free(t->skel);
-    hub_free(t->to);
-    hub_free(t->to_tagged);
-    hub_free(t->last);
-    hub_free(t);
-}
-
 static void on_request(sip_mod *m, int lfd, osip_message_t *msg, const char *buf, size_t n,
                        const struct sockaddr_storage *src, socklen_t srclen, const char *ip,
                        int port)
@@ -1195,10 +1201,7 @@ static void on_request(sip_mod *m, int lfd, osip_message_t *msg, const char *buf
         if (cancel) {
             iq->final_sent = 1;
             iq->cancelled = 1;
-            if (iq->suspended) {
-                iq->suspended = 0;
-                m->suspended--;
-            }
+            unsuspend_locked(iq);
             tok = iq->token;
             iq->token = 0;
         }

@@ -12,6 +12,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from evhub_harness import Hub, Suite, check_eq, request  # noqa: E402
 from test_kafka import Mock, consume, stop_mocks  # noqa: E402
+from test_sip import free_udp_port  # noqa: E402
 
 suite = Suite("kafka_sip")
 
@@ -30,14 +31,6 @@ function ksr_request_route()
     KSR.sl.sl_send_reply(202, "Accepted")
 end
 '''
-
-
-def free_udp_port():
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
 
 
 def message(port, callid, body):
