@@ -89,6 +89,8 @@ int hub_multicast(hub *h, const char *tag, size_t taglen, const char *data, size
 
 /* Loop thread: how many connections are open on this hub. */
 int hub_clients(const hub *h);
+/* Loop thread: how many of this hub's connections carry tag (0 for an unknown tag). */
+int hub_tag_members(hub *h, const char *tag, size_t taglen);
 
 /* ---- the router seam: one module (e.g. a cluster of hubs) routes beyond this process ----
  *

@@ -150,6 +150,12 @@ int hub_set_id_base(hub *h, uint64_t base)
 
 int hub_clients(const hub *h) { return atomic_load(&h->nclients); }
 
+int hub_tag_members(hub *h, const char *tag, size_t taglen)
+{
+    hub_tag *t = hub__tag_find(h, tag, taglen);
+    return t && t->head ? (int)t->nmembers : 0;
+}
+
 int hub_local_relay(hub *h, const char *data, size_t len) { return hub__relay(h, data, len); }
 
 int hub_local_unicast(hub *h, const char *tag, size_t taglen, const char *data, size_t len)

@@ -3,8 +3,10 @@
  * Subjects (PREFIX is [cluster] prefix, "evhub" by default):
  *   PREFIX.relay          every node subscribes: relays
  *   PREFIX.t.TAG          a node subscribes while it has local members of TAG: multicasts
- *   PREFIX.u.TAG          the same, in queue group PREFIX.u: unicasts (one node each)
- *   PREFIX.n.NID          node NID's own: send / set_tag / close by connection id
+ *   PREFIX.u.TAG          the same, in queue group PREFIX.u: unicasts when the rotation
+ *                         cannot pick a node, and those rerouted (one node each)
+ *   PREFIX.n.NID          node NID's own: unicasts the rotation sent it, send / set_tag /
+ *                         close by connection id
  *   PREFIX.hb             heartbeats (JSON): who is there, its clients, tags and counters
  * A tag of other bytes than letters, digits, '_' and '-' goes as '=' and its hex.
  *
@@ -126,7 +128,8 @@ static const char *const kind_names[K_NKINDS] = {"relay", "multicast", "unicast"
 enum {
     E_RELAY = 'R',
     E_MULTICAST = 'M',
-    E_UNICAST = 'U',
+    E_UNICAST = 'U',    /* through the queue group */
+    E_UNICAST_TO = 'u', /* to the node the rotation picked */
     E_SEND = 'S',
     E_TAG = 'T',
     E_CLOSE = 'C'
@@ -155,6 +158,12 @@ typedef struct cl_tag {
     char name[HUB_TAG_MAX + 1];
 } cl_tag;
 
+/* A tag another node lists, with its members there. */
+typedef struct cl_ntag {
+    char *name;
+    uint32_t members;
+} cl_ntag;
+
 /* Another node, as its heartbeats describe it (under cluster.mu: reach() reads it from any
  * thread). */
 typedef struct cl_node {
@@ -163,7 +172,7 @@ typedef struct cl_node {
     char name[128];
     ev_tstamp last_seen;
     int64_t clients;
-    char **tags; /* sorted */
+    cl_ntag *tags; /* sorted by name */
     size_t ntags;
     int tags_more;
     uint64_t in_from;                   /* messages we took from it */
@@ -179,6 +188,22 @@ struct cl_ev {
     int fd, fd_changed, want_read, want_write, detached;
     natsConnection *nc;
 };
+
+/* The unicast rotation over the nodes holding one tag (smooth weighted round robin, as
+ * nginx's upstreams): a node's weight is its members of the tag, cw its current weight. */
+typedef struct cl_rr_slot {
+    uint32_t nid, weight;
+    int64_t cw;
+} cl_rr_slot;
+
+typedef struct cl_rr {
+    struct cl_rr *next;
+    ev_tstamp used;
+    cl_rr_slot *slots;
+    size_t n, cap;
+    uint8_t len;
+    char tag[HUB_TAG_MAX];
+} cl_rr;
 
 /* One message drained from a subscription, for the ordering sort. */
 typedef struct cl_in {
@@ -213,10 +238,13 @@ struct cluster {
     cl_node *nodes;
     int id_conflict_logged;
     cl_stream **sent, **seen; /* CL_STREAMS buckets each */
+    cl_rr **rr;               /* CL_STREAMS buckets: the unicast rotations (loop thread) */
+    size_t nrr;
     /* counters: written on the loop (or by libnats' threads, for the connection's), read
      * anywhere */
     _Atomic uint64_t out[K_NKINDS], in[K_NKINDS], bytes_out, bytes_in;
-    _Atomic uint64_t publish_failed, unicast_lost, direct_unknown, bad_messages, slow_dropped;
+    _Atomic uint64_t publish_failed, unicast_lost, unicast_rerouted, direct_unknown, bad_messages,
+        slow_dropped;
     _Atomic uint64_t gaps;
     _Atomic uint64_t reconnects, disconnects, id_conflicts, heartbeats_in;
     _Atomic int connected, nnodes;
@@ -451,27 +479,32 @@ static cl_node *node_find(cluster *cl, uint32_t nid)
 static void node_tags_free(cl_node *n)
 {
     for (size_t i = 0; i < n->ntags; i++)
-        hub_free(n->tags[i]);
+        hub_free(n->tags[i].name);
     hub_free(n->tags);
     n->tags = NULL;
     n->ntags = 0;
 }
 
-static int cmp_str(const void *a, const void *b)
+static int cmp_ntag(const void *a, const void *b)
 {
-    return strcmp(*(char *const *)a, *(char *const *)b);
+    return strcmp(((const cl_ntag *)a)->name, ((const cl_ntag *)b)->name);
+}
+
+/* Under mu: the members of tag node n listed (0: not listed). */
+static uint32_t node_tag_members(const cl_node *n, const char *tag, size_t len)
+{
+    char key[HUB_TAG_MAX + 1];
+    memcpy(key, tag, len);
+    key[len] = '\0';
+    cl_ntag k = {key, 0};
+    const cl_ntag *t = n->ntags ? bsearch(&k, n->tags, n->ntags, sizeof(k), cmp_ntag) : NULL;
+    return t ? t->members : 0;
 }
 
 /* Under mu: 1 when node n may have members of tag. */
 static int node_has_tag(const cl_node *n, const char *tag, size_t len)
 {
-    if (n->tags_more)
-        return 1;
-    char key[HUB_TAG_MAX + 1];
-    memcpy(key, tag, len);
-    key[len] = '\0';
-    const char *k = key;
-    return n->ntags && bsearch(&k, n->tags, n->ntags, sizeof(char *), cmp_str) != NULL;
+    return n->tags_more || node_tag_members(n, tag, len) > 0;
 }
 
 /* Any thread: remote nodes a relay (tag NULL) or multicast reaches, as far as we know. */
@@ -545,6 +578,114 @@ static void streams_free(cl_stream **t)
 {
     streams_forget(t, 0, 0, NULL, 0);
     hub_free(t);
+}
+
+/* ---- the unicast rotation ---- */
+
+static cl_rr *rr_get(cluster *cl, const char *tag, size_t len)
+{
+    cl_rr **b = &cl->rr[stream_bucket(0, 'u', tag, len)];
+    for (cl_rr *x = *b; x; x = x->next)
+        if (x->len == len && memcmp(x->tag, tag, len) == 0)
+            return x;
+    cl_rr *x = hub_calloc(1, sizeof(*x));
+    if (!x)
+        return NULL;
+    x->len = (uint8_t)len;
+    memcpy(x->tag, tag, len);
+    x->next = *b;
+    *b = x;
+    cl->nrr++;
+    return x;
+}
+
+/* Loop thread: forget the rotations no unicast used for max_age seconds (0: all). */
+static void rr_prune(cluster *cl, ev_tstamp max_age)
+{
+    ev_tstamp now = max_age > 0 ? ev_now(cl->loop) : 0;
+    for (size_t i = 0; cl->rr && cl->nrr && i < CL_STREAMS; i++) {
+        for (cl_rr **pp = &cl->rr[i]; *pp;) {
+            cl_rr *x = *pp;
+            if (max_age > 0 && now - x->used <= max_age) {
+                pp = &x->next;
+                continue;
+            }
+            *pp = x->next;
+            hub_free(x->slots);
+            hub_free(x);
+            cl->nrr--;
+        }
+    }
+}
+
+/* Under mu, loop thread: give node nid the weight w in rotation x (a new node starts at 0). */
+static int rr_weigh(cl_rr *x, uint32_t nid, uint32_t w)
+{
+    for (size_t i = 0; i < x->n; i++) {
+        if (x->slots[i].nid == nid) {
+            x->slots[i].weight = w;
+            return 0;
+        }
+    }
+    if (x->n == x->cap) {
+        size_t cap = x->cap ? x->cap * 2 : 4;
+        cl_rr_slot *ns = hub_realloc(x->slots, cap * sizeof(*ns));
+        if (!ns)
+            return -ENOMEM;
+        x->slots = ns;
+        x->cap = cap;
+    }
+    x->slots[x->n++] = (cl_rr_slot){nid, w, 0};
+    return 0;
+}
+
+/* Loop thread: the node the next unicast to tag goes to. Each node holding members of tag
+ * (this one with its nlocal, the others as their last heartbeat counted them) is weighted by
+ * its members, and picked by smooth weighted round robin: over any run of W unicasts (W the
+ * members in all, the weights unchanged) a node gets exactly its members' share, spread out
+ * rather than in bursts. 0 when no node is known to hold the tag (*unknown set when a node
+ * listing only part of its tags may), or -ENOMEM. */
+static int64_t rr_pick(cluster *cl, const char *tag, size_t len, uint32_t nlocal, int *unknown)
+{
+    cl_rr *x = rr_get(cl, tag, len);
+    if (!x)
+        return -ENOMEM;
+    x->used = ev_now(cl->loop);
+    int rc = 0;
+    for (size_t i = 0; i < x->n; i++)
+        x->slots[i].weight = 0;
+    pthread_mutex_lock(&cl->mu);
+    for (cl_node *n = cl->nodes; n && rc == 0; n = n->next) {
+        uint32_t w = node_tag_members(n, tag, len);
+        if (w)
+            rc = rr_weigh(x, n->nid, w);
+        else if (n->tags_more)
+            *unknown = 1;
+    }
+    pthread_mutex_unlock(&cl->mu);
+    if (rc == 0 && nlocal)
+        rc = rr_weigh(x, cl->nid, nlocal);
+    if (rc < 0)
+        return rc;
+    /* nodes that no longer hold the tag leave the rotation */
+    size_t k = 0;
+    int64_t total = 0;
+    for (size_t i = 0; i < x->n; i++) {
+        if (x->slots[i].weight)
+            x->slots[k++] = x->slots[i];
+    }
+    x->n = k;
+    cl_rr_slot *best = NULL;
+    for (size_t i = 0; i < x->n; i++) {
+        x->slots[i].cw += x->slots[i].weight;
+        total += x->slots[i].weight;
+        if (!best || x->slots[i].cw > best->cw)
+            best = &x->slots[i];
+    }
+    if (!best)
+        return 0;
+    best->cw -= total;
+    return best->nid;
 }
 
 /* ---- publishing ---- */
@@ -649,18 +790,32 @@ static int cl_multicast(void *ud, const char *tag, size_t taglen, const char *da
     return reach;
 }
 
+/* local_first: a local member, else the rotation over the other nodes; cluster: the rotation
+ * over every node holding members, this one included (hub_router.unicast). The queue group
+ * only when the rotation knows of no node. */
 static int cl_unicast(void *ud, const char *tag, size_t taglen, const char *data, size_t len,
                       uint32_t nlocal)
 {
     cluster *cl = ud;
     if (nlocal && cl->conf.unicast == CL_UNICAST_LOCAL_FIRST)
         return 0;
-    int remote = cl_reach(cl, tag, taglen);
-    if (!nlocal && !remote)
+    int unknown = 0;
+    int64_t nid = rr_pick(cl, tag, taglen, nlocal, &unknown);
+    if (nid == cl->nid)
+        return 0; /* this node's turn: the hub hands it to a local member */
+    if (nid == 0 && !unknown)
         return 0; /* no member anywhere that we know of: as a single hub, nobody */
     char subj[SUBJ_MAX];
-    tag_subject(cl, 'u', tag, taglen, subj, sizeof(subj));
-    if (publish(cl, subj, K_UNICAST, E_UNICAST, 0, tag, taglen, data, len) < 0)
+    int rc;
+    if (nid > 0) {
+        snprintf(subj, sizeof(subj), "%s.n.%u", cl->conf.prefix, (uint32_t)nid);
+        rc = publish(cl, subj, K_UNICAST, E_UNICAST_TO, (uint64_t)nid << CL_ID_SHIFT, tag, taglen,
+                     data, len);
+    } else {
+        tag_subject(cl, 'u', tag, taglen, subj, sizeof(subj));
+        rc = publish(cl, subj, K_UNICAST, E_UNICAST, 0, tag, taglen, data, len);
+    }
+    if (rc < 0)
         return nlocal ? 0 : -EIO; /* with local members, one of them takes it after all */
     return 1;
 }
@@ -874,6 +1029,23 @@ static void deliver(cluster *cl, const cl_in *in)
         if (hub_local_unicast(cl->h, aux, auxlen, data, dlen) <= 0)
             BUMP(cl->unicast_lost, 1); /* its last member left while it travelled */
         break;
+    case E_UNICAST_TO:
+        BUMP(cl->in[K_UNICAST], 1);
+        if (hub_local_unicast(cl->h, aux, auxlen, data, dlen) > 0)
+            break;
+        /* The publisher picked this node from a heartbeat older than the departure of its
+         * last member: one more hop, through the queue group (the nodes subscribed to it have
+         * members now), never a second one. */
+        if (cl_reach(cl, aux, auxlen) > 0) {
+            char subj[SUBJ_MAX];
+            tag_subject(cl, 'u', aux, auxlen, subj, sizeof(subj));
+            if (publish(cl, subj, K_UNICAST, E_UNICAST, 0, aux, auxlen, data, dlen) == 0) {
+                BUMP(cl->unicast_rerouted, 1);
+                break;
+            }
+        }
+        BUMP(cl->unicast_lost, 1);
+        break;
     case E_SEND:
     case E_TAG:
     case E_CLOSE:
@@ -938,11 +1110,17 @@ static void send_heartbeat(cluster *cl, int bye)
         json_object_object_add(o, "bye", json_object_new_boolean(1));
     } else {
         json_object_object_add(o, "clients", json_object_new_int64(hub_clients(cl->h)));
-        json_object *tags = json_object_new_array();
+        /* "members" (each listed tag's local members, in the same order) weighs the nodes in
+         * the others' unicast rotations; a node that sends none counts 1 for each tag */
+        json_object *tags = json_object_new_array(), *members = json_object_new_array();
         size_t i = 0;
-        for (cl_tag *t = cl->tags; t && i < CL_HB_TAGS; t = t->next, i++)
+        for (cl_tag *t = cl->tags; t && i < CL_HB_TAGS; t = t->next, i++) {
             json_object_array_add(tags, json_object_new_string_len(t->name, (int)t->len));
+            json_object_array_add(members,
+                                  json_object_new_int(hub_tag_members(cl->h, t->name, t->len)));
+        }
         json_object_object_add(o, "tags", tags);
+        json_object_object_add(o, "members", members);
         json_object_object_add(o, "tags_more", json_object_new_boolean(cl->ntags > CL_HB_TAGS));
         uint64_t out = 0, in = 0;
         for (int k = 0; k < K_NKINDS; k++) {
@@ -1010,7 +1188,7 @@ static void take_heartbeat(cluster *cl, natsMsg *m)
         json_object_put(o);
         return;
     }
-    json_object *bye, *tags;
+    json_object *bye, *tags, *members = NULL;
     pthread_mutex_lock(&cl->mu);
     cl_node **pp = &cl->nodes;
     while (*pp && (*pp)->nid != (uint32_t)nid)
@@ -1048,7 +1226,11 @@ static void take_heartbeat(cluster *cl, natsMsg *m)
     node_tags_free(n);
     if (json_object_object_get_ex(o, "tags", &tags) && json_object_is_type(tags, json_type_array)) {
         size_t nt = json_object_array_length(tags);
-        n->tags = nt ? hub_calloc(nt, sizeof(char *)) : NULL;
+        if (!json_object_object_get_ex(o, "members", &members) ||
+            !json_object_is_type(members, json_type_array) ||
+            json_object_array_length(members) != nt)
+            members = NULL;
+        n->tags = nt ? hub_calloc(nt, sizeof(*n->tags)) : NULL;
         if (nt && !n->tags) {
             n->tags_more = 1; /* unknown: treat as having every tag */
         } else {
@@ -1060,10 +1242,14 @@ static void take_heartbeat(cluster *cl, natsMsg *m)
                     n->tags_more = 1;
                     continue;
                 }
-                n->tags[n->ntags++] = c;
+                int64_t k =
+                    members ? json_object_get_int64(json_object_array_get_idx(members, i)) : 1;
+                n->tags[n->ntags++] = (cl_ntag){c, k < 1           ? 1
+                                                   : k > INT32_MAX ? INT32_MAX
+                                                                   : (uint32_t)k};
             }
             if (n->ntags > 1)
-                qsort(n->tags, n->ntags, sizeof(char *), cmp_str);
+                qsort(n->tags, n->ntags, sizeof(*n->tags), cmp_ntag);
         }
     }
     pthread_mutex_unlock(&cl->mu);
@@ -1100,6 +1286,7 @@ static void hb_cb(struct ev_loop *loop, ev_timer *w, int revents)
     (void)revents;
     cluster *cl = w->data;
     expire_nodes(cl);
+    rr_prune(cl, cl->conf.node_timeout / 1000.0);
     if (!cl->stopping)
         send_heartbeat(cl, 0);
     /* for the stats, which any thread may read */
@@ -1194,11 +1381,15 @@ static const hub_ctl_spec cluster_spec = {
     "then this node's cluster counters.",
     NULL, 0};
 
-static json_object *tags_json(char **tags, size_t n)
+static json_object *tags_json(const cl_ntag *tags, size_t n, int members)
 {
-    json_object *a = json_object_new_array();
-    for (size_t i = 0; i < n; i++)
-        json_object_array_add(a, json_object_new_string(tags[i]));
+    json_object *a = members ? json_object_new_object() : json_object_new_array();
+    for (size_t i = 0; i < n; i++) {
+        if (members)
+            json_object_object_add(a, tags[i].name, json_object_new_int64(tags[i].members));
+        else
+            json_object_array_add(a, json_object_new_string(tags[i].name));
+    }
     return a;
 }
 
@@ -1222,10 +1413,14 @@ static void cmd_cluster(hub_ctl_call *call, json_object *params, void *ud)
     json_object_object_add(r, "server", json_object_new_string(url));
     json_object_object_add(r, "connected", json_object_new_boolean(atomic_load(&cl->connected)));
     json_object_object_add(r, "clients", json_object_new_int(hub_clients(cl->h)));
-    json_object *mytags = json_object_new_array();
-    for (cl_tag *t = cl->tags; t; t = t->next)
+    json_object *mytags = json_object_new_array(), *mine = json_object_new_object();
+    for (cl_tag *t = cl->tags; t; t = t->next) {
         json_object_array_add(mytags, json_object_new_string_len(t->name, (int)t->len));
+        json_object_object_add(mine, t->name,
+                               json_object_new_int(hub_tag_members(cl->h, t->name, t->len)));
+    }
     json_object_object_add(r, "tags", mytags);
+    json_object_object_add(r, "members", mine);
     json_object *nodes = json_object_new_array();
     ev_tstamp now = ev_now(cl->loop);
     pthread_mutex_lock(&cl->mu);
@@ -1234,7 +1429,8 @@ static void cmd_cluster(hub_ctl_call *call, json_object *params, void *ud)
         json_object_object_add(o, "node", json_object_new_string(n->name));
         json_object_object_add(o, "nid", json_object_new_int64(n->nid));
         json_object_object_add(o, "clients", json_object_new_int64(n->clients));
-        json_object_object_add(o, "tags", tags_json(n->tags, n->ntags));
+        json_object_object_add(o, "tags", tags_json(n->tags, n->ntags, 0));
+        json_object_object_add(o, "members", tags_json(n->tags, n->ntags, 1));
         json_object_object_add(o, "tags_more", json_object_new_boolean(n->tags_more));
         json_object_object_add(o, "last_seen_s", json_object_new_double(now - n->last_seen));
         json_object_object_add(o, "messages_from", json_object_new_int64((int64_t)n->in_from));
@@ -1261,6 +1457,8 @@ static void cmd_cluster(hub_ctl_call *call, json_object *params, void *ud)
     json_object_object_add(c, "gaps", json_object_new_int64((int64_t)GET(cl->gaps)));
     json_object_object_add(c, "unicast_lost",
                            json_object_new_int64((int64_t)GET(cl->unicast_lost)));
+    json_object_object_add(c, "unicast_rerouted",
+                           json_object_new_int64((int64_t)GET(cl->unicast_rerouted)));
     json_object_object_add(c, "direct_unknown",
                            json_object_new_int64((int64_t)GET(cl->direct_unknown)));
     json_object_object_add(c, "reconnects", json_object_new_int64((int64_t)GET(cl->reconnects)));
@@ -1399,7 +1597,8 @@ static int cluster_init(hub *h, void **state, char *err, size_t errlen)
     }
     cl->sent = hub_calloc(CL_STREAMS, sizeof(*cl->sent));
     cl->seen = hub_calloc(CL_STREAMS, sizeof(*cl->seen));
-    if (!cl->sent || !cl->seen) {
+    cl->rr = hub_calloc(CL_STREAMS, sizeof(*cl->rr));
+    if (!cl->sent || !cl->seen || !cl->rr) {
         snprintf(err, errlen, "cluster: out of memory");
         return -ENOMEM;
     }
@@ -1589,6 +1788,8 @@ static void cluster_free(void *state)
     ev_adapter_free(cl, cl->ev);
     streams_free(cl->sent);
     streams_free(cl->seen);
+    rr_prune(cl, 0);
+    hub_free(cl->rr);
     hub_free(cl->buf);
     hub_free(cl->inv);
     pthread_mutex_destroy(&cl->mu);
@@ -1633,8 +1834,13 @@ static size_t cluster_stats(void *state, hub_stat *out, size_t cap)
         "messages of another node's relays, multicasts or messages to this node that never "
         "came (numbering gaps: NATS had no interest yet, or dropped them)",
         0, GET(cl->gaps), "");
-    PUT("cluster_unicast_lost", "unicasts that reached this node after its last member left", 0,
-        GET(cl->unicast_lost), "");
+    PUT("cluster_unicast_lost",
+        "unicasts that reached this node after its last member left, with no other node to "
+        "take them",
+        0, GET(cl->unicast_lost), "");
+    PUT("cluster_unicast_rerouted",
+        "unicasts sent here after this node's last member left, passed on to the queue group", 0,
+        GET(cl->unicast_rerouted), "");
     PUT("cluster_direct_unknown", "send/tag/close by id for an id this node does not hold", 0,
         GET(cl->direct_unknown), "");
     PUT("cluster_bad_messages", "messages on cluster subjects that were not evhub's", 0,

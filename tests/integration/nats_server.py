@@ -107,3 +107,27 @@ def stop_all():
         s.stop()
         shutil.rmtree(s.dir, ignore_errors=True)
     del _servers[:]
+
+
+def publish(port, subject, payload):
+    """Publish one message as a bare NATS client would (the text protocol: CONNECT, PUB), and
+    wait for the server's PONG, so the message has been routed when this returns."""
+    if isinstance(payload, str):
+        payload = payload.encode()
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as s:
+        buf = b""
+        while b"\r\n" not in buf:
+            chunk = s.recv(4096)
+            if not chunk:
+                raise TestFailure("nats-server closed before INFO")
+            buf += chunk
+        s.sendall(b'CONNECT {"verbose":false,"pedantic":false}\r\nPUB %s %d\r\n%s\r\nPING\r\n'
+                  % (subject.encode(), len(payload), payload))
+        buf = b""
+        while b"PONG\r\n" not in buf:
+            chunk = s.recv(4096)
+            if not chunk:
+                raise TestFailure("nats-server closed before PONG: %r" % buf)
+            buf += chunk
+        if b"-ERR" in buf:
+            raise TestFailure("nats-server refused the publish: %r" % buf)

@@ -12,7 +12,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from evhub_harness import (Hub, Suite, check, check_eq, pump, request, run_once,  # noqa: E402
                            scaled, wait_eof, wait_for, wait_frames)
-from nats_server import NatsServer, free_port, stop_all  # noqa: E402
+from nats_server import NatsServer, free_port, publish, stop_all  # noqa: E402
 
 suite = Suite("cluster")
 
@@ -62,12 +62,14 @@ end)
 '''
 
 
-def node(name, servers, workers=0, unicast="local_first", evapi=None, more=""):
+def node(name, servers, workers=0, unicast="local_first", evapi=None, more="", heartbeat=200,
+         node_timeout=1000):
     ev = {"workers": workers}
     ev.update(evapi or {})
-    extra = ("[cluster]\nnats = %s\nnode = %s\nheartbeat = 200\nnode_timeout = 1000\n"
+    extra = ("[cluster]\nnats = %s\nnode = %s\nheartbeat = %d\nnode_timeout = %d\n"
              "unicast = %s\nreconnect_wait = 100\n" % (
-                 ",".join(s.url for s in servers), name, unicast)) + more
+                 ",".join(s.url for s in servers), name, heartbeat, node_timeout,
+                 unicast)) + more
     return Hub(SCRIPT, evapi=ev, extra=extra)
 
 
@@ -91,12 +93,20 @@ def wait_tag_seen(hubs, tag, holders):
                  "tag %s of %s seen by %s" % (tag, holders, h.conf))
 
 
+def wait_members(h, tag, want):
+    """h's view: node name -> its members of tag, for every name in want (0: not listed)."""
+    wait_for(lambda: cluster_view(h),
+             lambda v: all(next((x["members"].get(tag, 0) for x in v["nodes"]
+                                 if x["node"] == name), 0) == k for name, k in want.items()),
+             "members of %s %r as %s sees them" % (tag, want, h.conf))
+
+
 def start_cluster(servers, names=("A", "B", "C"), workers=0, unicast="local_first",
-                  server_of=None, more=""):
+                  server_of=None, more="", evapi=None, **kw):
     hubs = []
     for i, name in enumerate(names):
         srv = [servers[server_of[i]]] if server_of else servers
-        hubs.append(node(name, srv, workers, unicast, more=more).start())
+        hubs.append(node(name, srv, workers, unicast, evapi=evapi, more=more, **kw).start())
     wait_nodes(hubs)
     return hubs
 
@@ -208,10 +218,14 @@ def check_routing(hubs, workers):
     ca[1].send("relay:u-end")
     wait_frames(everyone, 1)
     pump(everyone, lambda: all(b"u-end" in x.frames for x in everyone), what="u-end")
-    got = [numbered(x.take(), b"u-") for x in g]
-    allgot = sorted(f for fr in got for f in fr if f != b"u-end")
+    got = [[f for f in numbered(x.take(), b"u-") if f != b"u-end"] for x in g]
+    allgot = sorted(f for fr in got for f in fr)
     check_eq(allgot, sorted(("u-%03d" % i).encode() for i in range(m)),
              "each unicast reached exactly one member")
+    # no local member: A rotates over B and C (one member each), in turn
+    check_eq([len(fr) for fr in got], [m // 2, m // 2], "local_first's remote rotation")
+    for fr in got:
+        check_eq(fr, sorted(fr), "order of one node's share")
     for x in everyone:
         x.take()
     # with a local member on the sender's node, local_first keeps them local
@@ -277,31 +291,86 @@ def two_routed_servers():
     check_routing(hubs, 0)
 
 
-@suite.case
 @with_servers
-def unicast_cluster_policy_spreads():
+def unicast_cluster_policy_spreads(workers):
+    """unicast = cluster: round robin over every member of the cluster. A rotates over the
+    nodes weighted by their members (A 1, B 2, C 1) and B rotates over its two ([evapi]
+    unicast = round_robin): from one publisher each member gets exactly a quarter."""
     s = NatsServer().start()
-    hubs = start_cluster([s], unicast="cluster")
-    members = [h.client(name="m" + h.conf[-12:]) for h in hubs]
+    hubs = start_cluster([s], unicast="cluster", workers=workers,
+                         evapi={"unicast": "round_robin"})
+    a, b, c = hubs
+    members = [a.client(name="mA"), b.client(name="mB1"), b.client(name="mB2"),
+               c.client(name="mC")]
     for x in members:
         tag(x, "pool")
-    wait_tag_seen(hubs, "pool", ["A", "B", "C"])
-    pub = hubs[0].client(name="pub")
-    n = scaled(300, 90)
+    wait_members(a, "pool", {"B": 2, "C": 1})
+    pub = a.client(name="pub")
+    n = scaled(400, 120)
     for i in range(n):
         pub.send("uc:pool:p-%04d" % i)
-    # A's own member gets its share back from NATS (the queue group includes A), later than
-    # A's local deliveries: wait for the count, then fence with a relay
-    pump(members, lambda: sum(len(x.frames) for x in members) >= n, what="%d unicasts" % n)
-    pub.send("relay:p-end")
-    pump(members, lambda: all(b"p-end" in x.frames for x in members), what="p-end")
-    got = [[f for f in x.take() if f != b"p-end"] for x in members]
-    check_eq(sorted(f for fr in got for f in fr), sorted(("p-%04d" % i).encode() for i in range(n)),
+    wait_frames(members, n // 4, others=[pub])
+    pub.send("relay:p-end")  # nothing more is on its way to anybody
+    wait_frames(members, n // 4 + 1, others=[pub])
+    got = [x.take() for x in members]
+    for x, fr in zip(members, got):
+        check_eq(fr[-1], b"p-end", "%s: the relay last" % x.name)
+        check_eq(fr[:-1], sorted(fr[:-1]), "%s: its share in the publisher's order" % x.name)
+    check_eq(sorted(f for fr in got for f in fr[:-1]),
+             sorted(("p-%04d" % i).encode() for i in range(n)),
              "each unicast reached exactly one member")
-    counts = [len(fr) for fr in got]
-    check(all(k > 0 for k in counts), "cluster policy spreads over every node: %r" % counts)
-    for fr in got:  # what one member got keeps the publisher's order
-        check_eq(fr, sorted(fr), "order of one member's share")
+    check_eq(stat(a, "cluster_out", "unicast"), 3 * n // 4, "A published the others' shares")
+    check_eq(stat(b, "cluster_in", "unicast"), n // 2, "B took its two members' share")
+    check_eq(stat(c, "cluster_in", "unicast"), n // 4, "C took its member's share")
+    for h in hubs:
+        check_eq(stat(h, "cluster_unicast_lost") + stat(h, "cluster_unicast_rerouted"), 0,
+                 "nothing lost or rerouted")
+
+
+@suite.case
+@with_servers
+def unicast_to_a_node_whose_member_left():
+    """A picks C from C's last heartbeat, but C has no member any more: C passes the unicast
+    on through the queue group (to B, the node with members), and counts it lost when no node
+    has one. C's heartbeat is made here (C's own come once a minute), so A's view is stale
+    for as long as the test needs."""
+    s = NatsServer().start()
+    a = node("A", [s], node_timeout=120000).start()
+    b = node("B", [s], node_timeout=120000).start()
+    c = node("C", [s], heartbeat=60000, node_timeout=120000).start()
+    hubs = [a, b, c]
+    wait_nodes(hubs)
+    mb = b.client(name="mB")
+    tag(mb, "pool")
+    wait_members(c, "pool", {"B": 1})
+    nid_c = cluster_view(c)["nid"]
+    publish(s.port, "evhub.hb", json.dumps({"node": "C", "nid": nid_c, "clients": 3,
+                                            "tags": ["pool"], "members": [3]}))
+    wait_members(a, "pool", {"B": 1, "C": 3})
+    pub = a.client(name="pub")
+    m = 40
+    for i in range(m):
+        pub.send("uc:pool:r-%03d" % i)
+    wait_frames([mb], m, others=[pub])
+    check_eq(sorted(mb.take()), [("r-%03d" % i).encode() for i in range(m)],
+             "every unicast reached B's member once")
+    check_eq(stat(c, "cluster_in", "unicast"), 3 * m // 4, "C was sent its three quarters")
+    check_eq(stat(c, "cluster_unicast_rerouted"), 3 * m // 4, "C passed them on")
+    check_eq(stat(b, "cluster_in", "unicast"), m, "B took its quarter and C's")
+    # B's member goes: C has nobody to pass them to
+    mb.close()
+    wait_for(lambda: cluster_view(c), lambda v: v["nodes"] and all(
+        "pool" not in x["tags"] for x in v["nodes"]), "C sees B without members")
+    wait_members(a, "pool", {"B": 0, "C": 3})
+    k = 5
+    for i in range(k):
+        pub.send("uc:pool:lost-%d" % i)
+    pub.send("info")  # A handled the unicasts before it answers this
+    wait_frames([pub], 1)
+    wait_for(lambda: stat(c, "cluster_unicast_lost"), lambda v: v == k,
+             "C counts the %d it could pass to nobody" % k)
+    check_eq(stat(c, "cluster_unicast_rerouted"), 3 * m // 4, "none of those rerouted")
+    check_eq(stat(a, "cluster_out", "unicast"), m + k, "A's unicasts all left A")
 
 
 @with_servers
@@ -458,6 +527,8 @@ def token_auth_and_a_server_down_at_start():
 
 
 for _w in (0, 2):
+    suite.case_with("unicast_cluster_policy_spreads_workers%d" % _w,
+                    unicast_cluster_policy_spreads, _w)
     suite.case_with("node_killed_is_dropped_workers%d" % _w, node_killed_is_dropped, _w)
     suite.case_with("nats_restart_mid_stream_workers%d" % _w, nats_restart_mid_stream, _w)
     suite.case_with("slow_node_does_not_slow_others_workers%d" % _w,
