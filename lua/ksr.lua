@@ -124,6 +124,9 @@ end
 function TM.t_newtran()
     return R.newtran()
 end
+function TM.t_check_trans()
+    return R.check_trans()
+end
 function TM.t_reply(code, reason)
     return R.reply("KSR.tm.t_reply", code, reason)
 end

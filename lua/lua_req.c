@@ -109,6 +109,16 @@ static int k_newtran(lua_State *L)
     return 1;
 }
 
+/* H.req.check_trans(): -1. A request that belongs to a transaction (a retransmission, the ACK
+ * of a non-2xx final reply, a CANCEL) is taken by the SIP module before any route runs, so
+ * the request a route sees never does; Kamailio scripts call it first, for ACKs mostly. */
+static int k_check_trans(lua_State *L)
+{
+    need_req(L, "KSR.tm.t_check_trans");
+    lua_pushinteger(L, -1);
+    return 1;
+}
+
 /* Suspend the current request and relay data to the application(s): kind 0 relay,
  * 1 multicast, 2 unicast. 1, or -1 when nothing could receive it (nothing is suspended). */
 static int async_relay(lua_State *L, hub_script *s, int kind, const char *who, const char *data,
@@ -208,8 +218,13 @@ static int k_continue(lua_State *L)
 void hlua__push_req_helpers(lua_State *L)
 {
     static const luaL_Reg fns[] = {
-        {"pv", k_pv},           {"reply", k_reply}, {"append_to_reply", k_append},
-        {"newtran", k_newtran}, {"async", k_async}, {"t_continue", k_continue},
+        {"pv", k_pv},
+        {"reply", k_reply},
+        {"append_to_reply", k_append},
+        {"newtran", k_newtran},
+        {"async", k_async},
+        {"t_continue", k_continue},
+        {"check_trans", k_check_trans},
         {NULL, NULL},
     };
     luaL_newlib(L, fns);

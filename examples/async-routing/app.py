@@ -34,14 +34,15 @@ def main():
             return
         buf += chunk
         out = []
+        pos = 0  # frames are taken by offset: one copy of what is left per read, not per frame
         while True:
-            colon = buf.find(b":")
+            colon = buf.find(b":", pos)
             if colon < 0:
                 break
-            n = int(buf[:colon])
+            n = int(buf[pos:colon])
             if len(buf) < colon + n + 2:
                 break
-            frame, buf = buf[colon + 1:colon + 1 + n], buf[colon + n + 2:]
+            frame, pos = buf[colon + 1:colon + 1 + n], colon + n + 2
             try:
                 req = json.loads(frame)
             except ValueError:
@@ -56,6 +57,7 @@ def main():
                 ans["code"], ans["reason"] = 404, "Unknown Number"
             body = json.dumps(ans).encode()
             out.append(b"%d:%s," % (len(body), body))
+        buf = buf[pos:]
         if out:
             if delay:
                 time.sleep(delay)

@@ -1,7 +1,25 @@
 -- Async routing, Kamailio KEMI dialect: each INVITE is suspended and relayed to a routing
 -- application over evapi; its answer resumes the transaction with t_continue, which sends a
--- 302 with the Contact the application chose. The same script runs in Kamailio with evapi,
--- tm, tmx, sl, textops (append_to_reply) and a JSON decoder.
+-- 302 with the Contact the application chose. The same script runs unchanged in Kamailio 5.6
+-- (examples/async-routing/kamailio.cfg: evapi, tm, tmx, sl, pv, app_lua): it encodes and
+-- decodes its JSON with the small functions below, since Kamailio's Lua has no JSON library
+-- (in evhub alone, the `json` global would do).
+
+-- A JSON string, escaped (Call-IDs and user parts may hold quotes and backslashes).
+local function jstr(s)
+    return '"' .. tostring(s):gsub('[%c"\\]', function(c)
+        return string.format("\\u%04x", string.byte(c))
+    end) .. '"'
+end
+
+-- A field of the application's flat JSON answer: a number, or a string without escapes.
+local function jfield(text, name)
+    local v = text:match('"' .. name .. '"%s*:%s*(-?%d+)')
+    if v then
+        return tonumber(v)
+    end
+    return text:match('"' .. name .. '"%s*:%s*"([^"\\]*)"')
+end
 
 function ksr_request_route()
     local method = KSR.pv.get("$rm")
@@ -9,19 +27,20 @@ function ksr_request_route()
         KSR.sl.sl_send_reply(200, "OK")
         return
     end
+    if method == "ACK" then
+        -- The ACK of a final reply belongs to its transaction: Kamailio absorbs it here
+        -- (evhub before any route runs). An ACK for nothing is dropped.
+        KSR.tm.t_check_trans()
+        return
+    end
     if method ~= "INVITE" then
         KSR.sl.sl_send_reply(405, "Method Not Allowed")
         return
     end
     KSR.tm.t_newtran()
-    local data = json.encode({
-        event = "route",
-        tindex = KSR.pv.get("$T(id_index)"),
-        tlabel = KSR.pv.get("$T(id_label)"),
-        callid = KSR.pv.get("$ci"),
-        caller = KSR.pv.get("$fU"),
-        callee = KSR.pv.get("$rU"),
-    })
+    local data = string.format('{"event":"route","tindex":%d,"tlabel":%d,"callid":%s,'
+        .. '"caller":%s,"callee":%s}', KSR.pv.get("$T(id_index)"), KSR.pv.get("$T(id_label)"),
+        jstr(KSR.pv.get("$ci")), jstr(KSR.pv.get("$fU") or ""), jstr(KSR.pv.get("$rU") or ""))
     -- No routing application connected: answer at once rather than suspend.
     if KSR.evapi.async_unicast(data, "router") < 0 then
         KSR.sl.sl_send_reply(503, "No Routing Application")
@@ -34,8 +53,11 @@ function ksr_evapi_event(evname)
     if evname == "evapi:connection-new" then
         KSR.evapi.set_tag("router")
     elseif evname == "evapi:message-received" then
-        local ok, a = pcall(json.decode, KSR.pv.get("$evapi(msg)"))
-        if not ok or type(a) ~= "table" or not a.tindex then
+        local msg = KSR.pv.get("$evapi(msg)") or ""
+        local a = {tindex = jfield(msg, "tindex"), tlabel = jfield(msg, "tlabel"),
+            contact = jfield(msg, "contact"), code = jfield(msg, "code"),
+            reason = jfield(msg, "reason")}
+        if not a.tindex or not a.tlabel then
             KSR.err("routing application sent something that is not an answer\n")
             return
         end

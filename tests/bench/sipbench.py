@@ -2,13 +2,17 @@
 """SIP through the async round trip, next to answering directly (not a test).
 
   sipbench.py EVHUB [--rates 1000,2000,4000,8000] [--seconds 5] [--workers 0]
+                    [--rounds 1] [--no-kamailio] [--kam-children 2]
 
 For each rate, alternately: (a) direct: the KEMI request route answers 302 itself;
 (b) async: the route suspends the INVITE, relays it to the routing application
-(examples/async-routing/app.py), and t_continue answers 302 with its Contact. sipp (UAC,
+(examples/async-routing/app.py), and t_continue answers 302 with its Contact; (c) kamailio:
+Kamailio 5.6 (when installed) running the same script, examples/async-routing/kemi.lua,
+unchanged, with examples/async-routing/kamailio.cfg and the same application. sipp (UAC,
 INVITE -> 302 -> ACK) offers the rate for SECONDS; printed: calls completed and failed, the
 rate reached, response time p50/p90/p99 (sipp's rtd, from the INVITE to the 302), and the
-hub's CPU seconds per 1,000 calls."""
+hub's CPU seconds per 1,000 calls (for Kamailio: all of its processes). The hub (every
+Kamailio process) runs on CPU 0, sipp and the application on CPU 1."""
 
 import argparse
 import csv
@@ -25,6 +29,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SRC = os.path.dirname(os.path.dirname(HERE))
 SCEN = os.path.join(SRC, "tests", "integration", "sip", "uac_302.xml")
 APP = os.path.join(SRC, "examples", "async-routing", "app.py")
+KAM_CFG = os.path.join(SRC, "examples", "async-routing", "kamailio.cfg")
 
 DIRECT = r'''
 function ksr_evapi_event(evname) end
@@ -49,7 +54,58 @@ def cpu(pid):
     return (int(fl[11]) + int(fl[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def run(evhub, mode, rate, seconds, workers):
+def group_cpu(pgid):
+    """CPU seconds of every process in a process group (Kamailio forks a dozen)."""
+    total = 0.0
+    for p in os.listdir("/proc"):
+        if not p.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % p) as f:
+                fl = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fl[2]) == pgid:
+            total += (int(fl[11]) + int(fl[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def wait_port(port, proc, secs=20):
+    end = time.time() + secs
+    while time.time() < end and proc.poll() is None:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return True
+        except OSError:
+            time.sleep(0.1)
+    return False
+
+
+def start_kamailio(d, script, sport, eport, children):
+    run_dir = os.path.join(d, "run")
+    os.mkdir(run_dir)
+    kam = subprocess.Popen(
+        ["taskset", "-c", "0", "kamailio", "-f", KAM_CFG, "-DD", "-E", "-Y", run_dir,
+         "-m", "256", "-M", "16", "-A", 'EVAPI_BIND="127.0.0.1:%d"' % eport,
+         "-A", "SIP_LISTEN=udp:127.0.0.1:%d" % sport, "-A", 'LUA_SCRIPT="%s"' % script,
+         "-A", "SIP_CHILDREN=%d" % children],
+        stdout=subprocess.DEVNULL, stderr=open(os.path.join(d, "log"), "w"),
+        start_new_session=True)
+    if not wait_port(eport, kam):
+        sys.stderr.write("kamailio did not start: %s\n" % open(os.path.join(d, "log")).read()[-800:])
+    return kam
+
+
+def stop_kamailio(kam):
+    try:
+        os.killpg(kam.pid, 15)
+        kam.wait(10)
+    except (OSError, subprocess.TimeoutExpired):
+        os.killpg(kam.pid, 9)
+        kam.wait()
+
+
+def run(evhub, mode, rate, seconds, workers, kam_children=2):
     d = tempfile.mkdtemp(prefix="sipbench-")
     script = os.path.join(d, "s.lua")
     if mode == "direct":
@@ -57,22 +113,27 @@ def run(evhub, mode, rate, seconds, workers):
     else:
         shutil.copy(os.path.join(SRC, "examples", "async-routing", "kemi.lua"), script)
     sport, eport = free_port(socket.SOCK_DGRAM), free_port(socket.SOCK_STREAM)
-    conf = os.path.join(d, "evhub.conf")
-    open(conf, "w").write(
-        "[evapi]\nbind_addr = 127.0.0.1:%d\nworkers = %d\nevent_callback = ksr_evapi_event\n"
-        "[lua]\nscript = %s\n[log]\nlevel = notice\n[control]\nsocket = %s/ctl.sock\n"
-        "[sip]\nlisten = udp:127.0.0.1:%d\nasync_timeout = 5000\n"
-        % (eport, workers, script, d, sport))
-    hub = subprocess.Popen(["taskset", "-c", "0", evhub, "-f", "-c", conf],
-                           stdout=subprocess.DEVNULL, stderr=open(os.path.join(d, "log"), "w"))
-    time.sleep(0.5)
+    if mode == "kamailio":
+        hub = start_kamailio(d, script, sport, eport, kam_children)
+        cpu_of = lambda: group_cpu(hub.pid)  # noqa: E731
+    else:
+        conf = os.path.join(d, "evhub.conf")
+        open(conf, "w").write(
+            "[evapi]\nbind_addr = 127.0.0.1:%d\nworkers = %d\nevent_callback = ksr_evapi_event\n"
+            "[lua]\nscript = %s\n[log]\nlevel = notice\n[control]\nsocket = %s/ctl.sock\n"
+            "[sip]\nlisten = udp:127.0.0.1:%d\nasync_timeout = 5000\n"
+            % (eport, workers, script, d, sport))
+        hub = subprocess.Popen(["taskset", "-c", "0", evhub, "-f", "-c", conf],
+                               stdout=subprocess.DEVNULL, stderr=open(os.path.join(d, "log"), "w"))
+        wait_port(eport, hub)
+        cpu_of = lambda: cpu(hub.pid)  # noqa: E731
     app = None
-    if mode == "async":
+    if mode != "direct":
         app = subprocess.Popen(["taskset", "-c", "1", sys.executable, APP,
                                 "127.0.0.1:%d" % eport], stdout=subprocess.PIPE, text=True)
         app.stdout.readline()
         time.sleep(0.2)
-    c0 = cpu(hub.pid)
+    c0 = cpu_of()
     n = rate * seconds
     r = subprocess.run(["taskset", "-c", "1", "sipp", "-sf", SCEN, "127.0.0.1:%d" % sport,
                         "-s", "100", "-r", str(rate), "-m", str(n), "-l", str(rate * 10),
@@ -80,9 +141,12 @@ def run(evhub, mode, rate, seconds, workers):
                         "-nostdin", "-buff_size", "8388608", "-timeout", str(seconds + 30), "-trace_rtt",
                         "-rtt_freq", "100", "-trace_stat", "-stf", "stat.csv"],
                        cwd=d, capture_output=True, text=True)
-    c1 = cpu(hub.pid)
-    hub.terminate()
-    hub.wait()
+    c1 = cpu_of()
+    if mode == "kamailio":
+        stop_kamailio(hub)
+    else:
+        hub.terminate()
+        hub.wait()
     if app:
         app.kill()
     ok = bad = 0
@@ -120,15 +184,24 @@ def main():
     ap.add_argument("--rates", default="1000,2000,4000,8000")
     ap.add_argument("--seconds", type=int, default=5)
     ap.add_argument("--workers", type=int, default=0)
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--no-kamailio", action="store_true", help="leave Kamailio out")
+    ap.add_argument("--kam-children", type=int, default=2, help="Kamailio's SIP children")
     a = ap.parse_args()
-    print("%-6s %6s %8s %7s %9s %8s %8s %8s %12s" % ("mode", "rate", "ok", "failed", "calls/s",
+    modes = ["direct", "async"]
+    if not a.no_kamailio:
+        if shutil.which("kamailio"):
+            modes.append("kamailio")
+        else:
+            print("(kamailio is not installed: its runs are left out)")
+    print("%-8s %6s %8s %7s %9s %8s %8s %8s %12s" % ("mode", "rate", "ok", "failed", "calls/s",
                                                    "p50 ms", "p90 ms", "p99 ms", "cpu s/1k"))
-    for rate in [int(x) for x in a.rates.split(",")]:
+    for rate in [int(x) for x in a.rates.split(",")] * a.rounds:
         res = {}
-        for mode in ("direct", "async"):
-            res[mode] = run(a.evhub, mode, rate, a.seconds, a.workers)
+        for mode in modes:
+            res[mode] = run(a.evhub, mode, rate, a.seconds, a.workers, a.kam_children)
             x = res[mode]
-            print("%-6s %6d %8d %7d %9.0f %8.2f %8.2f %8.2f %12.3f" % (
+            print("%-8s %6d %8d %7d %9.0f %8.2f %8.2f %8.2f %12.3f" % (
                 mode, rate, x["ok"], x["bad"], x["cps"], x["p50"], x["p90"], x["p99"],
                 x["cpu_per_k"]))
             sys.stdout.flush()
@@ -136,6 +209,10 @@ def main():
         if d["cps"]:
             print("       async/direct: calls/s %.2f, p99 %+.2f ms" % (s["cps"] / d["cps"],
                                                                   s["p99"] - d["p99"]))
+        k = res.get("kamailio")
+        if k and k["cps"]:
+            print("       evhub async/kamailio: calls/s %.2f, CPU per call %.2f" % (
+                s["cps"] / k["cps"], s["cpu_per_k"] / max(k["cpu_per_k"], 1e-9)))
 
 
 if __name__ == "__main__":

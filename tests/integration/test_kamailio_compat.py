@@ -34,6 +34,12 @@ Where the two must agree and each case's scenario:
   close_in_connection_new         the documented ACL: close() in evapi:connection-new
   max_clients_8                   8 clients, the 9th refused, the freed slot reused
   framing_fixed_in_evhub          the documented framing differences (evhub asserted only)
+  async_routing_example           examples/async-routing/kemi.lua (the SIP async round trip:
+                                  async_unicast, t_continue, append_to_reply, t_reply,
+                                  t_check_trans) in Kamailio (tm, tmx, sl, pv with
+                                  examples/async-routing/kamailio.cfg) and in evhub ([sip]),
+                                  the same routing application connected to each: the same
+                                  replies to the same INVITEs, the ACK absorbed by both
 
 Requires the Debian packages kamailio, kamailio-extra-modules (evapi) and kamailio-lua-modules
 (app_lua). Without them every case FAILS (never skips).
@@ -799,6 +805,137 @@ def framing_fixed_in_evhub():
                 "x" * 40000, "sync-3"]
         check_eq(got, want, "%s: frames to a" % ev.name)
         ev.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# The SIP async round trip of examples/async-routing, in both
+
+EXAMPLE = os.path.join(os.path.dirname(os.path.dirname(HERE)), "examples", "async-routing")
+
+
+class KamailioSip(Kamailio):
+    """Kamailio with tm/tmx/sl and the async-routing example's script."""
+
+    name = "kamailio(async-routing)"
+
+    def command(self):
+        return [KAMAILIO, "-f", os.path.join(EXAMPLE, "kamailio.cfg"), "-DD", "-E", "-Y",
+                self.dir, "-m", "64", "-M", "8",
+                "-A", 'EVAPI_BIND="127.0.0.1:%d"' % self.port,
+                "-A", "SIP_LISTEN=udp:127.0.0.1:%d" % self.sip_port,
+                "-A", 'LUA_SCRIPT="%s"' % os.path.join(EXAMPLE, "kemi.lua")]
+
+
+def sip_exchange(port, callee, n):
+    """INVITE n to sip:CALLEE@127.0.0.1:PORT from a fresh UDP socket, ACK its final reply,
+    then listen 1.2 s (timer G would resend the reply at 0.5 s). Returns (final status line,
+    Contact header or None, provisional status codes, replies after the ACK)."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("127.0.0.1", 0))
+    me = s.getsockname()[1]
+    head = ("%%s sip:%s@127.0.0.1:%d SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:%d;branch=z9hG4bK"
+            "cmp%d\r\nFrom: <sip:alice@127.0.0.1>;tag=f%d\r\n%%s\r\nCall-ID: cmp-%d@evhub\r\n"
+            "CSeq: 1 %%s\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n"
+            % (callee, port, me, n, n, n))
+    s.sendto((head % ("INVITE", "To: <sip:%s@127.0.0.1>" % callee, "INVITE")).encode(),
+             ("127.0.0.1", port))
+    prov, final, deadline = [], None, time.monotonic() + STEP_TIMEOUT
+    while final is None:
+        s.settimeout(max(0.01, deadline - time.monotonic()))
+        try:
+            text = s.recv(65536).decode("utf-8", "replace")
+        except socket.timeout:
+            raise TestFailure("no final reply to INVITE %d (to %s) within %.0f s; got %r"
+                              % (n, callee, STEP_TIMEOUT, prov))
+        code = int(text.split(" ", 2)[1])
+        if code < 200:
+            prov.append(code)
+            continue
+        final = text
+    lines = final.split("\r\n")
+    to = [x for x in lines if x.lower().startswith("to:")][0]
+    contact = ([x for x in lines if x.lower().startswith("contact:")] or [None])[0]
+    s.sendto((head % ("ACK", to, "ACK")).encode(), ("127.0.0.1", port))
+    after = []
+    end = time.monotonic() + 1.2
+    while time.monotonic() < end:
+        s.settimeout(max(0.01, end - time.monotonic()))
+        try:
+            after.append(s.recv(65536).decode("utf-8", "replace").split("\r\n")[0])
+        except socket.timeout:
+            pass
+    s.close()
+    return lines[0], contact, prov, after
+
+
+def routing_app(addr):
+    p = subprocess.Popen([sys.executable, os.path.join(EXAMPLE, "app.py"), "%s:%d" % addr],
+                         stdout=subprocess.PIPE, text=True)
+    line = p.stdout.readline().split()
+    if line[:2] != ["app:", "connected"]:
+        p.kill()
+        raise TestFailure("the routing application did not connect to %s:%d" % addr)
+    return p
+
+
+def async_routing_transcript(target, sip_port, settle):
+    app = routing_app(target.addr)
+    try:
+        settle()
+        return [sip_exchange(sip_port, callee, i)
+                for i, callee in enumerate(["100", "4242", "alice", "100"])]
+    finally:
+        app.kill()
+        app.wait()
+
+
+@suite.case
+def async_routing_example():
+    """The async-routing example's KEMI script, unchanged, in Kamailio and in evhub."""
+    require_kamailio()
+    for mod in ("tm.so", "tmx.so", "sl.so", "pv.so"):
+        check(any(os.path.exists(os.path.join(d, mod)) for d in KAM_MODDIRS),
+              "Kamailio module %s is installed" % mod)
+    kam = KamailioSip().start()
+    try:
+        # Kamailio runs connection-new (set_tag) in its evapi dispatcher; give it a moment.
+        ref = async_routing_transcript(kam, kam.sip_port, lambda: time.sleep(0.5))
+    finally:
+        kam.cleanup()
+    finals = [(r[0], r[1]) for r in ref]
+    check_eq(finals, [
+        ("SIP/2.0 302 Moved Temporarily", "Contact: <sip:100@10.0.0.101:5060>"),
+        ("SIP/2.0 302 Moved Temporarily", "Contact: <sip:4242@10.0.0.243:5060>"),
+        ("SIP/2.0 404 Unknown Number", None),
+        ("SIP/2.0 302 Moved Temporarily", "Contact: <sip:100@10.0.0.101:5060>"),
+    ], "Kamailio's final replies (the reference)")
+    check_eq([r[3] for r in ref], [[]] * 4, "Kamailio absorbed each ACK (no reply resent)")
+    sys.path.insert(0, HERE)
+    from test_sip import start as start_sip, stats as sip_stats  # noqa: E402
+    for workers in (0, 2):
+        h = start_sip(script=open(os.path.join(EXAMPLE, "kemi.lua")).read(), workers=workers)
+        try:
+            got = async_routing_transcript(
+                h, h.sip_port, lambda: wait_clients(h, sip_stats))
+            check_eq([(r[0], r[1]) for r in got], finals,
+                     "evhub (workers=%d): the same final replies as Kamailio" % workers)
+            check_eq([r[3] for r in got], [[]] * 4,
+                     "evhub (workers=%d): each ACK absorbed" % workers)
+            check(all(r[2] == [100] for r in got), "evhub (workers=%d): a 100 Trying "
+                  "before each final reply (Kamailio: %r)" % (workers, [r[2] for r in ref]))
+            st = h.ctl_json("sip", "status")
+            check_eq((st["suspended"], st["acks_absorbed"]), (0, 4),
+                     "evhub (workers=%d): nothing suspended, 4 ACKs absorbed" % workers)
+        finally:
+            h.stop()
+
+
+def wait_clients(h, stats_fn):
+    deadline = time.monotonic() + TIMEOUT
+    while stats_fn(h)["clients"] < 1:
+        if time.monotonic() > deadline:
+            raise TestFailure("the routing application's connection was not seen")
+        time.sleep(0.02)
 
 
 if __name__ == "__main__":
