@@ -18,6 +18,7 @@ import argparse
 import csv
 import glob
 import os
+import resource
 import shutil
 import socket
 import subprocess
@@ -134,6 +135,8 @@ def run(evhub, mode, rate, seconds, workers, kam_children=2):
         app.stdout.readline()
         time.sleep(0.2)
     c0 = cpu_of()
+    a0 = cpu(app.pid) if app else 0.0
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     n = rate * seconds
     r = subprocess.run(["taskset", "-c", "1", "sipp", "-sf", SCEN, "127.0.0.1:%d" % sport,
                         "-s", "100", "-r", str(rate), "-m", str(n), "-l", str(rate * 10),
@@ -142,6 +145,9 @@ def run(evhub, mode, rate, seconds, workers, kam_children=2):
                         "-rtt_freq", "100", "-trace_stat", "-stf", "stat.csv"],
                        cwd=d, capture_output=True, text=True)
     c1 = cpu_of()
+    a1 = cpu(app.pid) if app else 0.0
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    sipp_cpu = (r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime)
     if mode == "kamailio":
         stop_kamailio(hub)
     else:
@@ -175,7 +181,8 @@ def run(evhub, mode, rate, seconds, workers, kam_children=2):
     if r.returncode not in (0, 1):
         sys.stderr.write(r.stdout[-500:] + r.stderr[-500:])
     return {"ok": ok, "bad": bad, "cps": ok / elapsed if elapsed else 0, "p50": pct(0.5),
-            "p90": pct(0.9), "p99": pct(0.99), "cpu_per_k": (c1 - c0) * 1000.0 / max(ok, 1)}
+            "p90": pct(0.9), "p99": pct(0.99), "cpu_per_k": (c1 - c0) * 1000.0 / max(ok, 1),
+            "sipp_busy": sipp_cpu / max(elapsed, 1e-9), "app_busy": (a1 - a0) / max(elapsed, 1e-9)}
 
 
 def main():
@@ -194,16 +201,17 @@ def main():
             modes.append("kamailio")
         else:
             print("(kamailio is not installed: its runs are left out)")
-    print("%-8s %6s %8s %7s %9s %8s %8s %8s %12s" % ("mode", "rate", "ok", "failed", "calls/s",
-                                                   "p50 ms", "p90 ms", "p99 ms", "cpu s/1k"))
+    print("%-8s %6s %8s %7s %9s %8s %8s %8s %12s %6s %6s" % (
+        "mode", "rate", "ok", "failed", "calls/s", "p50 ms", "p90 ms", "p99 ms", "cpu s/1k",
+        "sipp%", "app%"))
     for rate in [int(x) for x in a.rates.split(",")] * a.rounds:
         res = {}
         for mode in modes:
             res[mode] = run(a.evhub, mode, rate, a.seconds, a.workers, a.kam_children)
             x = res[mode]
-            print("%-8s %6d %8d %7d %9.0f %8.2f %8.2f %8.2f %12.3f" % (
+            print("%-8s %6d %8d %7d %9.0f %8.2f %8.2f %8.2f %12.3f %6.0f %6.0f" % (
                 mode, rate, x["ok"], x["bad"], x["cps"], x["p50"], x["p90"], x["p99"],
-                x["cpu_per_k"]))
+                x["cpu_per_k"], 100 * x["sipp_busy"], 100 * x["app_busy"]))
             sys.stdout.flush()
         d, s = res["direct"], res["async"]
         if d["cps"]:
