@@ -15,7 +15,7 @@ SIP_BUILD_PKGS      = libosip2-dev
 SIP_TEST_PKGS       = sip-tester
 RABBITMQ_TEST_PKGS  = rabbitmq-server amqp-tools
 CLUSTER_BUILD_PKGS  = libnats-dev
-CLUSTER_TEST_PKGS   = nats-server
+CLUSTER_TEST_PKGS   = nats-server openssl
 BUILD_PKGS  = build-essential cmake pkg-config libev-dev liblua5.4-dev libjson-c-dev \
               libinih-dev libcmocka-dev $(KAFKA_BUILD_PKGS) $(RABBITMQ_BUILD_PKGS) \
               $(CLUSTER_BUILD_PKGS) $(SIP_BUILD_PKGS)

@@ -1337,12 +1337,15 @@ static void on_connected(natsConnection *nc, void *closure)
 
 static void on_closed(natsConnection *nc, void *closure)
 {
-    (void)nc;
     cluster *cl = closure;
     atomic_store(&cl->connected, 0);
+    const char *why = NULL;
+    natsConnection_GetLastError(nc, &why);
     if (!cl->stopping)
-        hub_log(HUB_LOG_ERR, "cluster: the NATS connection is closed for good (credentials "
-                             "refused?): this node is alone until it restarts");
+        hub_log(HUB_LOG_ERR,
+                "cluster: the NATS connection is closed for good (%s): this node is alone until "
+                "it restarts",
+                why && *why ? why : "the server refused it");
 }
 
 static void on_error(natsConnection *nc, natsSubscription *sub, natsStatus err, void *closure)
@@ -1606,6 +1609,18 @@ static int cluster_init(hub *h, void **state, char *err, size_t errlen)
     return 0;
 }
 
+/* This thread's last libnats error, without the "(conn.c:1905): " it starts with; NULL if none. */
+static const char *nats_why(void)
+{
+    const char *why = nats_GetLastError(NULL);
+    if (why && why[0] == '(') {
+        const char *e = strstr(why, "): ");
+        if (e)
+            why = e + 3;
+    }
+    return why && *why ? why : NULL;
+}
+
 #define NATS_TRY(call)                                                                             \
     do {                                                                                           \
         natsStatus s_ = (call);                                                                    \
@@ -1643,7 +1658,6 @@ static int cluster_start(void *state, char *err, size_t errlen)
     NATS_TRY(natsOptions_SetReconnectWait(cl->opts, c->reconnect_wait));
     NATS_TRY(natsOptions_SetReconnectBufSize(cl->opts, (int)c->reconnect_buffer));
     NATS_TRY(natsOptions_SetMaxPendingMsgs(cl->opts, c->max_pending_msgs));
-    NATS_TRY(natsOptions_SetRetryOnFailedConnect(cl->opts, true, on_connected, cl));
     NATS_TRY(natsOptions_SetDisconnectedCB(cl->opts, on_disconnected, cl));
     NATS_TRY(natsOptions_SetReconnectedCB(cl->opts, on_reconnected, cl));
     NATS_TRY(natsOptions_SetErrorHandler(cl->opts, on_error, cl));
@@ -1673,27 +1687,42 @@ static int cluster_start(void *state, char *err, size_t errlen)
     ev_init(&cl->soon_w, soon_cb);
     cl->soon_w.data = cl;
     /* The first connect runs here, before the loop: a TCP connect and handshake bounded by
-     * connect_timeout (host names are resolved here too). A server that is down is retried
-     * in the background (RetryOnFailedConnect): the hub starts without it. */
+     * connect_timeout (host names are resolved here too). Once without retrying, so that
+     * what the server or TLS refuses (credentials, a certificate, TLS on one side only)
+     * stops start-up with its reason: libnats would give up on those in the background. A
+     * server that is down (or silent) is retried in the background (RetryOnFailedConnect;
+     * its first attempt is one more connect_timeout here): the hub starts without it. */
+    NATS_TRY(natsOptions_SetRetryOnFailedConnect(cl->opts, false, NULL, NULL));
     natsStatus s = natsConnection_Connect(&cl->nc, cl->opts);
-    if (s == NATS_NOT_YET_CONNECTED) {
-        const char *why = NULL;
-        natsConnection_GetLastError(cl->nc, &why);
-        if (why && (strcasestr(why, "authorization") || strcasestr(why, "authentication"))) {
-            /* libnats gives up on credentials refused twice: no use starting */
+    if (s != NATS_OK && s != NATS_NO_SERVER && s != NATS_TIMEOUT && s != NATS_IO_ERROR) {
+        const char *why = nats_why();
+        if (s == NATS_CONNECTION_AUTH_FAILED || s == NATS_NOT_PERMITTED ||
+            (why && (strcasestr(why, "authorization") || strcasestr(why, "authentication"))))
             snprintf(err, errlen, "cluster: NATS (%s) refused this node's credentials: %s", c->nats,
-                     why);
-            return -EACCES;
+                     why ? why : natsStatus_GetText(s));
+        else
+            snprintf(err, errlen, "cluster: cannot connect to NATS (%s): %s", c->nats,
+                     why ? why : natsStatus_GetText(s));
+        return s == NATS_CONNECTION_AUTH_FAILED ? -EACCES : -EIO;
+    }
+    if (s != NATS_OK) {
+        const char *why = nats_why();
+        char reason[256];
+        snprintf(reason, sizeof(reason), "%s", why ? why : natsStatus_GetText(s));
+        NATS_TRY(natsOptions_SetRetryOnFailedConnect(cl->opts, true, on_connected, cl));
+        s = natsConnection_Connect(&cl->nc, cl->opts);
+        if (s != NATS_OK && s != NATS_NOT_YET_CONNECTED) {
+            snprintf(err, errlen, "cluster: cannot connect to NATS (%s): %s", c->nats,
+                     natsStatus_GetText(s));
+            return -EIO;
         }
-        hub_log(HUB_LOG_WARN,
-                "cluster: NATS (%s) not reachable yet (%s); node %s keeps trying (local "
-                "delivery works meanwhile)",
-                c->nats, why && *why ? why : "no server answered", c->node);
-    } else if (s != NATS_OK) {
-        snprintf(err, errlen, "cluster: cannot connect to NATS (%s): %s", c->nats,
-                 natsStatus_GetText(s));
-        return -EIO;
-    } else {
+        if (s == NATS_NOT_YET_CONNECTED)
+            hub_log(HUB_LOG_WARN,
+                    "cluster: NATS (%s) not reachable yet (%s); node %s keeps trying (local "
+                    "delivery works meanwhile)",
+                    c->nats, reason, c->node);
+    }
+    if (s == NATS_OK) {
         atomic_store(&cl->connected, 1);
         char url[256] = "";
         natsConnection_GetConnectedUrl(cl->nc, url, sizeof(url));

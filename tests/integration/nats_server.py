@@ -131,3 +131,54 @@ def publish(port, subject, payload):
             buf += chunk
         if b"-ERR" in buf:
             raise TestFailure("nats-server refused the publish: %r" % buf)
+
+
+def _openssl(*args, cwd):
+    r = subprocess.run(["openssl"] + list(args), cwd=cwd, stdin=subprocess.DEVNULL,
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    if r.returncode != 0:
+        raise TestFailure("openssl %s: %s" % (" ".join(args), r.stderr.decode(errors="replace")))
+    return r.stdout
+
+
+def make_tls(d):
+    """A CA made here, a server certificate for 127.0.0.1 and a client certificate it signed,
+    and a second CA that signed nothing. Returns a dict of file paths."""
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out",
+             "ca.pem", "-days", "2", "-subj", "/CN=evhub test CA", cwd=d)
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "other.key", "-out",
+             "other.pem", "-days", "2", "-subj", "/CN=another CA", cwd=d)
+    with open(os.path.join(d, "san.ext"), "w") as f:
+        f.write("subjectAltName=IP:127.0.0.1\n")
+    for who in ("server", "client"):
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", who + ".key", "-out",
+                 who + ".csr", "-subj", "/CN=127.0.0.1", cwd=d)
+        _openssl("x509", "-req", "-in", who + ".csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+                 "-CAcreateserial", "-out", who + ".pem", "-days", "2", "-extfile", "san.ext",
+                 cwd=d)
+    return {k: os.path.join(d, k + ".pem") for k in ("ca", "other", "server", "client")} | {
+        k + "_key": os.path.join(d, k + ".key") for k in ("server", "client")}
+
+
+def make_nkey(d):
+    """A NATS user nkey pair made from an Ed25519 key openssl generates: (public key, seed
+    file). The encoding is nkeys': a prefix byte (U for a user; S + U for its seed), the raw
+    32-byte key, CRC-16/XMODEM little-endian, base32 without padding."""
+    import base64
+    import binascii
+
+    _openssl("genpkey", "-algorithm", "ed25519", "-out", "nkey.pem", cwd=d)
+    seed = _openssl("pkey", "-in", "nkey.pem", "-outform", "DER", cwd=d)[-32:]
+    pub = _openssl("pkey", "-in", "nkey.pem", "-pubout", "-outform", "DER", cwd=d)[-32:]
+
+    def enc(raw):
+        crc = binascii.crc_hqx(raw, 0)
+        return base64.b32encode(raw + bytes([crc & 0xff, crc >> 8])).decode().rstrip("=")
+
+    user, seed_b = 20 << 3, 18 << 3
+    public = enc(bytes([user]) + pub)
+    seed_txt = enc(bytes([seed_b | user >> 5, (user & 31) << 3]) + seed)
+    path = os.path.join(d, "user.nk")
+    with open(path, "w") as f:
+        f.write(seed_txt + "\n")
+    return public, path

@@ -6,13 +6,16 @@ node."""
 
 import json
 import os
+import shutil
 import sys
+import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from evhub_harness import (Hub, Suite, check, check_eq, pump, request, run_once,  # noqa: E402
                            scaled, wait_eof, wait_for, wait_frames)
-from nats_server import NatsServer, free_port, publish, stop_all  # noqa: E402
+from nats_server import (NatsServer, free_port, make_nkey, make_tls, publish,  # noqa: E402
+                         stop_all)
 
 suite = Suite("cluster")
 
@@ -524,6 +527,84 @@ def token_auth_and_a_server_down_at_start():
     check(rc != 0 and "refused this node's credentials: Authorization Violation" in out,
           "a wrong token stops start-up: rc %s, %r" % (rc, out))
     check_eq([x["node"] for x in cluster_view(a)["nodes"]], ["B"], "A does not see C")
+
+
+def with_credentials(server, good, bad):
+    """Two nodes configured with good cross a multicast through server; each of bad (config
+    lines, what start-up must say) stops a third node's start-up, and the others never see
+    it."""
+    a = node("A", [server], more=good).start()
+    b = node("B", [server], more=good).start()
+    wait_nodes([a, b])
+    la, lb = a.client(name="la"), b.client(name="lb")
+    tag(la, "t")
+    tag(lb, "t")
+    wait_tag_seen([a, b], "t", ["A", "B"])
+    la.send("mc:t:with-credentials")
+    wait_frames([lb], 1)
+    check_eq(lb.take(), [b"with-credentials"], "across with %r" % good)
+    for lines, why in bad:
+        c = node("C", [server], more=lines)
+        rc, out = run_once(["-c", c.conf, "-f"])
+        print("   start-up refused: %s" % [l for l in out.splitlines() if "crit" in l][-1:])
+        check(rc != 0 and why in out, "%r must stop start-up with %r: rc %s, %r" % (
+            lines, why, rc, out[-1500:]))
+    check_eq([x["node"] for x in cluster_view(a)["nodes"]], ["B"], "A never saw C")
+
+
+REFUSED = "refused this node's credentials: Authorization Violation"
+
+
+@suite.case
+@with_servers
+def user_and_password():
+    s = NatsServer(extra=["--user", "evhub", "--pass", "pa55 word"]).start()
+    with_credentials(s, "user = evhub\npassword = pa55 word\n",
+                     [("user = evhub\npassword = wrong\n", REFUSED), ("", REFUSED)])
+
+
+class TempDir:
+    def __enter__(self):
+        self.path = tempfile.mkdtemp(prefix="evhub-creds-")
+        return self.path
+
+    def __exit__(self, *exc):
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+@suite.case
+@with_servers
+def nkey():
+    with TempDir() as d:
+        public, seed = make_nkey(d)
+        os.mkdir(os.path.join(d, "other"))
+        other_public, other_seed = make_nkey(os.path.join(d, "other"))
+        conf = os.path.join(d, "nats.conf")
+        with open(conf, "w") as f:
+            f.write("authorization {\n  users = [ { nkey: %s } ]\n}\n" % public)
+        s = NatsServer(extra=["-c", conf]).start()
+        with_credentials(s, "nkey = %s\nnkey_seed = %s\n" % (public, seed),
+                         [("nkey = %s\nnkey_seed = %s\n" % (other_public, other_seed), REFUSED),
+                          ("", REFUSED)])
+
+
+@suite.case
+@with_servers
+def tls_with_a_ca_made_here():
+    with TempDir() as d:
+        t = make_tls(d)
+        server_tls = ["--tls", "--tlscert", t["server"], "--tlskey", t["server_key"]]
+        s = NatsServer(extra=server_tls).start()
+        untrusted = "SSL handshake error: 20:unable to get local issuer certificate"
+        with_credentials(s, "tls = yes\ntls_ca = %s\n" % t["ca"],
+                         [("tls = yes\ntls_ca = %s\n" % t["other"], untrusted),
+                          ("", untrusted)])
+        stop_all()
+        # the server asks for a client certificate its CA signed
+        s = NatsServer(extra=server_tls + ["--tlsverify", "--tlscacert", t["ca"]]).start()
+        with_credentials(s, "tls_ca = %s\ntls_cert = %s\ntls_key = %s\n" % (
+            t["ca"], t["client"], t["client_key"]),
+            [("tls_ca = %s\n" % t["ca"], "cannot connect to NATS")])
 
 
 for _w in (0, 2):
