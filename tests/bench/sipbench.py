@@ -30,6 +30,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SRC = os.path.dirname(os.path.dirname(HERE))
 SCEN = os.path.join(SRC, "tests", "integration", "sip", "uac_302.xml")
 APP = os.path.join(SRC, "examples", "async-routing", "app.py")
+NICE = []  # --nice N: every process measured (hub, Kamailio, sipp, the application) alike
 KAM_CFG = os.path.join(SRC, "examples", "async-routing", "kamailio.cfg")
 
 DIRECT = r'''
@@ -53,6 +54,18 @@ def cpu(pid):
     with open("/proc/%d/stat" % pid) as f:
         fl = f.read().rsplit(")", 1)[1].split()
     return (int(fl[11]) + int(fl[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def udp_drops(port):
+    """Datagrams dropped so far by the UDP socket bound to 127.0.0.1:PORT (its receive buffer
+    was full), from /proc/net/udp; 0 when there is none."""
+    want = "0100007F:%04X" % port
+    with open("/proc/net/udp") as f:
+        for line in f:
+            fl = line.split()
+            if len(fl) > 12 and fl[1] == want:
+                return int(fl[-1])
+    return 0
 
 
 def group_cpu(pgid):
@@ -86,7 +99,7 @@ def start_kamailio(d, script, sport, eport, children):
     run_dir = os.path.join(d, "run")
     os.mkdir(run_dir)
     kam = subprocess.Popen(
-        ["taskset", "-c", "0", "kamailio", "-f", KAM_CFG, "-DD", "-E", "-Y", run_dir,
+        NICE + ["taskset", "-c", "0", "kamailio", "-f", KAM_CFG, "-DD", "-E", "-Y", run_dir,
          "-m", "256", "-M", "16", "-A", 'EVAPI_BIND="127.0.0.1:%d"' % eport,
          "-A", "SIP_LISTEN=udp:127.0.0.1:%d" % sport, "-A", 'LUA_SCRIPT="%s"' % script,
          "-A", "SIP_CHILDREN=%d" % children],
@@ -124,29 +137,39 @@ def run(evhub, mode, rate, seconds, workers, kam_children=2):
             "[lua]\nscript = %s\n[log]\nlevel = notice\n[control]\nsocket = %s/ctl.sock\n"
             "[sip]\nlisten = udp:127.0.0.1:%d\nasync_timeout = 5000\n"
             % (eport, workers, script, d, sport))
-        hub = subprocess.Popen(["taskset", "-c", "0", evhub, "-f", "-c", conf],
+        hub = subprocess.Popen(NICE + ["taskset", "-c", "0", evhub, "-f", "-c", conf],
                                stdout=subprocess.DEVNULL, stderr=open(os.path.join(d, "log"), "w"))
         wait_port(eport, hub)
         cpu_of = lambda: cpu(hub.pid)  # noqa: E731
     app = None
     if mode != "direct":
-        app = subprocess.Popen(["taskset", "-c", "1", sys.executable, APP,
+        app = subprocess.Popen(NICE + ["taskset", "-c", "1", sys.executable, APP,
                                 "127.0.0.1:%d" % eport], stdout=subprocess.PIPE, text=True)
         app.stdout.readline()
         time.sleep(0.2)
     c0 = cpu_of()
     a0 = cpu(app.pid) if app else 0.0
     r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+
     n = rate * seconds
-    r = subprocess.run(["taskset", "-c", "1", "sipp", "-sf", SCEN, "127.0.0.1:%d" % sport,
-                        "-s", "100", "-r", str(rate), "-m", str(n), "-l", str(rate * 10),
-                        "-i", "127.0.0.1", "-p", str(free_port(socket.SOCK_DGRAM)),
-                        "-nostdin", "-buff_size", "8388608", "-timeout", str(seconds + 30), "-trace_rtt",
-                        "-rtt_freq", "100", "-trace_stat", "-stf", "stat.csv"],
-                       cwd=d, capture_output=True, text=True)
+    uport = free_port(socket.SOCK_DGRAM)
+    sp = subprocess.Popen(NICE + ["taskset", "-c", "1", "sipp", "-sf", SCEN,
+                                  "127.0.0.1:%d" % sport, "-s", "100", "-r", str(rate), "-m", str(n),
+                                  "-l", str(rate * 10), "-i", "127.0.0.1", "-p", str(uport),
+                                  "-nostdin", "-buff_size", "8388608", "-timeout",
+                                  str(seconds + 30), "-trace_rtt", "-rtt_freq", "100",
+                                  "-trace_stat", "-stf", "stat.csv"],
+                          cwd=d, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    sipp_drops = 0
+    while sp.poll() is None:  # sipp's socket goes with it: read its drops while it runs
+        sipp_drops = max(sipp_drops, udp_drops(uport))
+        time.sleep(0.1)
+    out, err = sp.communicate()
+    r = subprocess.CompletedProcess(sp.args, sp.returncode, out, err)
     c1 = cpu_of()
     a1 = cpu(app.pid) if app else 0.0
     r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    drops = udp_drops(sport)  # the hub's SIP socket, still open
     sipp_cpu = (r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime)
     if mode == "kamailio":
         stop_kamailio(hub)
@@ -182,7 +205,7 @@ def run(evhub, mode, rate, seconds, workers, kam_children=2):
         sys.stderr.write(r.stdout[-500:] + r.stderr[-500:])
     return {"ok": ok, "bad": bad, "cps": ok / elapsed if elapsed else 0, "p50": pct(0.5),
             "p90": pct(0.9), "p99": pct(0.99), "cpu_per_k": (c1 - c0) * 1000.0 / max(ok, 1),
-            "sipp_busy": sipp_cpu / max(elapsed, 1e-9), "app_busy": (a1 - a0) / max(elapsed, 1e-9)}
+            "drops": drops, "sipp_drops": sipp_drops, "sipp_busy": sipp_cpu / max(elapsed, 1e-9), "app_busy": (a1 - a0) / max(elapsed, 1e-9)}
 
 
 def main():
@@ -194,24 +217,30 @@ def main():
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--no-kamailio", action="store_true", help="leave Kamailio out")
     ap.add_argument("--kam-children", type=int, default=2, help="Kamailio's SIP children")
+    ap.add_argument("--nice", type=int, default=0,
+                    help="run hub, sipp and application at this nice value (e.g. -10 as root, "
+                    "so a shared machine's other jobs yield to them)")
     a = ap.parse_args()
+    if a.nice:
+        NICE[:] = ["nice", "-n", str(a.nice)]
     modes = ["direct", "async"]
     if not a.no_kamailio:
         if shutil.which("kamailio"):
             modes.append("kamailio")
         else:
             print("(kamailio is not installed: its runs are left out)")
-    print("%-8s %6s %8s %7s %9s %8s %8s %8s %12s %6s %6s" % (
+    print("%-8s %6s %8s %7s %9s %8s %8s %8s %12s %6s %6s %15s" % (
         "mode", "rate", "ok", "failed", "calls/s", "p50 ms", "p90 ms", "p99 ms", "cpu s/1k",
-        "sipp%", "app%"))
+        "sipp%", "app%", "drops hub/sipp"))
     for rate in [int(x) for x in a.rates.split(",")] * a.rounds:
         res = {}
         for mode in modes:
             res[mode] = run(a.evhub, mode, rate, a.seconds, a.workers, a.kam_children)
             x = res[mode]
-            print("%-8s %6d %8d %7d %9.0f %8.2f %8.2f %8.2f %12.3f %6.0f %6.0f" % (
+            print("%-8s %6d %8d %7d %9.0f %8.2f %8.2f %8.2f %12.3f %6.0f %6.0f %15s" % (
                 mode, rate, x["ok"], x["bad"], x["cps"], x["p50"], x["p90"], x["p99"],
-                x["cpu_per_k"], 100 * x["sipp_busy"], 100 * x["app_busy"]))
+                x["cpu_per_k"], 100 * x["sipp_busy"], 100 * x["app_busy"],
+                "%d/%d" % (x["drops"], x["sipp_drops"])))
             sys.stdout.flush()
         d, s = res["direct"], res["async"]
         if d["cps"]:
