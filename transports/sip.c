@@ -138,7 +138,7 @@ struct sip_mod {
     sip_listener ls[SIP_MAX_LISTEN];
     int nls;
     sip_txn **buckets;
-    size_t ntxn;
+    _Atomic size_t ntxn; /* written on the loop, read by sip_stats on any thread */
     size_t nstate[TS_NSTATES];
     int draining;
     pthread_mutex_t mu; /* guards slots, labels and every sip_req's state fields */
@@ -1144,7 +1144,8 @@ static void on_request(sip_mod *m, int lfd, osip_message_t *msg, const char *buf
     }
     int invite = strcmp(method, "INVITE") == 0;
     sip_txn tmp = {.m = m, .lfd = lfd};
-    if (m->draining || m->ntxn >= (size_t)m->conf.max_transactions || m->slots.nfree < 2) {
+    if (m->draining || atomic_load(&m->ntxn) >= (size_t)m->conf.max_transactions ||
+        m->slots.nfree < 2) {
         if (build_skel(&tmp, msg, ip, port, src, srclen) == 0 && build_to(&tmp, msg, hv) == 0) {
             if (m->draining)
                 stateless_reply(m, &tmp, 503, "Shutting Down");
@@ -1354,7 +1355,8 @@ static void cmd_sip(hub_ctl_call *call, json_object *params, void *ud)
     json_object *st = json_object_new_object();
     for (int i = 0; i < TS_NSTATES; i++)
         json_object_object_add(st, ts_names[i], json_object_new_int64((int64_t)m->nstate[i]));
-    json_object_object_add(o, "transactions", json_object_new_int64((int64_t)m->ntxn));
+    json_object_object_add(o, "transactions",
+                           json_object_new_int64((int64_t)atomic_load(&m->ntxn)));
     json_object_object_add(o, "by_state", st);
     /* the oldest suspended: the one whose deadline comes first */
     double oldest = 0;
@@ -1559,7 +1561,7 @@ static size_t sip_stats(void *state, hub_stat *out, size_t cap)
         uint64_t v;
     } s[] = {
         {"sip_requests", "SIP requests that started a transaction", 0, atomic_load(&m->requests)},
-        {"sip_transactions", "SIP server transactions alive", 1, (uint64_t)m->ntxn},
+        {"sip_transactions", "SIP server transactions alive", 1, (uint64_t)atomic_load(&m->ntxn)},
         {"sip_suspended", "SIP requests suspended, waiting for t_continue", 1, susp},
         {"sip_async_timeouts", "suspended SIP requests whose async_timeout passed", 0,
          atomic_load(&m->async_timeouts)},
