@@ -136,6 +136,16 @@ int hub_local_send(hub *h, uint64_t id, const char *data, size_t len);
 int hub_local_set_tag(hub *h, uint64_t id, const char *tag, size_t taglen);
 int hub_local_close(hub *h, uint64_t id, const char *reason);
 
+/* ---- what other hubs send, through this hub's script (opt-in) ---- */
+
+/* Loop thread, from a module's init: the scripts are to handle what the module hands to
+ * hub_remote_event (checked when a script loads). */
+void hub_want_remote_events(hub *h);
+/* Loop thread: run the scripts' remote handler (hub_script_ops.on_remote) for data, which
+ * came from o, in the executor key picks (the same key, the same executor, in order).
+ * 0, or -ENOMEM (counted by the caller). */
+int hub_remote_event(hub *h, uint64_t key, const hub_origin *o, const char *data, size_t len);
+
 /* ---- completions ---- */
 
 /* Any thread: deliver the result of the work token stands for to the state that started it,

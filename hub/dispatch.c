@@ -4,6 +4,7 @@
 
 #include <json-c/json.h>
 
+#include "hub/alloc.h"
 #include "hub/hub_int.h"
 #include "hub/log.h"
 
@@ -287,6 +288,16 @@ void hub__event_run(hub *h, hub_script *s, int type, uint64_t id, const void *da
         r->ops->unref(r);
         break;
     }
+    case HUB_EV_REMOTE: {
+        /* s NULL: its worker stopped; the message is dropped with it */
+        const hub_origin *o = data;
+        if (s && h->ops->on_remote) {
+            hub__local_scope = 1;
+            h->ops->on_remote(s, o, (const char *)data + sizeof(*o), len - sizeof(*o));
+            hub__local_scope = 0;
+        }
+        break;
+    }
     case HUB_EV_COMPLETE: {
         json_object *res;
         memcpy(&res, data, sizeof(res));
@@ -311,6 +322,27 @@ void hub_request(hub *h, uint64_t key, hub_req *r)
         r->ops->route_done(r, 0);
         r->ops->unref(r);
     }
+}
+
+_Thread_local int hub__local_scope;
+
+void hub_want_remote_events(hub *h) { h->remote_events = 1; }
+
+int hub_remote_event(hub *h, uint64_t key, const hub_origin *o, const char *data, size_t len)
+{
+    if (h->nworkers && h->workers_stopped)
+        return 0; /* shutting down: no script runs any more */
+    int exec = h->nworkers ? (int)(key % (uint64_t)h->nworkers) : -1;
+    /* one event: the origin, then the message (the item's data is 8-byte aligned) */
+    char *buf = hub_malloc(sizeof(*o) + len);
+    if (!buf)
+        return -ENOMEM;
+    memcpy(buf, o, sizeof(*o));
+    if (len)
+        memcpy(buf + sizeof(*o), data, len);
+    int rc = hub__exec_post(h, exec, HUB_EV_REMOTE, 0, buf, sizeof(*o) + len);
+    hub_free(buf);
+    return rc;
 }
 
 int hub_set_req_resolver(hub *h, hub_req_resume_fn resume, void *ud)

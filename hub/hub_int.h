@@ -248,6 +248,7 @@ struct hub {
     int markers_waiting; /* ...and how many have not come back */
     const hub_event_sink *sink;
     void *sink_ud;
+    int remote_events;        /* hub_want_remote_events */
     const hub_router *router; /* hub_set_router, or NULL */
     void *router_ud;
     hub_req_resume_fn req_resume; /* the module that resolves t_continue pairs, or NULL */
@@ -350,7 +351,8 @@ enum {
     HUB_EV_COMPLETE, /* a completion for the worker's state: id is the token */
     HUB_EV_MARK,     /* shutdown: answer once everything before it has run */
     HUB_EV_EOF,      /* the peer of id half-closed: answer once its events before it ran */
-    HUB_EV_REQUEST   /* a module's request for the request route: data is a hub_req * (owned) */
+    HUB_EV_REQUEST,  /* a module's request for the request route: data is a hub_req * (owned) */
+    HUB_EV_REMOTE    /* from another hub: data is a hub_origin, then the message */
 };
 
 /* Executors (dispatch.c): the loop's own state (exec -1, workers = 0) and each worker run the
@@ -360,6 +362,9 @@ void hub__event_run(hub *h, hub_script *s, int type, uint64_t id, const void *da
 /* Loop thread: hand an event to executor exec, inline for the loop, queued (data copied) for
  * a worker. 0, or -ENOMEM (not taken; a COMPLETE's result stays the caller's). */
 int hub__exec_post(hub *h, int exec, int type, uint64_t id, const void *data, size_t len);
+/* Non-zero while this thread runs a script's remote handler: its relay, multicast, unicast
+ * and send stay on this hub (hub_script_ops.on_remote). */
+extern _Thread_local int hub__local_scope;
 /* The script of the client id's executor has seen it connect: reading may start. */
 void hub__connect_seen(hub *h, uint64_t id);
 

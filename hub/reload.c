@@ -41,6 +41,7 @@ hub_script_conf hub__script_conf(const hub *h, int worker)
     sc.nfns = h->nfns;
     sc.fns_inert = 0;
     sc.requests = h->req_resume != NULL;
+    sc.remote = h->remote_events;
     return sc;
 }
 

@@ -89,6 +89,15 @@ struct hub_req {
     const hub_req_ops *ops; /* the first member of the module's own struct */
 };
 
+/* Where a message another hub of a cluster sent came from (hub_script_ops.on_remote). */
+typedef struct hub_origin {
+    char node[128]; /* the sending hub's name */
+    char kind[12];  /* what it was there: "relay", "multicast", "unicast" or "send" */
+    uint64_t id;    /* send: the connection it is for; else 0 */
+    size_t taglen;  /* multicast, unicast: the tag; else 0 */
+    char tag[HUB_TAG_MAX + 1];
+} hub_origin;
+
 /* What a script may ask of the hub. Each call is made from the thread running the script,
  * with the ud given at load. Results: n > 0 success (n recipients when known, else 1),
  * 0 no eligible connection, < 0 a negative errno (-EINVAL bad tag, -ENOENT no such id,
@@ -184,6 +193,8 @@ typedef struct hub_script_conf {
     size_t nfns;
     int fns_inert; /* a state being checked: the functions exist but every call fails */
     int requests;  /* a module offers requests: frames carrying "evhub_id" may be answers */
+    int remote;    /* a module hands the script what other hubs send (on_remote): the script
+                    * must have a handler for it */
 } hub_script_conf;
 
 typedef struct hub_script hub_script;
@@ -219,6 +230,10 @@ typedef struct hub_script_ops {
     /* Run the request route (KEMI ksr_request_route, native evapi.on("request")) with r as
      * the current request; r is borrowed (the hub calls route_done and unref after). */
     void (*on_request)(hub_script *s, hub_req *r);
+    /* What another hub sent, as o describes it (hub_remote_event); o and data borrowed.
+     * While it runs, the hub_api's relay, multicast, unicast and send reach this hub's
+     * connections only: nothing a remote message causes goes back to the other hubs. */
+    void (*on_remote)(hub_script *s, const hub_origin *o, const char *data, size_t len);
 } hub_script_ops;
 
 #endif

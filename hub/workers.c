@@ -138,6 +138,18 @@ static void run_unicast(hub *h, hub_post *p)
     cmd_free(h, p);
 }
 
+static void run_unicast_local(hub *h, hub_post *p)
+{
+    hub__unicast(h, CMD(p)->tag, CMD(p)->taglen, CMD(p)->data, CMD(p)->len);
+    cmd_free(h, p);
+}
+
+static void run_send_local(hub *h, hub_post *p)
+{
+    hub__send(h, CMD(p)->id, CMD(p)->data, CMD(p)->len);
+    cmd_free(h, p);
+}
+
 static void run_send(hub *h, hub_post *p)
 {
     hub_cmd *c = CMD(p);
@@ -301,7 +313,10 @@ static int relay_as(void *ud, const char *data, size_t len, int local)
     return rc < 0 ? rc : 1;
 }
 
-static int api_relay(void *ud, const char *data, size_t len) { return relay_as(ud, data, len, 0); }
+static int api_relay(void *ud, const char *data, size_t len)
+{
+    return relay_as(ud, data, len, hub__local_scope);
+}
 
 static int api_relay_local(void *ud, const char *data, size_t len)
 {
@@ -332,8 +347,9 @@ static int api_multicast(void *ud, const char *tag, size_t taglen, const char *d
 {
     hub_worker *w = ud;
     if (w->index < 0)
-        return hub__route_multicast(w->h, tag, taglen, data, len, 0);
-    return api_tagged(ud, run_multicast, tag, taglen, data, len);
+        return hub__route_multicast(w->h, tag, taglen, data, len, hub__local_scope);
+    return api_tagged(ud, hub__local_scope ? run_multicast_local : run_multicast, tag, taglen, data,
+                      len);
 }
 
 static int api_multicast_local(void *ud, const char *tag, size_t taglen, const char *data,
@@ -349,20 +365,23 @@ static int api_unicast(void *ud, const char *tag, size_t taglen, const char *dat
 {
     hub_worker *w = ud;
     if (w->index < 0)
-        return hub__route_unicast(w->h, tag, taglen, data, len);
-    return api_tagged(ud, run_unicast, tag, taglen, data, len);
+        return hub__local_scope ? hub__unicast(w->h, tag, taglen, data, len)
+                                : hub__route_unicast(w->h, tag, taglen, data, len);
+    return api_tagged(ud, hub__local_scope ? run_unicast_local : run_unicast, tag, taglen, data,
+                      len);
 }
 
 static int api_send(void *ud, uint64_t id, const char *data, size_t len)
 {
     hub_worker *w = ud;
     if (w->index < 0)
-        return hub__route_send(w->h, id, data, len);
+        return hub__local_scope ? hub__send(w->h, id, data, len)
+                                : hub__route_send(w->h, id, data, len);
     if (hub__frame_too_big(w->h, len))
         return -EMSGSIZE;
     if (calls_room(w, len) < 0)
         return -ENOBUFS;
-    int rc = worker_cmd(w, run_send, id, NULL, 0, data, len);
+    int rc = worker_cmd(w, hub__local_scope ? run_send_local : run_send, id, NULL, 0, data, len);
     return rc < 0 ? rc : 1;
 }
 
@@ -687,6 +706,7 @@ static int worker_run(hub_worker *w, hub_item *it)
     case HUB_EV_TAG:
     case HUB_EV_COMPLETE:
     case HUB_EV_REQUEST:
+    case HUB_EV_REMOTE:
         hub__event_run(h, w->script, it->type, it->id, it->data, it->len);
         if (it->type == HUB_EV_CONNECT) /* the loop starts reading once the script saw it */
             worker_cmd(w, run_start_read, it->id, NULL, 0, NULL, 0);

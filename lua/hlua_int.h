@@ -21,7 +21,8 @@ enum {
     HLUA_EV_MESSAGE = 2,
     HLUA_EV_CLOSE = 3,
     HLUA_EV_REQUEST = 4, /* native only: KEMI runs ksr_request_route */
-    HLUA_EV_COUNT = 4
+    HLUA_EV_REMOTE = 5,  /* from another hub: native "cluster", KEMI evapi:cluster-message */
+    HLUA_EV_COUNT = 5
 };
 
 /* The full userdata behind a conn object. It is a copy of what the hub told us; the hub
@@ -69,6 +70,7 @@ struct hub_script {
     const char *arg_data;
     size_t arg_len;
     const hub_conn_info *arg_ci;
+    const hub_origin *arg_origin;
     struct json_object *arg_result;
     hub_req *arg_req;  /* the request of a waiting handler being resumed */
     lua_State *cur_co; /* the request handler's coroutine while it runs, or NULL */

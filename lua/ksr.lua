@@ -9,8 +9,9 @@ local G = _G
 local relay, multicast, unicast = evapi.relay, evapi.multicast, evapi.unicast
 
 -- The current event context: the connection the event is about, and the message (only for
--- evapi:message-received). Set by dispatch(), cleared when it returns (or by reset()).
-local cur_conn, cur_msg = nil, nil
+-- evapi:message-received and evapi:cluster-message), and for the latter where it came from
+-- ({node, kind, tag, id}). Set by dispatch(), cleared when it returns (or by reset()).
+local cur_conn, cur_msg, cur_from = nil, nil, nil
 
 -- A table whose missing entries raise a clear error instead of "attempt to index a nil value".
 local function module(prefix)
@@ -146,13 +147,16 @@ RABBITMQ.publish_consume = unavailable("KSR.rabbitmq.publish_consume", not_built
 
 -- KSR.pv: the read-only $evapi(...) variables; any other variable is $null (nil).
 
--- A getter for a field of the current connection; nil outside an event.
+-- A getter for a field of the current connection; nil outside an event, and in
+-- evapi:cluster-message (no connection of this node sent it): one value, so that
+-- tostring(KSR.pv.get(...)) works as it does in Kamailio.
 local function conn_field(k)
     return function()
         local c = cur_conn
         if c then
             return c[k]
         end
+        return nil
     end
 end
 
@@ -163,6 +167,16 @@ local pv_getters = {
     ["$evapi(srcaddr)"] = conn_field("addr"),
     ["$evapi(srcport)"] = conn_field("port"),
     ["$evapi(conidx)"] = conn_field("conidx"),
+    -- evapi:cluster-message: the node it came from, what it was there, its tag
+    ["$evapi(node)"] = function()
+        return cur_from and cur_from.node
+    end,
+    ["$evapi(kind)"] = function()
+        return cur_from and cur_from.kind
+    end,
+    ["$evapi(tag)"] = function()
+        return cur_from and cur_from.tag
+    end,
 }
 
 local function pv_get(name)
@@ -229,17 +243,18 @@ if cbname == nil then
     return nil, nil
 end
 
-local evnames = { "evapi:connection-new", "evapi:message-received", "evapi:connection-closed" }
+local evnames = { "evapi:connection-new", "evapi:message-received", "evapi:connection-closed",
+    nil, "evapi:cluster-message" }
 local checked_cb = false -- the last value of the callback's global that was a function
 
--- Called by the host for every event: (code, conn[, msg]). The callback is looked up by
--- name each time, as Kamailio does, so a script may redefine it.
-local function dispatch(ev, conn, msg)
+-- Called by the host for every event: (code, conn[, msg[, from]]). The callback is looked up
+-- by name each time, as Kamailio does, so a script may redefine it.
+local function dispatch(ev, conn, msg, from)
     -- Kamailio runs no connection-closed for a connection its script closed itself.
     if ev == 3 and conn:is_closed() then
         return
     end
-    cur_conn, cur_msg = conn, msg
+    cur_conn, cur_msg, cur_from = conn, msg, from
     local f = G[cbname]
     -- type() only when the global changed (a script may redefine it): one comparison a call
     if f ~= checked_cb then
@@ -249,11 +264,11 @@ local function dispatch(ev, conn, msg)
         checked_cb = f
     end
     f(evnames[ev])
-    cur_conn, cur_msg = nil, nil
+    cur_conn, cur_msg, cur_from = nil, nil, nil
 end
 
 local function reset()
-    cur_conn, cur_msg = nil, nil
+    cur_conn, cur_msg, cur_from = nil, nil, nil
 end
 
 return dispatch, reset

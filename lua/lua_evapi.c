@@ -485,7 +485,7 @@ static int evapi_unsubscribe(lua_State *L)
 /* evapi.on(event, fn|nil): keep fn in the registry; the old handler is released first. */
 static int evapi_on(lua_State *L)
 {
-    static const char *const names[] = {"connect", "message", "close", "request", NULL};
+    static const char *const names[] = {"connect", "message", "close", "request", "cluster", NULL};
     hub_script *s = hlua__script(L);
     int ev = luaL_checkoption(L, 1, NULL, names) + 1;
     if (!lua_isnoneornil(L, 2))

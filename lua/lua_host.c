@@ -556,6 +556,54 @@ static void hlua_on_close(hub_script *s, uint64_t id)
     lua_pop(L, 1);                                   /* [] */
 }
 
+/* What another hub sent: native handler(msg, from), KEMI dispatch(5, nil, msg, from), from
+ * being {node =, kind =, tag =, id =} (tag and id only when there is one). */
+static int remote_tramp(lua_State *L)
+{
+    hub_script *s = hlua__script(L);
+    const hub_origin *o = s->arg_origin;
+    int nargs = 2;
+    if (s->dispatch_ref != LUA_NOREF) {
+        lua_rawgeti(L, LUA_REGISTRYINDEX, s->dispatch_ref); /* [dispatch] */
+        lua_pushinteger(L, HLUA_EV_REMOTE);                 /* [dispatch, ev] */
+        lua_pushnil(L);                                     /* [dispatch, ev, nil] */
+        nargs = 4;
+    } else {
+        lua_rawgeti(L, LUA_REGISTRYINDEX, s->handler[HLUA_EV_REMOTE]); /* [fn] */
+    }
+    lua_pushlstring(L, s->arg_data, s->arg_len); /* [fn.., msg] */
+    lua_createtable(L, 0, 4);                    /* [fn.., msg, from] */
+    lua_pushstring(L, o->node);
+    lua_setfield(L, -2, "node");
+    lua_pushstring(L, o->kind);
+    lua_setfield(L, -2, "kind");
+    if (o->taglen) {
+        lua_pushlstring(L, o->tag, o->taglen);
+        lua_setfield(L, -2, "tag");
+    }
+    if (o->id) {
+        lua_pushinteger(L, (lua_Integer)o->id);
+        lua_setfield(L, -2, "id");
+    }
+    lua_call(L, nargs, 0);
+    return 0;
+}
+
+static void hlua_on_remote(hub_script *s, const hub_origin *o, const char *data, size_t len)
+{
+    lua_State *L = s->L;
+    if (s->dispatch_ref == LUA_NOREF && s->handler[HLUA_EV_REMOTE] == LUA_NOREF)
+        return; /* a state loaded before the module asked for them (checked at load since) */
+    s->arg_origin = o;
+    s->arg_data = data;
+    s->arg_len = len;
+    lua_pushcfunction(L, traceback_cb); /* [tb] */
+    lua_pushcfunction(L, remote_tramp); /* [tb, tramp] */
+    hlua_pcall(s, 0, "cluster");
+    s->arg_data = NULL;
+    s->arg_origin = NULL;
+}
+
 /* The request route: KEMI's ksr_request_route(), or the native "request" handler with a
  * request object. */
 static int request_tramp(lua_State *L)
@@ -944,6 +992,12 @@ static int init_state(lua_State *L)
                           "%s: script registers no evapi.on(\"message\") handler and no "
                           "event_callback is configured",
                           conf->path);
+    /* [cluster] script = yes: what other nodes send comes here and nowhere else */
+    if (conf->remote && s->handler[HLUA_EV_REMOTE] == LUA_NOREF)
+        return luaL_error(L,
+                          "%s: [cluster] script = yes, but the script registers no "
+                          "evapi.on(\"cluster\") handler (and no event_callback is configured)",
+                          conf->path);
     return 0;
 }
 
@@ -1086,4 +1140,5 @@ const hub_script_ops hlua_script_ops = {
     .on_tag = hlua_on_tag,
     .on_complete = hlua_on_complete,
     .on_request = hlua_on_request,
+    .on_remote = hlua_on_remote,
 };

@@ -76,6 +76,7 @@ typedef struct cluster_conf {
     char creds[HUB_PATH_MAX];
     char nkey[128];
     char nkey_seed[HUB_PATH_MAX];
+    int script;
     int tls;
     char tls_ca[HUB_PATH_MAX];
     char tls_cert[HUB_PATH_MAX];
@@ -108,6 +109,7 @@ static const hub_conf_row cluster_rows[] = {
     HUB_CONF_ROW(cluster_conf, "creds", HUB_CONF_PATH, creds, 0, 0, NULL, NULL),
     HUB_CONF_ROW(cluster_conf, "nkey", HUB_CONF_STRING, nkey, 0, 0, NULL, NULL),
     HUB_CONF_ROW(cluster_conf, "nkey_seed", HUB_CONF_PATH, nkey_seed, 0, 0, NULL, NULL),
+    HUB_CONF_ROW(cluster_conf, "script", HUB_CONF_BOOL, script, 0, 0, NULL, "no"),
     HUB_CONF_ROW(cluster_conf, "tls", HUB_CONF_BOOL, tls, 0, 0, NULL, "no"),
     HUB_CONF_ROW(cluster_conf, "tls_ca", HUB_CONF_PATH, tls_ca, 0, 0, NULL, NULL),
     HUB_CONF_ROW(cluster_conf, "tls_cert", HUB_CONF_PATH, tls_cert, 0, 0, NULL, NULL),
@@ -245,7 +247,7 @@ struct cluster {
     _Atomic uint64_t out[K_NKINDS], in[K_NKINDS], bytes_out, bytes_in;
     _Atomic uint64_t publish_failed, unicast_lost, unicast_rerouted, direct_unknown, bad_messages,
         slow_dropped;
-    _Atomic uint64_t gaps;
+    _Atomic uint64_t gaps, to_script, script_dropped;
     _Atomic uint64_t reconnects, disconnects, id_conflicts, heartbeats_in;
     _Atomic int connected, nnodes;
     uint64_t dropped_gone; /* slow-consumer drops of subscriptions since removed */
@@ -983,6 +985,45 @@ static int cmp_in(const void *a, const void *b)
     return x->seq < y->seq ? -1 : x->seq > y->seq;
 }
 
+/* [cluster] script = yes: a relay, multicast, unicast or send goes to the script's cluster
+ * handler instead of the clients (a unicast only while this node has members: else it is
+ * passed on or lost as without a script). 1 when taken (or dropped, counted). */
+static int to_script(cluster *cl, uint32_t origin, hub_origin *o, char kind, uint64_t id,
+                     const char *aux, size_t auxlen, const char *data, size_t len)
+{
+    const char *what = kind == E_RELAY                             ? "relay"
+                       : kind == E_MULTICAST                       ? "multicast"
+                       : kind == E_SEND                            ? "send"
+                       : kind == E_UNICAST || kind == E_UNICAST_TO ? "unicast"
+                                                                   : NULL;
+    if (!what)
+        return 0; /* set_tag and close by id act at once */
+    if ((kind == E_UNICAST || kind == E_UNICAST_TO) && !hub_tag_members(cl->h, aux, auxlen))
+        return 0;
+    if (!o->node[0])
+        snprintf(o->node, sizeof(o->node), "%u", origin); /* no heartbeat from it yet */
+    snprintf(o->kind, sizeof(o->kind), "%s", what);
+    o->id = kind == E_SEND ? id : 0;
+    if (kind != E_RELAY && kind != E_SEND) {
+        o->taglen = auxlen;
+        memcpy(o->tag, aux, auxlen);
+        o->tag[auxlen] = '\0';
+    }
+    BUMP(cl->in[kind == E_RELAY       ? K_RELAY
+                : kind == E_MULTICAST ? K_MULTICAST
+                : kind == E_SEND      ? K_DIRECT
+                                      : K_UNICAST],
+         1);
+    /* keyed by origin: one origin's messages run in one executor, in order */
+    if (hub_remote_event(cl->h, origin, o, data, len) < 0) {
+        BUMP(cl->script_dropped, 1);
+        hub_log(HUB_LOG_DEBUG, "cluster: out of memory handing a %s to the script", what);
+    } else {
+        BUMP(cl->to_script, 1);
+    }
+    return 1;
+}
+
 static void deliver(cluster *cl, const cl_in *in)
 {
     const unsigned char *d = (const unsigned char *)natsMsg_GetData(in->m);
@@ -1008,12 +1049,19 @@ static void deliver(cluster *cl, const cl_in *in)
         if (st) /* a number at or below the last: the origin restarted */
             st->seq = sseq;
     }
+    hub_origin o = {.id = 0};
     if (in->origin != cl->nid) {
         pthread_mutex_lock(&cl->mu);
         cl_node *n = node_find(cl, in->origin);
         if (n)
             n->in_from++;
+        if (cl->conf.script)
+            snprintf(o.node, sizeof(o.node), "%s", n ? n->name : "");
         pthread_mutex_unlock(&cl->mu);
+        /* (what NATS hands back of this node's own, a unicast through the queue group, its
+         * script saw when it sent it) */
+        if (cl->conf.script && to_script(cl, in->origin, &o, kind, id, aux, auxlen, data, dlen))
+            return;
     }
     switch (kind) {
     case E_RELAY:
@@ -1413,6 +1461,7 @@ static void cmd_cluster(hub_ctl_call *call, json_object *params, void *ud)
     json_object_object_add(r, "nid", json_object_new_int64(cl->nid));
     json_object_object_add(r, "prefix", json_object_new_string(cl->conf.prefix));
     json_object_object_add(r, "unicast", json_object_new_string(unicast_modes[cl->conf.unicast]));
+    json_object_object_add(r, "script", json_object_new_boolean(cl->conf.script));
     json_object_object_add(r, "server", json_object_new_string(url));
     json_object_object_add(r, "connected", json_object_new_boolean(atomic_load(&cl->connected)));
     json_object_object_add(r, "clients", json_object_new_int(hub_clients(cl->h)));
@@ -1460,6 +1509,7 @@ static void cmd_cluster(hub_ctl_call *call, json_object *params, void *ud)
     json_object_object_add(c, "gaps", json_object_new_int64((int64_t)GET(cl->gaps)));
     json_object_object_add(c, "unicast_lost",
                            json_object_new_int64((int64_t)GET(cl->unicast_lost)));
+    json_object_object_add(c, "to_script", json_object_new_int64((int64_t)GET(cl->to_script)));
     json_object_object_add(c, "unicast_rerouted",
                            json_object_new_int64((int64_t)GET(cl->unicast_rerouted)));
     json_object_object_add(c, "direct_unknown",
@@ -1591,6 +1641,8 @@ static int cluster_init(hub *h, void **state, char *err, size_t errlen)
     snprintf(cl->subj_hb, sizeof(cl->subj_hb), "%s.hb", cl->conf.prefix);
     snprintf(cl->subj_direct, sizeof(cl->subj_direct), "%s.n.%u", cl->conf.prefix, cl->nid);
     snprintf(cl->queue, sizeof(cl->queue), "%s.u", cl->conf.prefix);
+    if (cl->conf.script)
+        hub_want_remote_events(h); /* before the scripts load: they are checked for it */
     rc = hub_set_id_base(h, (uint64_t)cl->nid << CL_ID_SHIFT);
     if (rc == 0)
         rc = hub_set_router(h, &cluster_router, cl);
@@ -1872,6 +1924,12 @@ static size_t cluster_stats(void *state, hub_stat *out, size_t cap)
         GET(cl->unicast_rerouted), "");
     PUT("cluster_direct_unknown", "send/tag/close by id for an id this node does not hold", 0,
         GET(cl->direct_unknown), "");
+    PUT("cluster_to_script",
+        "messages from other nodes handed to this node's script ([cluster] script = yes)", 0,
+        GET(cl->to_script), "");
+    PUT("cluster_script_dropped",
+        "messages from other nodes that could not be handed to the script (no memory)", 0,
+        GET(cl->script_dropped), "");
     PUT("cluster_bad_messages", "messages on cluster subjects that were not evhub's", 0,
         GET(cl->bad_messages), "");
     PUT("cluster_reconnects", "reconnections to NATS", 0, GET(cl->reconnects), "");

@@ -65,15 +65,57 @@ end)
 '''
 
 
+# [cluster] script = yes: what other nodes send comes to this handler, which passes it on with
+# where it came from; each of its calls stays on this node
+SCRIPT_CLUSTER = SCRIPT + r'''
+evapi.on("cluster", function(msg, from)
+    local label = from.node .. "|" .. from.kind .. "|" .. (from.tag or "") .. "|" .. msg
+    if from.kind == "relay" then
+        evapi.relay(label)
+    elseif from.kind == "multicast" then
+        evapi.multicast(label, from.tag)
+    elseif from.kind == "unicast" then
+        evapi.unicast(label, from.tag)
+    elseif from.kind == "send" then
+        evapi.send(from.id, label .. "|" .. tostring(from.id))
+    end
+end)
+'''
+
+KEMI_CLUSTER = r'''
+function ksr_evapi_event(evname)
+    local pv = KSR.pv.get
+    if evname == "evapi:message-received" then
+        local msg = pv("$evapi(msg)")
+        if msg:sub(1, 4) == "tag:" then
+            KSR.evapi.set_tag(msg:sub(5))
+        elseif msg:sub(1, 3) == "mc:" then
+            local t, d = msg:sub(4):match("^([^:]*):(.*)$")
+            KSR.evapi.relay_multicast(d, t)
+        end
+    elseif evname == "evapi:cluster-message" then
+        local label = table.concat({pv("$evapi(node)"), pv("$evapi(kind)"),
+                                    pv("$evapi(tag)") or "", tostring(pv("$evapi(conidx)")),
+                                    pv("$evapi(msg)")}, "|")
+        if pv("$evapi(kind)") == "relay" then
+            KSR.evapi.relay(label)
+        else
+            KSR.evapi.relay_multicast(label, pv("$evapi(tag)"))
+        end
+    end
+end
+'''
+
+
 def node(name, servers, workers=0, unicast="local_first", evapi=None, more="", heartbeat=200,
-         node_timeout=1000):
+         node_timeout=1000, script=SCRIPT):
     ev = {"workers": workers}
     ev.update(evapi or {})
     extra = ("[cluster]\nnats = %s\nnode = %s\nheartbeat = %d\nnode_timeout = %d\n"
              "unicast = %s\nreconnect_wait = 100\n" % (
                  ",".join(s.url for s in servers), name, heartbeat, node_timeout,
                  unicast)) + more
-    return Hub(SCRIPT, evapi=ev, extra=extra)
+    return Hub(script, evapi=ev, extra=extra)
 
 
 def cluster_view(h):
@@ -607,7 +649,86 @@ def tls_with_a_ca_made_here():
             [("tls_ca = %s\n" % t["ca"], "cannot connect to NATS")])
 
 
+@with_servers
+def through_the_script(workers):
+    """C has [cluster] script = yes: what A and B send reaches C's clients only through C's
+    cluster handler, which sees the origin node, the kind, the tag and the id; whatever that
+    handler sends stays on C (a multicast counts C's members only, and nothing comes back to
+    A or B). A and B deliver as without a script."""
+    s = NatsServer().start()
+    a = node("A", [s], workers).start()
+    b = node("B", [s], workers).start()
+    c = node("C", [s], workers, script=SCRIPT_CLUSTER, more="script = yes\n").start()
+    wait_nodes([a, b, c])
+    check_eq(cluster_view(c)["script"], True, "evhubctl cluster shows the switch")
+    ca, cb, cc, solo = (a.client(name="ca"), b.client(name="cb"), c.client(name="cc"),
+                        c.client(name="solo"))
+    for x in (ca, cb, cc):
+        tag(x, "red")
+    tag(solo, "solo")
+    wait_tag_seen([a, b, c], "red", ["A", "B", "C"])
+    wait_tag_seen([a, b], "solo", ["C"])
+    idc = info(cc)["id"]
+    ca.send("mc:red:hello")
+    cb.send("relay:r1")
+    ca.send("uc:solo:u1")
+    ca.send("sendto:%d:s1" % idc)
+    want_cc = [b"A|multicast|red|hello", b"B|relay||r1",
+               ("A|send||s1|%d" % idc).encode()]
+    wait_frames([cc, solo], [len(want_cc), 2], others=[ca, cb])
+    check_eq(sorted(solo.take()), [b"A|unicast|solo|u1", b"B|relay||r1"],
+             "the unicast through C's script (and B's relay)")
+    got = cc.take()
+    check_eq(sorted(got), sorted(want_cc), "C's member: everything through the script")
+    # a fence: A's relay reaches A and B directly, and C through its script
+    ca.send("relay:end")
+    pump([ca, cb, cc, solo], lambda: all(b"end" in x.frames for x in (ca, cb)) and all(
+        b"A|relay||end" in x.frames for x in (cc, solo)), what="the fence")
+    check_eq(sorted(ca.take()), [b"end", b"hello", b"r1", b"sendto true nil"],
+             "A: its own and B's, nothing back from C's script")
+    check_eq(sorted(cb.take()), [b"end", b"hello", b"r1"], "B: nothing from C's script")
+    check_eq(cc.take() + solo.take(), [b"A|relay||end", b"A|relay||end"], "C: the fence")
+    check_eq(stat(c, "cluster_to_script"), 5, "C handed five messages to its script")
+    for h in (a, b):
+        check_eq(stat(h, "cluster_to_script"), 0, "no script on %s" % h.conf)
+    check_eq(stat(c, "cluster_out"), 0, "C's script published nothing")
+    check_eq(stat(a, "cluster_in"), 1, "A took B's relay only")
+
+
+@suite.case
+@with_servers
+def through_a_kemi_script():
+    """The KEMI dialect: evapi:cluster-message, with $evapi(node), $evapi(kind), $evapi(tag)
+    ($evapi(conidx) is $null: no connection of this node sent it)."""
+    s = NatsServer().start()
+    a = node("A", [s]).start()
+    k = node("K", [s], script=KEMI_CLUSTER, more="script = yes\n",
+             evapi={"event_callback": "ksr_evapi_event"}).start()
+    wait_nodes([a, k])
+    ca, ck = a.client(name="ca"), k.client(name="ck")
+    tag(ca, "red")
+    ck.send_now(b"7:tag:red,")
+    wait_tag_seen([a, k], "red", ["A", "K"])
+    ca.send("mc:red:hi")
+    ca.send("relay:all")
+    wait_frames([ck], 2, others=[ca])
+    check_eq(ck.take(), [b"A|multicast|red|nil|hi", b"A|relay||nil|all"],
+             "K's member: through evapi:cluster-message")
+    ck.send("mc:red:from-k")  # K's own clients' messages cross as always
+    wait_frames([ca], 3, others=[ck])
+    check_eq(ca.take(), [b"hi", b"all", b"from-k"], "A: nothing back from K's script")
+
+
+@suite.case
+def script_yes_needs_a_cluster_handler():
+    h = node("A", [NatsServer()], more="script = yes\n")
+    rc, out = run_once(["-c", h.conf, "-f"])
+    check(rc != 0 and 'script = yes, but the script registers no evapi.on("cluster") handler'
+          in out, "rc %s, %r" % (rc, out[-1500:]))
+
+
 for _w in (0, 2):
+    suite.case_with("through_the_script_workers%d" % _w, through_the_script, _w)
     suite.case_with("unicast_cluster_policy_spreads_workers%d" % _w,
                     unicast_cluster_policy_spreads, _w)
     suite.case_with("node_killed_is_dropped_workers%d" % _w, node_killed_is_dropped, _w)
