@@ -16,6 +16,9 @@
     hub_log(l, "client id=%llu addr=%s:%u%s%s: " fmt, (unsigned long long)(c)->id, (c)->info.addr, \
             (c)->info.port, (c)->tag ? " tag=" : "", (c)->tag ? (c)->tag->name : "", __VA_ARGS__)
 
+/* A close reason is kept up to this many bytes. */
+#define HUB_CLOSE_REASON_MAX 95
+
 /* Bytes a payload of len takes on the wire (netstring or raw). */
 static size_t frame_len(const hub *h, size_t len)
 {
@@ -422,6 +425,25 @@ static int client_write(hub_client *c, size_t budget)
 static void to_reaper(hub_client *c);
 static void client_unroute(hub_client *c);
 
+/* A copy of the n bytes at s, NUL-terminated, or NULL on OOM. */
+static char *dup_str(const char *s, size_t n)
+{
+    char *d = hub_malloc(n + 1);
+    if (d) {
+        memcpy(d, s, n);
+        d[n] = '\0';
+    }
+    return d;
+}
+
+/* Keep why c closes, for E_EVAPI_CONNECTION_CLOSED (the first reason given wins). Without
+ * memory for it the event says "closed". */
+static void note_reason(hub_client *c, const char *reason)
+{
+    if (!c->close_reason)
+        c->close_reason = dup_str(reason, strnlen(reason, HUB_CLOSE_REASON_MAX));
+}
+
 /* After a write attempt: a write error ends the connection, and a closing connection whose
  * queue has drained is handed to the reaper. */
 static void after_write(hub_client *c, int r)
@@ -430,7 +452,7 @@ static void after_write(hub_client *c, int r)
         /* The socket failed: nothing more can drain, so the queue goes with it. */
         if (!(c->flags & HUB_CLIENT_CLOSING)) {
             CLOG(HUB_LOG_INFO, c, "%s, closing", strerror(-r));
-            snprintf(c->close_reason, sizeof(c->close_reason), "%s", strerror(-r));
+            note_reason(c, strerror(-r));
         }
         c->flags |= HUB_CLIENT_CLOSING;
         client_unroute(c);
@@ -570,7 +592,7 @@ static void note_progress(hub_client *c, uint64_t frames_before)
     if (moved)
         c->last_frame = now;
     if (!h->cfg.frame_timeout || !h->cfg.netstring_format ||
-        hub_ns_reader_pending(c->reader) == 0) {
+        hub_ns_reader_pending(&c->reader) == 0) {
         c->frame_start = 0;
         return;
     }
@@ -592,12 +614,12 @@ static int client_process(hub_client *c)
     while (!(c->flags & HUB_CLIENT_CLOSING)) {
         if (hub__event_admit(h, c) < 0)
             return -EAGAIN;
-        r = hub_ns_reader_next(c->reader, &s);
+        r = hub_ns_reader_next(&c->reader, &s);
         if (r == 0)
             return 0;
         if (r < 0) {
             HUB_STAT_ADD(h, decode_errors, 1);
-            hub__client_close(c, "protocol", hub_ns_reader_errstr(c->reader));
+            hub__client_close(c, "protocol", hub_ns_reader_errstr(&c->reader));
             return r;
         }
         c->frames_in++;
@@ -647,13 +669,26 @@ static void read_size_adapt(hub_client *c, size_t n)
         c->read_want /= 2;
 }
 
+/* The read_buffers gauges after c's reader went from holding a buffer of before bytes (0:
+ * none) to what it holds now. */
+static void rbuf_count(hub *h, hub_client *c, size_t before)
+{
+    size_t now = hub_ns_reader_capacity(&c->reader);
+    if (now == before)
+        return;
+    HUB_STAT_ADD(h, rbufs, (now > 0) - (before > 0));
+    HUB_STAT_ADD(h, rbuf_bytes, now - before);
+}
+
 /* An empty reader's buffer goes to the pool (or is freed): idle connections hold none. */
 static void rpool_put(hub *h, hub_client *c)
 {
     size_t cap;
-    char *b = hub_ns_reader_take_buf(c->reader, &cap);
+    char *b = hub_ns_reader_take_buf(&c->reader, &cap);
     if (!b)
         return;
+    HUB_STAT_ADD(h, rbufs, -1);
+    HUB_STAT_ADD(h, rbuf_bytes, -cap);
     if (h->nrpool < HUB_RPOOL_MAX && cap <= HUB_RPOOL_CAP) {
         h->rpool[h->nrpool] = b;
         h->rpool_cap[h->nrpool++] = cap;
@@ -666,13 +701,13 @@ static void rpool_put(hub *h, hub_client *c)
 static void read_some(hub_client *c)
 {
     hub *h = c->h;
-    if (h->nrpool && hub_ns_reader_give_buf(c->reader, h->rpool[h->nrpool - 1],
+    if (h->nrpool && hub_ns_reader_give_buf(&c->reader, h->rpool[h->nrpool - 1],
                                             h->rpool_cap[h->nrpool - 1]) == 0)
         h->nrpool--;
     for (int i = 0; i < HUB_READS_PER_EVENT; i++) {
         char *p;
         size_t avail;
-        if (hub_ns_reader_space(c->reader, c->read_want, &p, &avail) < 0) {
+        if (hub_ns_reader_space(&c->reader, c->read_want, &p, &avail) < 0) {
             hub__client_close(c, "internal", "out of memory");
             return;
         }
@@ -701,7 +736,7 @@ static void read_some(hub_client *c)
                 return;
             continue;
         }
-        hub_ns_reader_commit(c->reader, (size_t)n);
+        hub_ns_reader_commit(&c->reader, (size_t)n);
         if (client_process(c) < 0)
             return;
         if ((size_t)n < avail)
@@ -714,6 +749,7 @@ static void read_cb(struct ev_loop *loop, ev_io *w, int revents)
     hub_client *c = w->data;
     hub *h = c->h;
     uint64_t frames = c->frames_in, bytes = c->bytes_in;
+    size_t held = hub_ns_reader_capacity(&c->reader);
     (void)revents;
     if (h->hold_reads) {
         /* A congested reader is catching up: this one waits (hub__hold_update resumes it). */
@@ -724,6 +760,7 @@ static void read_cb(struct ev_loop *loop, ev_io *w, int revents)
         return;
     }
     read_some(c);
+    rbuf_count(h, c, held);
     h->read_since_flush += c->bytes_in - bytes;
     if (!(c->flags & HUB_CLIENT_CLOSING)) {
         note_progress(c, frames);
@@ -754,18 +791,25 @@ void hub__client_resume(hub_client *c)
     note_progress(c, frames);
     if (r < 0)
         return;
+    rpool_put(c->h, c); /* its frames have run: if none is left partial, it holds no buffer */
     if ((c->flags & HUB_CLIENT_READING) && !c->h->stopping)
         ev_io_start(c->h->loop, &c->rio);
 }
 
 /* ---- lifecycle ---- */
 
+/* An idle client holds this struct and nothing else of the hub's (no read buffer, no write
+ * queue, no close reason): README, "under 1 KiB per idle connection" with libev's, the id
+ * map's and the script's share. */
+_Static_assert(sizeof(hub_client) <= 560, "an idle client's struct grew");
+
 void hub__client_accepted(hub *h, int fd, const struct sockaddr *sa)
 {
     hub_client *c = hub_calloc(1, sizeof(*c));
     int one = 1;
-    if (!c || !(c->reader = hub_ns_reader_new(h->cfg.max_frame_size)))
+    if (!c)
         goto fail;
+    hub_ns_reader_init(&c->reader, h->cfg.max_frame_size);
     c->h = h;
     c->fd = fd;
     c->id = h->next_id++;
@@ -805,10 +849,7 @@ void hub__client_accepted(hub *h, int fd, const struct sockaddr *sa)
     return;
 fail:
     hub_log(HUB_LOG_ERR, "out of memory accepting a client");
-    if (c) {
-        hub_ns_reader_free(c->reader);
-        hub_free(c);
-    }
+    hub_free(c); /* its reader holds nothing yet */
     close(fd);
 }
 
@@ -858,8 +899,8 @@ static void client_unroute(hub_client *c)
     hub *h = c->h;
     ev_io_stop(h->loop, &c->rio);
     ev_timer_stop(h->loop, &c->tmo); /* draining has its own deadline */
-    if (c->tag && !c->close_tag[0])  /* for E_EVAPI_CONNECTION_CLOSED, raised by the reaper */
-        memcpy(c->close_tag, c->tag->name, (size_t)c->tag->len + 1);
+    if (c->tag && !c->close_tag)     /* for E_EVAPI_CONNECTION_CLOSED, raised by the reaper */
+        c->close_tag = dup_str(c->tag->name, c->tag->len);
     hub__tag_set(h, c, NULL, 0);
     hub__tag_intent(h, c->id, NULL, 0, 1);
 }
@@ -889,7 +930,7 @@ void hub__client_close(hub_client *c, const char *code, const char *reason)
 {
     if (c->flags & HUB_CLIENT_CLOSING)
         return;
-    snprintf(c->close_reason, sizeof(c->close_reason), "%s", reason);
+    note_reason(c, reason);
     if (code) {
         CLOG(HUB_LOG_WARN, c, "%s error: %s, closing", code, reason);
         queue_error_frame(c, code, reason);
@@ -903,7 +944,7 @@ void hub__client_abort(hub_client *c, const char *reason)
 {
     if (c->flags & HUB_CLIENT_CLOSING)
         return;
-    snprintf(c->close_reason, sizeof(c->close_reason), "%s", reason);
+    note_reason(c, reason);
     CLOG(HUB_LOG_WARN, c, "%s, closing", reason);
     /* Drop the queue but finish a frame already begun: the peer never sees half a frame. */
     uint32_t keep = c->wq_off ? 1 : 0;
@@ -975,7 +1016,11 @@ static void client_destroy(hub *h, hub_client *c)
     atomic_fetch_sub(&h->nclients, 1);
     ev_timer_stop(h->loop, &c->tmo);
     wq_clear(c);
-    hub_ns_reader_free(c->reader);
+    size_t held = hub_ns_reader_capacity(&c->reader);
+    hub_ns_reader_deinit(&c->reader);
+    rbuf_count(h, c, held);
+    hub_free(c->close_reason);
+    hub_free(c->close_tag);
     close(c->fd);
     hub_free(c);
 }
@@ -991,9 +1036,8 @@ void hub__reap_closing(hub *h)
             /* Here, never inside the close: a subscriber of evapi:TAG is multicast to, and a
              * multicast must not run inside another one over the same tag. */
             c->flags |= HUB_CLIENT_CLOSE_RAISED;
-            hub__raise_conn_event(h, "E_EVAPI_CONNECTION_CLOSED", &c->info,
-                                  c->close_tag[0] ? c->close_tag : NULL,
-                                  c->close_reason[0] ? c->close_reason : "closed");
+            hub__raise_conn_event(h, "E_EVAPI_CONNECTION_CLOSED", &c->info, c->close_tag,
+                                  c->close_reason ? c->close_reason : "closed");
         }
         if ((c->flags & HUB_CLIENT_CONNECTED) && !(c->flags & HUB_CLIENT_CLOSE_EVENT)) {
             c->flags |= HUB_CLIENT_CLOSE_EVENT;

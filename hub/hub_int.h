@@ -103,8 +103,9 @@ struct hub_client {
     uint64_t id;
     unsigned flags;
     int fd;
-    int worker; /* index of the worker that runs its events, -1 for the loop */
-    hub_ns_reader *reader;
+    int worker;         /* index of the worker that runs its events, -1 for the loop */
+    uint32_t read_want; /* bytes the next read asks room for (HUB_READ_MIN..CHUNK) */
+    hub_ns_reader reader;
     /* write queue: a ring of frames; wq_off bytes of the head frame are already written */
     hub_frame *wq;
     uint32_t wq_cap, wq_head, wq_count;
@@ -130,10 +131,10 @@ struct hub_client {
     ev_timer tmo;
     ev_tstamp last_frame;  /* when the last complete frame came (or the connection) */
     ev_tstamp frame_start; /* when the frame still incomplete began; 0: none */
-    uint32_t read_want;    /* bytes the next read asks room for (HUB_READ_MIN..CHUNK) */
     hub_conn_info info;
-    char close_reason[96];           /* why it is closing, for E_EVAPI_CONNECTION_CLOSED */
-    char close_tag[HUB_TAG_MAX + 1]; /* the tag it had, kept when closing drops it */
+    /* For E_EVAPI_CONNECTION_CLOSED, allocated when it closes (an open client holds neither):
+     * why, and the tag it had (closing drops it). NULL: none, or no memory to say. */
+    char *close_reason, *close_tag;
     uint64_t frames_in, frames_out, bytes_in, bytes_out;
 };
 
@@ -157,6 +158,7 @@ typedef struct hub_stats {
     _Atomic uint64_t decode_errors, slow_closes, dropped_frames, frames_lost;
     _Atomic uint64_t timeout_closes, read_holds;
     _Atomic uint64_t outq_bytes, outq_blocks; /* gauges: every client's wq_bytes, wq_pinned */
+    _Atomic uint64_t rbufs, rbuf_bytes;       /* gauges: read buffers clients hold, their bytes */
     _Atomic uint64_t reloads, reload_failures;
     _Atomic uint64_t script[HUB_SCRIPT_NCOUNTS]; /* the loop's own state (workers == 0) */
 } hub_stats;

@@ -12,31 +12,14 @@
 #define NS_COMPACT_MIN 1024
 /* The first allocation; small so that a connection sending small frames stays small. */
 #define NS_INITIAL_CAP 4096
+/* Room for a failure's reason. */
+#define NS_ERRSTR_MAX 96
 
 enum ns_state {
     NS_BETWEEN, /* skipping whitespace, expecting the first length digit */
     NS_LENGTH,  /* reading length digits, expecting more digits or ':' */
     NS_PAYLOAD, /* header done, waiting for payload bytes and the ',' */
     NS_FAILED,  /* sticky error; err and errstr are set */
-};
-
-/* The buffer holds [consumed | pending | free]: buf[0..start) was handed out or skipped,
- * buf[start..end) is pending, buf[end..cap) is free. Parse offsets are absolute into buf and
- * are shifted on compaction, so no byte is ever parsed twice. */
-struct hub_ns_reader {
-    char *buf;
-    size_t cap;
-    size_t start;     /* first pending byte: the start of the frame being parsed */
-    size_t end;       /* one past the last byte fed */
-    size_t pos;       /* next byte of the header to parse (NS_BETWEEN, NS_LENGTH) */
-    size_t payload;   /* offset of the payload (NS_PAYLOAD) */
-    size_t len;       /* length accumulated so far / the frame's payload length */
-    size_t ndigits;   /* digits read for the current length, leading zeros included */
-    size_t max_frame; /* payload limit */
-    size_t max_cap;   /* the buffer a single maximal frame needs; growth stops there */
-    enum ns_state state;
-    int err;
-    char errstr[96];
 };
 
 static size_t count_digits(size_t v)
@@ -49,16 +32,26 @@ static size_t count_digits(size_t v)
     return n;
 }
 
+void hub_ns_reader_init(hub_ns_reader *r, size_t max_frame)
+{
+    memset(r, 0, sizeof(*r));
+    r->max_frame = max_frame;
+    r->state = NS_BETWEEN;
+}
+
+void hub_ns_reader_deinit(hub_ns_reader *r)
+{
+    hub_free(r->buf);
+    hub_free(r->errstr);
+    r->buf = r->errstr = NULL;
+    r->cap = r->start = r->end = r->pos = r->payload = 0;
+}
+
 hub_ns_reader *hub_ns_reader_new(size_t max_frame)
 {
-    hub_ns_reader *r = hub_calloc(1, sizeof(*r));
-    if (!r)
-        return NULL;
-    r->max_frame = max_frame;
-    /* Saturate rather than wrap for absurd limits; realloc will then fail with -ENOMEM. */
-    r->max_cap =
-        max_frame > (size_t)-1 - HUB_NS_HDR_MAX - 1 ? (size_t)-1 : max_frame + HUB_NS_HDR_MAX + 1;
-    r->state = NS_BETWEEN;
+    hub_ns_reader *r = hub_malloc(sizeof(*r));
+    if (r)
+        hub_ns_reader_init(r, max_frame);
     return r;
 }
 
@@ -66,20 +59,31 @@ void hub_ns_reader_free(hub_ns_reader *r)
 {
     if (!r)
         return;
-    hub_free(r->buf);
+    hub_ns_reader_deinit(r);
     hub_free(r);
 }
 
-/* Enter the sticky failed state; what was buffered is useless now, so drop it. */
+/* The buffer a single maximal frame needs; growth stops there. Saturates rather than wraps
+ * for absurd limits (realloc then fails with -ENOMEM). */
+static size_t max_cap(const hub_ns_reader *r)
+{
+    return r->max_frame > (size_t)-1 - HUB_NS_HDR_MAX - 1 ? (size_t)-1
+                                                          : r->max_frame + HUB_NS_HDR_MAX + 1;
+}
+
+/* Enter the sticky failed state; what was buffered is useless now, so drop it. The reason is
+ * allocated here, once: a reader that never fails holds no room for one. */
 static int fail(hub_ns_reader *r, int err, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 static int fail(hub_ns_reader *r, int err, const char *fmt, ...)
 {
     va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(r->errstr, sizeof(r->errstr), fmt, ap);
-    va_end(ap);
-    r->err = err;
+    if (!r->errstr && (r->errstr = hub_malloc(NS_ERRSTR_MAX))) {
+        va_start(ap, fmt);
+        vsnprintf(r->errstr, NS_ERRSTR_MAX, fmt, ap);
+        va_end(ap);
+    }
+    r->err = (short)err;
     r->state = NS_FAILED;
     r->start = r->end = r->pos = r->payload = 0;
     return err;
@@ -115,8 +119,8 @@ static int grow(hub_ns_reader *r, size_t want)
     size_t ncap = r->cap ? r->cap : NS_INITIAL_CAP;
     while (ncap < need && ncap <= (size_t)-1 / 2)
         ncap *= 2;
-    if (ncap > r->max_cap)
-        ncap = r->max_cap;
+    if (ncap > max_cap(r))
+        ncap = max_cap(r);
     if (ncap < need)
         ncap = need;
     char *nbuf = hub_realloc(r->buf, ncap);
@@ -204,7 +208,8 @@ _Static_assert(HUB_NS_DIGITS_MAX + 2 <= HUB_NS_HDR_MAX + 1, "length prefix outgr
  * Returns 1 once ':' is seen. */
 static int parse_length(hub_ns_reader *r)
 {
-    size_t pos = r->pos, len = r->len, nd = r->ndigits;
+    size_t pos = r->pos, len = r->len;
+    unsigned nd = r->ndigits;
     int rc = 0;
     while (pos < r->end) {
         unsigned char c = (unsigned char)r->buf[pos];
@@ -254,7 +259,11 @@ int hub_ns_reader_next(hub_ns_reader *r, hub_slice *out)
 
 const char *hub_ns_reader_errstr(const hub_ns_reader *r)
 {
-    return r->state == NS_FAILED ? r->errstr : NULL;
+    if (r->state != NS_FAILED)
+        return NULL;
+    if (r->errstr)
+        return r->errstr;
+    return r->err == -EMSGSIZE ? "frame length exceeds max_frame_size" : "netstring framing error";
 }
 
 size_t hub_ns_reader_pending(const hub_ns_reader *r) { return r->end - r->start; }

@@ -15,10 +15,32 @@ typedef struct hub_slice {
     size_t len;
 } hub_slice;
 
-typedef struct hub_ns_reader hub_ns_reader;
+/* A reader. Its fields are visible only so that it can be embedded (a client holds one, with
+ * no allocation of its own and no pointer to follow); they are private to netstring.c.
+ * The buffer holds [consumed | pending | free]: buf[0..start) was handed out or skipped,
+ * buf[start..end) is pending, buf[end..cap) is free. Parse offsets are absolute into buf and
+ * are shifted on compaction, so no byte is ever parsed twice. */
+typedef struct hub_ns_reader {
+    char *buf;
+    size_t cap;
+    size_t start;     /* first pending byte: the start of the frame being parsed */
+    size_t end;       /* one past the last byte fed */
+    size_t pos;       /* next byte of the header to parse (NS_BETWEEN, NS_LENGTH) */
+    size_t payload;   /* offset of the payload (NS_PAYLOAD) */
+    size_t len;       /* length accumulated so far / the frame's payload length */
+    size_t max_frame; /* payload limit */
+    char *errstr;     /* the sticky error's reason (allocated when it fails), or NULL */
+    unsigned ndigits; /* digits read for the current length, leading zeros included */
+    unsigned char state;
+    short err; /* the sticky error (a negative errno) */
+} hub_ns_reader;
 
-/* A reader that rejects frames longer than max_frame bytes of payload (checked while the
- * length digits are read, so a huge length never overflows). NULL on OOM. */
+/* Make r a reader that rejects frames longer than max_frame bytes of payload (checked while
+ * the length digits are read, so a huge length never overflows). It holds no memory yet. */
+void hub_ns_reader_init(hub_ns_reader *r, size_t max_frame);
+/* Release what r holds (its buffer, its error); r may be initialised again. */
+void hub_ns_reader_deinit(hub_ns_reader *r);
+/* An allocated reader, as _init. NULL on OOM. */
 hub_ns_reader *hub_ns_reader_new(size_t max_frame);
 /* NULL-safe. */
 void hub_ns_reader_free(hub_ns_reader *r);
@@ -38,6 +60,8 @@ void hub_ns_reader_commit(hub_ns_reader *r, size_t n);
 int hub_ns_reader_next(hub_ns_reader *r, hub_slice *out);
 /* Human-readable reason of the sticky error, or NULL when not failed. */
 const char *hub_ns_reader_errstr(const hub_ns_reader *r);
+/* The size of the buffer it holds, 0 when it holds none. */
+static inline size_t hub_ns_reader_capacity(const hub_ns_reader *r) { return r->cap; }
 /* Bytes held that are not yet handed out as frames. */
 size_t hub_ns_reader_pending(const hub_ns_reader *r);
 /* Release the buffer when nothing is pending, so idle connections cost little memory.

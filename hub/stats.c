@@ -73,6 +73,10 @@ size_t hub__stats_collect(hub *h, hub_stat *out, size_t cap)
         HUB_STAT_GET(h, outq_bytes));
     put(&c, "outq_block_bytes", "bytes of the frame blocks the clients' queues hold", 1, -1,
         HUB_STAT_GET(h, outq_blocks));
+    put(&c, "read_buffers", "read buffers clients hold (a partial frame keeps one; idle: none)", 1,
+        -1, HUB_STAT_GET(h, rbufs));
+    put(&c, "read_buffer_bytes", "bytes of the read buffers clients hold", 1, -1,
+        HUB_STAT_GET(h, rbuf_bytes));
     size_t totals = c.n; /* the loop's script counts, plus the workers' added below */
     for (int i = 0; i < HUB_SCRIPT_NCOUNTS; i++)
         put(&c, script_names[i], script_help[i], 0, -1, HUB_STAT_GET(h, script[i]));

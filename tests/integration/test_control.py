@@ -577,7 +577,8 @@ def prometheus_check(h):
     for k, v in js.items():
         if k == "workers":
             continue
-        gauge = k in ("clients", "tags", "uptime_seconds", "outq_bytes", "outq_block_bytes")
+        gauge = k in ("clients", "tags", "uptime_seconds", "outq_bytes", "outq_block_bytes",
+                     "read_buffers", "read_buffer_bytes")
         name = "evhub_%s%s" % (k, "" if gauge else "_total")
         check((name, None) in values, "%s missing from the Prometheus text" % name)
         got = values[(name, None)]

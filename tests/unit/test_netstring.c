@@ -573,6 +573,48 @@ static void test_ns_reader_idle_reader_holds_no_buffer(void **state)
     hub_ns_reader_free(r);
 }
 
+/* An embedded reader (a client's) allocates nothing until bytes come, and its error's reason
+ * only when it fails; without memory for the reason it still fails with the right error and
+ * says what kind. deinit releases both, and the reader can be initialised again. */
+static void test_ns_reader_embedded_allocates_only_what_it_holds(void **state)
+{
+    (void)state;
+    hub_ns_reader r;
+    hub_slice s;
+    hub_ns_reader_init(&r, 10);
+    assert_int_equal(am.live, 0);
+    assert_int_equal(hub_ns_reader_feed(&r, "2:ab,", 5), 0);
+    assert_int_equal(hub_ns_reader_next(&r, &s), 1);
+    assert_int_equal(am.live, 1); /* the buffer */
+    assert_int_equal(hub_ns_reader_feed(&r, "x", 1), 0);
+    assert_int_equal(hub_ns_reader_next(&r, &s), -EPROTO);
+    assert_int_equal(am.live, 2); /* the buffer and the reason */
+    assert_string_equal(hub_ns_reader_errstr(&r),
+                        "invalid character 'x' (0x78) in netstring length");
+    hub_ns_reader_deinit(&r);
+    assert_int_equal(am.live, 0);
+
+    hub_ns_reader_init(&r, 10);
+    assert_null(hub_ns_reader_errstr(&r));
+    assert_int_equal(hub_ns_reader_feed(&r, "123", 3), 0);
+    am.budget = 0; /* no memory for the reason */
+    assert_int_equal(hub_ns_reader_next(&r, &s), -EMSGSIZE);
+    assert_int_equal(hub_ns_reader_next(&r, &s), -EMSGSIZE); /* sticky */
+    assert_string_equal(hub_ns_reader_errstr(&r), "frame length exceeds max_frame_size");
+    am.budget = -1;
+    hub_ns_reader_deinit(&r);
+    assert_int_equal(am.live, 0);
+
+    hub_ns_reader_init(&r, 10);
+    assert_int_equal(hub_ns_reader_feed(&r, ":", 1), 0);
+    am.budget = 0;
+    assert_int_equal(hub_ns_reader_next(&r, &s), -EPROTO);
+    assert_string_equal(hub_ns_reader_errstr(&r), "netstring framing error");
+    am.budget = -1;
+    hub_ns_reader_deinit(&r);
+    assert_int_equal(am.live, 0);
+}
+
 /* The pool of read buffers (client.c): an empty reader hands its buffer over, a reader with
  * pending bytes keeps it, and a reader given a buffer parses into it as into its own. */
 static void test_ns_reader_buffer_taken_and_given(void **state)
@@ -786,6 +828,7 @@ int main(void)
         T(test_ns_reader_leading_zeros_at_max_frame),
         T(test_ns_reader_idle_reader_holds_no_buffer),
         T(test_ns_reader_buffer_taken_and_given),
+        T(test_ns_reader_embedded_allocates_only_what_it_holds),
         T(test_ns_reader_big_frame_byte_by_byte_grows_geometrically),
         T(test_ns_reader_consumed_bytes_are_compacted_not_grown),
         T(test_ns_reader_space_gives_at_least_want),
