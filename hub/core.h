@@ -154,6 +154,11 @@ int hub_remote_event(hub *h, uint64_t key, const hub_origin *o, const char *data
  * "more": true keeps the token for further results; any other is its last. A token whose
  * state is gone (reloaded, stopped) is counted as undelivered (completions_undelivered). */
 void hub_complete(hub *h, uint64_t token, struct json_object *result);
+/* As hub_complete, with the result as n typed fields (hub/script.h), copied: the caller
+ * keeps f and its strings. No json-c on the way, and none of the per-result allocations: on
+ * the loop thread the results of one loop iteration go to the mailbox together, and the
+ * engine builds each table directly. more: HUB_RESULT_MORE keeps the token. */
+void hub_complete_fields(hub *h, uint64_t token, unsigned more, const hub_field *f, size_t n);
 
 /* ---- requests: a module (SIP) hands requests to the scripts' request route ---- */
 

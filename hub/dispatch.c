@@ -306,6 +306,12 @@ void hub__event_run(hub *h, hub_script *s, int type, uint64_t id, const void *da
         json_object_put(res);
         break;
     }
+    case HUB_EV_RESULT: {
+        /* data is one hub_result, copied into the worker's item (8-byte aligned) */
+        if (!s || !h->ops->on_results || h->ops->on_results(s, data, len) > 0)
+            hub__complete_undelivered(h, id, "its state is gone");
+        break;
+    }
     }
 }
 

@@ -60,6 +60,8 @@ typedef struct hub_frame {
 
 /* A mailbox node (mailbox.c): run gets the node and owns it from then on. Embedded in what
  * it carries, so a worker's command is one allocation. */
+typedef struct hub_rbatch hub_rbatch; /* a mailbox node of results (module.c) */
+
 typedef struct hub_post {
     struct hub_post *next;
     void (*run)(hub *h, struct hub_post *p);
@@ -258,6 +260,9 @@ struct hub {
     void *req_resume_ud;
     atomic_uint_fast64_t next_token;
     atomic_uint_fast64_t completions_undelivered;
+    hub_rbatch *rb_open;    /* results completed on the loop go here until it runs (module.c) */
+    hub_rbatch *rb_pool[4]; /* spare result batches */
+    int nrb_pool;
 
     /* control socket and what it reports (control.c, control_cmds.c) */
     hub_ctl *ctl;
@@ -354,7 +359,8 @@ enum {
     HUB_EV_MARK,     /* shutdown: answer once everything before it has run */
     HUB_EV_EOF,      /* the peer of id half-closed: answer once its events before it ran */
     HUB_EV_REQUEST,  /* a module's request for the request route: data is a hub_req * (owned) */
-    HUB_EV_REMOTE    /* from another hub: data is a hub_origin, then the message */
+    HUB_EV_REMOTE,   /* from another hub: data is a hub_origin, then the message */
+    HUB_EV_RESULT    /* a typed result (hub_result) for the worker's state: id is the token */
 };
 
 /* Executors (dispatch.c): the loop's own state (exec -1, workers = 0) and each worker run the
@@ -464,6 +470,8 @@ size_t hub__modules_stats(hub *h, hub_stat *out, size_t cap);
 uint64_t hub__token_new(hub *h, int worker);
 /* Count (and log at debug) a completion that found no state to run in. Any thread. */
 void hub__complete_undelivered(hub *h, uint64_t token, const char *why);
+/* The spare result batches, at exit (after the mailbox's last run). */
+void hub__results_free(hub *h);
 /* Any thread: 0 when event may be raised (a valid name, an events module built in), else
  * -EINVAL / -ENOSYS with err set. */
 int hub__raise_check(const hub *h, const char *event, char *err, size_t errlen);

@@ -279,6 +279,7 @@ void hub_destroy(hub *h)
     pthread_rwlock_destroy(&h->tags_lock);
     if (h->loop) {
         hub__mailbox_free(h);
+        hub__results_free(h);
         ev_loop_destroy(h->loop);
     }
     hub_free(h);

@@ -26,6 +26,9 @@ static void run_plain(hub *h, hub_post *p)
 
 void hub__post_chain(hub *h, hub_post *head, hub_post *tail)
 {
+    /* Results completed from now on must not join a batch posted before this (module.c) */
+    if (hub_on_loop(h))
+        h->rb_open = NULL;
     pthread_mutex_lock(&h->mbox_mu);
     if (h->mbox_tail)
         h->mbox_tail->next = head;

@@ -217,10 +217,12 @@ void hub__complete_undelivered(hub *h, uint64_t token, const char *why)
     hub_log(HUB_LOG_DEBUG, "completion %llx not delivered: %s", (unsigned long long)token, why);
 }
 
+static int token_exec(uint64_t token) { return (int)(token >> TOKEN_EXEC_SHIFT) - 1; }
+
 /* Loop thread: run the completion in the loop's state, or queue it to its worker. */
 static void deliver(hub *h, uint64_t token, json_object *result)
 {
-    int exec = (int)(token >> TOKEN_EXEC_SHIFT) - 1;
+    int exec = token_exec(token);
     if (exec >= h->nworkers || (exec >= 0 && h->workers_stopped)) {
         hub__complete_undelivered(h, token, "its worker has stopped");
         json_object_put(result);
@@ -233,40 +235,191 @@ static void deliver(hub *h, uint64_t token, json_object *result)
     }
 }
 
-typedef struct completion {
-    uint64_t token;
-    json_object *result;
-} completion;
+/* Results travel in batches: records (hub_result) back to back in one mailbox node. On the
+ * loop thread the node stays open (h->rb_open) and takes every result completed after it
+ * until it runs or something else is posted from the loop (which keeps the mailbox's order:
+ * nothing completed later overtakes a post made earlier), so the reports of one loop
+ * iteration cost one post and no allocation each; nodes of RB_CAP come from a small pool.
+ * Another thread posts a node per result. */
+#define RB_CAP  (64 * 1024)
+#define RB_POOL 4
 
-static void run_completion(hub *h, void *arg)
+struct hub_rbatch {
+    hub_post node;
+    size_t len, cap;
+    int pooled;
+    _Alignas(8) char buf[];
+};
+
+static size_t rec_size(size_t nfields, size_t strbytes)
 {
-    completion *c = arg;
-    deliver(h, c->token, c->result);
-    hub_free(c);
+    size_t n = sizeof(hub_result) + nfields * sizeof(hub_rfield) + strbytes;
+    return (n + 7) & ~(size_t)7;
+}
+
+static void run_batch(hub *h, hub_post *p);
+
+static void batch_recycle(hub *h, hub_rbatch *b)
+{
+    if (b->pooled && h->nrb_pool < RB_POOL)
+        h->rb_pool[h->nrb_pool++] = b;
+    else
+        hub_free(b);
+}
+
+void hub__results_free(hub *h)
+{
+    while (h->nrb_pool > 0)
+        hub_free(h->rb_pool[--h->nrb_pool]);
+}
+
+/* Room for a record of size bytes at the end of a batch: on the loop thread the open batch
+ * (a new one, posted at once, when it is full or there is none), elsewhere a node of its own
+ * (waiting for memory) that *post says to post once the record is written. NULL when the
+ * loop has no memory. */
+static hub_result *batch_room(hub *h, int loop, size_t size, hub_rbatch **post)
+{
+    hub_rbatch *b = loop ? h->rb_open : NULL;
+    *post = NULL;
+    if (b && b->len + size <= b->cap) {
+        hub_result *r = (hub_result *)(b->buf + b->len);
+        b->len += size;
+        return r;
+    }
+    size_t cap = size > RB_CAP || !loop ? size : RB_CAP;
+    if (loop && cap == RB_CAP && h->nrb_pool > 0)
+        b = h->rb_pool[--h->nrb_pool];
+    else if (loop)
+        b = hub_malloc(sizeof(*b) + cap);
+    else
+        b = hub__malloc_retry(sizeof(*b) + cap);
+    if (!b)
+        return NULL;
+    b->node.next = NULL;
+    b->node.run = run_batch;
+    b->len = size;
+    b->cap = cap;
+    b->pooled = cap == RB_CAP;
+    if (loop) { /* the loop runs it later, written by then; posting closes the open batch */
+        hub__post_chain(h, &b->node, &b->node);
+        h->rb_open = b;
+    } else {
+        *post = b;
+    }
+    return (hub_result *)b->buf;
+}
+
+static void batch_post(hub *h, hub_rbatch *b)
+{
+    if (b)
+        hub__post_chain(h, &b->node, &b->node);
+}
+
+/* The loop's own state runs its results (a run of records) at once. */
+static void run_loop_results(hub *h, const char *buf, size_t len)
+{
+    if (!len)
+        return;
+    size_t unknown = 0, n = 0;
+    if (h->script && h->ops->on_results) {
+        unknown = h->ops->on_results(h->script, buf, len);
+    } else {
+        for (size_t off = 0; off < len; off += ((const hub_result *)(buf + off))->size)
+            n++;
+        unknown = n;
+    }
+    if (unknown) {
+        atomic_fetch_add(&h->completions_undelivered, unknown);
+        hub_log(HUB_LOG_DEBUG, "%zu result(s) not delivered: their state is gone", unknown);
+    }
+}
+
+static void run_batch(hub *h, hub_post *p)
+{
+    hub_rbatch *b = (hub_rbatch *)p;
+    if (h->rb_open == b)
+        h->rb_open = NULL; /* what completes while it runs goes to a new batch */
+    size_t run = 0, runlen = 0;
+    for (size_t off = 0; off < b->len;) {
+        hub_result *r = (hub_result *)(b->buf + off);
+        int exec = token_exec(r->token);
+        if (exec < 0 && !(r->flags & HUB_RESULT_JSON)) {
+            if (!runlen)
+                run = off;
+            runlen += r->size;
+            off += r->size;
+            continue;
+        }
+        run_loop_results(h, b->buf + run, runlen);
+        runlen = 0;
+        if (r->flags & HUB_RESULT_JSON) {
+            deliver(h, r->token, r->json);
+        } else if (exec >= h->nworkers || h->workers_stopped) {
+            hub__complete_undelivered(h, r->token, "its worker has stopped");
+        } else if (hub__exec_post(h, exec, HUB_EV_RESULT, r->token, r, r->size) < 0) {
+            hub__complete_undelivered(h, r->token, "out of memory");
+        }
+        off += r->size;
+    }
+    run_loop_results(h, b->buf + run, runlen);
+    batch_recycle(h, b);
 }
 
 void hub_complete(hub *h, uint64_t token, struct json_object *result)
 {
     /* Always through the mailbox, even from the loop thread: a result never runs inside the
      * call that started the work (a raise with no subscriber completes at once), and one
-     * completed while a state is being loaded reaches it once it is installed. */
-    int loop = hub_on_loop(h);
-    /* The loop never waits for memory (a result it cannot carry is counted); another thread
-     * does, since the result must get through. */
-    completion *c = loop ? hub_malloc(sizeof(*c)) : hub__malloc_retry(sizeof(*c));
-    if (c) {
-        c->token = token;
-        c->result = result;
-    }
-    if (!loop) {
-        hub_loop_post_retry(h, run_completion, c);
-        return;
-    }
-    if (!c || hub_loop_post(h, run_completion, c) < 0) {
-        hub_free(c);
+     * completed while a state is being loaded reaches it once it is installed. The loop
+     * never waits for memory (a result it cannot carry is counted); another thread does,
+     * since the result must get through. */
+    size_t size = rec_size(0, 0);
+    hub_rbatch *post;
+    hub_result *r = batch_room(h, hub_on_loop(h), size, &post);
+    if (!r) {
         hub__complete_undelivered(h, token, "out of memory");
         json_object_put(result);
+        return;
     }
+    *r = (hub_result){.token = token, .size = (uint32_t)size, .flags = HUB_RESULT_JSON};
+    r->json = result; /* its reference travels with the record */
+    batch_post(h, post);
+}
+
+void hub_complete_fields(hub *h, uint64_t token, unsigned more, const hub_field *f, size_t n)
+{
+    size_t strbytes = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (f[i].type == HUB_FIELD_STR)
+            strbytes += f[i].len + 1;
+    }
+    size_t size = rec_size(n, strbytes);
+    hub_rbatch *post;
+    hub_result *r = size > UINT32_MAX ? NULL : batch_room(h, hub_on_loop(h), size, &post);
+    if (!r) {
+        hub__complete_undelivered(h, token, "out of memory");
+        return;
+    }
+    *r = (hub_result){.token = token,
+                      .size = (uint32_t)size,
+                      .nfields = (uint16_t)n,
+                      .flags = (uint16_t)(more & HUB_RESULT_MORE)};
+    char *str = (char *)&r->f[n];
+    for (size_t i = 0; i < n; i++) {
+        hub_rfield *o = &r->f[i];
+        o->name = f[i].name;
+        o->type = (uint32_t)f[i].type;
+        o->len = 0;
+        o->i = f[i].i;
+        if (f[i].type == HUB_FIELD_STR) {
+            o->len = (uint32_t)f[i].len;
+            o->i = str - (char *)r;
+            if (f[i].len)
+                memcpy(str, f[i].s, f[i].len);
+            str[f[i].len] = '\0';
+            str += f[i].len + 1;
+        }
+    }
+    batch_post(h, post);
 }
 
 /* ---- the event interface's seam ---- */

@@ -143,19 +143,59 @@ typedef struct hub_api {
 
 /* ---- functions a module offers scripts (hub_module.fns) ----
  * Each appears in every state as TABLE.NAME (e.g. kafka.publish, KSR.kafka.send; the tables
- * are made as needed). The engine converts the arguments to JSON as json.encode does, calls
- * the function on the thread running the script, and turns the result into the dialect's. */
+ * are made as needed). The engine hands the arguments over as they are (strings as pointer
+ * and length, numbers as integers or doubles; only a table is converted, to JSON as
+ * json.encode does), calls the function on the thread running the script, and turns the
+ * result into the dialect's. */
+
+#define HUB_ARGS_MAX 16 /* arguments of a module function; more raises */
+
+enum {
+    HUB_ARG_NIL = 0, /* nil or json.null */
+    HUB_ARG_BOOL,    /* i: 0 or 1 */
+    HUB_ARG_INT,     /* i */
+    HUB_ARG_NUM,     /* d: a float (finite or not) */
+    HUB_ARG_STR,     /* s, len: the script's bytes, NUL-terminated, binary-safe */
+    HUB_ARG_JSON,    /* json: a table, as json.encode converts it */
+};
+
+/* One argument, borrowed for the call: copy what must outlive it. */
+typedef struct hub_arg {
+    int type; /* HUB_ARG_* */
+    const char *s;
+    size_t len;
+    int64_t i;
+    double d;
+    struct json_object *json;
+} hub_arg;
 
 typedef struct hub_call {
-    struct json_object *args; /* array of the arguments (nil as null), borrowed; with
-                               * HUB_FN_REPORT the trailing report function is not in it */
-    uint64_t token;           /* 0, or the token the report function's results go to
-                               * (hub_complete); a call that fails must never complete it */
-    int worker;               /* the calling executor: -1 the loop thread, else a worker */
-    struct json_object *ret;  /* out, optional: returned instead of true (reference passes;
-                               * native dialect only) */
-    char err[256];            /* out: the reason of a failure */
+    const hub_arg *argv; /* the arguments; with HUB_FN_REPORT the trailing report function is
+                          * not among them */
+    int argc;
+    uint64_t token;          /* 0, or the token the report function's results go to
+                              * (hub_complete); a call that fails must never complete it */
+    int worker;              /* the calling executor: -1 the loop thread, else a worker */
+    struct json_object *ret; /* out, optional: returned instead of true (reference passes;
+                              * native dialect only) */
+    char err[256];           /* out: the reason of a failure */
 } hub_call;
+
+/* Argument i when it is a string (*len set), else NULL and *len 0 (absent, or another type). */
+static inline const char *hub_arg_str(const hub_call *c, int i, size_t *len)
+{
+    *len = 0;
+    if (i >= c->argc || c->argv[i].type != HUB_ARG_STR)
+        return NULL;
+    *len = c->argv[i].len;
+    return c->argv[i].s;
+}
+
+/* The type of argument i, HUB_ARG_NIL when absent. */
+static inline int hub_arg_type(const hub_call *c, int i)
+{
+    return i < c->argc ? c->argv[i].type : HUB_ARG_NIL;
+}
 
 enum {
     HUB_FN_REPORT = 1, /* a function as last argument is the report function (c->token) */
@@ -197,6 +237,52 @@ typedef struct hub_script_conf {
                     * must have a handler for it */
 } hub_script_conf;
 
+/* ---- typed results (hub_complete_fields in hub/core.h): no json-c on the way ---- */
+
+enum {
+    HUB_FIELD_STR = 1, /* s, len (copied) */
+    HUB_FIELD_INT,     /* i */
+    HUB_FIELD_BOOL,    /* i: 0 or 1 */
+};
+
+/* One field of a result, as a module hands it over. name must outlive the hub (a string
+ * literal): only the pointer is kept. */
+typedef struct hub_field {
+    const char *name;
+    int type; /* HUB_FIELD_* */
+    const char *s;
+    size_t len;
+    int64_t i;
+} hub_field;
+
+/* A field as stored in a result: a string's bytes are in the record (NUL-terminated), at
+ * offset i from the record's start, so a record may be copied as it is. */
+typedef struct hub_rfield {
+    const char *name;
+    uint32_t type;
+    uint32_t len;
+    int64_t i;
+} hub_rfield;
+
+#define HUB_RESULT_MORE 1u /* more results follow for this token (the table gets more = true) */
+#define HUB_RESULT_JSON 2u /* hub-internal: json holds a json-c result (hub_complete) */
+
+/* One typed result: nfields fields, then their strings; size bytes in all (a multiple of 8:
+ * records lie back to back). */
+typedef struct hub_result {
+    uint64_t token;
+    uint32_t size;
+    uint16_t nfields;
+    uint16_t flags; /* HUB_RESULT_* */
+    struct json_object *json;
+    hub_rfield f[];
+} hub_result;
+
+static inline const char *hub_result_str(const hub_result *r, const hub_rfield *f)
+{
+    return (const char *)r + f->i;
+}
+
 typedef struct hub_script hub_script;
 
 /* One hub_script per thread that runs callbacks; its functions are called only from there. */
@@ -227,6 +313,12 @@ typedef struct hub_script_ops {
      * any other is its last. 0 when the state knew the token, -ENOENT when not (it was
      * started by a state since replaced): the hub counts and logs those. */
     int (*on_complete)(hub_script *s, uint64_t token, struct json_object *result);
+    /* Typed results (hub_complete_fields): records back to back in buf (len bytes, each
+     * record's size apart), every one for a token of this state, in order; borrowed. Each
+     * runs as on_complete's would, with a table of its fields (and more = true when
+     * flagged), never from inside a hub_api call. Returns how many tokens it did not know
+     * (the hub counts them as undelivered). */
+    size_t (*on_results)(hub_script *s, const void *buf, size_t len);
     /* Run the request route (KEMI ksr_request_route, native evapi.on("request")) with r as
      * the current request; r is borrowed (the hub calls route_done and unref after). */
     void (*on_request)(hub_script *s, hub_req *r);

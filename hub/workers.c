@@ -705,6 +705,7 @@ static int worker_run(hub_worker *w, hub_item *it)
     case HUB_EV_CLOSE:
     case HUB_EV_TAG:
     case HUB_EV_COMPLETE:
+    case HUB_EV_RESULT:
     case HUB_EV_REQUEST:
     case HUB_EV_REMOTE:
         hub__event_run(h, w->script, it->type, it->id, it->data, it->len);
@@ -755,6 +756,11 @@ static void item_drop(hub *h, hub_item *it)
 {
     if (it->type == HUB_EV_REQUEST) {
         hub__event_run(h, NULL, it->type, it->id, it->data, it->len); /* answered, released */
+        it->type = HUB_EV_STOP;
+        return;
+    }
+    if (it->type == HUB_EV_RESULT) {
+        hub__complete_undelivered(h, it->id, "its worker stopped first");
         it->type = HUB_EV_STOP;
         return;
     }

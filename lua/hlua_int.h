@@ -72,6 +72,9 @@ struct hub_script {
     const hub_conn_info *arg_ci;
     const hub_origin *arg_origin;
     struct json_object *arg_result;
+    const char *res_buf; /* on_results: the records, how far they ran, tokens not known */
+    size_t res_len, res_off, res_unknown;
+    int res_waiter;    /* the record at res_off is for a waiting request handler */
     hub_req *arg_req;  /* the request of a waiting handler being resumed */
     lua_State *cur_co; /* the request handler's coroutine while it runs, or NULL */
     int arg_done;      /* ...and whether its resume ran to the end */
@@ -99,6 +102,9 @@ struct hub_script {
  * The hub delivers results through its mailbox (hub_complete), so on_complete never runs
  * inside a callback of the script: fn is a callback of its own, never nested in the script's
  * call, its budget or KEMI context.
+ * Typed results (hub_script_ops.on_results) run the same way, their table built from the
+ * fields directly: a batch of them runs in one protected call that starts a fresh callback
+ * (budget, watchdog) for each report, and goes on with the next after one fails.
  * A token whose last result never comes keeps its fn until the state is freed. A reload
  * cannot carry report functions over (they are closures of the old state); adopt logs at
  * notice how many will not run. */
@@ -137,6 +143,8 @@ struct json_object *hlua__json_take(lua_State *L, int idx);
 const char *hlua__json_push(lua_State *L, struct json_object *o);
 /* Push json.null. */
 void hlua__push_json_null(lua_State *L);
+/* 1 when the value at idx is json.null. */
+int hlua__is_json_null(lua_State *L, int idx);
 /* The traceback message handler of every protected call, and the test for KSR.x.exit(). */
 int hlua__traceback(lua_State *L);
 int hlua__is_exit(lua_State *L, int idx);

@@ -696,6 +696,124 @@ static int hlua_on_complete(hub_script *s, uint64_t token, struct json_object *r
     return 0;
 }
 
+/* A typed result as a table of its fields: [.., t] */
+static void push_result(lua_State *L, const hub_result *r)
+{
+    int more = (r->flags & HUB_RESULT_MORE) != 0;
+    lua_createtable(L, 0, r->nfields + more);
+    for (unsigned i = 0; i < r->nfields; i++) {
+        const hub_rfield *f = &r->f[i];
+        switch (f->type) {
+        case HUB_FIELD_STR:
+            lua_pushlstring(L, hub_result_str(r, f), f->len);
+            break;
+        case HUB_FIELD_INT:
+            lua_pushinteger(L, (lua_Integer)f->i);
+            break;
+        case HUB_FIELD_BOOL:
+            lua_pushboolean(L, f->i != 0);
+            break;
+        default:
+            continue;
+        }
+        lua_setfield(L, -2, f->name);
+    }
+    if (more) {
+        lua_pushboolean(L, 1);
+        lua_setfield(L, -2, "more");
+    }
+}
+
+/* The same as a json-c object, for a request handler waiting on the token (rare). */
+static struct json_object *result_json(const hub_result *r)
+{
+    struct json_object *o = json_object_new_object();
+    for (unsigned i = 0; o && i < r->nfields; i++) {
+        const hub_rfield *f = &r->f[i];
+        struct json_object *v = f->type == HUB_FIELD_STR
+                                    ? json_object_new_string_len(hub_result_str(r, f), (int)f->len)
+                                : f->type == HUB_FIELD_INT ? json_object_new_int64(f->i)
+                                                           : json_object_new_boolean(f->i != 0);
+        json_object_object_add(o, f->name, v);
+    }
+    if (o && (r->flags & HUB_RESULT_MORE))
+        json_object_object_add(o, "more", json_object_new_boolean(1));
+    return o;
+}
+
+/* Trampoline for a batch of typed results: runs report functions from s->res_off on, each
+ * as a callback of its own; stops at a record for a waiting request handler (res_waiter). */
+static int results_tramp(lua_State *L)
+{
+    hub_script *s = hlua__script(L);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, s->completions_ref); /* [done] */
+    for (int first = 1; s->res_off < s->res_len; first = 0) {
+        const hub_result *r = (const hub_result *)(s->res_buf + s->res_off);
+        int t = lua_rawgeti(L, 1, (lua_Integer)r->token); /* [done, fn] */
+        if (t == LUA_TTABLE) {
+            s->res_waiter = 1;
+            return 0;
+        }
+        s->res_off += r->size; /* past it before it runs: a failure goes on with the next */
+        if (t != LUA_TFUNCTION) {
+            lua_pop(L, 1);
+            s->res_unknown++;
+            hub_log(HUB_LOG_DEBUG, "lua: result for unknown token %llu",
+                    (unsigned long long)r->token);
+            continue;
+        }
+        if (!(r->flags & HUB_RESULT_MORE)) {
+            lua_pushnil(L);
+            lua_rawseti(L, 1, (lua_Integer)r->token);
+        }
+        if (!first) { /* each report is a callback of its own for the budget and watchdog */
+            cb_end(s);
+            arm_budget(s);
+            s->budget_hit = 0;
+            cb_begin(s);
+        }
+        push_result(L, r); /* [done, fn, t] */
+        lua_call(L, 1, 0); /* [done] */
+    }
+    return 0;
+}
+
+static size_t hlua_on_results(hub_script *s, const void *buf, size_t len)
+{
+    lua_State *L = s->L;
+    /* saved: a report function could run a loop that delivers results (it does not today) */
+    const char *sbuf = s->res_buf;
+    size_t slen = s->res_len, soff = s->res_off, sunknown = s->res_unknown;
+    s->res_buf = buf;
+    s->res_len = len;
+    s->res_off = 0;
+    s->res_unknown = 0;
+    for (size_t bound = len; s->res_off < len && bound > 0; bound--) {
+        s->res_waiter = 0;
+        lua_pushcfunction(L, traceback_cb);  /* [tb] */
+        lua_pushcfunction(L, results_tramp); /* [tb, tramp] */
+        hlua_pcall(s, 0, "report");
+        if (!s->res_waiter)
+            continue;
+        const hub_result *r = (const hub_result *)(s->res_buf + s->res_off);
+        s->res_off += r->size;
+        lua_rawgeti(L, LUA_REGISTRYINDEX, s->completions_ref); /* [done] */
+        lua_rawgeti(L, -1, (lua_Integer)r->token);             /* [done, entry] */
+        lua_pushnil(L);
+        lua_rawseti(L, -3, (lua_Integer)r->token);
+        lua_remove(L, -2); /* [entry] */
+        struct json_object *o = result_json(r);
+        hlua__resume_waiter(s, o); /* [] */
+        json_object_put(o);
+    }
+    size_t unknown = s->res_unknown;
+    s->res_buf = sbuf;
+    s->res_len = slen;
+    s->res_off = soff;
+    s->res_unknown = sunknown;
+    return unknown;
+}
+
 /* The hub changed a tag behind this state's back: keep conn.tag current. */
 static void hlua_on_tag(hub_script *s, uint64_t id, const char *tag, size_t len)
 {
@@ -1139,6 +1257,7 @@ const hub_script_ops hlua_script_ops = {
     .idle = hlua_idle,
     .on_tag = hlua_on_tag,
     .on_complete = hlua_on_complete,
+    .on_results = hlua_on_results,
     .on_request = hlua_on_request,
     .on_remote = hlua_on_remote,
 };

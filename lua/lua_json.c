@@ -307,6 +307,11 @@ const char *hlua__json_push(lua_State *L, struct json_object *o) { return push_j
 
 void hlua__push_json_null(lua_State *L) { lua_pushlightuserdata(L, (void *)&json_null); }
 
+int hlua__is_json_null(lua_State *L, int idx)
+{
+    return lua_islightuserdata(L, idx) && lua_touserdata(L, idx) == &json_null;
+}
+
 /* json.decode's failure: the box's objects freed, nil and the message on top of the stack. */
 static int decode_fail(lua_State *L, jbox *b)
 {

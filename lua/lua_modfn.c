@@ -1,6 +1,7 @@
 /* The functions modules offer scripts (hub_script_fn): each becomes a Lua function at its
- * TABLE.NAME that converts its arguments to JSON, takes a token for a report function, calls
- * the module and answers in the dialect the entry asks for. */
+ * TABLE.NAME that hands its arguments over as they are (strings as pointer and length,
+ * numbers as integers or doubles, tables converted to JSON), takes a token for a report
+ * function, calls the module and answers in the dialect the entry asks for. */
 #include <errno.h>
 #include <json-c/json.h>
 #include <string.h>
@@ -10,6 +11,51 @@
 
 #include "hub/log.h"
 #include "lua/hlua_int.h"
+
+/* "TABLE.NAME" for messages: only made when something fails. */
+static const char *who_of(lua_State *L, const hub_script_fn *fn)
+{
+    return lua_pushfstring(L, "%s.%s", fn->table, fn->name);
+}
+
+/* Argument i as a hub_arg; a table is converted (its name and box pushed: the box frees
+ * the JSON if anything raises before the call, and a->i holds its index until then).
+ * Raises on what json.encode refuses. */
+static void take_arg(lua_State *L, const hub_script_fn *fn, int i, hub_arg *a)
+{
+    switch (lua_type(L, i)) {
+    case LUA_TNIL:
+        break;
+    case LUA_TBOOLEAN:
+        a->type = HUB_ARG_BOOL;
+        a->i = lua_toboolean(L, i);
+        break;
+    case LUA_TNUMBER:
+        if (lua_isinteger(L, i)) {
+            a->type = HUB_ARG_INT;
+            a->i = (int64_t)lua_tointeger(L, i);
+        } else {
+            a->type = HUB_ARG_NUM;
+            a->d = (double)lua_tonumber(L, i);
+        }
+        break;
+    case LUA_TSTRING:
+        a->type = HUB_ARG_STR;
+        a->s = lua_tolstring(L, i, &a->len); /* stays on the stack for the call */
+        break;
+    case LUA_TTABLE:
+        a->type = HUB_ARG_JSON;
+        hlua__json_push_box(L, i, who_of(L, fn)); /* [.., who, box] */
+        a->i = lua_gettop(L);
+        break;
+    case LUA_TLIGHTUSERDATA:
+        if (hlua__is_json_null(L, i))
+            break;
+        /* fall through */
+    default:
+        luaL_error(L, "%s: cannot encode a %s", who_of(L, fn), luaL_typename(L, i));
+    }
+}
 
 /* Upvalues: 1 the hub_script_fn_ref (light userdata), 2 inert (boolean). */
 static int call_module(lua_State *L)
@@ -24,49 +70,44 @@ static int call_module(lua_State *L)
     int has_fn = 0;
     if ((fn->flags & HUB_FN_REPORT) && n > 0 && lua_type(L, n) == LUA_TFUNCTION)
         has_fn = n--;
+    if (n > HUB_ARGS_MAX)
+        return luaL_error(L, "%s: more than %d arguments", who_of(L, fn), HUB_ARGS_MAX);
+    luaL_checkstack(L, 2 * n + 4, "module function arguments");
 
-    /* The arguments as a sequence with json.null for nil, converted as json.encode does
-     * (raises on what it refuses, naming the function); none is an empty array. */
-    lua_createtable(L, n, 0); /* [args.., t] */
-    for (int i = 1; i <= n; i++) {
-        if (lua_isnil(L, i))
-            hlua__push_json_null(L);
-        else
-            lua_pushvalue(L, i);
-        lua_rawseti(L, -2, i);
-    }
-    int top = lua_gettop(L);
-    lua_pushfstring(L, "%s.%s", fn->table, fn->name); /* [args.., t, who] */
-    const char *who = lua_tostring(L, -1);
-    hlua__json_push_box(L, top, who); /* [args.., t, who, box] */
-
-    hub_call c = {.token = 0};
+    /* Nothing raises once the first table is taken out of its box (below). */
+    hub_arg argv[HUB_ARGS_MAX];
+    memset(argv, 0, sizeof(argv[0]) * (size_t)n);
+    for (int i = 1; i <= n; i++)
+        take_arg(L, fn, i, &argv[i - 1]); /* [args.., (fn), (who, box)..] */
+    hub_call c = {.argv = argv, .argc = n, .token = 0};
     if (has_fn) {
-        /* Kept before the module sees the work, so no result can come before its function. */
+        /* Kept before the module sees the work, so no result can come before its function.
+         * Setting a new integer key may raise (memory): before the boxes are emptied. */
         c.token = s->api->token(s->ud);
-        lua_rawgeti(L, LUA_REGISTRYINDEX, s->completions_ref); /* [.., box, done] */
+        lua_rawgeti(L, LUA_REGISTRYINDEX, s->completions_ref); /* [.., done] */
         lua_pushvalue(L, has_fn);
         lua_rawseti(L, -2, (lua_Integer)c.token);
-        lua_pop(L, 1); /* [.., box] */
+        lua_pop(L, 1); /* [..] */
     }
-    /* Nothing raises until the call is made: the box is emptied and the array freed here.
-     * No arguments is an empty array (json.encode makes {} of an empty table). */
-    c.args = hlua__json_take(L, -1);
-    if (n == 0) {
-        json_object_put(c.args);
-        c.args = json_object_new_array();
+    for (int i = 0; i < n; i++) {
+        if (argv[i].type == HUB_ARG_JSON) {
+            argv[i].json = hlua__json_take(L, (int)argv[i].i);
+            argv[i].i = 0;
+        }
     }
     c.worker = s->worker;
     int rc;
-    if (!c.args) {
-        rc = -ENOMEM;
-    } else if (inert) {
-        snprintf(c.err, sizeof(c.err), "%s: not available while the script is checked", who);
+    if (inert) {
+        snprintf(c.err, sizeof(c.err), "%s.%s: not available while the script is checked",
+                 fn->table, fn->name);
         rc = -EAGAIN;
     } else {
         rc = fn->call(ref->state, &c);
     }
-    json_object_put(c.args);
+    for (int i = 0; i < n; i++) {
+        if (argv[i].type == HUB_ARG_JSON)
+            json_object_put(argv[i].json);
+    }
     if (rc < 0 && c.token) {
         lua_rawgeti(L, LUA_REGISTRYINDEX, s->completions_ref);
         lua_pushnil(L);
@@ -76,7 +117,8 @@ static int call_module(lua_State *L)
     if (kemi) {
         json_object_put(c.ret);
         if (rc < 0)
-            hub_log(HUB_LOG_ERR, "%s: %s", who, c.err[0] ? c.err : strerror(-rc));
+            hub_log(HUB_LOG_ERR, "%s.%s: %s", fn->table, fn->name,
+                    c.err[0] ? c.err : strerror(-rc));
         lua_pushinteger(L, rc < 0 ? -1 : rc == 0 ? 1 : rc);
         return 1;
     }
@@ -88,7 +130,7 @@ static int call_module(lua_State *L)
         const char *why = hlua__json_push(L, c.ret);
         json_object_put(c.ret);
         if (why)
-            return luaL_error(L, "%s: %s", who, why);
+            return luaL_error(L, "%s: %s", who_of(L, fn), why);
         return 1;
     }
     json_object_put(c.ret);

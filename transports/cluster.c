@@ -1533,12 +1533,11 @@ static int fn_node(void *state, hub_call *c)
 static int fn_node_of(void *state, hub_call *c)
 {
     cluster *cl = state;
-    json_object *a = json_object_array_get_idx(c->args, 0);
-    if (!a || !json_object_is_type(a, json_type_int)) {
+    if (hub_arg_type(c, 0) != HUB_ARG_INT) {
         snprintf(c->err, sizeof(c->err), "cluster.node_of: a connection id is expected");
         return -EINVAL;
     }
-    uint64_t id = (uint64_t)json_object_get_int64(a);
+    uint64_t id = (uint64_t)c->argv[0].i;
     uint32_t nid = (uint32_t)(id >> CL_ID_SHIFT);
     if (!cl || !cl->enabled || nid == cl->nid) {
         c->ret = json_object_new_string(cl && cl->enabled ? cl->conf.node : "");

@@ -456,21 +456,25 @@ static void report(kconn *c, uint64_t token, tr_delivery *d, hub_ctl_call *call,
 {
     atomic_fetch_add(ok ? &c->delivered : &c->failed, 1);
     if (token) {
-        json_object *r = json_object_new_object();
-        json_object_object_add(r, "id", json_object_new_string(c->name));
-        json_object_object_add(r, "status", json_object_new_int(ok ? 0 : -1));
+        /* r = {id=, status=, key=, msg=, error=, topic=, partition=, offset=} */
+        hub_field f[8];
+        size_t n = 0;
+        f[n++] = (hub_field){"id", HUB_FIELD_STR, c->name, strlen(c->name), 0};
+        f[n++] = (hub_field){"status", HUB_FIELD_INT, NULL, 0, ok ? 0 : -1};
         if (key)
-            json_object_object_add(r, "key", json_object_new_string_len(key, (int)klen));
-        json_object_object_add(r, "msg", json_object_new_string_len(msg ? msg : "", (int)len));
-        if (!ok)
-            json_object_object_add(r, "error", json_object_new_string(error ? error : "failed"));
+            f[n++] = (hub_field){"key", HUB_FIELD_STR, key, klen, 0};
+        f[n++] = (hub_field){"msg", HUB_FIELD_STR, msg ? msg : "", msg ? len : 0, 0};
+        if (!ok) {
+            const char *e = error ? error : "failed";
+            f[n++] = (hub_field){"error", HUB_FIELD_STR, e, strlen(e), 0};
+        }
         if (topic)
-            json_object_object_add(r, "topic", json_object_new_string(topic));
+            f[n++] = (hub_field){"topic", HUB_FIELD_STR, topic, strlen(topic), 0};
         if (partition >= 0)
-            json_object_object_add(r, "partition", json_object_new_int(partition));
+            f[n++] = (hub_field){"partition", HUB_FIELD_INT, NULL, 0, partition};
         if (ok && offset >= 0)
-            json_object_object_add(r, "offset", json_object_new_int64(offset));
-        hub_complete(c->ks->h, token, r); /* r's reference passes */
+            f[n++] = (hub_field){"offset", HUB_FIELD_INT, NULL, 0, offset};
+        hub_complete_fields(c->ks->h, token, 0, f, n); /* copied */
     }
     if (d)
         tr_delivery_done(d, ok ? 0 : -1, error);
@@ -1029,29 +1033,27 @@ static int parse_options(json_object *o, pub_args *a, hub_call *call)
     return 0;
 }
 
-/* Check a publish and fill a; a->hdrs may be set even on failure (the caller frees it). */
-static int check_publish(kafka_state *ks, kconn *c, json_object *args, int first, pub_args *a,
-                         hub_call *call)
+/* Check a publish (message at argument first, then a key or an options table) and fill a;
+ * a->hdrs may be set even on failure (the caller frees it). */
+static int check_publish(kafka_state *ks, kconn *c, hub_call *call, int first, pub_args *a)
 {
-    json_object *m = json_object_array_get_idx(args, (size_t)first);
-    json_object *x = json_object_array_get_idx(args, (size_t)first + 1);
     a->c = c;
     a->partition = RD_KAFKA_PARTITION_UA;
-    if (!m || !json_object_is_type(m, json_type_string))
+    a->msg = hub_arg_str(call, first, &a->len);
+    if (!a->msg)
         return arg_fail(call, -EINVAL, "the message must be a string");
-    a->msg = json_object_get_string(m);
-    a->len = (size_t)json_object_get_string_len(m);
-    if (x && json_object_is_type(x, json_type_string)) {
-        a->key = json_object_get_string(x);
-        a->klen = (size_t)json_object_get_string_len(x);
-    } else if (x && json_object_is_type(x, json_type_object)) {
-        int rc = parse_options(x, a, call);
+    int xt = hub_arg_type(call, first + 1);
+    if (xt == HUB_ARG_STR) {
+        a->key = hub_arg_str(call, first + 1, &a->klen);
+    } else if (xt == HUB_ARG_JSON &&
+               json_object_is_type(call->argv[first + 1].json, json_type_object)) {
+        int rc = parse_options(call->argv[first + 1].json, a, call);
         if (rc < 0)
             return rc;
-    } else if (x) {
+    } else if (xt != HUB_ARG_NIL) {
         return arg_fail(call, -EINVAL, "the key must be a string (or an options table)");
     }
-    if (json_object_array_length(args) > (size_t)first + 2)
+    if (call->argc > first + 2)
         return arg_fail(call, -EINVAL, "too many arguments");
     if (!a->topic)
         a->topic = c->topic;
@@ -1123,14 +1125,15 @@ static int do_publish(kafka_state *ks, pub_args *a, hub_call *call)
 static int fn_publish(void *state, hub_call *call)
 {
     kafka_state *ks = state;
-    json_object *id = json_object_array_get_idx(call->args, 0);
-    if (!id || !json_object_is_type(id, json_type_string))
+    size_t idlen;
+    const char *id = hub_arg_str(call, 0, &idlen);
+    if (!id)
         return arg_fail(call, -EINVAL, "the id must be a string");
-    kconn *c = find_conn(ks, json_object_get_string(id));
+    kconn *c = find_conn(ks, id);
     if (!c)
-        return arg_fail(call, -ENOENT, "unknown kafka id '%.64s'", json_object_get_string(id));
+        return arg_fail(call, -ENOENT, "unknown kafka id '%.64s'", id);
     pub_args a = {0};
-    int rc = check_publish(ks, c, call->args, 1, &a, call);
+    int rc = check_publish(ks, c, call, 1, &a);
     if (rc == 0)
         rc = do_publish(ks, &a, call);
     if (a.hdrs)
@@ -1144,25 +1147,20 @@ static int kemi_send(kafka_state *ks, hub_call *call, int with_key)
     kconn *c = ks->kemi;
     if (!c)
         return arg_fail(call, -ENOENT, "no kafka connection is configured");
-    json_object *t = json_object_array_get_idx(call->args, 0);
-    json_object *k = json_object_array_get_idx(call->args, 2);
-    size_t want = with_key ? 3 : 2;
-    if (json_object_array_length(call->args) != want)
+    size_t tl;
+    const char *t = hub_arg_str(call, 0, &tl);
+    if (call->argc != (with_key ? 3 : 2))
         return arg_fail(call, -EINVAL, "wrong number of arguments");
-    if (!t || !json_object_is_type(t, json_type_string) || !topic_ok(json_object_get_string(t)))
+    if (!t || !topic_ok(t))
         return arg_fail(call, -EINVAL, "the topic must be 1..249 of [A-Za-z0-9._-]");
-    if (with_key && (!k || !json_object_is_type(k, json_type_string)))
+    if (with_key && hub_arg_type(call, 2) != HUB_ARG_STR)
         return arg_fail(call, -EINVAL, "the key must be a string");
-    json_object *args = json_object_new_array();
-    json_object_array_add(args, json_object_get(json_object_array_get_idx(call->args, 1)));
-    json_object_array_add(args, with_key ? json_object_get(k) : NULL);
-    pub_args a = {.topic = json_object_get_string(t)};
-    int rc = check_publish(ks, c, args, 0, &a, call);
+    pub_args a = {.topic = t};
+    int rc = check_publish(ks, c, call, 1, &a);
     if (rc == 0)
         rc = do_publish(ks, &a, call);
     if (a.hdrs)
         rd_kafka_headers_destroy(a.hdrs);
-    json_object_put(args);
     return rc;
 }
 

@@ -1550,16 +1550,6 @@ static rmq_conn *find_server(rmq_state *rs, const char *id)
     return NULL;
 }
 
-static const char *arg_str(json_object *args, size_t i, size_t *len)
-{
-    *len = 0;
-    json_object *v = json_object_array_get_idx(args, i);
-    if (!json_object_is_type(v, json_type_string))
-        return NULL;
-    *len = (size_t)json_object_get_string_len(v);
-    return json_object_get_string(v);
-}
-
 /* Queue one message on c for a script or evhubctl. 0 or <0 with err set. */
 static int publish(rmq_state *rs, rmq_conn *c, const char *ex, size_t exl, const char *rk,
                    size_t rkl, const tr_rmq_opts *o, const char *body, size_t bl, int kind,
@@ -1589,9 +1579,9 @@ static int fn_publish(void *state, hub_call *call)
 {
     rmq_state *rs = state;
     size_t il, exl, rkl, bl;
-    const char *id = arg_str(call->args, 0, &il), *ex = arg_str(call->args, 1, &exl),
-               *rk = arg_str(call->args, 2, &rkl), *body = arg_str(call->args, 3, &bl);
-    size_t n = json_object_array_length(call->args);
+    const char *id = hub_arg_str(call, 0, &il), *ex = hub_arg_str(call, 1, &exl),
+               *rk = hub_arg_str(call, 2, &rkl), *body = hub_arg_str(call, 3, &bl);
+    int n = call->argc;
     if (!id || !ex || !rk || !body || n > 5) {
         snprintf(call->err, sizeof(call->err),
                  "rabbitmq.publish(id, exchange, routing_key, body[, opts][, report_fn]): "
@@ -1604,9 +1594,12 @@ static int fn_publish(void *state, hub_call *call)
         return -ENOENT;
     }
     tr_rmq_opts o;
-    json_object *opts = n > 4 ? json_object_array_get_idx(call->args, 4) : NULL;
-    if (json_object_is_type(opts, json_type_null))
-        opts = NULL;
+    int ot = hub_arg_type(call, 4);
+    if (ot != HUB_ARG_NIL && ot != HUB_ARG_JSON) {
+        snprintf(call->err, sizeof(call->err), "opts must be a table");
+        return -EINVAL;
+    }
+    json_object *opts = ot == HUB_ARG_JSON ? call->argv[4].json : NULL;
     if (tr_rmq_opts_parse(opts, &o, call->err, sizeof(call->err)) < 0)
         return -EINVAL;
     return publish(rs, c, ex, exl, rk, rkl, &o, body, bl, call->token ? M_TOKEN : M_PLAIN,
@@ -1619,9 +1612,9 @@ static int fn_ksr_publish(void *state, hub_call *call)
 {
     rmq_state *rs = state;
     size_t exl, rkl, ctl, bl;
-    const char *ex = arg_str(call->args, 0, &exl), *rk = arg_str(call->args, 1, &rkl),
-               *ct = arg_str(call->args, 2, &ctl), *body = arg_str(call->args, 3, &bl);
-    if (!ex || !rk || !ct || !body || json_object_array_length(call->args) != 4) {
+    const char *ex = hub_arg_str(call, 0, &exl), *rk = hub_arg_str(call, 1, &rkl),
+               *ct = hub_arg_str(call, 2, &ctl), *body = hub_arg_str(call, 3, &bl);
+    if (!ex || !rk || !ct || !body || call->argc != 4) {
         snprintf(call->err, sizeof(call->err),
                  "KSR.rabbitmq.publish(exchange, routing_key, content_type, body): strings "
                  "expected");

@@ -1931,16 +1931,51 @@ typedef struct fake_module {
     int worker;
 } fake_module;
 
+/* The arguments as JSON text, so tests can compare them whole; a float is "N.f", a string
+ * that holds a NUL shows it as \u0000 (json-c's). */
+static void args_text(const hub_call *c, char *out, size_t cap)
+{
+    struct json_object *a = json_object_new_array();
+    for (int i = 0; i < c->argc; i++) {
+        const hub_arg *v = &c->argv[i];
+        struct json_object *o = NULL;
+        switch (v->type) {
+        case HUB_ARG_BOOL:
+            o = json_object_new_boolean((int)v->i);
+            break;
+        case HUB_ARG_INT:
+            o = json_object_new_int64(v->i);
+            break;
+        case HUB_ARG_NUM: {
+            char num[64];
+            snprintf(num, sizeof(num), "%gf", v->d);
+            o = json_object_new_string(num);
+            break;
+        }
+        case HUB_ARG_STR:
+            assert_int_equal(v->s[v->len], '\0'); /* NUL-terminated as documented */
+            o = json_object_new_string_len(v->s, (int)v->len);
+            break;
+        case HUB_ARG_JSON:
+            o = json_object_get(v->json);
+            break;
+        }
+        json_object_array_add(a, o);
+    }
+    snprintf(out, cap, "%s", json_object_to_json_string_ext(a, JSON_C_TO_STRING_PLAIN));
+    json_object_put(a);
+}
+
 /* mod.echo: records its arguments; "fail" first fails with ENOBUFS, "ret" returns a table. */
 static int mod_echo(void *state, hub_call *c)
 {
     fake_module *m = state;
     m->ncalls++;
-    snprintf(m->args, sizeof(m->args), "%s",
-             json_object_to_json_string_ext(c->args, JSON_C_TO_STRING_PLAIN));
+    args_text(c, m->args, sizeof(m->args));
     m->token = c->token;
     m->worker = c->worker;
-    const char *first = json_object_get_string(json_object_array_get_idx(c->args, 0));
+    size_t flen;
+    const char *first = hub_arg_str(c, 0, &flen);
     if (first && strcmp(first, "fail") == 0) {
         snprintf(c->err, sizeof(c->err), "queue full");
         return -ENOBUFS;
@@ -2038,6 +2073,100 @@ static void test_module_fn_kemi_codes_and_inert(void **state)
               "assert(ok == nil and code == 'EAGAIN' and msg:find('checked'), msg)");
     assert_int_equal(m.ncalls, 0);
     assert_int_equal(pending_count(s), 0);
+}
+
+/* Arguments arrive as the script gave them: strings binary-safe as pointer and length,
+ * integers apart from floats, booleans, nil and json.null as nil, tables as JSON. */
+static void test_module_fn_typed_args(void **state)
+{
+    fixture *f = *state;
+    fake_module m = {0};
+    hub_script_fn_ref refs[3];
+    hub_script *s = load_with_fns(f, &m, refs, 0, "");
+    lua_ok(s, "assert(mod.echo('a\\0b', 3, 3.5, true, false, json.null, {1, 'x'}, {}) == true)");
+    assert_string_equal(m.args, "[\"a\\u0000b\",3,\"3.5f\",true,false,null,[1,\"x\"],{}]");
+    /* two tables, a raise in the second: nothing leaks, the module is not called */
+    int before = m.ncalls;
+    lua_ok(s, "local ok, err = pcall(mod.echo, {a = 1}, {b = print})\n"
+              "assert(not ok and err:find('mod.echo: cannot encode a function', 1, true), err)");
+    lua_ok(s, "local t = {} for i = 1, 17 do t[i] = i end\n"
+              "local ok, err = pcall(mod.echo, table.unpack(t))\n"
+              "assert(not ok and err:find('more than 16 arguments', 1, true), err)");
+    assert_int_equal(m.ncalls, before);
+    lua_ok(s, "assert(mod.echo(table.unpack({1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, "
+              "16})) == true)");
+    assert_int_equal(m.ncalls, before + 1);
+}
+
+/* A typed result record packed as the hub packs one (hub/script.h). */
+static size_t pack_result(char *buf, size_t off, uint64_t token, unsigned flags,
+                          const hub_field *fl, size_t n)
+{
+    hub_result *r = (hub_result *)(buf + off);
+    char *str = (char *)&r->f[n];
+    *r = (hub_result){.token = token, .nfields = (uint16_t)n, .flags = (uint16_t)flags};
+    for (size_t i = 0; i < n; i++) {
+        r->f[i] = (hub_rfield){fl[i].name, (uint32_t)fl[i].type, 0, fl[i].i};
+        if (fl[i].type == HUB_FIELD_STR) {
+            r->f[i].len = (uint32_t)fl[i].len;
+            r->f[i].i = str - (char *)r;
+            memcpy(str, fl[i].s, fl[i].len);
+            str[fl[i].len] = '\0';
+            str += fl[i].len + 1;
+        }
+    }
+    size_t size = ((size_t)(str - (char *)r) + 7) & ~(size_t)7;
+    r->size = (uint32_t)size;
+    return off + size;
+}
+
+/* Typed results: each report function gets a table of the fields; a batch goes on after a
+ * report function fails; "more" keeps the token; an unknown token is counted. */
+static void test_module_fn_typed_results(void **state)
+{
+    fixture *f = *state;
+    fake_module m = {0};
+    hub_script_fn_ref refs[3];
+    hub_script *s = load_with_fns(f, &m, refs, 0, "");
+    uint64_t t[4];
+    lua_ok(s, "assert(mod.echo('x', report))");
+    t[0] = m.token;
+    lua_ok(s, "assert(mod.echo('x', function(r) error('boom ' .. r.id) end))");
+    t[1] = m.token;
+    lua_ok(s, "assert(mod.echo('x', report))");
+    t[2] = m.token;
+    lua_ok(s, "assert(mod.echo('x', report))");
+    t[3] = m.token;
+    assert_int_equal(pending_count(s), 4);
+    _Alignas(8) static char buf[4096];
+    size_t off = 0;
+    hub_field a[] = {{"id", HUB_FIELD_STR, "k1", 2, 0},
+                     {"status", HUB_FIELD_INT, NULL, 0, -1},
+                     {"msg", HUB_FIELD_STR, "a\0b", 3, 0},
+                     {"ok", HUB_FIELD_BOOL, NULL, 0, 0},
+                     {"offset", HUB_FIELD_INT, NULL, 0, 1LL << 40}};
+    off = pack_result(buf, off, t[0], 0, a, 5);
+    off = pack_result(buf, off, t[1], 0, a, 1);
+    off = pack_result(buf, off, t[2], HUB_RESULT_MORE, a + 1, 1);
+    off = pack_result(buf, off, 123456789, 0, a, 1);
+    off = pack_result(buf, off, t[3], 0, a + 1, 1);
+    capture_begin(f);
+    assert_int_equal(hlua_script_ops.on_results(s, buf, off), 1);
+    const char *log = capture_end(f);
+    assert_non_null(strstr(log, "lua: report:"));
+    assert_non_null(strstr(log, "boom k1"));
+    lua_ok(s, "assert(#REPORTS == 3)\n"
+              "local r = REPORTS[1]\n"
+              "assert(r.id == 'k1' and r.status == -1 and r.msg == 'a\\0b' and r.ok == false)\n"
+              "assert(math.type(r.offset) == 'integer' and r.offset == 1 << 40 and r.more == nil)\n"
+              "assert(REPORTS[2].more == true and REPORTS[2].status == -1)\n"
+              "assert(REPORTS[3].status == -1 and REPORTS[3].id == nil)");
+    assert_int_equal(pending_count(s), 1); /* t[2]: more to come */
+    /* its last result, then nothing is left */
+    off = pack_result(buf, 0, t[2], 0, a, 2);
+    assert_int_equal(hlua_script_ops.on_results(s, buf, off), 0);
+    assert_int_equal(pending_count(s), 0);
+    lua_ok(s, "assert(#REPORTS == 4 and REPORTS[4].more == nil)");
 }
 
 /* ---- requests (hub_req): the request route and what it may do ---- */
@@ -2190,6 +2319,8 @@ int main(void)
         T(test_request_native_runaway_is_stopped),
         T(test_module_fn_native_args_results_report),
         T(test_module_fn_kemi_codes_and_inert),
+        T(test_module_fn_typed_args),
+        T(test_module_fn_typed_results),
         T(test_kemi_multicast_and_unicast),
         T(test_kemi_close_returns_0_and_minus_1),
         T(test_kemi_set_tag),
