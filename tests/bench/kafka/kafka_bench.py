@@ -8,9 +8,13 @@ sides, alternating, in the same run:
 
 and, meanwhile, a client relays frames through the hub to another client (a multicast by
 tag): frames/s relayed while the hub publishes, next to frames/s with no publishing (measured
-first). Figures are ratios within this one run; the machine is shared.
+first). The relay goes on during both sides' runs (the plain producer shares the machine
+with it as the hub shares its loop). Each round then pauses the relay and runs both sides
+again: those runs give each side's own CPU per message (the hub's process would otherwise
+count the relaying too) and the rates with nothing else going on. Figures are ratios within
+this one run; the machine is shared.
 
-  kafka_bench.py [--count N] [--size BYTES] [--rounds R] [--batch B] [--workers W]
+  kafka_bench.py [--count N] [--size BYTES] [--rounds R] [--batch B] [--workers W] [--perf F]
 Environment: EVHUB_BIN (default build/evhub), the tools next to it under tests/bench/kafka/.
 """
 
@@ -105,6 +109,7 @@ class Relay:
         self.got = 0
         self.sent = 0
         self.stop = False
+        self.paused = False
         self.lock = threading.Condition()
         self.t1 = threading.Thread(target=self._send, daemon=True)
         self.t2 = threading.Thread(target=self._recv, daemon=True)
@@ -115,7 +120,7 @@ class Relay:
         chunk = ns(b"r" * 64) * 64
         while not self.stop:
             with self.lock:
-                while self.sent - self.got > 256 and not self.stop:
+                while (self.sent - self.got > 256 or self.paused) and not self.stop:
                     self.lock.wait(0.1)
             try:
                 self.src.s.sendall(chunk)
@@ -138,6 +143,14 @@ class Relay:
                 self.got += pending // frame_len
                 pending %= frame_len
                 self.lock.notify()
+
+    def pause(self, paused):
+        """Stop sending (and let what is in flight arrive), or go on."""
+        with self.lock:
+            self.paused = paused
+            self.lock.notify_all()
+        if paused:
+            time.sleep(0.2)
 
     def rate(self, seconds):
         g0, t0 = self.got, time.monotonic()
@@ -200,6 +213,9 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--batch", type=int, default=200)
     ap.add_argument("--workers", type=int, default=0)
+    ap.add_argument("--perf", metavar="FILE",
+                    help="record the hub (perf record; options from KAFKA_BENCH_PERF_ARGS, default"
+                    " -g) during its rounds with reports and the relay paused: FILE.1, FILE.2...")
     o = ap.parse_args()
     mock = subprocess.Popen([os.path.join(TOOLS, "kafka_mock"), "bench"], stdout=subprocess.PIPE)
     hub = None
@@ -212,34 +228,53 @@ def main():
         time.sleep(0.5)
         relay_alone = relay.rate(2.0)
         ctl = Conn(hub.addr)
-        hub_rates, plain_rates, cpus, pcpus, relays, bare = [], [], [], [], [], []
+        hub_rates, plain_rates, relays, bare = [], [], [], []
+        q_hub, q_plain, cpus, pcpus = [], [], [], []
         hub_round(hub, ctl, relay, min(o.count, 10000), o.size, o.batch)  # warm-up
         for r in range(o.rounds):
-            h, cpu, rel = hub_round(hub, ctl, relay, o.count, o.size, o.batch)
-            p, pcpu = plain_round(bootstrap, o.count, o.size)
+            # with the relay going: the goal's figures
+            h, _, rel = hub_round(hub, ctl, relay, o.count, o.size, o.batch)
+            p, _ = plain_round(bootstrap, o.count, o.size)
             n, _, _ = hub_round(hub, ctl, relay, o.count, o.size, o.batch, reports=False)
-            hub_rates.append(h)
-            plain_rates.append(p)
-            cpus.append(cpu)
-            pcpus.append(pcpu)
-            relays.append(rel)
-            bare.append(n)
-            print("round %d: hub %.0f msg/s (%.0f without reports), plain %.0f msg/s (ratio %.2f);"
-                  " CPU per message: hub %.2f us, plain %.2f us; relayed meanwhile %.0f frames/s" %
-                  (r + 1, h, n, p, h / p, cpu * 1e6, pcpu * 1e6, rel))
+            # the relay paused: each side's own CPU per message, and rates with nothing else on
+            relay.pause(True)
+            perf = None
+            if o.perf:
+                perf = subprocess.Popen(
+                    ["perf", "record"] + os.environ.get("KAFKA_BENCH_PERF_ARGS", "-g").split() +
+                    ["-q", "-o", "%s.%d" % (o.perf, r + 1), "-p", str(hub.pid)],
+                    stdout=subprocess.DEVNULL)
+                time.sleep(0.5)
+            hq, cpu, _ = hub_round(hub, ctl, relay, o.count, o.size, o.batch)
+            if perf:
+                perf.send_signal(2)
+                perf.wait()
+            pq, pcpu = plain_round(bootstrap, o.count, o.size)
+            relay.pause(False)
+            for lst, v in ((hub_rates, h), (plain_rates, p), (relays, rel), (bare, n), (q_hub, hq),
+                           (q_plain, pq), (cpus, cpu), (pcpus, pcpu)):
+                lst.append(v)
+            print("round %d: relaying: hub %.0f msg/s (%.0f without reports), plain %.0f msg/s "
+                  "(ratio %.2f), relayed %.0f frames/s; relay paused: hub %.0f, plain %.0f msg/s "
+                  "(ratio %.2f), CPU per message hub %.2f us, plain %.2f us" %
+                  (r + 1, h, n, p, h / p, rel, hq, pq, hq / pq, cpu * 1e6, pcpu * 1e6))
             sys.stdout.flush()
         relay.stop = True
-        hm, pm = statistics.median(hub_rates), statistics.median(plain_rates)
-        print("messages of %d bytes, %d per round, properties %s, workers = %d" %
-              (o.size, o.count, " ".join(PROPS), o.workers))
-        print("median: hub (reports on) %.0f msg/s, plain librdkafka %.0f msg/s: ratio %.2f; "
-              "hub without reports %.0f msg/s: ratio %.2f" %
-              (hm, pm, hm / pm, statistics.median(bare), statistics.median(bare) / pm))
-        print("CPU per published message (median, all threads): hub %.2f us, plain %.2f us" %
-              (statistics.median(cpus) * 1e6, statistics.median(pcpus) * 1e6))
+        med = statistics.median
+        hm, pm = med(hub_rates), med(plain_rates)
+        print("messages of %d bytes, %d per round, properties %s, workers = %d, %d rounds" %
+              (o.size, o.count, " ".join(PROPS), o.workers, o.rounds))
+        print("median, relaying: hub (reports on) %.0f msg/s, plain librdkafka %.0f msg/s: ratio "
+              "%.2f; hub without reports %.0f msg/s: ratio %.2f" %
+              (hm, pm, hm / pm, med(bare), med(bare) / pm))
+        print("median, relay paused: hub (reports on) %.0f msg/s, plain %.0f msg/s: ratio %.2f" %
+              (med(q_hub), med(q_plain), med(q_hub) / med(q_plain)))
+        print("CPU per published message (median, relay paused, all threads): hub %.2f us, "
+              "plain %.2f us" % (med(cpus) * 1e6, med(pcpus) * 1e6))
         print("relay (multicast to 1 client): %.0f frames/s alone, %.0f frames/s while publishing"
-              " (ratio %.2f)" % (relay_alone, statistics.median(relays),
-                                 statistics.median(relays) / relay_alone))
+              " (ratio %.2f)" % (relay_alone, med(relays), med(relays) / relay_alone))
+        print("rate ranges: hub %.0f..%.0f, plain %.0f..%.0f msg/s" %
+              (min(hub_rates), max(hub_rates), min(plain_rates), max(plain_rates)))
     finally:
         if hub:
             hub.kill()
