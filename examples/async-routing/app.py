@@ -9,6 +9,7 @@ Requests are JSON objects with "callee" (and "tindex"/"tlabel" for the KEMI scri
 sip:CALLEE@10.0.0.<n>:5060. --silent reads and never answers (to see async_timeout)."""
 
 import json
+import re
 import socket
 import sys
 import time
@@ -51,7 +52,7 @@ def main():
                 continue
             ans = {k: req[k] for k in ("tindex", "tlabel", "evhub_id") if k in req}
             callee = str(req["callee"])
-            if callee.isdigit():
+            if re.fullmatch(r"[0-9]{1,32}", callee):
                 ans["contact"] = "sip:%s@10.0.0.%d:5060" % (callee, int(callee) % 250 + 1)
             else:
                 ans["code"], ans["reason"] = 404, "Unknown Number"

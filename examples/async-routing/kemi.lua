@@ -12,13 +12,57 @@ local function jstr(s)
     end) .. '"'
 end
 
--- A field of the application's flat JSON answer: a number, or a string without escapes.
+-- UTF-8 of a code point below 0x10000 (Lua 5.1 has no utf8 library).
+local function utf8char(c)
+    if c < 0x80 then
+        return string.char(c)
+    elseif c < 0x800 then
+        return string.char(0xC0 + math.floor(c / 64), 0x80 + c % 64)
+    end
+    return string.char(0xE0 + math.floor(c / 4096), 0x80 + math.floor(c / 64) % 64, 0x80 + c % 64)
+end
+
+local unescape = {['"'] = '"', ["\\"] = "\\", ["/"] = "/", b = "\b", f = "\f", n = "\n",
+    r = "\r", t = "\t"}
+
+-- A field of the application's flat JSON answer: a number, or a string (its escapes decoded;
+-- nil for a surrogate pair or a malformed one).
 local function jfield(text, name)
     local v = text:match('"' .. name .. '"%s*:%s*(-?%d+)')
     if v then
         return tonumber(v)
     end
-    return text:match('"' .. name .. '"%s*:%s*"([^"\\]*)"')
+    local _, i = text:find('"' .. name .. '"%s*:%s*"')
+    if not i then
+        return nil
+    end
+    local out, j = {}, i + 1
+    while true do
+        local c = text:sub(j, j)
+        if c == "" then
+            return nil
+        elseif c == '"' then
+            return table.concat(out)
+        elseif c == "\\" then
+            local e = text:sub(j + 1, j + 1)
+            if e == "u" then
+                local cp = tonumber(text:sub(j + 2, j + 5):match("^%x%x%x%x$") or "", 16)
+                if not cp or (cp >= 0xD800 and cp < 0xE000) then
+                    return nil
+                end
+                out[#out + 1] = utf8char(cp)
+                j = j + 6
+            elseif unescape[e] then
+                out[#out + 1] = unescape[e]
+                j = j + 2
+            else
+                return nil
+            end
+        else
+            out[#out + 1] = c
+            j = j + 1
+        end
+    end
 end
 
 function ksr_request_route()
@@ -37,13 +81,22 @@ function ksr_request_route()
         KSR.sl.sl_send_reply(405, "Method Not Allowed")
         return
     end
-    KSR.tm.t_newtran()
+    -- 0: a retransmission, which Kamailio absorbs (evhub never runs the route for one).
+    local rc = KSR.tm.t_newtran()
+    if rc == 0 then
+        return
+    elseif rc < 0 then
+        KSR.sl.sl_send_reply(500, "Server Error")
+        return
+    end
     local data = string.format('{"event":"route","tindex":%d,"tlabel":%d,"callid":%s,'
         .. '"caller":%s,"callee":%s}', KSR.pv.get("$T(id_index)"), KSR.pv.get("$T(id_label)"),
         jstr(KSR.pv.get("$ci")), jstr(KSR.pv.get("$fU") or ""), jstr(KSR.pv.get("$rU") or ""))
-    -- No routing application connected: answer at once rather than suspend.
+    -- No routing application connected: evhub says so and the call is answered at once. (From
+    -- Kamailio's SIP workers the relay "succeeds" with no client, GH #1700: the transaction
+    -- then waits for tm's timers.)
     if KSR.evapi.async_unicast(data, "router") < 0 then
-        KSR.sl.sl_send_reply(503, "No Routing Application")
+        KSR.tm.t_reply(503, "No Routing Application")
     end
 end
 

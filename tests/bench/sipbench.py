@@ -95,6 +95,43 @@ def wait_port(port, proc, secs=20):
     return False
 
 
+def probe(sport, secs=20):
+    """INVITEs (each ACKed) until one gets its 302: the hub is up and the application is
+    connected and tagged. False if none did within SECS."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("127.0.0.1", 0))
+    me = s.getsockname()[1]
+    end, n = time.time() + secs, 0
+    try:
+        while time.time() < end:
+            n += 1
+            head = ("%%s sip:100@127.0.0.1:%d SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:%d;branch="
+                    "z9hG4bKprobe%d\r\nFrom: <sip:probe@127.0.0.1>;tag=p%d\r\n%%s\r\nCall-ID: "
+                    "probe-%d@sipbench\r\nCSeq: 1 %%s\r\nMax-Forwards: 70\r\nContent-Length: 0"
+                    "\r\n\r\n" % (sport, me, n, n, n))
+            s.sendto((head % ("INVITE", "To: <sip:100@127.0.0.1>", "INVITE")).encode(),
+                     ("127.0.0.1", sport))
+            final, stop = None, time.time() + 1
+            while final is None and time.time() < stop:
+                s.settimeout(max(0.01, stop - time.time()))
+                try:
+                    text = s.recv(65536).decode("utf-8", "replace")
+                except socket.timeout:
+                    break
+                if int(text.split(" ", 2)[1]) >= 200:
+                    final = text
+            if final is None:
+                continue
+            to = [x for x in final.split("\r\n") if x.lower().startswith("to:")][0]
+            s.sendto((head % ("ACK", to, "ACK")).encode(), ("127.0.0.1", sport))
+            if final.startswith("SIP/2.0 302"):
+                return True
+            time.sleep(0.05)
+        return False
+    finally:
+        s.close()
+
+
 def start_kamailio(d, script, sport, eport, children):
     run_dir = os.path.join(d, "run")
     os.mkdir(run_dir)
@@ -139,14 +176,16 @@ def run(evhub, mode, rate, seconds, workers, kam_children=2):
             % (eport, workers, script, d, sport))
         hub = subprocess.Popen(NICE + ["taskset", "-c", "0", evhub, "-f", "-c", conf],
                                stdout=subprocess.DEVNULL, stderr=open(os.path.join(d, "log"), "w"))
-        wait_port(eport, hub)
+        if not wait_port(eport, hub):
+            sys.stderr.write("evhub did not start: %s\n" % open(os.path.join(d, "log")).read()[-800:])
         cpu_of = lambda: cpu(hub.pid)  # noqa: E731
     app = None
     if mode != "direct":
         app = subprocess.Popen(NICE + ["taskset", "-c", "1", sys.executable, APP,
                                 "127.0.0.1:%d" % eport], stdout=subprocess.PIPE, text=True)
         app.stdout.readline()
-        time.sleep(0.2)
+    if not probe(sport):
+        sys.stderr.write("%s: no 302 to a probe INVITE within 20 s\n" % mode)
     c0 = cpu_of()
     a0 = cpu(app.pid) if app else 0.0
     r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -178,6 +217,7 @@ def run(evhub, mode, rate, seconds, workers, kam_children=2):
         hub.wait()
     if app:
         app.kill()
+        app.wait()
     ok = bad = 0
     elapsed = seconds
     rows = list(csv.reader(open(os.path.join(d, "stat.csv")), delimiter=";"))

@@ -826,27 +826,28 @@ class KamailioSip(Kamailio):
                 "-A", 'LUA_SCRIPT="%s"' % os.path.join(EXAMPLE, "kemi.lua")]
 
 
-def sip_exchange(port, callee, n):
+def sip_exchange(port, callee, n, final_timeout=STEP_TIMEOUT, listen_after=1.2,
+                 callid_part=""):
     """INVITE n to sip:CALLEE@127.0.0.1:PORT from a fresh UDP socket, ACK its final reply,
-    then listen 1.2 s (timer G would resend the reply at 0.5 s). Returns (final status line,
-    Contact header or None, provisional status codes, replies after the ACK)."""
+    then listen LISTEN_AFTER s (timer G would resend the reply at 0.5 s). Returns (final status
+    line, Contact header or None, provisional status codes, replies after the ACK)."""
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.bind(("127.0.0.1", 0))
     me = s.getsockname()[1]
     head = ("%%s sip:%s@127.0.0.1:%d SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:%d;branch=z9hG4bK"
-            "cmp%d\r\nFrom: <sip:alice@127.0.0.1>;tag=f%d\r\n%%s\r\nCall-ID: cmp-%d@evhub\r\n"
+            "cmp%d\r\nFrom: <sip:alice@127.0.0.1>;tag=f%d\r\n%%s\r\nCall-ID: cmp-%s@evhub\r\n"
             "CSeq: 1 %%s\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n"
-            % (callee, port, me, n, n, n))
+            % (callee, port, me, n, n, "%d%s" % (n, callid_part)))
     s.sendto((head % ("INVITE", "To: <sip:%s@127.0.0.1>" % callee, "INVITE")).encode(),
              ("127.0.0.1", port))
-    prov, final, deadline = [], None, time.monotonic() + STEP_TIMEOUT
+    prov, final, deadline = [], None, time.monotonic() + final_timeout
     while final is None:
         s.settimeout(max(0.01, deadline - time.monotonic()))
         try:
             text = s.recv(65536).decode("utf-8", "replace")
         except socket.timeout:
             raise TestFailure("no final reply to INVITE %d (to %s) within %.0f s; got %r"
-                              % (n, callee, STEP_TIMEOUT, prov))
+                              % (n, callee, final_timeout, prov))
         code = int(text.split(" ", 2)[1])
         if code < 200:
             prov.append(code)
@@ -857,7 +858,7 @@ def sip_exchange(port, callee, n):
     contact = ([x for x in lines if x.lower().startswith("contact:")] or [None])[0]
     s.sendto((head % ("ACK", to, "ACK")).encode(), ("127.0.0.1", port))
     after = []
-    end = time.monotonic() + 1.2
+    end = time.monotonic() + listen_after
     while time.monotonic() < end:
         s.settimeout(max(0.01, end - time.monotonic()))
         try:
@@ -878,12 +879,32 @@ def routing_app(addr):
     return p
 
 
-def async_routing_transcript(target, sip_port, settle):
+def first_302(sip_port):
+    """Probe INVITEs (1 s each) until one gets its 302: the application is connected and
+    tagged. (Kamailio runs connection-new in its dispatcher; until then an INVITE waits.)"""
+    deadline, k = time.monotonic() + TIMEOUT, 0
+    while True:
+        k += 1
+        try:
+            if sip_exchange(sip_port, "100", 1000 + k, final_timeout=1,
+                            listen_after=0)[0].startswith("SIP/2.0 302"):
+                return
+        except TestFailure:
+            pass
+        if time.monotonic() > deadline:
+            raise TestFailure("no 302 for a probe INVITE within %.0f s" % TIMEOUT)
+        time.sleep(0.05)
+
+
+def async_routing_transcript(target, sip_port):
     app = routing_app(target.addr)
     try:
-        settle()
-        return [sip_exchange(sip_port, callee, i)
-                for i, callee in enumerate(["100", "4242", "alice", "100"])]
+        first_302(sip_port)
+        # The last Call-ID carries a quote and a backslash (a SIP word may): the script's
+        # JSON must escape them, or the application cannot read the request.
+        return [sip_exchange(sip_port, callee, i, callid_part=part)
+                for i, (callee, part) in enumerate([("100", ""), ("4242", ""), ("alice", ""),
+                                                    ("100", '"q\\x')])]
     finally:
         app.kill()
         app.wait()
@@ -898,8 +919,7 @@ def async_routing_example():
               "Kamailio module %s is installed" % mod)
     kam = KamailioSip().start()
     try:
-        # Kamailio runs connection-new (set_tag) in its evapi dispatcher; give it a moment.
-        ref = async_routing_transcript(kam, kam.sip_port, lambda: time.sleep(0.5))
+        ref = async_routing_transcript(kam, kam.sip_port)
     finally:
         kam.cleanup()
     finals = [(r[0], r[1]) for r in ref]
@@ -911,12 +931,11 @@ def async_routing_example():
     ], "Kamailio's final replies (the reference)")
     check_eq([r[3] for r in ref], [[]] * 4, "Kamailio absorbed each ACK (no reply resent)")
     sys.path.insert(0, HERE)
-    from test_sip import start as start_sip, stats as sip_stats  # noqa: E402
+    from test_sip import start as start_sip  # noqa: E402
     for workers in (0, 2):
         h = start_sip(script=open(os.path.join(EXAMPLE, "kemi.lua")).read(), workers=workers)
         try:
-            got = async_routing_transcript(
-                h, h.sip_port, lambda: wait_clients(h, sip_stats))
+            got = async_routing_transcript(h, h.sip_port)
             check_eq([(r[0], r[1]) for r in got], finals,
                      "evhub (workers=%d): the same final replies as Kamailio" % workers)
             check_eq([r[3] for r in got], [[]] * 4,
@@ -924,18 +943,12 @@ def async_routing_example():
             check(all(r[2] == [100] for r in got), "evhub (workers=%d): a 100 Trying "
                   "before each final reply (Kamailio: %r)" % (workers, [r[2] for r in ref]))
             st = h.ctl_json("sip", "status")
-            check_eq((st["suspended"], st["acks_absorbed"]), (0, 4),
-                     "evhub (workers=%d): nothing suspended, 4 ACKs absorbed" % workers)
+            check_eq(st["suspended"], 0, "evhub (workers=%d): nothing suspended" % workers)
+            check(st["acks_absorbed"] >= 4, "evhub (workers=%d): the ACKs absorbed: %d"
+                  % (workers, st["acks_absorbed"]))
         finally:
             h.stop()
 
-
-def wait_clients(h, stats_fn):
-    deadline = time.monotonic() + TIMEOUT
-    while stats_fn(h)["clients"] < 1:
-        if time.monotonic() > deadline:
-            raise TestFailure("the routing application's connection was not seen")
-        time.sleep(0.02)
 
 
 if __name__ == "__main__":

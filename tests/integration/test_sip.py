@@ -526,10 +526,11 @@ def the_deadline_before_the_route_returns_gets_the_timeout_route():
     # A route that still works after suspending, a deadline shorter than that work: the
     # timeout route answers (408), not the first route's end (500), with workers as without.
     src = open(os.path.join(EXAMPLE, "kemi.lua")).read().replace(
-        """        KSR.sl.sl_send_reply(503, "No Routing Application")
-    end""", """        KSR.sl.sl_send_reply(503, "No Routing Application")
+        """        KSR.tm.t_reply(503, "No Routing Application")
+    end""", """        KSR.tm.t_reply(503, "No Routing Application")
     end
     local t = os.time() while os.time() - t < 1 do end""")
+    check("while os.time()" in src, "the example's 503 line was found and the busy loop added")
     for w in (0, 2):
         h = start(script=src, workers=w, timeout_ms=10)
         a = RawApp(h)
