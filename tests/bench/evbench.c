@@ -1147,13 +1147,14 @@ static int bare_workload(char w, const char *title, int npub, int nsub, size_t s
             median(cpd_x, n), median(p50, n), median(p99, n), median(p999, n), median(p99_x, n),
             median(mb, n), errors);
     }
-    printf("   per round (deliveries/s, hub cpu us per delivery):");
+    printf("   per round (deliveries/s, hub cpu us per delivery, p99 us):");
     for (int k = 0; k < opt.rounds; k++) {
         printf("\n     round %d:", k + 1);
         for (int i = 0; i < NBARE; i++)
-            printf("  %s %.0f (%.3f)", bare_variants[i].name, r[k][i].deliveries_s,
+            printf("  %s %.0f (%.3f, %.0f)", bare_variants[i].name, r[k][i].deliveries_s,
                    r[k][i].measured_del ? r[k][i].hub_cpu_s * 1e6 / (double)r[k][i].measured_del
-                                        : 0);
+                                        : 0,
+                   us(r[k][i].p99));
     }
     printf("\n");
     fflush(stdout);
