@@ -193,7 +193,9 @@ static void pending_add(hub_client *c)
 static int wq_push(hub_client *c, const hub_frame *f)
 {
     if (c->wq_count == c->wq_cap) {
-        uint32_t ncap = c->wq_cap ? c->wq_cap * 2 : 8;
+        /* A drained queue keeps its ring (freeing it on every drain cost 2% more instructions
+         * per delivery), so an idle client that was sent frames holds one: it starts small. */
+        uint32_t ncap = c->wq_cap ? c->wq_cap * 2 : 4;
         hub_frame *n = hub_malloc(ncap * sizeof(*n));
         if (!n)
             return -ENOMEM;
