@@ -1049,14 +1049,16 @@ static void deliver(cluster *cl, const cl_in *in)
         if (st) /* a number at or below the last: the origin restarted */
             st->seq = sseq;
     }
-    hub_origin o = {.id = 0};
     if (in->origin != cl->nid) {
+        hub_origin o; /* (only with script = yes) */
         pthread_mutex_lock(&cl->mu);
         cl_node *n = node_find(cl, in->origin);
         if (n)
             n->in_from++;
-        if (cl->conf.script)
+        if (cl->conf.script) {
+            memset(&o, 0, sizeof(o));
             snprintf(o.node, sizeof(o.node), "%s", n ? n->name : "");
+        }
         pthread_mutex_unlock(&cl->mu);
         /* (what NATS hands back of this node's own, a unicast through the queue group, its
          * script saw when it sent it) */
