@@ -177,6 +177,10 @@ local pv_getters = {
     ["$evapi(tag)"] = function()
         return cur_from and cur_from.tag
     end,
+    -- ...and for a send, the connection it is for (evapi.send($evapi(id), msg) delivers it)
+    ["$evapi(id)"] = function()
+        return cur_from and cur_from.id
+    end,
 }
 
 local function pv_get(name)

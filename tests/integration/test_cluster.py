@@ -99,6 +99,8 @@ function ksr_evapi_event(evname)
                                     pv("$evapi(msg)")}, "|")
         if pv("$evapi(kind)") == "relay" then
             KSR.evapi.relay(label)
+        elseif pv("$evapi(kind)") == "send" then
+            evapi.send(pv("$evapi(id)"), label .. "|" .. tostring(pv("$evapi(id)")))
         else
             KSR.evapi.relay_multicast(label, pv("$evapi(tag)"))
         end
@@ -699,7 +701,7 @@ def through_the_script(workers):
 @with_servers
 def through_a_kemi_script():
     """The KEMI dialect: evapi:cluster-message, with $evapi(node), $evapi(kind), $evapi(tag)
-    ($evapi(conidx) is $null: no connection of this node sent it)."""
+    and $evapi(id) ($evapi(conidx) is $null: no connection of this node sent it)."""
     s = NatsServer().start()
     a = node("A", [s]).start()
     k = node("K", [s], script=KEMI_CLUSTER, more="script = yes\n",
@@ -709,14 +711,18 @@ def through_a_kemi_script():
     tag(ca, "red")
     ck.send_now(b"7:tag:red,")
     wait_tag_seen([a, k], "red", ["A", "K"])
+    idk = k.ctl_json("clients")["clients"][0]["id"]
     ca.send("mc:red:hi")
     ca.send("relay:all")
-    wait_frames([ck], 2, others=[ca])
-    check_eq(ck.take(), [b"A|multicast|red|nil|hi", b"A|relay||nil|all"],
+    ca.send("sendto:%d:direct" % idk)
+    wait_frames([ck], 3, others=[ca])
+    check_eq(ck.take(), [b"A|multicast|red|nil|hi", b"A|relay||nil|all",
+                         ("A|send||nil|direct|%d" % idk).encode()],
              "K's member: through evapi:cluster-message")
     ck.send("mc:red:from-k")  # K's own clients' messages cross as always
-    wait_frames([ca], 3, others=[ck])
-    check_eq(ca.take(), [b"hi", b"all", b"from-k"], "A: nothing back from K's script")
+    wait_frames([ca], 4, others=[ck])
+    check_eq(ca.take(), [b"hi", b"all", b"sendto true nil", b"from-k"],
+             "A: nothing back from K's script")
 
 
 @suite.case
