@@ -37,6 +37,12 @@ typedef struct hlua_conn {
     char tag[HUB_TAG_MAX + 1];
 } hlua_conn;
 
+/* Lua allocates and frees many small objects (a report's table and strings, a key built
+ * with ..): blocks up to HLUA_CACHE_CLASSES x 16 bytes are kept per size class, up to
+ * HLUA_CACHE_MAX each, for the state's next allocations of that class. */
+#define HLUA_CACHE_CLASSES 16
+#define HLUA_CACHE_MAX     256
+
 struct hub_script {
     lua_State *L;
     const hub_api *api;
@@ -44,10 +50,13 @@ struct hub_script {
     long max_instructions; /* 0: unlimited */
     size_t max_memory;     /* 0: unlimited */
     size_t mem_used;       /* bytes currently allocated by L */
-    long budget_left;      /* instructions left in the current callback */
-    double deadline;       /* CLOCK_MONOTONIC seconds the current callback may run to */
-    int budget_hit;        /* the current callback ran out of budget */
-    atomic_int *cancel;    /* while loading: non-zero stops the load */
+    /* Small blocks L freed, kept for its next allocations of their class (lua_host.c) */
+    void *cache[HLUA_CACHE_CLASSES];
+    unsigned ncache[HLUA_CACHE_CLASSES];
+    long budget_left;   /* instructions left in the current callback */
+    double deadline;    /* CLOCK_MONOTONIC seconds the current callback may run to */
+    int budget_hit;     /* the current callback ran out of budget */
+    atomic_int *cancel; /* while loading: non-zero stops the load */
     /* The budget's hook is armed lazily in callbacks (lua_host.c, "the watchdog"): */
     int lazy;                 /* loaded: callbacks run with no hook until the watchdog arms it */
     int armed;                /* the hook is set for the callback under way */

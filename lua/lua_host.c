@@ -34,20 +34,84 @@ const char hlua__exit_sentinel = 0;
 /* The watchdog's period: a callback still running after one to two periods gets its hook. */
 #define HLUA_WATCH_MS 10
 
+/* The size class of a small block (0: 1..16 bytes, ...), or -1 for a large one. */
+static int cache_class(size_t n)
+{
+    return n == 0 || n > HLUA_CACHE_CLASSES * 16 ? -1 : (int)((n - 1) / 16);
+}
+
+/* A block of class c (its full size, so any size of the class fits), from the cache first. */
+static void *cache_get(hub_script *s, int c)
+{
+    void *p = s->cache[c];
+    if (p) {
+        s->cache[c] = *(void **)p;
+        s->ncache[c]--;
+        return p;
+    }
+    return hub_malloc((size_t)(c + 1) * 16);
+}
+
+static void cache_put(hub_script *s, int c, void *p)
+{
+    if (s->ncache[c] >= HLUA_CACHE_MAX) {
+        hub_free(p);
+        return;
+    }
+    *(void **)p = s->cache[c];
+    s->cache[c] = p;
+    s->ncache[c]++;
+}
+
+static void cache_free(hub_script *s)
+{
+    for (int c = 0; c < HLUA_CACHE_CLASSES; c++) {
+        for (unsigned bound = s->ncache[c]; s->cache[c] && bound > 0; bound--) {
+            void *p = s->cache[c];
+            s->cache[c] = *(void **)p;
+            hub_free(p);
+        }
+        s->cache[c] = NULL;
+        s->ncache[c] = 0;
+    }
+}
+
+/* Lua's allocator: counts bytes for max_memory, small blocks through the cache (a small
+ * block is always allocated at its class's full size, so it may be kept and reused). */
 static void *counting_alloc(void *ud, void *ptr, size_t osize, size_t nsize)
 {
     hub_script *s = ud;
     size_t old = ptr ? osize : 0; /* with ptr NULL, osize is a type tag */
+    int oc = ptr ? cache_class(old) : -1, nc = cache_class(nsize);
 
     if (nsize == 0) {
-        hub_free(ptr);
+        if (oc >= 0)
+            cache_put(s, oc, ptr);
+        else
+            hub_free(ptr);
         s->mem_used -= old;
         return NULL;
     }
     /* Shrinking never fails, growing fails past max_memory (Lua then collects and retries). */
     if (s->max_memory && nsize > old && s->mem_used - old + nsize > s->max_memory)
         return NULL;
-    void *p = hub_realloc(ptr, nsize);
+    void *p;
+    if (ptr && oc >= 0 && oc == nc) {
+        p = ptr; /* the same class: the block has room */
+    } else if (nc < 0 && oc < 0) {
+        p = hub_realloc(ptr, nsize);
+    } else {
+        p = nc >= 0 ? cache_get(s, nc) : hub_malloc(nsize);
+        if (!p && ptr && nsize <= old)
+            p = ptr; /* a shrink must not fail: the larger block serves (it has room) */
+        else if (p && ptr) {
+            memcpy(p, ptr, old < nsize ? old : nsize);
+            if (oc >= 0)
+                cache_put(s, oc, ptr);
+            else
+                hub_free(ptr);
+        }
+    }
     if (p == NULL)
         return NULL;
     s->mem_used = s->mem_used - old + nsize;
@@ -843,6 +907,7 @@ static void hlua_free(hub_script *s)
         hlua__drop_waiters(s);
         lua_close(s->L);
     }
+    cache_free(s);
     hub_free(s);
 }
 

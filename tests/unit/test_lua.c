@@ -1096,6 +1096,39 @@ static void test_memory_limit_at_load(void **state)
     assert_non_null(strstr(f->err, "not enough memory (max_memory 16384 bytes)"));
 }
 
+/* Small blocks go through the state's cache: what Lua counts and what the hub counts stay
+ * equal through churn across size classes (tables and strings growing and shrinking), and
+ * the cache keeps at most HLUA_CACHE_MAX blocks of a class. */
+static void test_memory_small_block_cache_counts_exactly(void **state)
+{
+    fixture *f = *state;
+    f->s = load_full(f, native_script, "", 0, 0);
+    assert_non_null(f->s);
+    lua_ok(f->s, "local t = {}\n"
+                 "for i = 1, 5000 do t[i] = {i, tostring(i) .. string.rep('x', i % 300)} end\n"
+                 "for i = 1, 5000, 2 do t[i] = nil end\n"
+                 "collectgarbage()\n"
+                 "local g = {} for i = 1, 300 do g[i] = i; g['k' .. i] = i end\n"
+                 "for i = 1, 300 do g['k' .. i] = nil end\n"
+                 "t = nil g = nil collectgarbage() collectgarbage()");
+    lua_State *L = f->s->L;
+    size_t lua_count =
+        (size_t)lua_gc(L, LUA_GCCOUNT, 0) * 1024 + (size_t)lua_gc(L, LUA_GCCOUNTB, 0);
+    assert_int_equal(f->s->mem_used, lua_count);
+    unsigned kept = 0;
+    for (int c = 0; c < HLUA_CACHE_CLASSES; c++) {
+        assert_true(f->s->ncache[c] <= HLUA_CACHE_MAX);
+        kept += f->s->ncache[c];
+    }
+    assert_true(kept > 0); /* what the collector freed is kept for reuse */
+    /* and reused: the same churn again finds its blocks there */
+    lua_ok(f->s, "local t = {} for i = 1, 200 do t[i] = {i} end");
+    unsigned after = 0;
+    for (int c = 0; c < HLUA_CACHE_CLASSES; c++)
+        after += f->s->ncache[c];
+    assert_true(after < kept);
+}
+
 /* ---- counters, stats and tags changed by the hub ---- */
 
 static void test_errors_are_counted_exits_are_not(void **state)
@@ -2355,6 +2388,7 @@ int main(void)
         T(test_load_from_source_reads_like_a_file),
         T(test_memory_limit_fails_callback_not_hub),
         T(test_memory_limit_at_load),
+        T(test_memory_small_block_cache_counts_exactly),
         T(test_reload_carries_connections_and_tags),
         T(test_reload_native_sees_tag),
         T(test_reload_logs_pending_reports_that_will_not_run),
