@@ -143,7 +143,8 @@ int hub_local_close(hub *h, uint64_t id, const char *reason);
 void hub_want_remote_events(hub *h);
 /* Loop thread: run the scripts' remote handler (hub_script_ops.on_remote) for data, which
  * came from o, in the executor key picks (the same key, the same executor, in order).
- * 0, or -ENOMEM (counted by the caller). */
+ * 0; -ENOBUFS when that worker's queue is full (worker_queue, or its 64 MiB), -ESHUTDOWN
+ * when the workers have stopped, -ENOMEM: the event was dropped (the caller counts it). */
 int hub_remote_event(hub *h, uint64_t key, const hub_origin *o, const char *data, size_t len);
 
 /* ---- completions ---- */

@@ -337,8 +337,10 @@ void hub_want_remote_events(hub *h) { h->remote_events = 1; }
 int hub_remote_event(hub *h, uint64_t key, const hub_origin *o, const char *data, size_t len)
 {
     if (h->nworkers && h->workers_stopped)
-        return 0; /* shutting down: no script runs any more */
+        return -ESHUTDOWN; /* shutting down: no script runs any more */
     int exec = h->nworkers ? (int)(key % (uint64_t)h->nworkers) : -1;
+    if (exec >= 0 && hub__worker_full(h, exec))
+        return -ENOBUFS; /* worker_queue bounds these as it bounds clients' frames */
     /* one event: the origin, then the message (the item's data is 8-byte aligned) */
     char *buf = hub_malloc(sizeof(*o) + len);
     if (!buf)

@@ -496,6 +496,8 @@ static int cmp_ntag(const void *a, const void *b)
 static uint32_t node_tag_members(const cl_node *n, const char *tag, size_t len)
 {
     char key[HUB_TAG_MAX + 1];
+    if (len > HUB_TAG_MAX)
+        return 0;
     memcpy(key, tag, len);
     key[len] = '\0';
     cl_ntag k = {key, 0};
@@ -537,7 +539,7 @@ static size_t stream_bucket(uint32_t origin, char kind, const char *tag, size_t 
 static cl_stream *stream_get(cl_stream **t, uint32_t origin, char kind, const char *tag, size_t len,
                              int create)
 {
-    if (!t)
+    if (!t || len > sizeof(((cl_stream *)0)->tag))
         return NULL;
     cl_stream **b = &t[stream_bucket(origin, kind, tag, len)];
     for (cl_stream *x = *b; x; x = x->next)
@@ -599,6 +601,20 @@ static cl_rr *rr_get(cluster *cl, const char *tag, size_t len)
     *b = x;
     cl->nrr++;
     return x;
+}
+
+/* Loop thread: unlink and free rotation x. */
+static void rr_drop(cluster *cl, cl_rr *x)
+{
+    for (cl_rr **pp = &cl->rr[stream_bucket(0, 'u', x->tag, x->len)]; *pp; pp = &(*pp)->next) {
+        if (*pp == x) {
+            *pp = x->next;
+            hub_free(x->slots);
+            hub_free(x);
+            cl->nrr--;
+            return;
+        }
+    }
 }
 
 /* Loop thread: forget the rotations no unicast used for max_age seconds (0: all). */
@@ -684,8 +700,10 @@ static int64_t rr_pick(cluster *cl, const char *tag, size_t len, uint32_t nlocal
         if (!best || x->slots[i].cw > best->cw)
             best = &x->slots[i];
     }
-    if (!best)
+    if (!best) {
+        rr_drop(cl, x); /* nobody holds it: a unicast to a tag of nobody keeps no rotation */
         return 0;
+    }
     best->cw -= total;
     return best->nid;
 }
@@ -948,14 +966,44 @@ static void cl_tag_members(void *ud, const char *tag, size_t taglen, int present
 
 static void take_heartbeat(cluster *cl, natsMsg *m);
 
-static void collect(cluster *cl, natsSubscription *sub, size_t *n)
+/* 1 when an envelope of this kind, with this aux, may arrive on a subscription of this sort:
+ * relay (R), this node's own subject (N), or a tag's multicast (M) or unicast (U) subject
+ * for tag. Anything else is not from an evhub node of this version: counted, dropped. */
+static int envelope_fits(char sort, const cl_tag *t, char kind, const char *aux, size_t auxlen)
+{
+    switch (sort) {
+    case 'R':
+        return kind == E_RELAY && auxlen == 0;
+    case 'M':
+    case 'U':
+        return kind == (sort == 'M' ? E_MULTICAST : E_UNICAST) && auxlen == t->len &&
+               memcmp(aux, t->name, auxlen) == 0;
+    default: /* 'N' */
+        switch (kind) {
+        case E_SEND:
+            return auxlen == 0;
+        case E_TAG:
+            return auxlen == 0 || hub_tag_valid(aux, auxlen);
+        case E_UNICAST_TO:
+            return hub_tag_valid(aux, auxlen);
+        case E_CLOSE:
+            return 1; /* a reason, cut to 255 bytes where it is used */
+        default:
+            return 0;
+        }
+    }
+}
+
+static void collect(cluster *cl, natsSubscription *sub, char sort, const cl_tag *t, size_t *n)
 {
     natsMsg *m;
     while (sub && natsSubscription_NextMsg(&m, sub, 0) == NATS_OK) {
         const unsigned char *d = (const unsigned char *)natsMsg_GetData(m);
         int len = natsMsg_GetDataLength(m);
         if (len < CL_ENV_HEAD || d[0] != CL_ENV_MAGIC ||
-            CL_ENV_HEAD + get_be(d + 2, 2) > (uint64_t)len) {
+            CL_ENV_HEAD + get_be(d + 2, 2) > (uint64_t)len ||
+            !envelope_fits(sort, t, (char)d[1], (const char *)d + CL_ENV_HEAD,
+                           (size_t)get_be(d + 2, 2))) {
             BUMP(cl->bad_messages, 1);
             natsMsg_Destroy(m);
             continue;
@@ -1005,6 +1053,8 @@ static int to_script(cluster *cl, uint32_t origin, hub_origin *o, char kind, uin
     snprintf(o->kind, sizeof(o->kind), "%s", what);
     o->id = kind == E_SEND ? id : 0;
     if (kind != E_RELAY && kind != E_SEND) {
+        if (auxlen >= sizeof(o->tag))
+            return 0; /* (collect lets no such tag through) */
         o->taglen = auxlen;
         memcpy(o->tag, aux, auxlen);
         o->tag[auxlen] = '\0';
@@ -1015,9 +1065,11 @@ static int to_script(cluster *cl, uint32_t origin, hub_origin *o, char kind, uin
                                       : K_UNICAST],
          1);
     /* keyed by origin: one origin's messages run in one executor, in order */
-    if (hub_remote_event(cl->h, origin, o, data, len) < 0) {
+    int rc = hub_remote_event(cl->h, origin, o, data, len);
+    if (rc < 0) {
         BUMP(cl->script_dropped, 1);
-        hub_log(HUB_LOG_DEBUG, "cluster: out of memory handing a %s to the script", what);
+        hub_log(HUB_LOG_DEBUG, "cluster: a %s for the script dropped: %s", what,
+                rc == -ENOBUFS ? "its worker's queue is full" : strerror(-rc));
     } else {
         BUMP(cl->to_script, 1);
     }
@@ -1132,11 +1184,11 @@ static void drain_subs(cluster *cl)
         natsMsg_Destroy(m);
     }
     size_t n = 0;
-    collect(cl, cl->relay_sub, &n);
-    collect(cl, cl->direct_sub, &n);
+    collect(cl, cl->relay_sub, 'R', NULL, &n);
+    collect(cl, cl->direct_sub, 'N', NULL, &n);
     for (cl_tag *t = cl->tags; t; t = t->next) {
-        collect(cl, t->msub, &n);
-        collect(cl, t->usub, &n);
+        collect(cl, t->msub, 'M', t, &n);
+        collect(cl, t->usub, 'U', t, &n);
     }
     if (n > 1)
         qsort(cl->inv, n, sizeof(*cl->inv), cmp_in);
@@ -1929,8 +1981,9 @@ static size_t cluster_stats(void *state, hub_stat *out, size_t cap)
         "messages from other nodes handed to this node's script ([cluster] script = yes)", 0,
         GET(cl->to_script), "");
     PUT("cluster_script_dropped",
-        "messages from other nodes that could not be handed to the script (no memory)", 0,
-        GET(cl->script_dropped), "");
+        "messages from other nodes dropped before the script: its worker's queue full "
+        "(worker_queue), shutting down, or no memory",
+        0, GET(cl->script_dropped), "");
     PUT("cluster_bad_messages", "messages on cluster subjects that were not evhub's", 0,
         GET(cl->bad_messages), "");
     PUT("cluster_reconnects", "reconnections to NATS", 0, GET(cl->reconnects), "");

@@ -374,6 +374,51 @@ def unicast_cluster_policy_spreads(workers):
                  "nothing lost or rerouted")
 
 
+def envelope(kind, aux=b"", data=b"x", origin=77, seq=1, sseq=0):
+    """A cluster envelope as a node builds it: magic, kind, aux length, origin, seq, id,
+    stream seq (big-endian), then aux and data."""
+    import struct
+    return (struct.pack(">BcHIQQQ", 0xE1, kind, len(aux), origin, seq, 0, sseq) + aux + data)
+
+
+@suite.case
+@with_servers
+def foreign_messages_are_dropped():
+    """Whoever may publish on the NATS server can send anything on evhub's subjects: envelopes
+    of a kind the subject does not carry, tags past 64 bytes, a tag that is not the subject's,
+    an aux where none belongs, or no envelope at all. Each is counted and dropped, on a node
+    with script = yes as on one without, and nothing else notices."""
+    s = NatsServer().start()
+    a = node("A", [s]).start()
+    b = node("B", [s], script=SCRIPT_CLUSTER, more="script = yes\n").start()
+    wait_nodes([a, b])
+    ra, rb = a.client(name="ra"), b.client(name="rb")
+    tag(ra, "red")
+    tag(rb, "red")
+    wait_tag_seen([a, b], "red", ["A", "B"])
+    nid_a = cluster_view(a)["nid"]
+    long_tag = b"x" * 5000
+    both = [("evhub.relay", envelope(b"M", long_tag)),          # a multicast on the relay
+            ("evhub.relay", envelope(b"R", b"y" * 100, sseq=5)),  # a relay with a tag
+            ("evhub.relay", b"\xe1R short"),                     # no whole envelope
+            ("evhub.t.red", envelope(b"M", b"blue")),             # not the subject's tag
+            ("evhub.t.red", envelope(b"R"))]                      # a relay on a tag's subject
+    only_a = [("evhub.n.%d" % nid_a, envelope(b"u", long_tag)),    # unicast, tag too long
+              ("evhub.n.%d" % nid_a, envelope(b"S", b"tag")),      # a send with a tag
+              ("evhub.n.%d" % nid_a, envelope(b"Z"))]              # no such kind
+    for subj, payload in both + only_a:
+        publish(s.port, subj, payload)
+    wait_for(lambda: (stat(a, "cluster_bad_messages"), stat(b, "cluster_bad_messages")),
+             lambda v: v == (len(both) + len(only_a), len(both)), "every one counted")
+    # both nodes still relay across, and nothing reached a client or a script
+    ra.send("relay:after")
+    wait_frames([rb], 1, others=[ra])
+    check_eq(rb.take(), [b"A|relay||after"], "B's script took A's relay, and only that")
+    check_eq(ra.take(), [b"after"], "A's client: its own relay only")
+    check_eq(stat(b, "cluster_to_script"), 1, "B's script saw one message")
+    check(a.alive() and b.alive(), "both nodes still run")
+
+
 @suite.case
 @with_servers
 def unicast_to_a_node_whose_member_left():
