@@ -1735,6 +1735,20 @@ static const char *nats_why(void)
         }                                                                                          \
     } while (0)
 
+/* 1 when the first connect failed for a reason retrying cannot cure: the server refused the
+ * credentials or TLS failed (a certificate, TLS on one side only, which libnats reports as
+ * a handshake that ended before its PONG). A server down, silent, full ("maximum
+ * connections exceeded") or going away (lame duck) is retried in the background. */
+static int connect_refused(natsStatus s, const char *why)
+{
+    if (s == NATS_CONNECTION_AUTH_FAILED || s == NATS_NOT_PERMITTED || s == NATS_SSL_ERROR ||
+        s == NATS_SECURE_CONNECTION_REQUIRED)
+        return 1;
+    return why && (strcasestr(why, "authorization") || strcasestr(why, "authentication") ||
+                   strcasestr(why, "tls") || strcasestr(why, "certificate") ||
+                   strcasestr(why, "expected 'pong'"));
+}
+
 static int cluster_start(void *state, char *err, size_t errlen)
 {
     cluster *cl = state;
@@ -1799,7 +1813,7 @@ static int cluster_start(void *state, char *err, size_t errlen)
      * its first attempt is one more connect_timeout here): the hub starts without it. */
     NATS_TRY(natsOptions_SetRetryOnFailedConnect(cl->opts, false, NULL, NULL));
     natsStatus s = natsConnection_Connect(&cl->nc, cl->opts);
-    if (s != NATS_OK && s != NATS_NO_SERVER && s != NATS_TIMEOUT && s != NATS_IO_ERROR) {
+    if (s != NATS_OK && connect_refused(s, nats_why())) {
         const char *why = nats_why();
         if (s == NATS_CONNECTION_AUTH_FAILED || s == NATS_NOT_PERMITTED ||
             (why && (strcasestr(why, "authorization") || strcasestr(why, "authentication"))))
