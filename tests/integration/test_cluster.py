@@ -742,6 +742,50 @@ def through_the_script(workers):
     check_eq(stat(a, "cluster_in"), 1, "A took B's relay only")
 
 
+# the cluster handler tries to reach another node: by id, and by a tag only that node holds
+SCRIPT_ESCAPE = SCRIPT + r'''
+evapi.on("cluster", function(msg, from)
+    local id = msg:match("^escape:(%d+)$")
+    if id then
+        local s1, s2 = evapi.send(math.tointeger(tonumber(id)), "escaped-send")
+        local u = evapi.unicast("escaped-unicast", "blue")
+        local m = evapi.multicast("escaped-multicast", "blue")
+        evapi.relay(string.format("results|%s|%s|%s|%s", tostring(s1), tostring(s2),
+                                  tostring(u), tostring(m)))
+    end
+end)
+'''
+
+
+@suite.case
+@with_servers
+def the_cluster_handler_cannot_reach_another_node():
+    """From C's cluster handler, a send to a connection on A, a unicast and a multicast to a tag
+    only A holds all stay on C, where nobody takes them: with the scope not forced local each
+    would cross to A (local_first unicasts leave a node with no member)."""
+    s = NatsServer().start()
+    a = node("A", [s]).start()
+    c = node("C", [s], script=SCRIPT_ESCAPE, more="script = yes\n").start()
+    wait_nodes([a, c])
+    ca, cc = a.client(name="ca"), c.client(name="cc")
+    tag(ca, "blue")
+    wait_tag_seen([c], "blue", ["A"])
+    ida = info(ca)["id"]
+    ca.send("relay:escape:%d" % ida)
+    wait_frames([cc], 1, others=[ca])
+    res = cc.take()[0].decode().split("|")
+    check(res[0] == "results" and res[3] in ("nil", "0") and res[4] in ("nil", "0"),
+          "from the handler, the unicast and the multicast reach nobody: %r" % res)
+    check_eq(res[1:3], ["nil", "no such connection"], "the send to A's connection fails")
+    # a fence: C's relay reaches A after anything C's handler could have published
+    cc.send("relay:fence-c")
+    wait_frames([ca], 2)
+    check_eq(ca.take(), [("escape:%d" % ida).encode(), b"fence-c"],
+             "A's client: its own relay and the fence, nothing from C's handler")
+    check_eq(stat(c, "cluster_out"), 1, "C published the fence only")
+    check_eq(stat(c, "cluster_to_script"), 1, "C's handler ran once")
+
+
 @suite.case
 @with_servers
 def through_a_kemi_script():
