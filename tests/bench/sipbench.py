@@ -21,6 +21,7 @@ import os
 import resource
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -272,10 +273,12 @@ def main():
     print("%-8s %6s %8s %7s %9s %8s %8s %8s %12s %6s %6s %15s" % (
         "mode", "rate", "ok", "failed", "calls/s", "p50 ms", "p90 ms", "p99 ms", "cpu s/1k",
         "sipp%", "app%", "drops hub/sipp"))
+    allres = {}
     for rate in [int(x) for x in a.rates.split(",")] * a.rounds:
         res = {}
         for mode in modes:
             res[mode] = run(a.evhub, mode, rate, a.seconds, a.workers, a.kam_children)
+            allres.setdefault((rate, mode), []).append(res[mode])
             x = res[mode]
             print("%-8s %6d %8d %7d %9.0f %8.2f %8.2f %8.2f %12.3f %6.0f %6.0f %15s" % (
                 mode, rate, x["ok"], x["bad"], x["cps"], x["p50"], x["p90"], x["p99"],
@@ -290,6 +293,15 @@ def main():
         if k and k["cps"]:
             print("       evhub async/kamailio: calls/s %.2f, CPU per call %.2f" % (
                 s["cps"] / k["cps"], s["cpu_per_k"] / max(k["cpu_per_k"], 1e-9)))
+    if a.rounds > 1:
+        print("medians over %d rounds (p99: each round's, sorted; rounds with a failed call)"
+              % a.rounds)
+        for (rate, mode), rs in sorted(allres.items()):
+            p99s = sorted(x["p99"] for x in rs)
+            print("%-8s %6d calls/s %8.0f  p99 %s ms  cpu s/1k %.3f  failing rounds %d" % (
+                mode, rate, statistics.median(x["cps"] for x in rs),
+                "/".join("%.0f" % v for v in p99s),
+                statistics.median(x["cpu_per_k"] for x in rs), sum(1 for x in rs if x["bad"])))
 
 
 if __name__ == "__main__":
