@@ -158,7 +158,10 @@ void hub_complete(hub *h, uint64_t token, struct json_object *result);
 /* As hub_complete, with the result as n typed fields (hub/script.h), copied: the caller
  * keeps f and its strings. No json-c on the way, and none of the per-result allocations: on
  * the loop thread the results of one loop iteration go to the mailbox together, and the
- * engine builds each table directly. more: HUB_RESULT_MORE keeps the token. */
+ * engine builds each table directly. more: HUB_RESULT_MORE keeps the token. Each field has
+ * a name that lives as long as the module (a literal; the names of one result differ: they
+ * become table keys) and one of the HUB_FIELD_* types; at most 65,535 fields. A result that
+ * breaks these is logged, counted undelivered and dropped. */
 void hub_complete_fields(hub *h, uint64_t token, unsigned more, const hub_field *f, size_t n);
 
 /* ---- requests: a module (SIP) hands requests to the scripts' request route ---- */

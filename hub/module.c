@@ -389,8 +389,21 @@ void hub_complete_fields(hub *h, uint64_t token, unsigned more, const hub_field 
 {
     size_t strbytes = 0;
     for (size_t i = 0; i < n; i++) {
+        if (!f[i].name || f[i].type < HUB_FIELD_STR || f[i].type > HUB_FIELD_BOOL) {
+            hub_log(HUB_LOG_ERR, "a module completed %llx with field %zu %s: dropped",
+                    (unsigned long long)token, i,
+                    f[i].name ? "of no known type" : "without a name");
+            hub__complete_undelivered(h, token, "a malformed field");
+            return;
+        }
         if (f[i].type == HUB_FIELD_STR)
             strbytes += f[i].len + 1;
+    }
+    if (n > UINT16_MAX) {
+        hub_log(HUB_LOG_ERR, "a module completed %llx with %zu fields (at most %u): dropped",
+                (unsigned long long)token, n, (unsigned)UINT16_MAX);
+        hub__complete_undelivered(h, token, "too many fields");
+        return;
     }
     size_t size = rec_size(n, strbytes);
     hub_rbatch *post;

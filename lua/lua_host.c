@@ -852,13 +852,22 @@ static size_t hlua_on_results(hub_script *s, const void *buf, size_t len)
     s->res_len = len;
     s->res_off = 0;
     s->res_unknown = 0;
-    for (size_t bound = len; s->res_off < len && bound > 0; bound--) {
+    while (s->res_off < len) {
+        size_t before = s->res_off;
         s->res_waiter = 0;
         lua_pushcfunction(L, traceback_cb);  /* [tb] */
         lua_pushcfunction(L, results_tramp); /* [tb, tramp] */
         hlua_pcall(s, 0, "report");
-        if (!s->res_waiter)
+        if (!s->res_waiter) {
+            if (s->res_off == before) {
+                /* it failed before taking the record (no memory for the call): skip it,
+                 * or the same record would be tried again and again */
+                const hub_result *r = (const hub_result *)(s->res_buf + s->res_off);
+                s->res_off += r->size;
+                s->res_unknown++;
+            }
             continue;
+        }
         const hub_result *r = (const hub_result *)(s->res_buf + s->res_off);
         s->res_off += r->size;
         lua_rawgeti(L, LUA_REGISTRYINDEX, s->completions_ref); /* [done] */

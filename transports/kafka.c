@@ -1127,8 +1127,8 @@ static int fn_publish(void *state, hub_call *call)
     kafka_state *ks = state;
     size_t idlen;
     const char *id = hub_arg_str(call, 0, &idlen);
-    if (!id)
-        return arg_fail(call, -EINVAL, "the id must be a string");
+    if (!id || strlen(id) != idlen)
+        return arg_fail(call, -EINVAL, "the id must be a string (without NUL bytes)");
     kconn *c = find_conn(ks, id);
     if (!c)
         return arg_fail(call, -ENOENT, "unknown kafka id '%.64s'", id);
@@ -1151,7 +1151,7 @@ static int kemi_send(kafka_state *ks, hub_call *call, int with_key)
     const char *t = hub_arg_str(call, 0, &tl);
     if (call->argc != (with_key ? 3 : 2))
         return arg_fail(call, -EINVAL, "wrong number of arguments");
-    if (!t || !topic_ok(t))
+    if (!t || strlen(t) != tl || !topic_ok(t))
         return arg_fail(call, -EINVAL, "the topic must be 1..249 of [A-Za-z0-9._-]");
     if (with_key && hub_arg_type(call, 2) != HUB_ARG_STR)
         return arg_fail(call, -EINVAL, "the key must be a string");

@@ -1588,6 +1588,11 @@ static int fn_publish(void *state, hub_call *call)
                  "strings expected");
         return -EINVAL;
     }
+    if (strlen(id) != il || strlen(ex) != exl || strlen(rk) != rkl) {
+        snprintf(call->err, sizeof(call->err),
+                 "rabbitmq.publish: the id, exchange and routing key may not hold NUL bytes");
+        return -EINVAL;
+    }
     rmq_conn *c = find_server(rs, id);
     if (!c) {
         snprintf(call->err, sizeof(call->err), "rabbitmq: unknown server '%.64s'", id);

@@ -231,6 +231,9 @@ def refusals_at_run_time():
         c = h.client()
         check_eq(ask(c, b"pub:nope|x"), b"pub nil unknown kafka id 'nope' ENOENT",
                  "unknown id")
+        check_eq(ask(c, b"pub:k1\x00x|x"),
+                 b"pub nil the id must be a string (without NUL bytes) EINVAL",
+                 "an id with a NUL byte is not k1")
         check_eq(ask(c, b"big:k1 5000"), b"pub nil message of 5000 bytes is over "
                  b"message.max.bytes (2000) EMSGSIZE", "too large")
         r = ask(c, b"pub:notopic|x")

@@ -282,6 +282,25 @@ static void test_results_many_fill_several_batches(void **state)
     bare_hub_free(h);
 }
 
+/* A result with a field of no name or no known type is logged, counted and dropped, not
+ * handed to an engine that would read it differently (or crash on the name). */
+static void test_results_malformed_fields_are_refused(void **state)
+{
+    (void)state;
+    hub *h = results_hub();
+    hub_field noname = {NULL, HUB_FIELD_INT, NULL, 0, 1};
+    hub_field badtype = {"x", 77, NULL, 0, 1};
+    hub_field ok[2] = {{"a", HUB_FIELD_INT, NULL, 0, 1}, {"b", 0, NULL, 0, 2}};
+    hub_complete_fields(h, 1, 0, &noname, 1);
+    hub_complete_fields(h, 2, 0, &badtype, 1);
+    hub_complete_fields(h, 3, 0, ok, 2);
+    complete_one(h, 4, 0);
+    hub__mailbox_drain(h);
+    assert_string_equal(trace, "[r4]");
+    assert_int_equal(atomic_load(&h->completions_undelivered), 3);
+    bare_hub_free(h);
+}
+
 /* On the loop, a result without memory is counted, never waited for. */
 static void test_results_without_memory_are_counted(void **state)
 {
@@ -337,6 +356,7 @@ int main(void)
         cmocka_unit_test(test_results_batch_in_order_with_other_posts),
         cmocka_unit_test(test_results_many_fill_several_batches),
         cmocka_unit_test(test_results_without_memory_are_counted),
+        cmocka_unit_test(test_results_malformed_fields_are_refused),
     };
     return cmocka_run_group_tests_name("mailbox", tests, NULL, NULL);
 }
