@@ -1,13 +1,13 @@
 #!/usr/bin/env python3
 """cgbench: instructions per delivered frame, counted by callgrind (reproducible, unlike
-timings on a shared machine). Starts evhub (workers = 0, the KEMI or native fan-out script of
+timings on a shared machine). Starts evhub (workers = 0 or --workers, the KEMI or native fan-out script of
 evbench) or the bare forwarder under valgrind --tool=callgrind, subscribes --subs
 connections, sends --frames frames of --size bytes from one publisher, waits until every
 subscriber has them all, stops the hub and prints the hub's instructions (user space only:
 the kernel's work is not counted) per delivered frame, start-up and shutdown included.
 
   tests/bench/cgbench.py [--evhub build/evhub] [--bare build/tests/bench/bare/bareforward]
-                         [--frames 20000] [--size 128] [--subs 4] [--keep DIR]
+                         [--frames 20000] [--size 128] [--subs 4] [--workers 0] [--keep DIR]
 """
 import argparse
 import os
@@ -96,9 +96,10 @@ def run(kind, args):
         with open(os.path.join(d, "bench.lua"), "w") as f:
             f.write(KEMI if kind == "kemi" else NATIVE)
         with open(os.path.join(d, "evhub.conf"), "w") as f:
-            f.write("[evapi]\nbind_addr = 127.0.0.1:0\nworkers = 0\nmax_outbuf = 64m\n"
+            f.write("[evapi]\nbind_addr = 127.0.0.1:0\nworkers = %d\nmax_outbuf = 64m\n"
                     "event_callback = %s\n%s\n[lua]\nscript = bench.lua\n%s\n[log]\nlevel = info\n"
-                    % ("ksr_evapi_event" if kind == "kemi" else "", args.evapi, args.lua))
+                    % (args.workers, "ksr_evapi_event" if kind == "kemi" else "", args.evapi,
+                       args.lua))
         cmd = vg + [args.evhub, "-c", os.path.join(d, "evhub.conf"), "-f"]
     with open(log, "w") as lf:
         proc = subprocess.Popen(cmd, stdout=lf, stderr=subprocess.STDOUT)
@@ -159,6 +160,8 @@ def main():
     ap.add_argument("--only", choices=["bare", "kemi", "native"])
     ap.add_argument("--keep", help="copy the callgrind output files here")
     ap.add_argument("--evapi", default="", help="a line added to evhub's [evapi] section")
+    ap.add_argument("--workers", type=int, default=0,
+                    help="evhub's workers (every thread's instructions are counted)")
     ap.add_argument("--lua", default="", help="a line added to evhub's [lua] section")
     args = ap.parse_args()
     deliveries = args.frames * args.subs
