@@ -427,23 +427,12 @@ static int client_write(hub_client *c, size_t budget)
 static void to_reaper(hub_client *c);
 static void client_unroute(hub_client *c);
 
-/* A copy of the n bytes at s, NUL-terminated, or NULL on OOM. */
-static char *dup_str(const char *s, size_t n)
-{
-    char *d = hub_malloc(n + 1);
-    if (d) {
-        memcpy(d, s, n);
-        d[n] = '\0';
-    }
-    return d;
-}
-
 /* Keep why c closes, for E_EVAPI_CONNECTION_CLOSED (the first reason given wins). Without
  * memory for it the event says "closed". */
 static void note_reason(hub_client *c, const char *reason)
 {
     if (!c->close_reason)
-        c->close_reason = dup_str(reason, strnlen(reason, HUB_CLOSE_REASON_MAX));
+        c->close_reason = hub_strndup(reason, strnlen(reason, HUB_CLOSE_REASON_MAX));
 }
 
 /* After a write attempt: a write error ends the connection, and a closing connection whose
@@ -902,7 +891,7 @@ static void client_unroute(hub_client *c)
     ev_io_stop(h->loop, &c->rio);
     ev_timer_stop(h->loop, &c->tmo); /* draining has its own deadline */
     if (c->tag && !c->close_tag)     /* for E_EVAPI_CONNECTION_CLOSED, raised by the reaper */
-        c->close_tag = dup_str(c->tag->name, c->tag->len);
+        c->close_tag = hub_strndup(c->tag->name, c->tag->len);
     hub__tag_set(h, c, NULL, 0);
     hub__tag_intent(h, c->id, NULL, 0, 1);
 }

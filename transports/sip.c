@@ -161,16 +161,6 @@ static uint32_t fnv(const char *s, size_t n)
     return h;
 }
 
-static char *dupn(const char *s, size_t n)
-{
-    char *d = hub_malloc(n + 1);
-    if (d) {
-        memcpy(d, s, n);
-        d[n] = '\0';
-    }
-    return d;
-}
-
 /* Append fmt to a growing string (*buf, *len, *cap). -1 on no memory. */
 static int sbuf_add(char **buf, size_t *len, size_t *cap, const char *s, size_t n)
 {
@@ -1009,7 +999,7 @@ static char *uri_str(osip_uri_t *u, size_t *len)
     char *s = NULL;
     if (!u || osip_uri_to_str(u, &s) != 0 || !s)
         return NULL;
-    char *d = dupn(s, strlen(s));
+    char *d = hub_strndup(s, strlen(s));
     osip_free(s);
     if (d)
         *len = strlen(d);
@@ -1019,7 +1009,7 @@ static char *uri_str(osip_uri_t *u, size_t *len)
 static void set_pv(sip_req *q, int i, const char *s)
 {
     if (s) {
-        q->pv[i] = dupn(s, strlen(s));
+        q->pv[i] = hub_strndup(s, strlen(s));
         q->pvlen[i] = q->pv[i] ? strlen(s) : 0;
     }
 }
@@ -1029,7 +1019,7 @@ static sip_req *req_new(sip_mod *m, osip_message_t *msg, const char *buf, size_t
                         int port)
 {
     sip_req *q = hub_calloc(1, sizeof(*q));
-    if (!q || !(q->raw = dupn(buf, n))) {
+    if (!q || !(q->raw = hub_strndup(buf, n))) {
         hub_free(q);
         return NULL;
     }
@@ -1090,7 +1080,7 @@ static size_t txn_key(osip_message_t *msg, const char *method, char *out, size_t
 static sip_txn *txn_new(sip_mod *m, const char *key, size_t klen, uint32_t hv, int invite, int lfd)
 {
     sip_txn *t = hub_calloc(1, sizeof(*t));
-    if (!t || !(t->key = dupn(key, klen))) {
+    if (!t || !(t->key = hub_strndup(key, klen))) {
         hub_free(t);
         return NULL;
     }

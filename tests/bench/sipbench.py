@@ -32,6 +32,9 @@ SRC = os.path.dirname(os.path.dirname(HERE))
 SCEN = os.path.join(SRC, "tests", "integration", "sip", "uac_302.xml")
 APP = os.path.join(SRC, "examples", "async-routing", "app.py")
 NICE = []  # --nice N: every process measured (hub, Kamailio, sipp, the application) alike
+sys.path.insert(0, os.path.join(SRC, "tests", "integration"))
+from sip_peer import SipPeer  # noqa: E402
+
 KAM_CFG = os.path.join(SRC, "examples", "async-routing", "kamailio.cfg")
 
 DIRECT = r'''
@@ -99,38 +102,22 @@ def wait_port(port, proc, secs=20):
 def probe(sport, secs=20):
     """INVITEs (each ACKed) until one gets its 302: the hub is up and the application is
     connected and tagged. False if none did within SECS."""
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.bind(("127.0.0.1", 0))
-    me = s.getsockname()[1]
-    end, n = time.time() + secs, 0
+    p = SipPeer(sport)
+    end = time.time() + secs
     try:
         while time.time() < end:
-            n += 1
-            head = ("%%s sip:100@127.0.0.1:%d SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:%d;branch="
-                    "z9hG4bKprobe%d\r\nFrom: <sip:probe@127.0.0.1>;tag=p%d\r\n%%s\r\nCall-ID: "
-                    "probe-%d@sipbench\r\nCSeq: 1 %%s\r\nMax-Forwards: 70\r\nContent-Length: 0"
-                    "\r\n\r\n" % (sport, me, n, n, n))
-            s.sendto((head % ("INVITE", "To: <sip:100@127.0.0.1>", "INVITE")).encode(),
-                     ("127.0.0.1", sport))
-            final, stop = None, time.time() + 1
-            while final is None and time.time() < stop:
-                s.settimeout(max(0.01, stop - time.time()))
-                try:
-                    text = s.recv(65536).decode("utf-8", "replace")
-                except socket.timeout:
-                    break
-                if int(text.split(" ", 2)[1]) >= 200:
-                    final = text
+            inv, branch, callid = p.request("INVITE")
+            p.send(inv)
+            _, final = p.final(1)
             if final is None:
                 continue
-            to = [x for x in final.split("\r\n") if x.lower().startswith("to:")][0]
-            s.sendto((head % ("ACK", to, "ACK")).encode(), ("127.0.0.1", sport))
+            p.send(p.ack(final, branch, callid))
             if final.startswith("SIP/2.0 302"):
                 return True
             time.sleep(0.05)
         return False
     finally:
-        s.close()
+        p.close()
 
 
 def start_kamailio(d, script, sport, eport, children):

@@ -63,6 +63,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from evhub_harness import (TIMEOUT, Hub, NsParser, Suite, TestFailure,  # noqa: E402
                            check, check_eq, ns, parse_error_frame)
+from sip_peer import SipPeer  # noqa: E402
 
 suite = Suite("kamailio_compat")
 
@@ -831,41 +832,21 @@ def sip_exchange(port, callee, n, final_timeout=STEP_TIMEOUT, listen_after=1.2,
     """INVITE n to sip:CALLEE@127.0.0.1:PORT from a fresh UDP socket, ACK its final reply,
     then listen LISTEN_AFTER s (timer G would resend the reply at 0.5 s). Returns (final status
     line, Contact header or None, provisional status codes, replies after the ACK)."""
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.bind(("127.0.0.1", 0))
-    me = s.getsockname()[1]
-    head = ("%%s sip:%s@127.0.0.1:%d SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:%d;branch=z9hG4bK"
-            "cmp%d\r\nFrom: <sip:alice@127.0.0.1>;tag=f%d\r\n%%s\r\nCall-ID: cmp-%s@evhub\r\n"
-            "CSeq: 1 %%s\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n"
-            % (callee, port, me, n, n, "%d%s" % (n, callid_part)))
-    s.sendto((head % ("INVITE", "To: <sip:%s@127.0.0.1>" % callee, "INVITE")).encode(),
-             ("127.0.0.1", port))
-    prov, final, deadline = [], None, time.monotonic() + final_timeout
-    while final is None:
-        s.settimeout(max(0.01, deadline - time.monotonic()))
-        try:
-            text = s.recv(65536).decode("utf-8", "replace")
-        except socket.timeout:
+    p = SipPeer(port)
+    try:
+        inv, branch, callid = p.request("INVITE", ruser=callee,
+                                        callid="cmp-%d%s@evhub" % (n, callid_part))
+        p.send(inv)
+        prov, final = p.final(final_timeout)
+        if final is None:
             raise TestFailure("no final reply to INVITE %d (to %s) within %.0f s; got %r"
                               % (n, callee, final_timeout, prov))
-        code = int(text.split(" ", 2)[1])
-        if code < 200:
-            prov.append(code)
-            continue
-        final = text
+        p.send(p.ack(final, branch, callid, ruser=callee))
+        after = [text.split("\r\n")[0] for _, text in p.recv_all(listen_after)]
+    finally:
+        p.close()
     lines = final.split("\r\n")
-    to = [x for x in lines if x.lower().startswith("to:")][0]
     contact = ([x for x in lines if x.lower().startswith("contact:")] or [None])[0]
-    s.sendto((head % ("ACK", to, "ACK")).encode(), ("127.0.0.1", port))
-    after = []
-    end = time.monotonic() + listen_after
-    while time.monotonic() < end:
-        s.settimeout(max(0.01, end - time.monotonic()))
-        try:
-            after.append(s.recv(65536).decode("utf-8", "replace").split("\r\n")[0])
-        except socket.timeout:
-            pass
-    s.close()
     return lines[0], contact, prov, after
 
 

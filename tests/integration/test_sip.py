@@ -19,6 +19,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from evhub_harness import (Hub, Suite, check, check_eq, scaled, wait_for,  # noqa: E402
                            wait_frames)
+from sip_peer import SipPeer  # noqa: E402
 
 suite = Suite("sip")
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -169,63 +170,6 @@ def an_application_that_never_answers_gets_the_timeout_route():
 
 # ---- a raw UDP peer ----
 
-class Peer:
-    def __init__(self, h):
-        self.h = h
-        self.s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.s.bind(("127.0.0.1", 0))
-        self.port = self.s.getsockname()[1]
-        self.n = 0
-
-    def request(self, method, ruser="100", branch=None, callid=None, cseq=1, extra=""):
-        self.n += 1
-        branch = branch or "z9hG4bK-test-%d-%d" % (self.port, self.n)
-        callid = callid or "call-%d-%d@test" % (self.port, self.n)
-        msg = ("%s sip:%s@127.0.0.1:%d SIP/2.0\r\n"
-               "Via: SIP/2.0/UDP 127.0.0.1:%d;branch=%s;rport\r\n"
-               "From: <sip:alice@127.0.0.1>;tag=a%d\r\n"
-               "To: <sip:%s@127.0.0.1>\r\n"
-               "Call-ID: %s\r\n"
-               "CSeq: %d %s\r\n"
-               "Max-Forwards: 70\r\n%s"
-               "Content-Length: 0\r\n\r\n" % (method, ruser, self.h.sip_port, self.port, branch,
-                                             self.n, ruser, callid, cseq, method, extra))
-        return msg, branch, callid
-
-    def send(self, msg):
-        self.s.sendto(msg.encode() if isinstance(msg, str) else msg,
-                      ("127.0.0.1", self.h.sip_port))
-
-    def recv_all(self, seconds):
-        """Every datagram within seconds: list of (code, text)."""
-        out = []
-        end = time.time() + seconds
-        while True:
-            left = end - time.time()
-            if left <= 0:
-                return out
-            self.s.settimeout(left)
-            try:
-                data = self.s.recv(65536).decode()
-            except socket.timeout:
-                return out
-            out.append((int(data.split()[1]), data))
-
-    def expect(self, code, seconds=None):
-        seconds = scaled(3, 20) if seconds is None else seconds
-        end = time.time() + seconds
-        while time.time() < end:
-            self.s.settimeout(max(0.01, end - time.time()))
-            try:
-                data = self.s.recv(65536).decode()
-            except socket.timeout:
-                break
-            c = int(data.split()[1])
-            if c == code:
-                return data
-        raise AssertionError("no %d within %.1f s" % (code, seconds))
-
-
 class RawApp:
     """An application on a plain TCP connection: the requests it got, and answers on demand."""
 
@@ -248,7 +192,7 @@ def a_retransmitted_invite_reaches_the_app_once_and_the_final_response_repeats_u
     h = start(timeout_ms=scaled(5000, 20000))
     a = RawApp(h)
     wait_for(lambda: stats(h)["clients"], lambda n: n >= 1, "the app's connection")
-    p = Peer(h)
+    p = SipPeer(h)
     inv, branch, callid = p.request("INVITE")
     p.send(inv)
     check("Trying" in p.expect(100), "100 Trying for the suspended INVITE")
@@ -266,11 +210,7 @@ def a_retransmitted_invite_reaches_the_app_once_and_the_final_response_repeats_u
     copies = p.recv_all(scaled(1.8, 4))
     check(len([c for c, _ in copies if c == 302]) >= 2,
           "302 retransmitted (timer G) until the ACK: %r" % [c for c, _ in copies])
-    to = re.search(r"^To: (.*)$", first, re.M).group(1).strip()
-    ack = ("ACK sip:100@127.0.0.1:%d SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:%d;branch=%s;rport\r\n"
-           "From: <sip:alice@127.0.0.1>;tag=a1\r\nTo: %s\r\nCall-ID: %s\r\nCSeq: 1 ACK\r\n"
-           "Content-Length: 0\r\n\r\n" % (h.sip_port, p.port, branch, to, callid))
-    p.send(ack)
+    p.send(p.ack(first, branch, callid))
     time.sleep(0.1)
     p.recv_all(0.1)
     check_eq(p.recv_all(scaled(2.5, 5)), [], "nothing after the ACK")
@@ -284,7 +224,7 @@ def cancel_answers_200_and_487_and_the_late_answer_is_refused():
     h = start(timeout_ms=scaled(5000, 20000))
     a = RawApp(h)
     wait_for(lambda: stats(h)["clients"], lambda n: n >= 1, "the app's connection")
-    p = Peer(h)
+    p = SipPeer(h)
     inv, branch, callid = p.request("INVITE")
     p.send(inv)
     p.expect(100)
@@ -313,7 +253,7 @@ def an_answer_after_the_deadline_is_refused():
     h = start(timeout_ms=300, route=None)
     a = RawApp(h)
     wait_for(lambda: stats(h)["clients"], lambda n: n >= 1, "the app's connection")
-    p = Peer(h)
+    p = SipPeer(h)
     inv, _, _ = p.request("INVITE")
     p.send(inv)
     reqs = a.wait(1)
@@ -340,7 +280,7 @@ def a_message_request_raises_an_event():
     w = h.client(name="watch")
     w.send(b"x")  # any frame; the tag is set below
     h.ctl("tag", "1", "watch")
-    p = Peer(h)
+    p = SipPeer(h)
     m, _, _ = p.request("MESSAGE", extra="Content-Type: text/plain\r\n")
     m = m.replace("Content-Length: 0\r\n\r\n", "Content-Length: 5\r\n\r\nhello")
     p.send(m)
@@ -355,7 +295,7 @@ def a_message_request_raises_an_event():
 @suite.case
 def malformed_datagrams_are_counted_and_dropped():
     h = start()
-    p = Peer(h)
+    p = SipPeer(h)
     corpus = [b"\x00\x01\x02garbage", b"INVITE\r\n\r\n", b"SIP/2.0 200 OK\r\n\r\n",
               b"OPTIONS sip:x SIP/2.0\r\nVia: SIP/2.0/UDP 1.2.3.4\r\n\r\n",  # no Call-ID, CSeq
               b"A" * 3000, b"OPTIONS sip:a@b SIP/2.0\r\nContent-Length: zz\r\n\r\n",
@@ -392,7 +332,7 @@ end)
 @suite.case
 def native_request_handler():
     h = start(script=NATIVE, kemi=False, route=None)
-    p = Peer(h)
+    p = SipPeer(h)
     m, _, _ = p.request("OPTIONS", ruser="555")
     p.send(m)
     r = p.expect(200)
@@ -439,7 +379,7 @@ def an_answer_too_large_for_max_memory_fails_the_call_not_the_hub():
     h.sip_port = port
     c = h.client(name="app")
     wait_for(lambda: stats(h)["clients"], lambda n: n >= 1, "the app's connection")
-    p = Peer(h)
+    p = SipPeer(h)
     inv, _, _ = p.request("INVITE")
     p.send(inv)
     p.expect(100)
@@ -453,7 +393,7 @@ def an_answer_too_large_for_max_memory_fails_the_call_not_the_hub():
 @suite.case
 def cancel_wakes_a_native_waiter():
     h, c = native_waiter(5000)
-    p = Peer(h)
+    p = SipPeer(h)
     inv, _, _ = p.request("INVITE")
     p.send(inv)
     p.expect(100)
@@ -468,7 +408,7 @@ def cancel_wakes_a_native_waiter():
 @suite.case
 def a_waiter_lost_in_a_reload_still_gets_an_answer():
     h, c = native_waiter(300)
-    p = Peer(h)
+    p = SipPeer(h)
     inv, _, _ = p.request("INVITE")
     p.send(inv)
     p.expect(100)
@@ -484,7 +424,7 @@ def a_waiter_lost_in_a_reload_still_gets_an_answer():
 @suite.case
 def a_retransmitted_invite_after_a_2xx_is_absorbed():
     h = start(script=NATIVE.replace("403, \"Forbidden\"", "200, \"OK\""), kemi=False, route=None)
-    p = Peer(h)
+    p = SipPeer(h)
     inv, _, _ = p.request("INVITE")
     p.send(inv)
     p.expect(200)
@@ -509,7 +449,7 @@ evapi.on("request", function(req)
 end)
 """
     h = start(script=script, kemi=False, route=None)
-    p = Peer(h)
+    p = SipPeer(h)
     m, _, _ = p.request("OPTIONS")
     p.send(m)
     r = p.expect(404)
@@ -535,7 +475,7 @@ def the_deadline_before_the_route_returns_gets_the_timeout_route():
         h = start(script=src, workers=w, timeout_ms=10)
         a = RawApp(h)
         wait_for(lambda: stats(h)["clients"], lambda n: n >= 1, "the app's connection")
-        p = Peer(h)
+        p = SipPeer(h)
         inv, _, _ = p.request("INVITE")
         p.send(inv)
         got = [c for c, _ in p.recv_all(scaled(2.5, 8)) if c >= 200]
