@@ -100,22 +100,11 @@ def wait_port(port, proc, secs=20):
 
 
 def probe(sport, secs=20):
-    """INVITEs (each ACKed) until one gets its 302: the hub is up and the application is
-    connected and tagged. False if none did within SECS."""
+    """True once a probe INVITE got its 302: the hub is up and the application is connected
+    and tagged."""
     p = SipPeer(sport)
-    end = time.time() + secs
     try:
-        while time.time() < end:
-            inv, branch, callid = p.request("INVITE")
-            p.send(inv)
-            _, final = p.final(1)
-            if final is None:
-                continue
-            p.send(p.ack(final, branch, callid))
-            if final.startswith("SIP/2.0 302"):
-                return True
-            time.sleep(0.05)
-        return False
+        return p.first_302(secs)
     finally:
         p.close()
 

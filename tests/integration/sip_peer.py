@@ -85,6 +85,22 @@ class SipPeer:
                 return prov, data
             prov.append(code)
 
+    def first_302(self, seconds):
+        """INVITEs (1 s each, each final reply ACKed) until one gets a 302: whoever answers
+        is up, with its routing application connected. False if none did within seconds."""
+        end = time.time() + seconds
+        while time.time() < end:
+            inv, branch, callid = self.request("INVITE")
+            self.send(inv)
+            _, final = self.final(1)
+            if final is None:
+                continue
+            self.send(self.ack(final, branch, callid))
+            if final.startswith("SIP/2.0 302"):
+                return True
+            time.sleep(0.05)
+        return False
+
     def expect(self, code, seconds=None):
         seconds = scaled(3, 20) if seconds is None else seconds
         end = time.time() + seconds

@@ -861,20 +861,14 @@ def routing_app(addr):
 
 
 def first_302(sip_port):
-    """Probe INVITEs (1 s each) until one gets its 302: the application is connected and
-    tagged. (Kamailio runs connection-new in its dispatcher; until then an INVITE waits.)"""
-    deadline, k = time.monotonic() + TIMEOUT, 0
-    while True:
-        k += 1
-        try:
-            if sip_exchange(sip_port, "100", 1000 + k, final_timeout=1,
-                            listen_after=0)[0].startswith("SIP/2.0 302"):
-                return
-        except TestFailure:
-            pass
-        if time.monotonic() > deadline:
+    """Probe INVITEs until one gets its 302: the application is connected and tagged.
+    (Kamailio runs connection-new in its dispatcher; until then an INVITE waits.)"""
+    p = SipPeer(sip_port)
+    try:
+        if not p.first_302(TIMEOUT):
             raise TestFailure("no 302 for a probe INVITE within %.0f s" % TIMEOUT)
-        time.sleep(0.05)
+    finally:
+        p.close()
 
 
 def async_routing_transcript(target, sip_port):
