@@ -7,7 +7,7 @@
  * which also sends and checks heartbeats), sleeps in poll() on {eventfd, socket} for at most
  * a quarter of the heartbeat, and reconnects with a backoff. Every message ends exactly
  * once: confirmed (status 0) or failed (-1, with a reason), counted, and reported — to a
- * script's report function through hub_complete, to the event interface and to evhubctl
+ * script's report function through hub_complete_fields, to the event interface and to evhubctl
  * through the mailbox. Delivery is at-least-once: what was published but not confirmed when
  * a connection dropped is published again after reconnecting, with the same message_id. */
 #define _GNU_SOURCE
@@ -689,20 +689,20 @@ static void flush_done(rmq_conn *c)
     hub_loop_post_retry(c->h, done_cb, b); /* b is the loop's now */
 }
 
-static json_object *report_json(rmq_conn *c, rmq_msg *m)
+/* r = {id=, status=, error= (failed only), exchange=, routing_key=, message_id=}: typed
+ * fields, copied by the hub (no json-c on the way). */
+static void report(rmq_conn *c, rmq_msg *m)
 {
-    json_object *r = json_object_new_object();
-    json_object_object_add(r, "id", json_object_new_string(c->id));
-    json_object_object_add(r, "status", json_object_new_int(m->status));
+    hub_field f[6];
+    size_t n = 0;
+    f[n++] = (hub_field){"id", HUB_FIELD_STR, c->id, strlen(c->id), 0};
+    f[n++] = (hub_field){"status", HUB_FIELD_INT, NULL, 0, m->status};
     if (m->status)
-        json_object_object_add(r, "error", json_object_new_string(m->error));
-    json_object_object_add(r, "exchange",
-                           json_object_new_string_len(m->exchange.bytes, (int)m->exchange.len));
-    json_object_object_add(
-        r, "routing_key",
-        json_object_new_string_len(m->routing_key.bytes, (int)m->routing_key.len));
-    json_object_object_add(r, "message_id", json_object_new_uint64(m->seq));
-    return r;
+        f[n++] = (hub_field){"error", HUB_FIELD_STR, m->error, strlen(m->error), 0};
+    f[n++] = (hub_field){"exchange", HUB_FIELD_STR, m->exchange.bytes, m->exchange.len, 0};
+    f[n++] = (hub_field){"routing_key", HUB_FIELD_STR, m->routing_key.bytes, m->routing_key.len, 0};
+    f[n++] = (hub_field){"message_id", HUB_FIELD_INT, NULL, 0, (int64_t)m->seq};
+    hub_complete_fields(c->h, m->token, 0, f, n);
 }
 
 /* Thread (or the close, after the thread ended): m ended with status; count it and report
@@ -720,7 +720,7 @@ static void decide(rmq_conn *c, rmq_msg *m, int status, const char *error)
     atomic_fetch_sub(&c->held, 1);
     switch (m->kind) {
     case M_TOKEN:
-        hub_complete(c->h, m->token, report_json(c, m));
+        report(c, m);
         hub_free(m);
         break;
     case M_PLAIN:
