@@ -38,10 +38,13 @@ typedef struct hlua_conn {
 } hlua_conn;
 
 /* Lua allocates and frees many small objects (a report's table and strings, a key built
- * with ..): blocks up to HLUA_CACHE_CLASSES x 16 bytes are kept per size class, up to
- * HLUA_CACHE_MAX each, for the state's next allocations of that class. */
+ * with ..), and its collector frees them in bursts of thousands: blocks up to
+ * HLUA_CACHE_CLASSES x 16 bytes are kept per size class, up to HLUA_CACHE_BYTES in all, for
+ * the state's next allocations of that class. */
 #define HLUA_CACHE_CLASSES 16
-#define HLUA_CACHE_MAX     256
+#define HLUA_CACHE_BYTES   (1u << 20)
+/* Result field names kept as Lua strings per state (past that, made each time). */
+#define HLUA_KEYS_MAX 32
 
 struct hub_script {
     lua_State *L;
@@ -53,6 +56,7 @@ struct hub_script {
     /* Small blocks L freed, kept for its next allocations of their class (lua_host.c) */
     void *cache[HLUA_CACHE_CLASSES];
     unsigned ncache[HLUA_CACHE_CLASSES];
+    size_t cache_bytes; /* bytes in those blocks */
     long budget_left;   /* instructions left in the current callback */
     double deadline;    /* CLOCK_MONOTONIC seconds the current callback may run to */
     int budget_hit;     /* the current callback ran out of budget */
@@ -75,6 +79,11 @@ struct hub_script {
                                      * instead of handler[]; LUA_NOREF without event_callback */
     int reset_ref;                  /* KEMI context reset from ksr.lua, or LUA_NOREF */
     int completions_ref;            /* registry ref: token -> report function (see below) */
+    /* Result field names already made Lua strings (push_result): names[i] is at index i + 1
+     * of the registry table keys_ref. A module's names are literals: the pointer is the key. */
+    int keys_ref;
+    unsigned nkeys;
+    const char *keys[HLUA_KEYS_MAX];
     /* Arguments handed to the protected trampolines (no allocation on the hot path). */
     const char *arg_data;
     size_t arg_len;

@@ -47,6 +47,7 @@ static void *cache_get(hub_script *s, int c)
     if (p) {
         s->cache[c] = *(void **)p;
         s->ncache[c]--;
+        s->cache_bytes -= (size_t)(c + 1) * 16;
         return p;
     }
     return hub_malloc((size_t)(c + 1) * 16);
@@ -54,13 +55,15 @@ static void *cache_get(hub_script *s, int c)
 
 static void cache_put(hub_script *s, int c, void *p)
 {
-    if (s->ncache[c] >= HLUA_CACHE_MAX) {
+    size_t sz = (size_t)(c + 1) * 16;
+    if (s->cache_bytes + sz > HLUA_CACHE_BYTES) {
         hub_free(p);
         return;
     }
     *(void **)p = s->cache[c];
     s->cache[c] = p;
     s->ncache[c]++;
+    s->cache_bytes += sz;
 }
 
 static void cache_free(hub_script *s)
@@ -74,6 +77,7 @@ static void cache_free(hub_script *s)
         s->cache[c] = NULL;
         s->ncache[c] = 0;
     }
+    s->cache_bytes = 0;
 }
 
 /* Lua's allocator: counts bytes for max_memory, small blocks through the cache (a small
@@ -761,26 +765,41 @@ static int hlua_on_complete(hub_script *s, uint64_t token, struct json_object *r
 }
 
 /* A typed result as a table of its fields: [.., t] */
-static void push_result(lua_State *L, const hub_result *r)
+/* Push a result field's name: the Lua string made the first time, from the table at keys
+ * (interning the name anew for every field of every report cost more than the table). */
+static void push_key(lua_State *L, hub_script *s, int keys, const char *name)
+{
+    for (unsigned i = 0; i < s->nkeys; i++) {
+        if (s->keys[i] == name) {
+            lua_rawgeti(L, keys, (lua_Integer)i + 1);
+            return;
+        }
+    }
+    lua_pushstring(L, name);
+    if (s->nkeys < HLUA_KEYS_MAX) {
+        lua_pushvalue(L, -1);
+        lua_rawseti(L, keys, (lua_Integer)s->nkeys + 1);
+        s->keys[s->nkeys++] = name;
+    }
+}
+
+/* r as a table, with the field names' strings at stack index keys. */
+static void push_result(lua_State *L, hub_script *s, int keys, const hub_result *r)
 {
     int more = (r->flags & HUB_RESULT_MORE) != 0;
     lua_createtable(L, 0, r->nfields + more);
     for (unsigned i = 0; i < r->nfields; i++) {
         const hub_rfield *f = &r->f[i];
-        switch (f->type) {
-        case HUB_FIELD_STR:
-            lua_pushlstring(L, hub_result_str(r, f), f->len);
-            break;
-        case HUB_FIELD_INT:
-            lua_pushinteger(L, (lua_Integer)f->i);
-            break;
-        case HUB_FIELD_BOOL:
-            lua_pushboolean(L, f->i != 0);
-            break;
-        default:
+        if (f->type != HUB_FIELD_STR && f->type != HUB_FIELD_INT && f->type != HUB_FIELD_BOOL)
             continue;
-        }
-        lua_setfield(L, -2, f->name);
+        push_key(L, s, keys, f->name);
+        if (f->type == HUB_FIELD_STR)
+            lua_pushlstring(L, hub_result_str(r, f), f->len);
+        else if (f->type == HUB_FIELD_INT)
+            lua_pushinteger(L, (lua_Integer)f->i);
+        else
+            lua_pushboolean(L, f->i != 0);
+        lua_rawset(L, -3); /* a new table: no metamethods to honour */
     }
     if (more) {
         lua_pushboolean(L, 1);
@@ -811,9 +830,10 @@ static int results_tramp(lua_State *L)
 {
     hub_script *s = hlua__script(L);
     lua_rawgeti(L, LUA_REGISTRYINDEX, s->completions_ref); /* [done] */
+    lua_rawgeti(L, LUA_REGISTRYINDEX, s->keys_ref);        /* [done, keys] */
     for (int first = 1; s->res_off < s->res_len; first = 0) {
         const hub_result *r = (const hub_result *)(s->res_buf + s->res_off);
-        int t = lua_rawgeti(L, 1, (lua_Integer)r->token); /* [done, fn] */
+        int t = lua_rawgeti(L, 1, (lua_Integer)r->token); /* [done, keys, fn] */
         if (t == LUA_TTABLE) {
             s->res_waiter = 1;
             return 0;
@@ -836,8 +856,8 @@ static int results_tramp(lua_State *L)
             s->budget_hit = 0;
             cb_begin(s);
         }
-        push_result(L, r); /* [done, fn, t] */
-        lua_call(L, 1, 0); /* [done] */
+        push_result(L, s, 2, r); /* [done, keys, fn, t] */
+        lua_call(L, 1, 0);       /* [done, keys] */
     }
     return 0;
 }
@@ -1121,6 +1141,8 @@ static int init_state(lua_State *L)
     s->conns_ref = luaL_ref(L, LUA_REGISTRYINDEX);
     lua_newtable(L); /* [conf, completions] */
     s->completions_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    lua_newtable(L); /* [conf, keys] */
+    s->keys_ref = luaL_ref(L, LUA_REGISTRYINDEX);
     hlua__open_evapi(L, conf->worker);
     hlua__open_json(L);
 
@@ -1210,6 +1232,7 @@ static hub_script *hlua_load(const hub_script_conf *conf, const hub_api *api, vo
     for (int ev = 0; ev <= HLUA_EV_COUNT; ev++)
         s->handler[ev] = LUA_NOREF;
     s->conns_ref = s->dispatch_ref = s->reset_ref = s->completions_ref = LUA_NOREF;
+    s->keys_ref = LUA_NOREF;
 
     s->L = lua_newstate(counting_alloc, s);
     if (s->L == NULL) {

@@ -1098,7 +1098,7 @@ static void test_memory_limit_at_load(void **state)
 
 /* Small blocks go through the state's cache: what Lua counts and what the hub counts stay
  * equal through churn across size classes (tables and strings growing and shrinking), and
- * the cache keeps at most HLUA_CACHE_MAX blocks of a class. */
+ * the cache keeps at most HLUA_CACHE_BYTES, and counts them exactly. */
 static void test_memory_small_block_cache_counts_exactly(void **state)
 {
     fixture *f = *state;
@@ -1116,10 +1116,13 @@ static void test_memory_small_block_cache_counts_exactly(void **state)
         (size_t)lua_gc(L, LUA_GCCOUNT, 0) * 1024 + (size_t)lua_gc(L, LUA_GCCOUNTB, 0);
     assert_int_equal(f->s->mem_used, lua_count);
     unsigned kept = 0;
+    size_t bytes = 0;
     for (int c = 0; c < HLUA_CACHE_CLASSES; c++) {
-        assert_true(f->s->ncache[c] <= HLUA_CACHE_MAX);
         kept += f->s->ncache[c];
+        bytes += (size_t)f->s->ncache[c] * (size_t)(c + 1) * 16;
     }
+    assert_int_equal(bytes, f->s->cache_bytes);
+    assert_true(bytes <= HLUA_CACHE_BYTES);
     assert_true(kept > 0); /* what the collector freed is kept for reuse */
     /* and reused: the same churn again finds its blocks there */
     lua_ok(f->s, "local t = {} for i = 1, 200 do t[i] = {i} end");
