@@ -6,6 +6,9 @@ sides, alternating, in the same run:
          workers = 0) until every report has run: messages/s, and the hub's CPU per message
   plain  kafkabench, a plain librdkafka producer with the same properties, same sizes
 
+  floor  luafloor: the script's own Lua work, in a bare Lua state with no hub and no
+         librdkafka, every report served the cheapest way any host could (CPU per message)
+
 and, meanwhile, a client relays frames through the hub to another client (a multicast by
 tag): frames/s relayed while the hub publishes, next to frames/s with no publishing (measured
 first). The relay goes on during both sides' runs (the plain producer shares the machine
@@ -25,6 +28,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -206,6 +210,19 @@ def plain_round(bootstrap, count, size):
     return float(f[4]), float(f[5]) / 1e6
 
 
+def floor_round(count, size, batch):
+    """The Lua floor: CPU per message of the script alone, with and without reports."""
+    with tempfile.NamedTemporaryFile("w", suffix=".lua") as f:
+        f.write(SCRIPT)
+        f.flush()
+        out = subprocess.run([os.path.join(TOOLS, "luafloor"), f.name, str(count), str(size),
+                              str(batch)], capture_output=True, timeout=300)
+    if out.returncode != 0:
+        raise RuntimeError("luafloor: %r" % out.stderr)
+    f = out.stdout.split()
+    return float(f[1]) / 1e6, float(f[2]) / 1e6
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--count", type=int, default=200000)
@@ -260,6 +277,7 @@ def main():
                   (r + 1, h, n, p, h / p, rel, hq, pq, hq / pq, cpu * 1e6, pcpu * 1e6))
             sys.stdout.flush()
         relay.stop = True
+        floors = [floor_round(o.count, o.size, o.batch)[0] for _ in range(3)]
         med = statistics.median
         hm, pm = med(hub_rates), med(plain_rates)
         print("messages of %d bytes, %d per round, properties %s, workers = %d, %d rounds" %
@@ -271,6 +289,12 @@ def main():
               (med(q_hub), med(q_plain), med(q_hub) / med(q_plain)))
         print("CPU per published message (median, relay paused, all threads): hub %.2f us, "
               "plain %.2f us" % (med(cpus) * 1e6, med(pcpus) * 1e6))
+        fl = med(floors)
+        print("Lua floor (luafloor, the script's Lua work alone, median of 3): %.2f us per message;"
+              " plain + floor = %.2f us, hub over that: %.2f us; the hub at the plain producer's CPU"
+              " per message plus the floor could reach %.2f of it on a machine with no core to spare"
+              % (fl * 1e6, (med(pcpus) + fl) * 1e6, (med(cpus) - med(pcpus) - fl) * 1e6,
+                 med(pcpus) / (med(pcpus) + fl)))
         print("relay (multicast to 1 client): %.0f frames/s alone, %.0f frames/s while publishing"
               " (ratio %.2f)" % (relay_alone, med(relays), med(relays) / relay_alone))
         print("rate ranges: hub %.0f..%.0f, plain %.0f..%.0f msg/s" %

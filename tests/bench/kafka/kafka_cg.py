@@ -4,11 +4,11 @@ test). The machine the benchmark runs on is shared and its rates move by a facto
 from run to run; instruction counts move by a few percent (librdkafka's batching still
 depends on timing), so a change to the publishing path shows here first.
 
-The hub (workers = 0, the benchmark's script, no relay) runs under valgrind --tool=callgrind
+The hub (workers = 0 unless --workers, the benchmark's script, no relay) runs under valgrind --tool=callgrind
 with instrumentation off; after a warm-up round it is turned on for one round of N messages
 and the count of every thread of the hub (librdkafka's too) is divided by N.
 
-  kafka_cg.py [--count N] [--out FILE]
+  kafka_cg.py [--count N] [--out FILE] [--workers W]
 Environment: EVHUB_BIN (default build/evhub), the tools next to it under tests/bench/kafka/.
 """
 
@@ -24,6 +24,7 @@ OUT = os.path.join(tempfile.mkdtemp(prefix="kafka-cg-"), "callgrind.out")
 ap = argparse.ArgumentParser()
 ap.add_argument("--count", type=int, default=20000)
 ap.add_argument("--out", default=OUT)
+ap.add_argument("--workers", type=int, default=0)
 o = ap.parse_args()
 os.environ["EVHUB_WRAPPER"] = ("valgrind --tool=callgrind --instr-atstart=no "
                                "--callgrind-out-file=" + o.out)
@@ -45,7 +46,7 @@ def main():
     try:
         bootstrap = mock.stdout.readline().decode().strip()
         props = "&".join("g." + p for p in kb.PROPS)
-        hub = Hub(script=kb.SCRIPT, evapi={"workers": "0"},
+        hub = Hub(script=kb.SCRIPT, evapi={"workers": str(o.workers)},
                   extra="[kafka]\nbroker = [b]%s/bench?%s\n" % (bootstrap, props)).start()
         ctl = kb.Conn(hub.addr)
         kb.hub_round(hub, ctl, NoRelay(), 2000, 100, 200)  # warm-up: connected, warm
@@ -67,8 +68,8 @@ def main():
         for line in open(f, errors="replace"):
             if line.startswith("totals:"):
                 total = max(total, int(line.split()[1]))
-    print("%d messages of 100 bytes with reports: %d instructions, %.0f per message (%s)" %
-          (o.count, total, total / o.count, o.out))
+    print("%d messages of 100 bytes with reports, workers = %d: %d instructions, %.0f per message"
+          " (%s)" % (o.count, o.workers, total, total / o.count, o.out))
 
 
 if __name__ == "__main__":
