@@ -6,12 +6,14 @@
  * the loop thread: each producer's main queue writes a byte to a non-blocking pipe when it
  * becomes non-empty (rd_kafka_queue_io_event_enable), an ev_io watches the pipe and calls
  * rd_kafka_poll(rk, 0), and a 1 s timer polls as a backstop. Producers are made on first use
- * (or at start with connect = eager) and live on the loop thread: a worker's publish is
- * checked on the worker and handed to the loop through the mailbox. QUEUE_FULL puts the
- * message on the connection's retry list, tried again from a timer a bounded number of times;
- * the loop never waits for librdkafka. Every message accepted ends delivered or reported
- * failed, once, and the counters say which: produced = delivered + failed + in flight. */
-#define _GNU_SOURCE /* pipe2 */
+ * (or at start with connect = eager) and are made and dropped on the loop thread. A worker's
+ * publish goes to librdkafka from the worker itself (rd_kafka_producev is thread-safe) when the
+ * producer is up and nothing of its connection waits on the loop; otherwise it is handed to
+ * the loop through the mailbox, behind what waits. QUEUE_FULL puts the message on the
+ * connection's retry list, tried again from a timer a bounded number of times; the loop never
+ * waits for librdkafka. Every message accepted ends delivered or reported failed, once, and
+ * the counters say which: produced = delivered + failed + in flight. */
+#define _GNU_SOURCE /* pipe2, pthread_rwlockattr_setkind_np */
 #include <errno.h>
 #include <stdarg.h>
 #include <fcntl.h>
@@ -291,7 +293,8 @@ typedef struct kjob {
     rd_kafka_headers_t *hdrs; /* owned until librdkafka takes it */
     int32_t partition;
     int has_key;
-    unsigned tick; /* the retry tick it started waiting at */
+    unsigned tick;     /* the retry tick it started waiting at */
+    int qfull_counted; /* met QUEUE_FULL and already counted in qfull */
     size_t topic_len, key_len, len;
     char *topic, *key, *payload; /* into data, NUL-terminated */
     char data[];
@@ -301,8 +304,18 @@ enum { K_IDLE, K_CONNECTING, K_UP, K_DOWN, K_FAILED };
 static const char *const kstate_names[] = {"idle", "connecting", "up", "down", "failed"};
 
 /* A connection ([kafka:NAME] or a broker line) or a kafka: socket: its settings and, once
- * made, its producer. Settings never change after init (workers read them); the producer and
- * the lists are the loop thread's. */
+ * made, its producer. Settings never change after init (workers read them). The loop thread
+ * makes and drops the producer, serves its queue and owns the retry list, the watchers, state
+ * and last_error. Workers share four things with it, for their direct publishes (produce_fast):
+ *  - rk, read by a worker only under rk_lock held for reading, for the whole check-and-produce;
+ *    the loop sets or clears rk and q under it held for writing, so no worker is inside
+ *    librdkafka on a handle that prod_drop hands to a reaper;
+ *  - out and nout, under out_mu: a worker inserts, the loop removes (reports) and walks
+ *    (prod_drop); nout is atomic too, for readers that need no list;
+ *  - jobs and fatal, atomics the worker reads before it tries: while a job of this connection
+ *    is alive (posted, on the retry list) or the producer is fatally failed, a worker's message
+ *    takes the loop's path, behind them;
+ *  - the counters. */
 struct kconn {
     kafka_state *ks;
     kconn *next; /* sockets: the module's list */
@@ -318,17 +331,22 @@ struct kconn {
     char file[HUB_PATH_MAX];
     int line;
 
+    pthread_rwlock_t rk_lock; /* guards rk and q against prod_drop (writer-preferring) */
     rd_kafka_t *rk;
     rd_kafka_queue_t *q;
     int pipe_r, pipe_w;
     ev_io io;
     ev_timer backstop, retry;
-    kmsg out; /* the messages librdkafka holds: a ring with out as its head */
-    size_t nout;
+    pthread_mutex_t out_mu;
+    kmsg out; /* the messages librdkafka holds: a ring with out as its head (out_mu) */
+    atomic_size_t nout;
+    atomic_size_t jobs;      /* kjobs alive: posted to the loop or on the retry list */
     kjob *rq_head, *rq_tail; /* the retry list */
     size_t rq_n;
     unsigned ticks;
-    int state, fatal;
+    int state;
+    atomic_int fatal; /* librdkafka's fatal error: the producer is to be made anew */
+    int locks;        /* rk_lock and out_mu made (conn_free destroys them) */
     char last_error[256];
     json_object *brokers_view; /* the last statistics' brokers */
     double stats_at;
@@ -373,6 +391,42 @@ static int set_or_fail(kconn *c, const char *name, const char *value, char *err,
     return 0;
 }
 
+static void conn_free(kconn *c)
+{
+    if (!c)
+        return;
+    if (c->conf)
+        rd_kafka_conf_destroy(c->conf);
+    json_object_put(c->settings);
+    json_object_put(c->brokers_view);
+    if (c->locks) {
+        pthread_rwlock_destroy(&c->rk_lock);
+        pthread_mutex_destroy(&c->out_mu);
+    }
+    hub_free(c);
+}
+
+/* The locks a worker's direct publish shares with the loop. rk_lock prefers writers: workers
+ * publishing back to back could otherwise keep the loop's prod_drop waiting. */
+static int conn_locks(kconn *c)
+{
+    pthread_rwlockattr_t ra;
+    if (pthread_rwlockattr_init(&ra) != 0)
+        return -ENOMEM;
+    pthread_rwlockattr_setkind_np(&ra, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
+    int rc = pthread_rwlock_init(&c->rk_lock, &ra);
+    pthread_rwlockattr_destroy(&ra);
+    if (rc != 0)
+        return -rc;
+    rc = pthread_mutex_init(&c->out_mu, NULL);
+    if (rc != 0) {
+        pthread_rwlock_destroy(&c->rk_lock);
+        return -rc;
+    }
+    c->locks = 1;
+    return 0;
+}
+
 static kconn *conn_new(kafka_state *ks, const char *name, int is_sock, const kafka_conf *d)
 {
     kconn *c = hub_calloc(1, sizeof(*c));
@@ -392,11 +446,8 @@ static kconn *conn_new(kafka_state *ks, const char *name, int is_sock, const kaf
     ev_io_init(&c->io, NULL, -1, EV_READ);
     ev_timer_init(&c->backstop, NULL, BACKSTOP_S, BACKSTOP_S);
     ev_timer_init(&c->retry, NULL, 0, 0);
-    if (!c->conf || !c->settings) {
-        if (c->conf)
-            rd_kafka_conf_destroy(c->conf);
-        json_object_put(c->settings);
-        hub_free(c);
+    if (!c->conf || !c->settings || conn_locks(c) < 0) {
+        conn_free(c);
         return NULL;
     }
     return c;
@@ -426,17 +477,6 @@ static int conn_base(kconn *c, const char *brokers, const char *topic, char *err
         return -EINVAL;
     }
     return 0;
-}
-
-static void conn_free(kconn *c)
-{
-    if (!c)
-        return;
-    if (c->conf)
-        rd_kafka_conf_destroy(c->conf);
-    json_object_put(c->settings);
-    json_object_put(c->brokers_view);
-    hub_free(c);
 }
 
 /* ---- reports ---- */
@@ -492,13 +532,23 @@ static void report(kconn *c, uint64_t token, tr_delivery *d, hub_ctl_call *call,
     }
 }
 
+/* A job ends (handed to librdkafka, or reported failed): from now on it holds back no worker's
+ * direct publish, so jobs drops only after librdkafka has taken the message or its failure was
+ * reported. Any thread (a worker whose post failed). */
+static void job_free(kjob *j)
+{
+    kconn *c = j->c;
+    if (j->hdrs)
+        rd_kafka_headers_destroy(j->hdrs);
+    hub_free(j);
+    atomic_fetch_sub(&c->jobs, 1);
+}
+
 static void job_fail(kjob *j, const char *why)
 {
     report(j->c, j->token, j->d, j->call, 0, why, j->topic, -1, -1, j->has_key ? j->key : NULL,
            j->key_len, j->payload, j->len);
-    if (j->hdrs)
-        rd_kafka_headers_destroy(j->hdrs);
-    hub_free(j);
+    job_free(j);
 }
 
 static kjob *job_new(kconn *c, const char *topic, const char *key, size_t klen, const char *msg,
@@ -524,6 +574,7 @@ static kjob *job_new(kconn *c, const char *topic, const char *key, size_t klen, 
     memcpy(j->payload, msg, len);
     j->payload[len] = '\0';
     j->len = len;
+    atomic_fetch_add(&c->jobs, 1); /* before anyone can see j: job_free undoes it */
     return j;
 }
 
@@ -540,36 +591,76 @@ static void *reaper_main(void *arg)
     return NULL;
 }
 
+/* c->out gets km before librdkafka does: a worker's message can be delivered, and its report
+ * served on the loop, before the worker's rd_kafka_producev returns. */
+static void out_insert(kconn *c, kmsg *km)
+{
+    pthread_mutex_lock(&c->out_mu);
+    km->next = &c->out;
+    km->prev = c->out.prev;
+    c->out.prev->next = km;
+    c->out.prev = km;
+    atomic_fetch_add(&c->nout, 1);
+    pthread_mutex_unlock(&c->out_mu);
+}
+
+static void out_remove(kconn *c, kmsg *km)
+{
+    pthread_mutex_lock(&c->out_mu);
+    km->prev->next = km->next;
+    km->next->prev = km->prev;
+    atomic_fetch_sub(&c->nout, 1);
+    pthread_mutex_unlock(&c->out_mu);
+}
+
 /* Fail what librdkafka holds for c (its reports will never be served), then let the producer
- * go: its queue detached here, the handle destroyed by a thread of its own (joined at stop). */
+ * go: its queue detached here, the handle destroyed by a thread of its own (joined at stop).
+ * Loop thread. Once rk_lock is ours for writing no worker is inside librdkafka on rk, and with
+ * rk cleared none will be: what c->out holds then is all rk will ever have had of ours. */
 static void prod_drop(kconn *c, const char *why)
 {
     kafka_state *ks = c->ks;
-    size_t n = 0;
-    for (size_t bound = c->nout; bound > 0 && c->out.next != &c->out; bound--, n++) {
-        kmsg *m = c->out.next;
-        m->prev->next = m->next;
-        m->next->prev = m->prev;
-        c->nout--;
+    kmsg lost;
+    size_t n;
+    pthread_rwlock_wrlock(&c->rk_lock);
+    rd_kafka_t *rk = c->rk;
+    rd_kafka_queue_t *q = c->q;
+    c->rk = NULL;
+    c->q = NULL;
+    pthread_mutex_lock(&c->out_mu);
+    n = atomic_exchange(&c->nout, 0);
+    if (n) { /* the ring moves to lost, head and all */
+        lost.next = c->out.next;
+        lost.prev = c->out.prev;
+        lost.next->prev = lost.prev->next = &lost;
+    } else {
+        lost.next = lost.prev = &lost;
+    }
+    c->out.next = c->out.prev = &c->out;
+    pthread_mutex_unlock(&c->out_mu);
+    pthread_rwlock_unlock(&c->rk_lock);
+    /* reported outside the locks: no worker waits on the loop's reports */
+    for (size_t bound = n; bound > 0 && lost.next != &lost; bound--) {
+        kmsg *m = lost.next;
+        lost.next = m->next;
         report(c, m->token, m->d, m->call, 0, why, m->topic, -1, -1, m->key, m->klen, m->msg,
                m->len);
         hub_free(m);
     }
     if (n)
         hub_log(HUB_LOG_WARN, "kafka: %s: %zu message(s) reported failed: %s", c->name, n, why);
-    if (!c->rk)
+    if (!rk)
         return;
     ev_io_stop(ks->loop, &c->io);
     ev_timer_stop(ks->loop, &c->backstop);
-    rd_kafka_queue_io_event_enable(c->q, -1, NULL, 0);
-    rd_kafka_queue_destroy(c->q); /* before rd_kafka_destroy, or it blocks */
-    c->q = NULL;
+    rd_kafka_queue_io_event_enable(q, -1, NULL, 0);
+    rd_kafka_queue_destroy(q); /* before rd_kafka_destroy, or it blocks */
     close(c->pipe_r);
     close(c->pipe_w);
     c->pipe_r = c->pipe_w = -1;
     reaper *r = hub_calloc(1, sizeof(*r));
     if (r) {
-        r->rk = c->rk;
+        r->rk = rk;
         if (pthread_create(&r->thread, NULL, reaper_main, r) == 0) {
             r->next = ks->reapers;
             ks->reapers = r;
@@ -577,12 +668,11 @@ static void prod_drop(kconn *c, const char *why)
         }
     }
     if (r) { /* no thread: destroyed here, the loop waits this once */
-        rd_kafka_destroy(c->rk);
+        rd_kafka_destroy(rk);
         hub_free(r);
     }
-    c->rk = NULL;
     c->state = K_IDLE;
-    c->fatal = 0;
+    atomic_store(&c->fatal, 0); /* before a new rk is published (under rk_lock) */
 }
 
 static void dr_cb(rd_kafka_t *rk, const rd_kafka_message_t *m, void *opaque)
@@ -592,9 +682,7 @@ static void dr_cb(rd_kafka_t *rk, const rd_kafka_message_t *m, void *opaque)
     (void)rk;
     if (!km)
         return;
-    km->prev->next = km->next;
-    km->next->prev = km->prev;
-    c->nout--;
+    out_remove(c, km);
     int ok = m->err == RD_KAFKA_RESP_ERR_NO_ERROR;
     if (ok && c->state != K_FAILED)
         c->state = K_UP;
@@ -618,7 +706,7 @@ static void error_cb(rd_kafka_t *rk, int err, const char *reason, void *opaque)
         snprintf(c->last_error, sizeof(c->last_error), "fatal: %.240s", why);
         hub_log(HUB_LOG_ERR, "kafka: %s: fatal error: %s; the producer is made anew", c->name, why);
         atomic_fetch_add(&c->fatals, 1);
-        c->fatal = 1;
+        atomic_store(&c->fatal, 1); /* workers' messages take the loop's path from now on */
         c->state = K_FAILED;
         return;
     }
@@ -681,7 +769,7 @@ static int prod_start(kconn *c, char *err, size_t errlen)
 {
     kafka_state *ks = c->ks;
     char why[512];
-    if (c->rk && c->fatal)
+    if (c->rk && atomic_load(&c->fatal))
         prod_drop(c, c->last_error); /* librdkafka said: make a new instance */
     if (c->rk)
         return 0;
@@ -712,11 +800,14 @@ static int prod_start(kconn *c, char *err, size_t errlen)
         return -errno;
     }
     rd_kafka_set_log_queue(rk, NULL); /* logs come through the main queue: the loop */
-    c->rk = rk;
+    rd_kafka_queue_t *q = rd_kafka_queue_get_main(rk);
     c->pipe_r = fds[0];
     c->pipe_w = fds[1];
-    c->q = rd_kafka_queue_get_main(rk);
-    rd_kafka_queue_io_event_enable(c->q, c->pipe_w, "1", 1);
+    rd_kafka_queue_io_event_enable(q, c->pipe_w, "1", 1);
+    pthread_rwlock_wrlock(&c->rk_lock); /* published: workers may produce on it from here */
+    c->rk = rk;
+    c->q = q;
+    pthread_rwlock_unlock(&c->rk_lock);
     ev_io_init(&c->io, io_cb, c->pipe_r, EV_READ);
     c->io.data = c;
     ev_io_start(ks->loop, &c->io);
@@ -733,7 +824,7 @@ static void serve(kconn *c)
     rd_kafka_poll(c->rk, 0); /* every report, error, log and statistics queued */
     /* A fatal error: librdkafka purges what it holds, each with its report; once they are
      * all in, the producer goes (or at the next publish, which fails what is left). */
-    if (c->fatal && c->nout == 0)
+    if (atomic_load(&c->fatal) && atomic_load(&c->nout) == 0)
         prod_drop(c, c->last_error);
 }
 
@@ -757,8 +848,9 @@ static void backstop_cb(struct ev_loop *loop, ev_timer *w, int revents)
 
 /* ---- producing ---- */
 
-/* Hand one message to librdkafka. 0, or librdkafka's error (then nothing was taken: hdrs and
- * everything else stay the caller's). */
+/* Hand one message to librdkafka: the loop thread, or a worker holding rk_lock for reading
+ * with c->rk set. 0, or librdkafka's error (then nothing was taken: hdrs and everything else
+ * stay the caller's). */
 static rd_kafka_resp_err_t try_produce(kconn *c, const char *topic, int32_t partition,
                                        const char *key, size_t klen, const char *msg, size_t len,
                                        rd_kafka_headers_t *hdrs, uint64_t token, tr_delivery *d,
@@ -786,6 +878,7 @@ static rd_kafka_resp_err_t try_produce(kconn *c, const char *topic, int32_t part
             km->klen = klen;
         }
     }
+    out_insert(c, km);
     rd_kafka_resp_err_t e;
     if (hdrs)
         e = rd_kafka_producev(c->rk, RD_KAFKA_V_TOPIC(topic), RD_KAFKA_V_PARTITION(partition),
@@ -798,16 +891,27 @@ static rd_kafka_resp_err_t try_produce(kconn *c, const char *topic, int32_t part
                               RD_KAFKA_V_VALUE((void *)msg, len), RD_KAFKA_V_KEY(key, klen),
                               RD_KAFKA_V_OPAQUE(km), RD_KAFKA_V_END);
     if (e) {
+        out_remove(c, km); /* never librdkafka's: no report can have taken it */
         hub_free(km);
         return e;
     }
-    /* km now librdkafka's opaque until its report */
-    km->next = &c->out;
-    km->prev = c->out.prev;
-    c->out.prev->next = km;
-    c->out.prev = km;
-    c->nout++;
+    /* km now librdkafka's opaque until its report: not to be touched here any more */
     return RD_KAFKA_RESP_ERR_NO_ERROR;
+}
+
+/* librdkafka's refusal as the script sees it: <0 with err set. */
+static int produce_refused(rd_kafka_resp_err_t e, char *err, size_t errlen)
+{
+    snprintf(err, errlen, "%s", rd_kafka_err2str(e));
+    return e == RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE ? -EMSGSIZE : -EINVAL;
+}
+
+/* QUEUE_FULL met, counted once per message however many times it is met. */
+static void count_qfull(kconn *c, kjob *j)
+{
+    if (!j->qfull_counted)
+        atomic_fetch_add(&c->qfull, 1);
+    j->qfull_counted = 1;
 }
 
 static void rq_push(kconn *c, kjob *j)
@@ -820,7 +924,7 @@ static void rq_push(kconn *c, kjob *j)
         c->rq_head = j;
     c->rq_tail = j;
     c->rq_n++;
-    atomic_fetch_add(&c->qfull, 1);
+    count_qfull(c, j);
     if (!ev_is_active(&c->retry)) {
         ev_timer_init(&c->retry, retry_cb, c->interval_ms / 1000.0, c->interval_ms / 1000.0);
         c->retry.data = c;
@@ -859,14 +963,14 @@ static int job_try(kconn *c, kjob *j)
         return -1;
     }
     j->hdrs = NULL; /* librdkafka's now */
-    hub_free(j);
+    job_free(j);    /* after librdkafka took it: what was held back may follow */
     return 0;
 }
 
 static void job_wait(kconn *c, kjob *j)
 {
     if (c->retries == 0) {
-        atomic_fetch_add(&c->qfull, 1);
+        count_qfull(c, j);
         job_fail(j, "queue full (queue.buffering.max.messages or .kbytes reached)");
         return;
     }
@@ -940,10 +1044,8 @@ static int produce_now(kconn *c, const char *topic, int32_t partition, const cha
             atomic_fetch_add(&c->produced, 1);
             return 0;
         }
-        if (e != RD_KAFKA_RESP_ERR__QUEUE_FULL) {
-            snprintf(err, errlen, "%s", rd_kafka_err2str(e));
-            return e == RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE ? -EMSGSIZE : -EINVAL;
-        }
+        if (e != RD_KAFKA_RESP_ERR__QUEUE_FULL)
+            return produce_refused(e, err, errlen);
     }
     kjob *j = job_new(c, topic, key, klen, msg, len);
     if (!j) {
@@ -1090,7 +1192,43 @@ static void job_post_cb(hub *h, void *arg)
     job_submit(j->c, j);
 }
 
-/* Accept a checked publish: on the loop, produce; on a worker, hand a copy to the loop. */
+/* A worker's publish straight to librdkafka, when it cannot overtake anything of its state:
+ * the worker's earlier messages of c that took the loop's path are jobs until librdkafka has
+ * them (or they failed), so with jobs at 0 each of them is in librdkafka's queue before this
+ * one is (job_free drops jobs only after rd_kafka_producev returned), and while any is alive
+ * this one is posted behind them, in the mailbox's per-thread order. 0 accepted, 1 not taken
+ * (the caller posts it: no producer yet, a fatal error), 2 not taken for QUEUE_FULL, or <0
+ * refused by librdkafka with call->err set, as on the loop. */
+static int produce_fast(kconn *c, pub_args *a, hub_call *call)
+{
+    if (atomic_load(&c->jobs) || atomic_load(&c->ks->stopped) || atomic_load(&c->fatal))
+        return 1;
+    pthread_rwlock_rdlock(&c->rk_lock); /* rk stays until the unlock (prod_drop writes) */
+    if (!c->rk) {
+        pthread_rwlock_unlock(&c->rk_lock);
+        return 1; /* the loop makes it */
+    }
+    /* counted before its report can be served: delivered + failed never pass produced */
+    atomic_fetch_add(&c->produced, 1);
+    rd_kafka_resp_err_t e = try_produce(c, a->topic, a->partition, a->key, a->klen, a->msg, a->len,
+                                        a->hdrs, call->token, NULL, NULL);
+    pthread_rwlock_unlock(&c->rk_lock);
+    if (!e) {
+        a->hdrs = NULL; /* librdkafka's now */
+        return 0;
+    }
+    atomic_fetch_sub(&c->produced, 1);
+    /* Full, or the producer failed for good (the loop makes a new one): the loop's path, where
+     * the script's true stands and the message is retried or reported. */
+    if (e == RD_KAFKA_RESP_ERR__QUEUE_FULL)
+        return 2;
+    if (e == RD_KAFKA_RESP_ERR__FATAL)
+        return 1;
+    return produce_refused(e, call->err, sizeof(call->err));
+}
+
+/* Accept a checked publish: on the loop, produce; on a worker, produce there when it may
+ * (produce_fast), or hand a copy to the loop. */
 static int do_publish(kafka_state *ks, pub_args *a, hub_call *call)
 {
     kconn *c = a->c;
@@ -1104,17 +1242,25 @@ static int do_publish(kafka_state *ks, pub_args *a, hub_call *call)
         a->hdrs = NULL; /* the message's now */
         return 0;
     }
+    int rc = produce_fast(c, a, call);
+    if (rc <= 0) {
+        if (rc < 0)
+            atomic_fetch_add(&c->refused, 1);
+        return rc;
+    }
     kjob *j = job_new(c, a->topic, a->key, a->klen, a->msg, a->len);
     if (!j)
         return arg_fail(call, -ENOMEM, "out of memory");
     j->partition = a->partition;
     j->hdrs = a->hdrs;
     j->token = call->token;
+    if (rc == 2)
+        count_qfull(c, j);
     atomic_fetch_add(&c->produced, 1); /* counted before the loop can end it */
     if (hub_loop_post(ks->h, job_post_cb, j) < 0) {
         atomic_fetch_sub(&c->produced, 1);
-        j->hdrs = NULL;
-        hub_free(j);
+        j->hdrs = NULL; /* still the caller's */
+        job_free(j);
         return arg_fail(call, -ENOMEM, "out of memory");
     }
     a->hdrs = NULL;
@@ -1631,7 +1777,7 @@ static size_t kafka_drain(void *state)
     for (size_t i = 0; i < ks->nconns; i++)
         n += (size_t)in_flight(ks->conns[i]);
     for (kconn *c = ks->socks; c; c = c->next)
-        n += c->nout + c->rq_n;
+        n += atomic_load(&c->nout) + c->rq_n;
     return n;
 }
 
