@@ -6,7 +6,9 @@ order), KSR.kafka.send/send_key, kafka: subscribers (the JSON-RPC body), bad pro
 and ids at start-up and at run time, the broker killed mid-stream (every message delivered or
 reported -1, counts exact, clients still relayed), QUEUE_FULL (retried from a timer; failed and
 counted when still full), SIGTERM with messages in flight, a reload with reports pending,
-evhubctl kafka status/connection/send, workers 0 and 2."""
+evhubctl kafka status/connection/send, workers 0 and 2; with workers 2 (publishes made on the
+workers themselves) each state's order and exact counts while QUEUE_FULL comes and goes and
+while fatal errors drop and remake the producer."""
 
 import json
 import os
@@ -19,7 +21,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from evhub_harness import (BIN, TIMEOUT, Hub, Suite, TestFailure, check, check_eq,  # noqa: E402
-                           pump, run_once, wait_for, wait_frames)
+                           pump, run_once, scaled, wait_for, wait_frames)
 
 suite = Suite("kafka")
 
@@ -93,9 +95,19 @@ SCRIPT = r'''
 local function rep(conn)
     return function(r) conn:send("report " .. json.encode(r)) end
 end
+-- this state's name (a table's address, the table kept by the handler) and publish count
+local anchor, seqno = {}, 0
 evapi.on("message", function(conn, msg)
     local cmd, rest = msg:match("^(%a+):?(.*)$")
-    if cmd == "pub" then                     -- pub:ID|MSG[|KEY]
+    if cmd == "seq" then                     -- seq:ID N: N publishes keyed STATE:SEQ
+        local id, n = rest:match("^(%S+) (%d+)$")
+        local sid, oks = tostring(anchor):match("0x(%x+)"), 0
+        for _ = 1, tonumber(n) do
+            seqno = seqno + 1
+            if kafka.publish(id, "s", sid .. ":" .. seqno, rep(conn)) then oks = oks + 1 end
+        end
+        conn:send("seq " .. oks)
+    elseif cmd == "pub" then                 -- pub:ID|MSG[|KEY]
         local id, m, k = rest:match("^([^|]*)|([^|]*)|?(.*)$")
         if k == "" then k = nil end
         local ok, err, code = kafka.publish(id, m, k, rep(conn))
@@ -391,14 +403,14 @@ suite.case_with("broker_killed_mid_stream_workers0", outage_case, 0)
 suite.case_with("broker_killed_mid_stream_workers2", outage_case, 2)
 
 
-@suite.case
-def queue_full_retried_then_delivered():
+def queue_full_retried_case(workers):
     m = Mock("ev")
     try:
-        conf = ("[kafka]\nqueue_full_retries = 200\nqueue_full_interval = 5\n"
+        # retries for 10 s: a loaded machine's broker round trips must not fail the last ones
+        conf = ("[kafka]\nqueue_full_retries = 2000\nqueue_full_interval = 5\n"
                 "broker = [k1]%s/ev?g.queue.buffering.max.messages=1&g.linger.ms=0\n" %
                 m.bootstrap)
-        h = hub_with(conf)
+        h = hub_with(conf, workers)
         c = h.client()
         check_eq(ask(c, b"many:k1 30"), b"many 30", "accepted")
         got = reports(c, 30)
@@ -413,12 +425,15 @@ def queue_full_retried_then_delivered():
         stop_mocks()
 
 
-@suite.case
-def queue_full_still_full_fails_and_counts():
+suite.case_with("queue_full_retried_then_delivered_workers0", queue_full_retried_case, 0)
+suite.case_with("queue_full_retried_then_delivered_workers2", queue_full_retried_case, 2)
+
+
+def queue_full_still_full_case(workers):
     conf = ("[kafka]\nqueue_full_retries = 3\nqueue_full_interval = 20\n"
             "broker = [k1]%s/ev?g.queue.buffering.max.messages=2&t.message.timeout.ms=1500\n" %
             dead_port())
-    h = hub_with(conf)
+    h = hub_with(conf, workers)
     c, other = h.client(), h.client()
     check_eq(ask(c, b"many:k1 10"), b"many 10", "accepted")
     c.send(b"relay:still here")
@@ -434,10 +449,13 @@ def queue_full_still_full_fails_and_counts():
     h.stop()
 
 
-@suite.case
-def sigterm_with_messages_in_flight():
+suite.case_with("queue_full_still_full_fails_and_counts_workers0", queue_full_still_full_case, 0)
+suite.case_with("queue_full_still_full_fails_and_counts_workers2", queue_full_still_full_case, 2)
+
+
+def sigterm_case(workers):
     conf = ("[kafka]\nbroker = [k1]%s/ev?t.message.timeout.ms=60000\n" % dead_port())
-    h = hub_with(conf, evapi={"shutdown_timeout": "600"})
+    h = hub_with(conf, workers, evapi={"shutdown_timeout": "600"})
     c = h.client()
     check_eq(ask(c, b"many:k1 5"), b"many 5", "accepted")
     t0 = time.monotonic()
@@ -447,10 +465,13 @@ def sigterm_with_messages_in_flight():
                "delivered")
 
 
-@suite.case
-def reload_with_reports_pending():
+suite.case_with("sigterm_with_messages_in_flight_workers0", sigterm_case, 0)
+suite.case_with("sigterm_with_messages_in_flight_workers2", sigterm_case, 2)
+
+
+def reload_case(workers):
     conf = ("[kafka]\nbroker = [k1]%s/ev?t.message.timeout.ms=1000\n" % dead_port())
-    h = hub_with(conf)
+    h = hub_with(conf, workers)
     c = h.client()
     check_eq(ask(c, b"many:k1 3"), b"many 3", "accepted")
     h.ctl_json("reload")
@@ -459,6 +480,75 @@ def reload_with_reports_pending():
     check_eq((s["produced"], s["delivered"], s["in_flight"]), (3, 0, 0), "counters")
     check_eq(h.ctl_json("stats")["completions_undelivered"], 3, "reports of the old script")
     h.stop()
+
+
+suite.case_with("reload_with_reports_pending_workers0", reload_case, 0)
+suite.case_with("reload_with_reports_pending_workers2", reload_case, 2)
+
+
+def order_case(workers, fatals):
+    """Many clients publish at once into a queue of 4 messages, so QUEUE_FULL comes and goes
+    (and, with fatals, the first producers die of a fatal error one after the other): every
+    message ends once, the counters agree, and each state's records are in the order it
+    published them (the key is STATE:SEQ, the topic has one partition)."""
+    m = Mock("ord")
+    try:
+        idem = "&g.enable.idempotence=true" if fatals else ""
+        conf = ("[kafka]\nqueue_full_retries = 100000\nqueue_full_interval = 1\n"
+                "broker = [k1]%s/ord?g.queue.buffering.max.messages=4&g.linger.ms=0%s\n" %
+                (m.bootstrap, idem))
+        if fatals:
+            m.cmd("err 22 31 %d" % fatals)  # InitProducerId refused: each producer dies
+        h = hub_with(conf, workers)
+        rounds, each, clients = scaled(15, 5), 20, [h.client() for _ in range(8)]
+        per = rounds * each
+        n = per * len(clients)
+
+        def answers(c):
+            return [f for f in c.frames if not f.startswith(b"report ")]
+        # in rounds, so that publishes keep coming while the retry list fills and empties
+        for i in range(rounds):
+            for c in clients:
+                c.send(b"seq:k1 %d" % each)
+            pump(clients, lambda: all(len(answers(c)) == i + 1 for c in clients), None,
+                 "round %d" % i)
+
+        def reports_in(c):
+            return sum(f.startswith(b"report ") for f in c.frames)
+        pump(clients, lambda: all(reports_in(c) == per for c in clients), TIMEOUT * 2,
+             "%d reports" % n)
+        got = []
+        for c in clients:
+            check_eq(answers(c), [b"seq %d" % each] * rounds, "every publish accepted")
+            got += [json.loads(f[7:]) for f in c.frames if f.startswith(b"report ")]
+        check_eq(len(set(r["key"] for r in got)), n, "one report a message")
+        ok = [r for r in got if r["status"] == 0]
+        check(all(r["status"] == -1 and r["error"] for r in got if r["status"] != 0),
+              "failures reported with their error")
+        s = status_of(h, "k1")
+        check_eq((s["produced"], s["delivered"], s["failed"], s["in_flight"]),
+                 (n, len(ok), n - len(ok), 0), "produced = delivered + failed")
+        st = h.ctl_json("stats")
+        check(st["kafka_queue_full"]["k1"] > 0, "QUEUE_FULL was met: %r" % st["kafka_queue_full"])
+        if fatals:
+            check_eq(st["kafka_fatal"]["k1"], fatals, "fatal errors")
+            h.wait_log("kafka: k1: producer made", count=fatals + 1)
+        recs = consume(m.bootstrap, "ord", len(ok))
+        last = {}
+        for r in recs:
+            sid, seq = r["key"].split(":")
+            check(int(seq) > last.get(sid, 0), "state %s: %s after %d" % (sid, seq, last.get(sid, 0)))
+            last[sid] = int(seq)
+        check_eq(len(last), 2 if workers == 2 else 1, "states that published")
+        check_eq(sorted(r["key"] for r in recs), sorted(r["key"] for r in ok), "records")
+        h.stop()
+    finally:
+        stop_mocks()
+
+
+suite.case_with("order_kept_through_queue_full_workers0", order_case, 0, 0)
+suite.case_with("order_kept_through_queue_full_workers2", order_case, 2, 0)
+suite.case_with("order_kept_through_fatal_errors_workers2", order_case, 2, 3)
 
 
 @suite.case
@@ -515,15 +605,14 @@ def outage_shorter_than_the_timeout_is_buffered():
         stop_mocks()
 
 
-@suite.case
-def fatal_error_counted_and_producer_made_anew():
+def fatal_case(workers):
     m = Mock("ev")
     try:
         # an idempotent producer refused its producer id: librdkafka's fatal error
         m.cmd("err 22 31 1")  # InitProducerId -> CLUSTER_AUTHORIZATION_FAILED, once
         conf = "[kafka]\nbroker = [k1]%s/ev?g.enable.idempotence=true&g.linger.ms=1\n" % \
             m.bootstrap
-        h = hub_with(conf)
+        h = hub_with(conf, workers)
         c = h.client()
         check_eq(ask(c, b"pub:k1|first"), b"pub true nil nil", "publish")
         r = reports(c, 1)[0]
@@ -539,6 +628,10 @@ def fatal_error_counted_and_producer_made_anew():
         h.stop()
     finally:
         stop_mocks()
+
+
+suite.case_with("fatal_error_counted_and_producer_made_anew_workers0", fatal_case, 0)
+suite.case_with("fatal_error_counted_and_producer_made_anew_workers2", fatal_case, 2)
 
 
 if __name__ == "__main__":
