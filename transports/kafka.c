@@ -899,6 +899,29 @@ static rd_kafka_resp_err_t try_produce(kconn *c, const char *topic, int32_t part
     return RD_KAFKA_RESP_ERR_NO_ERROR;
 }
 
+/* try_produce on the loop thread, the producer made first. A producer whose fatal error is
+ * queued but not yet served refuses with __FATAL: served now (error_cb marks it), it is dropped
+ * and made anew, once, and the message goes to the new one, as it would have had the report
+ * come a moment earlier. 0 with *e librdkafka's answer, or <0 with err set (no producer). */
+static int loop_produce(kconn *c, const char *topic, int32_t partition, const char *key,
+                        size_t klen, const char *msg, size_t len, rd_kafka_headers_t *hdrs,
+                        uint64_t token, tr_delivery *d, hub_ctl_call *call, rd_kafka_resp_err_t *e,
+                        char *err, size_t errlen)
+{
+    for (int attempt = 0; attempt < 2; attempt++) {
+        int rc = prod_start(c, err, errlen);
+        if (rc < 0)
+            return rc;
+        *e = try_produce(c, topic, partition, key, klen, msg, len, hdrs, token, d, call);
+        if (*e != RD_KAFKA_RESP_ERR__FATAL || attempt > 0)
+            return 0;
+        serve(c); /* may drop the producer already (nothing left in flight) */
+        if (c->rk && !atomic_load(&c->fatal))
+            return 0; /* not (yet) known as fatal: refused as it is */
+    }
+    return 0;
+}
+
 /* librdkafka's refusal as the script sees it: <0 with err set. */
 static int produce_refused(rd_kafka_resp_err_t e, char *err, size_t errlen)
 {
@@ -949,13 +972,12 @@ static kjob *rq_pop(kconn *c)
 static int job_try(kconn *c, kjob *j)
 {
     char why[512];
-    if (prod_start(c, why, sizeof(why)) < 0) {
+    rd_kafka_resp_err_t e;
+    if (loop_produce(c, j->topic, j->partition, j->has_key ? j->key : NULL, j->key_len, j->payload,
+                     j->len, j->hdrs, j->token, j->d, j->call, &e, why, sizeof(why)) < 0) {
         job_fail(j, why);
         return -1;
     }
-    rd_kafka_resp_err_t e =
-        try_produce(c, j->topic, j->partition, j->has_key ? j->key : NULL, j->key_len, j->payload,
-                    j->len, j->hdrs, j->token, j->d, j->call);
     if (e == RD_KAFKA_RESP_ERR__QUEUE_FULL)
         return 1;
     if (e) {
@@ -1035,11 +1057,11 @@ static int produce_now(kconn *c, const char *topic, int32_t partition, const cha
                        tr_delivery *d, hub_ctl_call *call, char *err, size_t errlen)
 {
     if (!c->rq_n) {
-        int rc = prod_start(c, err, errlen);
+        rd_kafka_resp_err_t e;
+        int rc = loop_produce(c, topic, partition, key, klen, msg, len, hdrs, token, d, call, &e,
+                              err, errlen);
         if (rc < 0)
             return rc;
-        rd_kafka_resp_err_t e =
-            try_produce(c, topic, partition, key, klen, msg, len, hdrs, token, d, call);
         if (!e) {
             atomic_fetch_add(&c->produced, 1);
             return 0;
