@@ -307,9 +307,10 @@ void hub__event_run(hub *h, hub_script *s, int type, uint64_t id, const void *da
         break;
     }
     case HUB_EV_RESULT: {
-        /* data is one hub_result, copied into the worker's item (8-byte aligned) */
-        if (!s || !h->ops->on_results || h->ops->on_results(s, data, len) > 0)
-            hub__complete_undelivered(h, id, "its state is gone");
+        /* data is a run of id hub_result records, copied into the worker's item (8-byte
+         * aligned) */
+        size_t unknown = s && h->ops->on_results ? h->ops->on_results(s, data, len) : id;
+        hub__results_undelivered(h, unknown, "their state is gone");
         break;
     }
     }

@@ -360,7 +360,8 @@ enum {
     HUB_EV_EOF,      /* the peer of id half-closed: answer once its events before it ran */
     HUB_EV_REQUEST,  /* a module's request for the request route: data is a hub_req * (owned) */
     HUB_EV_REMOTE,   /* from another hub: data is a hub_origin, then the message */
-    HUB_EV_RESULT    /* a typed result (hub_result) for the worker's state: id is the token */
+    HUB_EV_RESULT    /* typed results (hub_result records back to back) for the worker's
+                      * state, one run of a batch: id is how many */
 };
 
 /* Executors (dispatch.c): the loop's own state (exec -1, workers = 0) and each worker run the
@@ -470,6 +471,8 @@ size_t hub__modules_stats(hub *h, hub_stat *out, size_t cap);
 uint64_t hub__token_new(hub *h, int worker);
 /* Count (and log at debug) a completion that found no state to run in. Any thread. */
 void hub__complete_undelivered(hub *h, uint64_t token, const char *why);
+/* n results of a run not delivered (their tokens are not logged one by one). */
+void hub__results_undelivered(hub *h, uint64_t n, const char *why);
 /* The spare result batches, at exit (after the mailbox's last run). */
 void hub__results_free(hub *h);
 /* Any thread: 0 when event may be raised (a valid name, an events module built in), else

@@ -217,6 +217,14 @@ void hub__complete_undelivered(hub *h, uint64_t token, const char *why)
     hub_log(HUB_LOG_DEBUG, "completion %llx not delivered: %s", (unsigned long long)token, why);
 }
 
+void hub__results_undelivered(hub *h, uint64_t n, const char *why)
+{
+    if (!n)
+        return;
+    atomic_fetch_add(&h->completions_undelivered, n);
+    hub_log(HUB_LOG_DEBUG, "%llu result(s) not delivered: %s", (unsigned long long)n, why);
+}
+
 static int token_exec(uint64_t token) { return (int)(token >> TOKEN_EXEC_SHIFT) - 1; }
 
 /* Loop thread: run the completion in the loop's state, or queue it to its worker. */
@@ -334,34 +342,51 @@ static void run_loop_results(hub *h, const char *buf, size_t len)
     }
 }
 
+/* A run of a batch's records for one executor: the loop's state runs it at once, a worker
+ * gets it as one event (one protected call there too). */
+static void run_flush(hub *h, int exec, const char *buf, size_t len, uint64_t n)
+{
+    if (!len)
+        return;
+    if (exec < 0)
+        run_loop_results(h, buf, len);
+    else if (exec >= h->nworkers || h->workers_stopped)
+        hub__results_undelivered(h, n, "its worker has stopped");
+    else if (hub__exec_post(h, exec, HUB_EV_RESULT, n, buf, len) < 0)
+        hub__results_undelivered(h, n, "out of memory");
+}
+
 static void run_batch(hub *h, hub_post *p)
 {
     hub_rbatch *b = (hub_rbatch *)p;
     if (h->rb_open == b)
         h->rb_open = NULL; /* what completes while it runs goes to a new batch */
+    /* consecutive typed records for the same executor go together, in order */
     size_t run = 0, runlen = 0;
+    uint64_t n = 0;
+    int run_exec = -1;
     for (size_t off = 0; off < b->len;) {
         hub_result *r = (hub_result *)(b->buf + off);
         int exec = token_exec(r->token);
-        if (exec < 0 && !(r->flags & HUB_RESULT_JSON)) {
-            if (!runlen)
+        if (!(r->flags & HUB_RESULT_JSON) && (!runlen || exec == run_exec)) {
+            if (!runlen) {
                 run = off;
+                run_exec = exec;
+            }
             runlen += r->size;
+            n++;
             off += r->size;
             continue;
         }
-        run_loop_results(h, b->buf + run, runlen);
+        run_flush(h, run_exec, b->buf + run, runlen, n);
         runlen = 0;
+        n = 0;
         if (r->flags & HUB_RESULT_JSON) {
             deliver(h, r->token, r->json);
-        } else if (exec >= h->nworkers || h->workers_stopped) {
-            hub__complete_undelivered(h, r->token, "its worker has stopped");
-        } else if (hub__exec_post(h, exec, HUB_EV_RESULT, r->token, r, r->size) < 0) {
-            hub__complete_undelivered(h, r->token, "out of memory");
-        }
-        off += r->size;
+            off += r->size;
+        } /* else: a typed record for another executor starts the next run */
     }
-    run_loop_results(h, b->buf + run, runlen);
+    run_flush(h, run_exec, b->buf + run, runlen, n);
     batch_recycle(h, b);
 }
 

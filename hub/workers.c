@@ -760,7 +760,7 @@ static void item_drop(hub *h, hub_item *it)
         return;
     }
     if (it->type == HUB_EV_RESULT) {
-        hub__complete_undelivered(h, it->id, "its worker stopped first");
+        hub__results_undelivered(h, it->id, "their worker stopped first");
         it->type = HUB_EV_STOP;
         return;
     }
