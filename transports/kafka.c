@@ -231,7 +231,7 @@ int tr_kafka_prop_set(rd_kafka_conf_t *conf, const char *name, const char *value
         r = rd_kafka_conf_set(conf, name + 2, value, why, sizeof(why));
     }
     if (r != RD_KAFKA_CONF_OK) {
-        snprintf(err, errlen, "%s = %s: %s", name, value, why);
+        snprintf(err, errlen, "%.100s = %.200s: %.200s", name, value, why);
         return -EINVAL;
     }
     return 0;

@@ -829,7 +829,7 @@ static void conn_drop(rmq_conn *c, const char *why)
     rmq_msg *m;
     size_t bound = c->unconf.n;
     char msg[224];
-    snprintf(msg, sizeof(msg), "connection lost before the broker confirmed it: %s", why);
+    snprintf(msg, sizeof(msg), "connection lost before the broker confirmed it: %.175s", why);
     atomic_store(&c->n_unconfirmed, 0);
     while (bound-- > 0 && (m = list_pop(&c->unconf))) {
         if (m->returned) {
