@@ -291,8 +291,8 @@ def main():
               "plain %.2f us" % (med(cpus) * 1e6, med(pcpus) * 1e6))
         fl = med(floors)
         print("Lua floor (luafloor, the script's Lua work alone, median of 3): %.2f us per message;"
-              " plain + floor = %.2f us, hub over that: %.2f us; the hub at the plain producer's CPU"
-              " per message plus the floor could reach %.2f of it on a machine with no core to spare"
+              " plain + floor = %.2f us, hub over that: %.2f us; with no core to spare (the relay"
+              " going) a hub could reach at most plain / (plain + floor) = %.2f of the plain rate"
               % (fl * 1e6, (med(pcpus) + fl) * 1e6, (med(cpus) - med(pcpus) - fl) * 1e6,
                  med(pcpus) / (med(pcpus) + fl)))
         print("relay (multicast to 1 client): %.0f frames/s alone, %.0f frames/s while publishing"
