@@ -77,6 +77,7 @@ struct ctl_conn {
     int calls;        /* calls started and not yet answered */
     ctl_batch *batch; /* a batch under way */
     int pumping;      /* conn_pump is running (calls it makes re-enter it) */
+    ev_timer pump_w;  /* a pump asked for by a call that ended outside conn_pump */
 };
 
 struct hub_ctl {
@@ -96,6 +97,24 @@ struct hub_ctl {
 static void conn_close(ctl_conn *c);
 static void conn_unref(ctl_conn *c);
 static void conn_pump(ctl_conn *c);
+
+/* A call that ends outside conn_pump (a module's reply, often from inside a library's
+ * callback) never starts the connection's next request itself: that would run a command,
+ * and whatever it does, inside the module's callback. The next request starts from the loop,
+ * at its next iteration. */
+static void pump_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+    (void)loop, (void)revents;
+    conn_pump(w->data);
+}
+
+static void conn_pump_soon(ctl_conn *c)
+{
+    if (c->pumping || c->fd < 0 || ev_is_active(&c->pump_w))
+        return; /* a pump under way goes on by itself */
+    ev_timer_set(&c->pump_w, 0., 0.);
+    ev_timer_start(c->ctl->loop, &c->pump_w);
+}
 
 static void linger_cb(struct ev_loop *loop, ev_timer *w, int revents)
 {
@@ -196,7 +215,7 @@ static void conn_flush(ctl_conn *c)
     }
     c->out_off = c->out_len = 0;
     ev_io_stop(c->ctl->loop, &c->wio);
-    conn_pump(c); /* more requests may go now; it closes c if that was all */
+    conn_pump_soon(c); /* more requests may go now; it closes c if that was all */
 }
 
 /* Append pre, o's text (NULL: none) and post to c's answers and write what the socket takes.
@@ -317,7 +336,7 @@ static void call_finish(hub_ctl_call *call, const char *key, json_object *val)
     }
     json_object_put(call->id);
     hub_free(call);
-    conn_pump(c);
+    conn_pump_soon(c);
     conn_unref(c);
 }
 
@@ -672,6 +691,7 @@ static void conn_close(ctl_conn *c)
     ev_io_stop(c->ctl->loop, &c->rio);
     ev_io_stop(c->ctl->loop, &c->wio);
     ev_timer_stop(c->ctl->loop, &c->idle_w);
+    ev_timer_stop(c->ctl->loop, &c->pump_w);
     if (ev_is_active(&c->linger_w)) {
         ev_timer_stop(c->ctl->loop, &c->linger_w);
         c->ctl->nlinger--;
@@ -753,7 +773,8 @@ static void accept_conn(void *ud, int fd, const struct sockaddr *sa, socklen_t s
     ev_io_init(&c->wio, conn_write_cb, fd, EV_WRITE);
     ev_init(&c->linger_w, linger_cb);
     ev_init(&c->idle_w, idle_cb);
-    c->rio.data = c->wio.data = c->linger_w.data = c->idle_w.data = c;
+    ev_init(&c->pump_w, pump_cb);
+    c->rio.data = c->wio.data = c->linger_w.data = c->idle_w.data = c->pump_w.data = c;
     c->active = ev_now(ctl->loop);
     c->idle_w.repeat = HUB_CTL_IDLE_TIMEOUT;
     ev_timer_again(ctl->loop, &c->idle_w);
