@@ -345,6 +345,7 @@ struct kconn {
     size_t rq_n;
     unsigned ticks;
     int state;
+    int serving;      /* rd_kafka_poll is running on the loop: no drop, no nested poll */
     atomic_int fatal; /* librdkafka's fatal error: the producer is to be made anew */
     int locks;        /* rk_lock and out_mu made (conn_free destroys them) */
     char last_error[256];
@@ -639,7 +640,32 @@ static void prod_drop(kconn *c, const char *why)
     c->out.next = c->out.prev = &c->out;
     pthread_mutex_unlock(&c->out_mu);
     pthread_rwlock_unlock(&c->rk_lock);
-    /* reported outside the locks: no worker waits on the loop's reports */
+    if (rk) { /* the producer goes first: a report below may start another (prod_start) */
+        ev_io_stop(ks->loop, &c->io);
+        ev_timer_stop(ks->loop, &c->backstop);
+        rd_kafka_queue_io_event_enable(q, -1, NULL, 0);
+        rd_kafka_queue_destroy(q); /* before rd_kafka_destroy, or it blocks */
+        close(c->pipe_r);
+        close(c->pipe_w);
+        c->pipe_r = c->pipe_w = -1;
+        reaper *r = hub_calloc(1, sizeof(*r));
+        if (r) {
+            r->rk = rk;
+            if (pthread_create(&r->thread, NULL, reaper_main, r) == 0) {
+                r->next = ks->reapers;
+                ks->reapers = r;
+                r = NULL;
+            }
+        }
+        if (r) { /* no thread: destroyed here, the loop waits this once */
+            rd_kafka_destroy(rk);
+            hub_free(r);
+        }
+        c->state = K_IDLE;
+        atomic_store(&c->fatal, 0); /* before a new rk is published (under rk_lock) */
+    }
+    /* reported outside the locks (no worker waits on the loop's reports) and once c is
+     * whole again */
     for (size_t bound = n; bound > 0 && lost.next != &lost; bound--) {
         kmsg *m = lost.next;
         lost.next = m->next;
@@ -649,30 +675,6 @@ static void prod_drop(kconn *c, const char *why)
     }
     if (n)
         hub_log(HUB_LOG_WARN, "kafka: %s: %zu message(s) reported failed: %s", c->name, n, why);
-    if (!rk)
-        return;
-    ev_io_stop(ks->loop, &c->io);
-    ev_timer_stop(ks->loop, &c->backstop);
-    rd_kafka_queue_io_event_enable(q, -1, NULL, 0);
-    rd_kafka_queue_destroy(q); /* before rd_kafka_destroy, or it blocks */
-    close(c->pipe_r);
-    close(c->pipe_w);
-    c->pipe_r = c->pipe_w = -1;
-    reaper *r = hub_calloc(1, sizeof(*r));
-    if (r) {
-        r->rk = rk;
-        if (pthread_create(&r->thread, NULL, reaper_main, r) == 0) {
-            r->next = ks->reapers;
-            ks->reapers = r;
-            r = NULL;
-        }
-    }
-    if (r) { /* no thread: destroyed here, the loop waits this once */
-        rd_kafka_destroy(rk);
-        hub_free(r);
-    }
-    c->state = K_IDLE;
-    atomic_store(&c->fatal, 0); /* before a new rk is published (under rk_lock) */
 }
 
 static void dr_cb(rd_kafka_t *rk, const rd_kafka_message_t *m, void *opaque)
@@ -769,7 +771,7 @@ static int prod_start(kconn *c, char *err, size_t errlen)
 {
     kafka_state *ks = c->ks;
     char why[512];
-    if (c->rk && atomic_load(&c->fatal))
+    if (c->rk && atomic_load(&c->fatal) && !c->serving)
         prod_drop(c, c->last_error); /* librdkafka said: make a new instance */
     if (c->rk)
         return 0;
@@ -819,9 +821,22 @@ static int prod_start(kconn *c, char *err, size_t errlen)
     return 0;
 }
 
+/* Every report, error, log and statistics queued, unless a poll is under way: then this is
+ * called from inside one of its callbacks, and the outer poll goes on. */
+static void poll_queue(kconn *c)
+{
+    if (c->serving || !c->rk)
+        return;
+    c->serving = 1;
+    rd_kafka_poll(c->rk, 0);
+    c->serving = 0;
+}
+
 static void serve(kconn *c)
 {
-    rd_kafka_poll(c->rk, 0); /* every report, error, log and statistics queued */
+    if (c->serving)
+        return; /* no drop inside a poll: its queue and handle are in use */
+    poll_queue(c);
     /* A fatal error: librdkafka purges what it holds, each with its report; once they are
      * all in, the producer goes (or at the next publish, which fails what is left). */
     if (atomic_load(&c->fatal) && atomic_load(&c->nout) == 0)
@@ -1019,8 +1034,7 @@ static void retry_cb(struct ev_loop *loop, ev_timer *w, int revents)
     kconn *c = w->data;
     (void)revents;
     c->ticks++;
-    if (c->rk)
-        rd_kafka_poll(c->rk, 0); /* what has been delivered frees room */
+    poll_queue(c); /* what has been delivered frees room */
     for (size_t bound = c->rq_n; bound > 0 && c->rq_head; bound--) {
         kjob *j = c->rq_head;
         c->rq_head = j->next; /* taken off while tried; put back at the head if still full */
@@ -1271,20 +1285,24 @@ static int do_publish(kafka_state *ks, pub_args *a, hub_call *call)
         return rc;
     }
     kjob *j = job_new(c, a->topic, a->key, a->klen, a->msg, a->len);
-    if (!j)
+    if (!j) {
+        atomic_fetch_add(&c->refused, 1);
         return arg_fail(call, -ENOMEM, "out of memory");
+    }
     j->partition = a->partition;
     j->hdrs = a->hdrs;
     j->token = call->token;
-    if (rc == 2)
-        count_qfull(c, j);
+    j->qfull_counted = rc == 2;        /* counted below once posted: j is the loop's from then on */
     atomic_fetch_add(&c->produced, 1); /* counted before the loop can end it */
     if (hub_loop_post(ks->h, job_post_cb, j) < 0) {
         atomic_fetch_sub(&c->produced, 1);
+        atomic_fetch_add(&c->refused, 1);
         j->hdrs = NULL; /* still the caller's */
         job_free(j);
         return arg_fail(call, -ENOMEM, "out of memory");
     }
+    if (rc == 2)
+        atomic_fetch_add(&c->qfull, 1);
     a->hdrs = NULL;
     return 0;
 }
