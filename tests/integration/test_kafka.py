@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -632,6 +633,56 @@ def fatal_case(workers):
 
 suite.case_with("fatal_error_counted_and_producer_made_anew_workers0", fatal_case, 0)
 suite.case_with("fatal_error_counted_and_producer_made_anew_workers2", fatal_case, 2)
+
+
+@suite.case
+def control_sends_pipelined_through_a_fatal_error():
+    """Two control connections each send 8 `kafka send` requests in one write while the
+    producer dies of a fatal error: a reply finished inside librdkafka's report callback used
+    to start the connection's next request right there, whose publish dropped the producer
+    inside the poll that was serving its reports (a use after free under ASan, the hub gone).
+    Every request is answered, the hub serves on, the counters add up."""
+    m = Mock("ev")
+    try:
+        m.cmd("err 22 31 1")  # InitProducerId -> CLUSTER_AUTHORIZATION_FAILED, once
+        conf = ("[kafka]\nbroker = [k1]%s/ev?g.enable.idempotence=true&g.linger.ms=50\n" %
+                m.bootstrap)
+        h = hub_with(conf, 0)
+        socks = []
+        for k in range(2):
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(h.ctl_path)
+            socks.append(s)
+        for k, s in enumerate(socks):
+            s.sendall(b"".join(json.dumps({
+                "jsonrpc": "2.0", "id": i, "method": "kafka",
+                "params": {"action": "send", "name": "k1", "topic": "ev",
+                           "message": "c%d-%d" % (k, i)}}).encode() + b"\n" for i in range(8)))
+        for k, s in enumerate(socks):
+            got, deadline = b"", time.monotonic() + 60
+            s.settimeout(1.0)
+            while got.count(b"\n") < 8 and time.monotonic() < deadline:
+                try:
+                    d = s.recv(65536)
+                except socket.timeout:
+                    continue
+                check(d, "connection %d closed after %d answers" % (k, got.count(b"\n")))
+                got += d
+            answers = [json.loads(x) for x in got.splitlines()]
+            check_eq(sorted(a["id"] for a in answers), list(range(8)), "connection %d answered" % k)
+            for a in answers:
+                check(("result" in a and a["result"]["status"] == "delivered") or
+                      ("error" in a and "not delivered" in a["error"]["message"]), a)
+            s.close()
+        check(h.proc.poll() is None, "the hub serves on")
+        st = h.ctl_json("stats")
+        produced, delivered, failed = (st["kafka_produced"]["k1"], st["kafka_delivered"]["k1"],
+                                       st["kafka_failed"]["k1"])
+        check_eq((produced, delivered + failed), (16, 16), "counters")
+        check_eq(st["kafka_fatal"]["k1"], 1, "one fatal error")
+        h.stop()
+    finally:
+        stop_mocks()
 
 
 if __name__ == "__main__":
