@@ -2205,6 +2205,46 @@ static void test_module_fn_typed_results(void **state)
     lua_ok(s, "assert(#REPORTS == 4 and REPORTS[4].more == nil)");
 }
 
+/* Field names become Lua strings once per state: past HLUA_KEYS_MAX names they are made
+ * each time, and two names with the same text at different addresses are the same key. */
+static void test_module_fn_result_field_names(void **state)
+{
+    fixture *f = *state;
+    fake_module m = {0};
+    hub_script_fn_ref refs[3];
+    hub_script *s = load_with_fns(f, &m, refs, 0, "");
+    enum { N = HLUA_KEYS_MAX + 8 };
+    static char names[N][8]; /* static: a name outlives the results */
+    static char same1[] = "same", same2[] = "same";
+    hub_field a[N];
+    for (int i = 0; i < N; i++) {
+        snprintf(names[i], sizeof(names[i]), "f%02d", i);
+        a[i] = (hub_field){names[i], HUB_FIELD_INT, NULL, 0, i};
+    }
+    hub_field b = {same1, HUB_FIELD_STR, "one", 3, 0}, c = {same2, HUB_FIELD_STR, "two", 3, 0};
+    _Alignas(8) static char buf[8192];
+    size_t off = 0;
+    for (int k = 0; k < 2; k++) { /* twice: the second time from the cache as far as it goes */
+        lua_ok(s, "assert(mod.echo('x', report))");
+        off = pack_result(buf, off, m.token, 0, a, N);
+    }
+    lua_ok(s, "assert(mod.echo('x', report))");
+    off = pack_result(buf, off, m.token, 0, &b, 1);
+    lua_ok(s, "assert(mod.echo('x', report))");
+    off = pack_result(buf, off, m.token, 0, &c, 1);
+    assert_int_equal(hlua_script_ops.on_results(s, buf, off), 0);
+    assert_int_equal(s->nkeys, HLUA_KEYS_MAX);
+    lua_ok(s, "assert(#REPORTS == 4)\n"
+              "for k = 1, 2 do\n"
+              "  local n = 0\n"
+              "  for name, v in pairs(REPORTS[k]) do\n"
+              "    assert(name == string.format('f%02d', v)) n = n + 1\n"
+              "  end\n"
+              "  assert(n == 40)\n"
+              "end\n"
+              "assert(REPORTS[3].same == 'one' and REPORTS[4].same == 'two')");
+}
+
 /* ---- requests (hub_req): the request route and what it may do ---- */
 
 static const char kemi_sip_script[] =
@@ -2357,6 +2397,7 @@ int main(void)
         T(test_module_fn_kemi_codes_and_inert),
         T(test_module_fn_typed_args),
         T(test_module_fn_typed_results),
+        T(test_module_fn_result_field_names),
         T(test_kemi_multicast_and_unicast),
         T(test_kemi_close_returns_0_and_minus_1),
         T(test_kemi_set_tag),
