@@ -10,8 +10,10 @@
  *
  * It prints "count cpu_us_per_msg cpu_us_per_msg_without_reports": the CPU time of the process
  * (one thread) per message. Whatever the hub and librdkafka do comes on top of this figure.
+ * With "reports" after BATCH only the round with reports runs (the other figure is 0): under
+ * callgrind, two COUNTs then give its instructions per message by difference.
  *
- *   luafloor SCRIPT_FILE COUNT SIZE BATCH
+ *   luafloor SCRIPT_FILE COUNT SIZE BATCH [reports]
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -133,8 +135,8 @@ static double round_cpu(lua_State *L, long count, long size, long batch, int rep
 
 int main(int argc, char **argv)
 {
-    if (argc != 5) {
-        fprintf(stderr, "usage: luafloor SCRIPT_FILE COUNT SIZE BATCH\n");
+    if (argc != 5 && !(argc == 6 && !strcmp(argv[5], "reports"))) {
+        fprintf(stderr, "usage: luafloor SCRIPT_FILE COUNT SIZE BATCH [reports]\n");
         return 2;
     }
     long count = atol(argv[2]), size = atol(argv[3]), batch = atol(argv[4]);
@@ -174,7 +176,7 @@ int main(int argc, char **argv)
     }
     round_cpu(L, count < 10000 ? count : 10000, size, batch, 1); /* warm-up */
     double with = round_cpu(L, count, size, batch, 1);
-    double without = round_cpu(L, count, size, batch, 0);
+    double without = argc == 6 ? 0 : round_cpu(L, count, size, batch, 0);
     printf("%ld %.4f %.4f\n", count, with * 1e6, without * 1e6);
     lua_close(L);
     return 0;
