@@ -40,30 +40,32 @@ static int cache_class(size_t n)
     return n == 0 || n > HLUA_CACHE_CLASSES * 16 ? -1 : (int)((n - 1) / 16);
 }
 
-/* A block of class c (its full size, so any size of the class fits), from the cache first. */
+/* The full size of a block of class c: any size of the class fits. */
+static size_t class_bytes(int c) { return (size_t)(c + 1) * 16; }
+
+/* A block of class c, from the cache first. */
 static void *cache_get(hub_script *s, int c)
 {
     void *p = s->cache[c];
     if (p) {
         s->cache[c] = *(void **)p;
         s->ncache[c]--;
-        s->cache_bytes -= (size_t)(c + 1) * 16;
+        s->cache_bytes -= class_bytes(c);
         return p;
     }
-    return hub_malloc((size_t)(c + 1) * 16);
+    return hub_malloc(class_bytes(c));
 }
 
 static void cache_put(hub_script *s, int c, void *p)
 {
-    size_t sz = (size_t)(c + 1) * 16;
-    if (s->cache_bytes + sz > HLUA_CACHE_BYTES) {
+    if (s->cache_bytes + class_bytes(c) > HLUA_CACHE_BYTES) {
         hub_free(p);
         return;
     }
     *(void **)p = s->cache[c];
     s->cache[c] = p;
     s->ncache[c]++;
-    s->cache_bytes += sz;
+    s->cache_bytes += class_bytes(c);
 }
 
 static void cache_free(hub_script *s)
@@ -764,7 +766,6 @@ static int hlua_on_complete(hub_script *s, uint64_t token, struct json_object *r
     return 0;
 }
 
-/* A typed result as a table of its fields: [.., t] */
 /* Push a result field's name: the Lua string made the first time, from the table at keys
  * (interning the name anew for every field of every report cost more than the table). */
 static void push_key(lua_State *L, hub_script *s, int keys, const char *name)
@@ -783,7 +784,7 @@ static void push_key(lua_State *L, hub_script *s, int keys, const char *name)
     }
 }
 
-/* r as a table, with the field names' strings at stack index keys. */
+/* A typed result as a table of its fields, the names' strings at stack index keys: [.., t] */
 static void push_result(lua_State *L, hub_script *s, int keys, const hub_result *r)
 {
     int more = (r->flags & HUB_RESULT_MORE) != 0;
