@@ -1228,21 +1228,24 @@ static void job_post_cb(hub *h, void *arg)
     job_submit(j->c, j);
 }
 
+/* What produce_fast did with a message it did not refuse. */
+enum { FAST_TAKEN = 0, FAST_POST = 1, FAST_FULL = 2 };
+
 /* A worker's publish straight to librdkafka, when it cannot overtake anything of its state:
  * the worker's earlier messages of c that took the loop's path are jobs until librdkafka has
  * them (or they failed), so with jobs at 0 each of them is in librdkafka's queue before this
  * one is (job_free drops jobs only after rd_kafka_producev returned), and while any is alive
- * this one is posted behind them, in the mailbox's per-thread order. 0 accepted, 1 not taken
- * (the caller posts it: no producer yet, a fatal error), 2 not taken for QUEUE_FULL, or <0
- * refused by librdkafka with call->err set, as on the loop. */
+ * this one is posted behind them, in the mailbox's per-thread order. FAST_TAKEN, FAST_POST
+ * (not taken: no producer yet, a fatal error; the caller posts it), FAST_FULL (not taken for
+ * QUEUE_FULL), or <0 refused by librdkafka with call->err set, as on the loop. */
 static int produce_fast(kconn *c, pub_args *a, hub_call *call)
 {
     if (atomic_load(&c->jobs) || atomic_load(&c->ks->stopped) || atomic_load(&c->fatal))
-        return 1;
+        return FAST_POST;
     pthread_rwlock_rdlock(&c->rk_lock); /* rk stays until the unlock (prod_drop writes) */
     if (!c->rk) {
         pthread_rwlock_unlock(&c->rk_lock);
-        return 1; /* the loop makes it */
+        return FAST_POST; /* the loop makes it */
     }
     /* counted before its report can be served: delivered + failed never pass produced */
     atomic_fetch_add(&c->produced, 1);
@@ -1251,15 +1254,15 @@ static int produce_fast(kconn *c, pub_args *a, hub_call *call)
     pthread_rwlock_unlock(&c->rk_lock);
     if (!e) {
         a->hdrs = NULL; /* librdkafka's now */
-        return 0;
+        return FAST_TAKEN;
     }
     atomic_fetch_sub(&c->produced, 1);
     /* Full, or the producer failed for good (the loop makes a new one): the loop's path, where
      * the script's true stands and the message is retried or reported. */
     if (e == RD_KAFKA_RESP_ERR__QUEUE_FULL)
-        return 2;
+        return FAST_FULL;
     if (e == RD_KAFKA_RESP_ERR__FATAL)
-        return 1;
+        return FAST_POST;
     return produce_refused(e, call->err, sizeof(call->err));
 }
 
@@ -1279,11 +1282,10 @@ static int do_publish(kafka_state *ks, pub_args *a, hub_call *call)
         return 0;
     }
     int rc = produce_fast(c, a, call);
-    if (rc <= 0) {
-        if (rc < 0)
-            atomic_fetch_add(&c->refused, 1);
+    if (rc < 0)
+        atomic_fetch_add(&c->refused, 1);
+    if (rc < 0 || rc == FAST_TAKEN)
         return rc;
-    }
     kjob *j = job_new(c, a->topic, a->key, a->klen, a->msg, a->len);
     if (!j) {
         atomic_fetch_add(&c->refused, 1);
@@ -1292,7 +1294,8 @@ static int do_publish(kafka_state *ks, pub_args *a, hub_call *call)
     j->partition = a->partition;
     j->hdrs = a->hdrs;
     j->token = call->token;
-    j->qfull_counted = rc == 2;        /* counted below once posted: j is the loop's from then on */
+    j->qfull_counted =
+        rc == FAST_FULL;               /* counted below once posted: j is the loop's from then on */
     atomic_fetch_add(&c->produced, 1); /* counted before the loop can end it */
     if (hub_loop_post(ks->h, job_post_cb, j) < 0) {
         atomic_fetch_sub(&c->produced, 1);
@@ -1301,7 +1304,7 @@ static int do_publish(kafka_state *ks, pub_args *a, hub_call *call)
         job_free(j);
         return arg_fail(call, -ENOMEM, "out of memory");
     }
-    if (rc == 2)
+    if (rc == FAST_FULL)
         atomic_fetch_add(&c->qfull, 1);
     a->hdrs = NULL;
     return 0;
